@@ -1,0 +1,23 @@
+"""imbalance-losses: remedies for modality imbalance in multimodal PyTorch classifiers.
+
+Conventions shared by every module (see ``docs/index.md``):
+
+* per-modality tensors travel as an ordered ``Mapping[str, Tensor]``, batch first; its order is
+  the concatenation order; any number of modalities >= 2;
+* unimodal logits come from the model's own fusion head (:func:`unimodal_logits`), with no new
+  parameters;
+* statistics are fp32, detached, and all-reduced under ``torch.distributed``;
+* every stateful object has ``state_dict()`` / ``load_state_dict()`` and a ``last`` diagnostics
+  record.
+"""
+
+from .diagnostics import StepRecord
+from .unimodal import Head, unimodal_logits
+
+__all__ = [
+    "Head",
+    "StepRecord",
+    "unimodal_logits",
+]
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,43 @@
+"""The one place that talks to ``torch.distributed``.
+
+Every statistic that drives a coefficient or a structural decision goes through
+:func:`all_reduce_sum` before use, so every rank computes the same value, equal to what one process
+would compute on the global batch. Without an initialised process group it is the identity, so
+single-process use needs no setup.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["ProcessGroup", "all_reduce_sum", "is_distributed", "world_size"]
+
+ProcessGroup = dist.ProcessGroup
+"""The type of the optional ``process_group`` argument every module accepts."""
+
+
+def is_distributed(group: ProcessGroup | None = None) -> bool:
+    """True when a process group is initialised and has more than one member."""
+    return dist.is_available() and dist.is_initialized() and world_size(group) > 1
+
+
+def world_size(group: ProcessGroup | None = None) -> int:
+    """Processes in ``group`` (the default group when ``None``); 1 when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(dist.get_world_size(group))
+
+
+def all_reduce_sum(tensor: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    """Sum ``tensor`` over the processes of ``group`` and return the result.
+
+    The result is detached from autograd and the input is never modified. Without a process
+    group it is ``tensor.detach()`` itself (no copy, no communication). It stays on the tensor's
+    device: no host sync beyond the collective itself.
+    """
+    if not is_distributed(group):
+        return tensor.detach()
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out

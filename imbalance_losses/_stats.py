@@ -1,0 +1,42 @@
+"""Per-sample statistics every method is built from, always in fp32 on detached tensors.
+
+fp16 / bf16 logits are promoted to fp32 before any softmax, so a statistic is finite and
+accurate whatever precision the forward pass ran in (``torch.autocast`` included).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["as_fp32", "mean_entropy", "true_class_probability"]
+
+
+def as_fp32(tensor: Tensor) -> Tensor:
+    """``tensor`` detached and promoted to (at least) fp32; fp64 stays fp64."""
+    tensor = tensor.detach()
+    if tensor.dtype in (torch.float16, torch.bfloat16) or not tensor.is_floating_point():
+        return tensor.float()
+    return tensor
+
+
+def true_class_probability(logits: Tensor, target: Tensor) -> Tensor:
+    """Probability each sample assigns to its true class, ``[B]`` in fp32.
+
+    ``p_b = softmax(z_b)[y_b]`` for class indices (one ``gather``, no loop), and
+    ``p_b = sum_c softmax(z_b)_c t_bc`` for soft targets ``t`` of shape ``[B, C]``.
+    """
+    probs = torch.softmax(as_fp32(logits), dim=-1)
+    if target.is_floating_point():
+        return (probs * as_fp32(target)).sum(-1)
+    return probs.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+
+
+def mean_entropy(logits: Tensor) -> Tensor:
+    """Sum over the batch of the predictive entropy ``-sum_c p_bc log p_bc`` (fp32 scalar).
+
+    Returned as a *sum* so that it can be pooled across micro-batches and ranks before dividing
+    by the pooled count; ``log_softmax`` keeps it finite for saturated logits.
+    """
+    log_p = torch.log_softmax(as_fp32(logits), dim=-1)
+    return -(log_p.exp() * log_p).sum()

@@ -1,0 +1,168 @@
+"""Unimodal logits from the model's own fusion head: no new parameters.
+
+Every method needs a per-modality prediction ``z_m``. Training a separate classifier per
+modality would add parameters and measure something else, so ``z_m`` is read off the fusion head
+the model already has:
+
+* **``nn.Linear`` over the concatenation** ``x = cat(x_1, ..., x_M)`` (mapping order). Split the
+  weight column-wise, ``W = [W_1 | ... | W_M]`` with ``W_m`` of width ``D_m``, and share the bias
+  equally::
+
+      z_m = x_m W_m^T + b / M          so that          sum_m z_m = x W^T + b = head(x)
+
+  exactly (up to floating-point rounding of the summation order). This is the decomposition
+  every module uses. It differs from the official OGM-GE / ARL code, which zero-pads the other
+  modalities and so gives every ``z_m`` the full bias ``b``, by the per-class constant
+  ``b (1 - 1/M)``; with the shared split the unimodal logits add up to the fused logits.
+
+* **A mapping of per-modality heads** (sum / late fusion, ``{"audio": head_a, ...}``): ``z_m`` is
+  ``heads[m](x_m)``. If the model fuses by ``sum_m heads[m](x_m)``, the identity above holds too.
+
+* **Any other callable over the concatenation** (an MLP, a gated or bilinear head, your own
+  module): ``z_m = head(cat(0, ..., x_m, ..., 0))``, the other modalities' features replaced by
+  zeros. For a non-linear head this is an *approximation* of the modality's contribution (the
+  terms do not add up to the fused logits in general); it is what the published code does for
+  every head. A head that takes the modalities as separate arguments (FiLM, gated fusion) can be
+  wrapped: ``unimodal_logits(lambda x: film(x[:, :512], x[:, 512:]), feats)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._validation import check_modalities
+
+__all__ = ["Head", "unimodal_logits"]
+
+Head = (
+    nn.Linear
+    | nn.ModuleDict
+    | Mapping[str, Callable[[Tensor], Tensor]]
+    | Callable[[Tensor], Tensor]
+)
+"""What :func:`unimodal_logits` accepts as a fusion head."""
+
+
+def _widths(features: Mapping[str, Tensor]) -> str:
+    return ", ".join(f"{m}: {tuple(x.shape)}" for m, x in features.items())
+
+
+def _check_concat(features: Mapping[str, Tensor]) -> None:
+    """All features must be ``[B, ..., D_m]`` with the same leading shape to concatenate."""
+    items = list(features.items())
+    first_name, first = items[0]
+    for name, x in items:
+        if x.dim() < 2:
+            raise ValueError(
+                f"features[{name!r}] must have shape [B, D] (batch, features) to be "
+                f"concatenated, got shape {tuple(x.shape)}"
+            )
+        if x.shape[:-1] != first.shape[:-1]:
+            raise ValueError(
+                f"features[{name!r}] has shape {tuple(x.shape)} but features[{first_name!r}] "
+                f"has shape {tuple(first.shape)}; they can only be concatenated along the last "
+                "dimension"
+            )
+
+
+def _linear(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    total = sum(x.shape[-1] for x in features.values())
+    if total != head.in_features:
+        raise ValueError(
+            f"the nn.Linear head expects in_features={head.in_features} = the sum of the "
+            f"modalities' widths, but the features give {total} ({_widths(features)}); check "
+            "that every modality is present, in the concatenation order, with its width"
+        )
+    m = len(features)
+    bias = None if head.bias is None else head.bias / m
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for name, x in features.items():
+        width = x.shape[-1]
+        out[name] = F.linear(x, head.weight[:, offset : offset + width], bias)
+        offset += width
+    return out
+
+
+def _per_modality(
+    heads: Mapping[str, Callable[[Tensor], Tensor]] | nn.ModuleDict, features: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    missing = [m for m in heads if m not in features]
+    extra = [m for m in features if m not in heads]
+    if missing or extra:
+        raise ValueError(
+            f"the per-modality heads are for modalities {list(heads)} but the features have "
+            f"{list(features)} (missing features for {missing}, no head for {extra})"
+        )
+    return {name: heads[name](x) for name, x in features.items()}
+
+
+def _zero_padded(
+    head: Callable[[Tensor], Tensor], features: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    zeros = {name: torch.zeros_like(x) for name, x in features.items()}
+    out: dict[str, Tensor] = {}
+    for name, x in features.items():
+        parts = [x if other == name else zeros[other] for other in features]
+        out[name] = head(torch.cat(parts, dim=-1))
+    return out
+
+
+def _check_outputs(out: Mapping[str, Tensor], batch: int) -> None:
+    shapes = {name: tuple(z.shape) for name, z in out.items()}
+    first_name, first = next(iter(shapes.items()))
+    for name, shape in shapes.items():
+        if not shape or shape[0] != batch:
+            raise ValueError(
+                f"the head returned logits of shape {shape} for modality {name!r}; expected "
+                f"batch size {batch} first"
+            )
+        if shape != first:
+            raise ValueError(
+                f"the head returned logits of shape {shape} for modality {name!r} but "
+                f"{first} for {first_name!r}; every modality must give logits of one shape"
+            )
+
+
+def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Per-modality logits from the model's own fusion head, in mapping order.
+
+    Args:
+        head: the fusion head: an ``nn.Linear`` over the concatenation of the features (exact
+            split, ``z_m = x_m W_m^T + b/M``, ``sum_m z_m == head(cat(x))``); a mapping
+            modality -> head for per-modality (sum / late) fusion; or any other callable over the
+            concatenation, evaluated with the other modalities zeroed (an approximation for
+            non-linear heads).
+        features: ordered mapping modality -> features ``[B, ..., D_m]``, batch first, in the
+            order the model concatenates them. At least two modalities.
+
+    Returns:
+        ``{modality: logits}`` in the order of ``features``. Gradients flow to the features and
+        to the head's parameters as in the fused forward pass.
+
+    Raises:
+        ValueError: fewer than two modalities, batch sizes that differ, widths that do not add
+            up to the linear head's ``in_features``, modalities missing from (or extra to) a
+            mapping of heads, or outputs of inconsistent shapes. The message names the modality
+            and the expected and actual shapes.
+    """
+    batch = check_modalities(features)
+    if isinstance(head, nn.Linear):
+        _check_concat(features)
+        out = _linear(head, features)
+    elif isinstance(head, Mapping | nn.ModuleDict):
+        out = _per_modality(head, features)
+    elif callable(head):
+        _check_concat(features)
+        out = _zero_padded(head, features)
+    else:
+        raise TypeError(
+            "head must be an nn.Linear, a mapping modality -> head, or a callable over the "
+            f"concatenated features; got {type(head).__name__}"
+        )
+    _check_outputs(out, batch)
+    return out
