@@ -11,13 +11,22 @@ Conventions shared by every module (see ``docs/index.md``):
   record.
 """
 
+from .arl import *  # noqa: F403
+from .arl import __all__ as _arl_all
+from .boosting import *  # noqa: F403
+from .boosting import __all__ as _boosting_all
 from .diagnostics import StepRecord
+from .modulation import *  # noqa: F403
+from .modulation import __all__ as _modulation_all
 from .unimodal import Head, unimodal_logits
 
 __all__ = [
     "Head",
     "StepRecord",
     "unimodal_logits",
+    *_arl_all,
+    *_boosting_all,
+    *_modulation_all,
 ]
 
 __version__ = "0.1.0.dev0"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["as_fp32", "mean_entropy", "true_class_probability"]
+__all__ = ["as_fp32", "mean_entropy", "one_vs_rest_ratio", "true_class_probability"]
 
 
 def as_fp32(tensor: Tensor) -> Tensor:
@@ -40,3 +40,17 @@ def mean_entropy(logits: Tensor) -> Tensor:
     """
     log_p = torch.log_softmax(as_fp32(logits), dim=-1)
     return -(log_p.exp() * log_p).sum()
+
+
+def one_vs_rest_ratio(scores: Tensor) -> Tensor:
+    """Discrepancy ratio of each modality against the mean of the others.
+
+    ``rho_m = s_m / mean_{k != m} s_k = (M - 1) s_m / (sum_k s_k - s_m)`` for scores ``[M]``
+    (``M >= 2``); for two modalities ``rho = [s_1 / s_2, s_2 / s_1]``. A zero denominator (every
+    other score zero) gives ``inf`` for a positive ``s_m``, never NaN from ``0 / 0`` (that ratio
+    is defined as 1: two equally useless modalities are balanced).
+    """
+    m = scores.shape[-1]
+    rest = (scores.sum(-1, keepdim=True) - scores) / (m - 1)
+    ratio = scores / rest
+    return torch.where((scores == 0) & (rest == 0), torch.ones_like(ratio), ratio)

@@ -58,3 +58,19 @@ def test_harness_reports_failures_and_hangs() -> None:
         run_distributed(_fails)
     with pytest.raises((TimeoutError, RuntimeError)):
         run_distributed(_hangs, timeout=20)
+
+
+def _running_body(rank: int, size: int, values: torch.Tensor) -> torch.Tensor:
+    from imbalance_losses._running import RunningSums
+
+    acc = RunningSums()
+    for chunk in values[rank].split(2):  # micro-batches of this rank's samples
+        acc.add(chunk.sum(0), chunk.shape[0])
+    return acc.mean()
+
+
+def test_running_sums_pool_over_ranks_equals_global_mean() -> None:
+    values = torch.rand(2, 6, 3)  # [rank, sample, modality]
+    r0, r1 = run_distributed(_running_body, values)
+    assert torch.equal(r0, r1)
+    torch.testing.assert_close(r0, values.reshape(-1, 3).mean(0))

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    return [line for b in blocks[:2] for line in b.splitlines() if line and not line.startswith("#")]
+    return [
+        line for b in blocks[:2] for line in b.splitlines() if line and not line.startswith("#")
+    ]
 
 
 def test_ci_runs_the_readme_test_command_verbatim() -> None:

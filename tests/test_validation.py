@@ -112,3 +112,43 @@ def test_step_record_to_dict() -> None:
         "step": 3.0,
         "added": 1.0,
     }
+
+
+@given(st.lists(st.just(0.0) | st.floats(1e-3, 50.0), min_size=2, max_size=6))
+def test_one_vs_rest_ratio_formula(values: list[float]) -> None:
+    from imbalance_losses._stats import one_vs_rest_ratio
+
+    s = torch.tensor(values, dtype=torch.float64)
+    rho = one_vs_rest_ratio(s)
+    assert not torch.isnan(rho).any()
+    for m, value in enumerate(values):
+        others = [v for k, v in enumerate(values) if k != m]
+        mean_rest = sum(others) / len(others)
+        if value == 0 and mean_rest == 0:
+            assert rho[m] == 1
+        elif mean_rest == 0:
+            assert rho[m] == float("inf")
+        else:
+            assert rho[m].item() == pytest.approx(value / mean_rest, rel=1e-9)
+    if len(values) == 2 and values[0] > 0 and values[1] > 0:
+        assert rho[0].item() == pytest.approx(values[0] / values[1])
+        assert rho[1].item() == pytest.approx(values[1] / values[0])
+
+
+def test_running_sums_pool_and_resume() -> None:
+    from imbalance_losses._running import RunningSums
+
+    acc = RunningSums()
+    assert acc.empty
+    with pytest.raises(RuntimeError, match="no statistics"):
+        acc.mean()
+    acc.add(torch.tensor([1.0, 2.0]), 2)
+    acc.add(torch.tensor([3.0, 1.0]), torch.tensor(3))
+    torch.testing.assert_close(acc.mean(), torch.tensor([4.0, 3.0]) / 5)
+    resumed = RunningSums()
+    resumed.load_state_dict(acc.state_dict())
+    torch.testing.assert_close(resumed.pooled()[1], torch.tensor(5.0))
+    with pytest.raises(ValueError, match="number of modalities changed"):
+        acc.add(torch.tensor([1.0, 2.0, 3.0]), 1)
+    acc.reset()
+    assert acc.empty
