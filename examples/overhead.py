@@ -1,0 +1,352 @@
+"""What each module costs on top of plain training: step-time ratios, peak memory, host reads.
+
+Every row trains the same encoders (two small CNNs, about 1M parameters, batch 64, concatenation
+fusion with a linear head) with SGD; the reference row is plain cross-entropy. Rows are timed
+*interleaved* in one process (round r runs one step of every row), so drift in the machine's
+speed hits every row alike, and each row's cost is reported as the median of its per-round
+ratio to the reference, with the interquartile range of those ratios.
+
+Peak memory is the peak resident set size of a fresh subprocess that runs the row for a few
+steps (CPU has no allocator statistics), reported as the increase over a subprocess that only
+builds the model and data.
+
+Host reads are counted with a ``TorchFunctionMode`` during one training step: every
+``bool(t)``, ``t.item()``, ``float(t)``, ``t.tolist()``, ``t.cpu()`` made from the package.
+Reads from ``imbalance_losses/_validation.py`` are the input checks, immediate on CPU and
+queued without a sync (``torch._assert_async``) on accelerators; every other read is a host sync
+the module adds to the hot path, and the target is zero of them (listed by file and line).
+
+Run: ``python examples/overhead.py`` (about 5 minutes on 2 cores) or ``--quick`` (under a
+minute). ``--large`` adds the three-modality setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from imbalance_losses import (
+    ARLLoss,
+    ModalityGradientModulator,
+    SustainedBoostingLoss,
+    unimodal_logits,
+)
+
+BATCH = 64
+CLASSES = 10
+FEATURE = 256
+
+
+def encoder(in_channels: int, width: int) -> nn.Sequential:
+    """A small CNN: four stride-2 3x3 conv blocks, global average pooling, ``FEATURE`` wide."""
+    chans = [in_channels, width, 2 * width, 4 * width, FEATURE]
+    layers: list[nn.Module] = []
+    for cin, cout in itertools.pairwise(chans):
+        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+class Model(nn.Module):
+    """One encoder per modality, concatenation fusion, one linear head."""
+
+    def __init__(self, channels: dict[str, int], width: int) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict({m: encoder(c, width) for m, c in channels.items()})
+        self.head = nn.Linear(FEATURE * len(channels), CLASSES)
+
+    def features(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+
+    def forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        feats = self.features(inputs)
+        return self.head(torch.cat(list(feats.values()), dim=1)), feats
+
+
+@dataclass
+class Setting:
+    name: str
+    channels: dict[str, int]
+    width: int
+    size: int
+
+
+SMALL = Setting("2 modalities, ~1M params", {"audio": 1, "visual": 3}, 40, 32)
+LARGE = Setting("3 modalities, ~1.6M params", {"audio": 1, "visual": 3, "depth": 1}, 40, 32)
+
+
+def make_data(setting: Setting, seed: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        m: torch.randn(BATCH, c, setting.size, setting.size, generator=g)
+        for m, c in setting.channels.items()
+    }
+    return inputs, torch.randint(CLASSES, (BATCH,), generator=g)
+
+
+Step = Callable[[], None]
+
+
+def build_rows(setting: Setting, only: str | None = None) -> dict[str, Step]:
+    """One closure per row, each owning its model copy, optimiser and method object."""
+    torch.manual_seed(0)
+    base = Model(setting.channels, setting.width)
+    inputs, target = make_data(setting)
+    ce = nn.CrossEntropyLoss()
+    rows: dict[str, Step] = {}
+
+    def sgd(params: object) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)  # type: ignore[arg-type]
+
+    def plain() -> Step:
+        model = copy.deepcopy(base)
+        opt = sgd(model.parameters())
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            logits, _ = model(inputs)
+            ce(logits, target).backward()
+            opt.step()
+
+        return step
+
+    def arl() -> Step:
+        model = copy.deepcopy(base)
+        opt = sgd(model.parameters())
+        criterion = ARLLoss(nn.CrossEntropyLoss(), head=model.head)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            logits, feats = model(inputs)
+            criterion(logits, target, features=feats).backward()
+            opt.step()
+
+        return step
+
+    def modulator(method: str) -> Callable[[], Step]:
+        def build() -> Step:
+            model = copy.deepcopy(base)
+            opt = sgd(model.parameters())
+            mod = ModalityGradientModulator(dict(model.encoders.items()), alpha=0.8, method=method)
+
+            def step() -> None:
+                opt.zero_grad(set_to_none=True)
+                logits, feats = model(inputs)
+                ce(logits, target).backward()
+                with torch.no_grad():
+                    uni = unimodal_logits(model.head, {m: f.detach() for m, f in feats.items()})
+                mod.step(uni, target)
+                opt.step()
+
+            return step
+
+        return build
+
+    def boosting(heads: int) -> Callable[[], Step]:
+        def build() -> Step:
+            model = copy.deepcopy(base)
+            boost = SustainedBoostingLoss(
+                num_classes=CLASSES,
+                in_features=dict.fromkeys(setting.channels, FEATURE),
+                max_heads=max(heads, 1),
+            )
+            for m in setting.channels:
+                for _ in range(heads - 1):
+                    boost.add_head(m)
+            opt = sgd(list(model.encoders.parameters()) + list(boost.parameters()))
+
+            def step() -> None:
+                opt.zero_grad(set_to_none=True)
+                boost(model.features(inputs), target).backward()
+                opt.step()
+
+            return step
+
+        return build
+
+    builders: dict[str, Callable[[], Step]] = {
+        "plain cross-entropy (reference)": plain,
+        "ARLLoss": arl,
+        "ModalityGradientModulator ogm": modulator("ogm"),
+        "ModalityGradientModulator ogm_ge": modulator("ogm_ge"),
+        "SustainedBoostingLoss, 1 head": boosting(1),
+        "SustainedBoostingLoss, 2 heads": boosting(2),
+        "SustainedBoostingLoss, 8 heads": boosting(8),
+    }
+    for name, build in builders.items():
+        if only is None or name == only:
+            rows[name] = build()
+    return rows
+
+
+TARGETS = {
+    "ARLLoss": 1.05,
+    "ModalityGradientModulator ogm_ge": 1.03,
+    "SustainedBoostingLoss, 2 heads": 1.10,
+}
+
+
+def time_rows(rows: dict[str, Step], warmup: int, rounds: int) -> dict[str, list[float]]:
+    for step in rows.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, step in rows.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+_HOST_READS = {"__bool__", "item", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the Python-level reads of tensor values on the host made from the package.
+
+    ``bool(t)``, ``t.item()``, ``float(t)``, ``t.tolist()``, ``t.cpu()``... called (directly or
+    indirectly) from ``imbalance_losses``, split into the input checks of ``_validation.py``
+    (immediate on CPU, ``torch._assert_async`` with no sync on accelerators) and the rest.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validation = 0
+        self.other: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") in _HOST_READS:
+            files = [f.filename for f in traceback.extract_stack()]
+            if any("_validation.py" in f for f in files):
+                self.validation += 1
+            elif any("imbalance_losses" in f for f in files):
+                frame = next(
+                    f
+                    for f in reversed(traceback.extract_stack())
+                    if "imbalance_losses" in f.filename
+                )
+                self.other.append(
+                    f"{func.__name__} at {frame.filename.split('/')[-1]}:{frame.lineno}"
+                )
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(step: Step) -> tuple[int, list[str]]:
+    """(reads by the input checks, other reads by the package) during one training step."""
+    with HostReads() as reads:
+        step()
+    return reads.validation, reads.other
+
+
+def peak_rss_mib(setting_name: str, row: str | None, steps: int) -> float:
+    """Peak RSS (MiB) of a fresh process running ``steps`` steps of ``row`` (None: build only)."""
+    cmd = [sys.executable, __file__, "--_memory", setting_name, json.dumps(row), str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _memory_child(setting_name: str, row_json: str, steps: int) -> None:
+    torch.set_num_threads(1)
+    setting = {s.name: s for s in (SMALL, LARGE)}[setting_name]
+    row = json.loads(row_json)
+    if row is not None:
+        step = build_rows(setting, only=row)[row]
+        for _ in range(steps):
+            step()
+    else:
+        build_rows(setting, only="plain cross-entropy (reference)")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
+
+
+def report(setting: Setting, warmup: int, rounds: int, memory_steps: int) -> str:
+    rows = build_rows(setting)
+    params = sum(p.numel() for p in Model(setting.channels, setting.width).parameters())
+    times = time_rows(rows, warmup, rounds)
+    ref_name = next(iter(rows))
+    ref = times[ref_name]
+    syncs: list[str] = []
+    base_rss = peak_rss_mib(setting.name, None, 0) if memory_steps else float("nan")
+    lines = [
+        f"### {setting.name} ({params / 1e6:.2f}M parameters, batch {BATCH}, "
+        f"{setting.size}x{setting.size} inputs)",
+        "",
+        "| row | median step (ms) | ratio to plain | ratio IQR | target "
+        "| peak RSS over model+data (MiB) | host reads: validation / other |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, ts in times.items():
+        ratios = [t / r for t, r in zip(ts, ref, strict=True)]
+        lo, mid, hi = quartiles(ratios)
+        target = TARGETS.get(name)
+        flag = (
+            "" if target is None else (f"<= {target:.2f}" + (" ok" if mid <= target else " OVER"))
+        )
+        rss = (
+            (peak_rss_mib(setting.name, name, memory_steps) - base_rss)
+            if memory_steps
+            else float("nan")
+        )
+        val_reads, other_reads = host_reads(rows[name])
+        lines.append(
+            f"| {name} | {statistics.median(ts) * 1e3:.1f} | {mid:.3f} | {lo:.3f}-{hi:.3f} | "
+            f"{flag} | {rss:.0f} | {val_reads} / {len(other_reads)} |"
+        )
+        syncs.extend(f"{name}: {where}" for where in other_reads)
+    if syncs:
+        lines += ["", "Host reads outside the input checks (each a sync on an accelerator):"]
+        lines += [f"- {s}" for s in syncs]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few rounds, no memory (< 1 minute)")
+    parser.add_argument("--large", action="store_true", help="also the three-modality setting")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._memory:
+        _memory_child(args._memory[0], args._memory[1], int(args._memory[2]))
+        return
+    torch.set_num_threads(args.threads)
+    rounds = args.rounds or (5 if args.quick else 60)
+    warmup = 2 if args.quick else 5
+    memory_steps = 0 if args.quick else 3
+    settings = [SMALL, LARGE] if args.large else [SMALL]
+    print(
+        f"# imbalance-losses overhead, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"command: python examples/overhead.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+        f"{rounds} interleaved rounds after {warmup} warm-up steps; SGD(lr=1e-3, momentum=0.9)\n"
+    )
+    for setting in settings:
+        print(report(setting, warmup, rounds, memory_steps))
+        print()
+
+
+if __name__ == "__main__":
+    main()
