@@ -847,8 +847,10 @@ def test_end_to_end_dependence_moves_towards_inverse_variance_target() -> None:
     what the released official code does). Same seeds, same initialisation, same batches.
 
     Measured (3 seeds, 40 SGD steps): mean log-ratio gap ~1.75 at the start; plain ~0.87,
-    uniform x1.5 ~0.45, ARL ~0.22. The thresholds below sit halfway between ARL and the
-    controls, so a broken coefficient (wrong sign, one step late, not applied) fails them."""
+    uniform x1.5 ~0.45, ARL ~0.22. The thresholds below sit roughly halfway between ARL and the
+    controls, so a broken coefficient fails them (checked: flipping the sign of T gives a mean
+    gap of ~1.56, and not applying it gives the plain run). A coefficient one step late is not
+    visible here; test_feature_gradients_are_scaled_and_head_untouched pins this step's value."""
 
     def plain(_: nn.Linear) -> Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor]:
         return lambda z, y, f: F.cross_entropy(z, y)
