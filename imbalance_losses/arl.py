@@ -353,13 +353,20 @@ class ARLLoss(nn.Module):
         Raises:
             ValueError: fewer than two modalities, mismatched modality keys or batch sizes,
                 targets out of range, non-finite logits, no way to get unimodal logits, or (hook
-                mode, training, after warm-up) no ``features`` to re-weight.
+                mode, training) no ``features`` to re-weight.
         """
         zs = self._unimodal(logits, target, features, unimodal_logits)
         names = tuple(zs)
         if self.encoders is not None:
             check_same_modalities(
                 self.encoders, zs, expected_what="encoders", actual_what="unimodal logits"
+            )
+        self._floor(len(names))  # fail before any state changes
+        if self.training and self.encoders is None and features is None:
+            raise ValueError(
+                "ARLLoss needs features= (the tensors the model fused) to re-weight their "
+                "gradients in training mode, or encoders= with step(); only unimodal_logits "
+                "were given"
             )
         if self._modalities is not None and self._modalities != names:
             raise ValueError(
@@ -380,11 +387,6 @@ class ARLLoss(nn.Module):
             return loss  # encoders mode: step() decides once per optimiser step
 
         active = self._steps >= self.warmup_steps
-        if active and features is None:
-            raise ValueError(
-                "ARLLoss needs features= (the tensors the model fused) to re-weight their "
-                "gradients, or encoders= with step(); only unimodal_logits were given"
-            )
         record = self._decide(names, active)
         if active:
             assert features is not None
@@ -453,10 +455,7 @@ class ARLLoss(nn.Module):
         if self.momentum is not None:
             self._ema = stats
         m = len(names)
-        floor = 0.6 / m if self.floor is None else self.floor
-        if floor > 1.0 / m:
-            raise ValueError(f"floor must be in (0, 1/M] = (0, {1.0 / m:.4g}] for M = {m}")
-        coef = arl_coefficients(stats[:m], stats[m:], self.temperature, floor)
+        coef = arl_coefficients(stats[:m], stats[m:], self.temperature, self._floor(m))
         self._steps += 1
         self.last = ARLRecord(
             modalities=names,
@@ -468,6 +467,15 @@ class ARLLoss(nn.Module):
             active=active,
         )
         return self.last
+
+    def _floor(self, m: int) -> float:
+        """The floor for ``m`` modalities: ``0.6 / m`` by default; must be in ``(0, 1/m]``."""
+        floor = 0.6 / m if self.floor is None else self.floor
+        if floor > 1.0 / m:
+            raise ValueError(
+                f"floor must be in (0, 1/M] = (0, {1.0 / m:.4g}] for M = {m}, got {floor}"
+            )
+        return floor
 
     # -- encoders mode ----------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -318,6 +318,7 @@ def test_loss_value_is_the_formula(m: int, gamma: float, seed: int) -> None:
     torch.testing.assert_close(loss, want)
 
 
+@settings(max_examples=20)
 @given(st.integers(2, 4), st.floats(0.0, 16.0), st.integers(0, 2**16))
 def test_feature_gradients_are_scaled_and_head_untouched(m: int, t: float, seed: int) -> None:
     head, feats, y = make_setup(m=m, seed=seed)
@@ -516,6 +517,10 @@ def test_bad_input_raises_clear_errors() -> None:
         crit(z, y)
     with pytest.raises(ValueError, match="needs features"):
         ARLLoss()(z, y, unimodal_logits=zs)
+    early = ARLLoss(warmup_steps=5)
+    with pytest.raises(ValueError, match="needs features"):  # at once, not after warm-up
+        early(z, y, unimodal_logits=zs)
+    assert early.steps == 0 and early.last is None
     ARLLoss().eval()(z, y, unimodal_logits=zs)  # evaluation needs no features
     with pytest.raises(ValueError, match="in_features"):
         crit(z, y, {"audio": feats["audio"], "visual": feats["visual"][:, :2]})
@@ -525,8 +530,23 @@ def test_bad_input_raises_clear_errors() -> None:
             ARLLoss(**kwargs)
     three = make_setup(m=3)
     z3 = three[0](torch.cat(list(three[1].values()), 1))
+    too_high = ARLLoss(head=three[0], floor=0.45)  # fine for M = 2, above 1/3 for M = 3
     with pytest.raises(ValueError, match="floor"):
-        ARLLoss(head=three[0], floor=0.45)(z3, three[2], three[1])
+        too_high(z3, three[2], three[1])
+    assert too_high.steps == 0 and too_high.state_dict()["_extra_state"]["pending"]["sums"] is None
+
+
+def test_features_without_grad_are_left_alone() -> None:
+    head, feats, y = make_setup(m=2)
+    x = {"audio": feats["audio"].clone().requires_grad_(), "visual": feats["visual"]}
+    crit = ARLLoss(head=head)
+    plain = ARLLoss(head=head).eval()
+    x0 = {"audio": feats["audio"].clone().requires_grad_(), "visual": feats["visual"]}
+    plain(head(torch.cat(list(x0.values()), 1)), y, x0).backward()
+    crit(head(torch.cat(list(x.values()), 1)), y, x).backward()
+    assert crit.last is not None
+    want = (1 + crit.last.coefficients[0]) * grad_of(x0["audio"])
+    torch.testing.assert_close(grad_of(x["audio"]), want, rtol=1e-6, atol=1e-9)
 
 
 def test_modalities_cannot_change_between_steps() -> None:
