@@ -762,6 +762,15 @@ def _ddp_body(rank: int, world: int, data: dict[str, Any]) -> dict[str, Any]:
         z, f = model({k: x.chunk(2)[i] for k, x in inputs.items()})
         (arl(z, y.chunk(2)[i], f) / 2).backward()
     out["step_record"] = torch.cat([arl.step().coefficients, arl.last.variances])  # type: ignore[union-attr]
+    # scenario 3: a process group holding only this rank pools nothing from the other rank
+    import torch.distributed as dist
+
+    groups = [dist.new_group([r]) for r in range(world)]
+    alone = ARLLoss(head=head, process_group=groups[rank])
+    a = data["a0"].chunk(world)[rank]
+    v = data["v0"].chunk(world)[rank]
+    alone(head(torch.cat([a, v], 1)), data["y0"].chunk(world)[rank], {"a": a, "v": v})
+    out["alone"] = alone.last.coefficients  # type: ignore[union-attr]
     return out
 
 
@@ -805,6 +814,14 @@ def test_ddp_equals_one_process_on_the_global_batch() -> None:
     want = torch.cat([one.step().coefficients, one.last.variances])  # type: ignore[union-attr]
     assert torch.equal(r0["step_record"], r1["step_record"])
     torch.testing.assert_close(r0["step_record"], want)
+
+    for rank, r in enumerate((r0, r1)):
+        local = ARLLoss(head=head)
+        a, v = data["a0"].chunk(2)[rank], data["v0"].chunk(2)[rank]
+        local(head(torch.cat([a, v], 1)), data["y0"].chunk(2)[rank], {"a": a, "v": v})
+        assert local.last is not None
+        torch.testing.assert_close(r["alone"], local.last.coefficients)
+    assert not torch.allclose(r0["alone"], r1["alone"])
 
 
 # ----------------------------------------------------------------------------------------------
