@@ -217,6 +217,60 @@ def test_zero_scores_do_not_give_nan() -> None:
     assert _choose_modality([0.0, 0.0, 0.0], sigma=1.0, tau=0.01)[0] is None
 
 
+def _div(a: float, b: float) -> float:
+    return (1.0 if a == 0 else math.inf) if b == 0 else a / b
+
+
+@given(
+    rounds=st.lists(st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3), max_size=12),
+    max_heads=st.integers(1, 4),
+    tau=st.floats(0.0, 0.2),
+)
+def test_check_over_score_sequences(rounds: list[list[float]], max_heads: int, tau: float) -> None:
+    """Through the module: heads only at checks, +<= 1 per check, never down, cap, M > 2 rule."""
+    names = ("rgb", "depth", "flow")
+    boost = SustainedBoostingLoss(
+        3, dict.fromkeys(names, 2), hidden=2, max_heads=max_heads, tau=tau
+    )
+    counts = [1, 1, 1]
+    for raw in rounds:
+        scores = torch.tensor(raw).tolist()  # fp32 values, as the module pools them
+        boost._pool.add(torch.tensor(scores) * 4, 4)  # four samples with these mean scores
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            record = boost.check()
+        ratios = [_div(s, (sum(scores) - s) / 2) for s in scores]
+        low = min(range(3), key=lambda i: ratios[i])
+        want = low if ratios[low] < 1.0 - tau else None
+        if want is not None and counts[want] < max_heads:
+            counts[want] += 1
+            assert record.added_to == names[want] and record.capped is None and not caught
+        elif want is not None:
+            assert record.added_to is None and record.capped == names[want]
+            assert any("max_heads" in str(w.message) for w in caught)
+        else:
+            assert record.added_to is None and record.capped is None
+        assert list(boost.num_heads.values()) == counts == record.num_heads.tolist()
+        assert int(record.head_added.sum()) == (record.added_to is not None)
+        torch.testing.assert_close(record.scores, torch.tensor(scores))
+    assert all(1 <= c <= max_heads for c in counts)
+
+
+@given(seed=st.integers(0, 2**16), lam=st.floats(0, 1))
+def test_soft_targets_follow_the_soft_formula(seed: int, lam: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    boost = SustainedBoostingLoss(4, WIDTHS, hidden=5, lam=lam, seed=seed).double()
+    boost.add_head("visual")
+    x = {m: torch.randn(6, d, generator=g, dtype=torch.float64) for m, d in WIDTHS.items()}
+    t = torch.softmax(2 * torch.randn(6, 4, generator=g, dtype=torch.float64), -1)
+    a = _ce_soft(_head(boost, 0, 0, x["audio"]), t).mean()
+    z0, z1 = _head(boost, 1, 0, x["visual"]), _head(boost, 1, 1, x["visual"])
+    p = torch.softmax(z0, -1).detach()
+    v = _ce_soft(z0 + z1, t).mean() + _ce_soft(z0, t).mean()
+    v = v + _ce_soft(z1, t * (1 - lam * p)).mean()
+    torch.testing.assert_close(boost(x, t), a + v)
+
+
 def _weak_audio_data(batch: int = 24) -> tuple[dict[str, Tensor], Tensor]:
     """Audio is pure zeros (useless), visual is one-hot of the label (easy): audio is weak."""
     y = torch.arange(batch) % 3
@@ -503,7 +557,10 @@ def _ddp_data(steps: int) -> tuple[list[dict[str, Tensor]], list[Tensor]]:
     xs, ys = [], []
     for k in range(steps):
         x = _feats(8, seed=200 + k)
-        x["audio"] = x["audio"] * 0.05  # weak audio
+        # rank 0's half: audio useless; rank 1's half: visual weakened. Each rank alone would
+        # give the head to a different modality; pooled over both, audio is the weaker one.
+        x["audio"][:4] = 0.0
+        x["visual"][4:] = x["visual"][4:] * 0.2
         xs.append(x)
         ys.append(torch.arange(8) % 3)
     return xs, ys
