@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import traceback
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from imbalance_losses import unimodal_logits
 from imbalance_losses.modulation import ModalityGradientModulator, ModulationRecord
@@ -729,3 +731,44 @@ def test_ddp_identical_on_ranks_and_equal_to_one_process() -> None:
         torch.testing.assert_close(a["k"], ref["k"])
         for p, q in zip(a["params"], ref["params"], strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- host syncs
+
+
+class _HostReads(TorchFunctionMode):
+    """Records reads of tensor values on the host (``bool(t)``, ``t.item()``, ...) made from
+    the modulator outside the input checks of ``_validation.py`` (which are asynchronous on
+    accelerators)."""
+
+    NAMES = frozenset({"__bool__", "item", "__float__", "__int__", "__index__", "tolist", "cpu"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") in self.NAMES:
+            files = [f.filename for f in traceback.extract_stack()]
+            if not any("_validation.py" in f for f in files) and any(
+                "imbalance_losses" in f for f in files
+            ):
+                self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["ogm", "ogm_ge"])
+def test_step_makes_no_host_reads(method: str) -> None:
+    model = Net()
+    fill_grads(model)
+    mod = ModalityGradientModulator(encoders(model), 0.8, method=method)
+    logits, y = batch_logits([0.9, 0.8], [0.3, 0.2])
+    with _HostReads() as spy:
+        mod.observe(logits, y)
+        mod.step(logits, y)
+        mod.step(logits, y)
+    assert spy.reads == []
+    # the spy does see a read made from the package
+    with _HostReads() as spy:
+        mod.last.to_dict()
+    assert "tolist" in spy.reads
