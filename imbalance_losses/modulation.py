@@ -186,6 +186,8 @@ class ModalityGradientModulator:
         ValueError: fewer than two modalities, a parameter in two modalities, a modality with no
             selected parameter, ``alpha`` negative or not finite, an unknown ``method`` /
             ``coefficient`` / ``parameters``, or a window with ``stop_step <= start_step``.
+        TypeError: ``modules`` not a mapping, or a modality given something other than a module
+            or parameters (leaf tensors).
     """
 
     def __init__(
@@ -281,7 +283,7 @@ class ModalityGradientModulator:
         return self._step
 
     @property
-    def parameters(self) -> list[tuple[str, Tensor]]:
+    def modulated_parameters(self) -> list[tuple[str, Tensor]]:
         """``(modality, parameter)`` for every modulated parameter, in modality order."""
         return [(self.modalities[m], p) for p, m in zip(self._params, self._index, strict=True)]
 

@@ -275,7 +275,7 @@ def test_parameter_sources_and_shared_parameter_errors() -> None:
         parameters=lambda name, p: seen.append(name) is None,
     )
     assert seen == ["", "", ""]  # a listed twice in one modality is kept once
-    assert [(m, p is q) for (m, p), q in zip(mod.parameters, [a, c, b], strict=True)] == [
+    assert [(m, p is q) for (m, p), q in zip(mod.modulated_parameters, [a, c, b], strict=True)] == [
         ("x", True),
         ("y", True),
         ("z", True),
