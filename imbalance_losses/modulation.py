@@ -93,8 +93,8 @@ def _coefficients(ratios: Tensor, alpha: float, form: str) -> Tensor:
     """Per-modality coefficients ``k_m`` from the ratios ``rho_m`` (same shape, same dtype).
 
     ``1 - tanh(x)`` is evaluated as ``2 sigmoid(-2x)``, the same function, which keeps its
-    precision where ``tanh(x)`` rounds to 1 (large ``alpha * rho``): ``k`` stays positive until
-    ``x`` is beyond ~50 in fp32 and is exactly 0 only for an infinite ratio.
+    relative precision where ``tanh(x)`` rounds to 1 (``x > 9`` in fp32): ``k`` stays positive
+    up to ``x ~ 50`` (``k ~ 1e-43``) and underflows to 0 only beyond that.
 
     * ``"paper"``: ``k = 1 - tanh(alpha * relu(rho - 1))``
     * ``"code"``:  ``k = 1 - tanh(alpha * rho)`` where ``rho > 1``, else ``1``.
