@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ._distributed import ProcessGroup, all_reduce_sum, world_size
 from ._running import RunningSums
-from ._stats import one_vs_rest_ratio, true_class_probability
+from ._stats import as_fp32, one_vs_rest_ratio, true_class_probability
 from ._validation import check_finite, check_modalities, check_same_modalities, check_target
 from .diagnostics import StepRecord
 
@@ -78,37 +78,25 @@ class BoostingRecord(StepRecord):
     capped: str | None = None
 
 
-def _choose_modality(
-    scores: Sequence[float], *, sigma: float, tau: float
-) -> tuple[int | None, list[float]]:
-    """The adaptive assignment rule on host floats: ``(index or None, ratios used)``.
+def _choose_modality(scores: Tensor, *, sigma: float, tau: float) -> tuple[int | None, Tensor]:
+    """The adaptive assignment rule: ``(index of the modality to boost or None, ratios [M])``.
+
+    ``scores`` is ``[M]`` on the host; the ratios are :func:`one_vs_rest_ratio`'s
+    ``r_m = s_m / mean_{k != m} s_k`` (``x / 0`` is ``inf``, ``0 / 0`` is 1).
 
     * ``M = 2``: ``r = s_1 / s_2``; ``r > sigma + tau`` -> modality 2, ``r < sigma - tau`` ->
       modality 1, otherwise none (the dead zone).
-    * ``M > 2``: ``r_m = s_m / mean_{k != m} s_k``; the modality with the smallest ``r_m`` (first
-      in mapping order on a tie) if ``r_m < sigma - tau``, otherwise none.
-
-    ``x / 0`` is ``inf`` for ``x > 0`` and ``0 / 0`` is 1 (two useless modalities are balanced).
+    * ``M > 2``: the modality with the smallest ``r_m`` (first in mapping order on a tie) if
+      ``r_m < sigma - tau``, otherwise none.
     """
-
-    def div(a: float, b: float) -> float:
-        if b == 0.0:
-            return 1.0 if a == 0.0 else math.inf
-        return a / b
-
-    m = len(scores)
-    if m == 2:
-        r = div(scores[0], scores[1])
-        ratios = [r, div(scores[1], scores[0])]
-        if r > sigma + tau:
-            return 1, ratios
-        if r < sigma - tau:
-            return 0, ratios
-        return None, ratios
-    total = sum(scores)
-    ratios = [div(s, (total - s) / (m - 1)) for s in scores]
-    best = min(range(m), key=lambda i: ratios[i])
-    return (best if ratios[best] < sigma - tau else None), ratios
+    ratios = one_vs_rest_ratio(scores)
+    values = scores.tolist()
+    if len(values) == 2:
+        # the spec's r = s_1 / s_2 exactly; the helper's ratio only where s_2 = 0
+        r = values[0] / values[1] if values[1] != 0 else float(ratios[0])
+        return (1 if r > sigma + tau else 0 if r < sigma - tau else None), ratios
+    best = int(ratios.argmin())  # argmin returns the first index on a tie
+    return (best if float(ratios[best]) < sigma - tau else None), ratios
 
 
 class SustainedBoostingLoss(nn.Module):
@@ -227,7 +215,6 @@ class SustainedBoostingLoss(nn.Module):
             self._activate(i)
 
         self._pool = RunningSums()
-        self._steps = 0  # training forward calls so far
         self._since_check = 0  # training forward calls since the last check
         self.last: BoostingRecord | None = None
         self.register_load_state_dict_post_hook(_refresh_counts)  # type: ignore[no-untyped-call]
@@ -359,9 +346,10 @@ class SustainedBoostingLoss(nn.Module):
         loss = loss + F.cross_entropy(previous, target)  # eps_pre
         if target.is_floating_point():
             # soft targets: CE(z_n, t - lam t ⊙ p) with p the detached previous softmax.
-            p = torch.softmax(previous.detach().float(), dim=-1)
-            residual_target = target.float() * (1.0 - self.lam * p)
-            return loss + F.cross_entropy(newest.float(), residual_target)
+            p = torch.softmax(as_fp32(previous), dim=-1)
+            residual_target = target * (1.0 - self.lam * p)
+            dtype = torch.promote_types(newest.dtype, torch.float32)
+            return loss + F.cross_entropy(newest, residual_target.to(dtype))
         p_true = true_class_probability(previous, target)  # detached, fp32
         per_sample = F.cross_entropy(newest, target, reduction="none")
         return loss + ((1.0 - self.lam * p_true) * per_sample).mean()  # eps
@@ -389,7 +377,6 @@ class SustainedBoostingLoss(nn.Module):
         if self.training:
             scores = torch.stack([true_class_probability(z.sum(1), target).sum() for z in logits])
             self._pool.add(scores, batch)
-            self._steps += 1
             self._since_check += 1
         return loss
 
@@ -441,10 +428,10 @@ class SustainedBoostingLoss(nn.Module):
         pooled = all_reduce_sum(local, self.process_group)
         self._pool.reset()
         self._since_check = 0
-        host = pooled.double().cpu().tolist()  # the one host read of a check
-        sums, count = host[:m], host[m]
+        host = pooled.double().cpu()  # the one host read of a check
+        count = float(host[m])
         ranks = world_size(self.process_group)
-        if any(g != ranks * v for g, v in zip(host[m + 1 :], fingerprint.tolist(), strict=True)):
+        if not torch.equal(host[m + 1 :], ranks * fingerprint.double().cpu()):
             raise RuntimeError(
                 "SustainedBoostingLoss differs across ranks (head counts "
                 f"{self.num_heads} or seed {self.seed} on this rank are not those of every "
@@ -455,8 +442,8 @@ class SustainedBoostingLoss(nn.Module):
                 "check() needs at least one training-mode forward since the last check; no "
                 "samples were pooled"
             )
-        scores = [s / count for s in sums]
-        choice, _ = _choose_modality(scores, sigma=self.sigma, tau=self.tau)
+        scores = host[:m] / count
+        choice, ratios = _choose_modality(scores, sigma=self.sigma, tau=self.tau)
         added: str | None = None
         capped: str | None = None
         if choice is not None:
@@ -473,14 +460,13 @@ class SustainedBoostingLoss(nn.Module):
             else:
                 self._activate(choice)
                 added = name
-        scores_t = pooled[:m] / pooled[m]
         head_added = torch.zeros(m, dtype=torch.long, device=device)
         if added is not None:
             head_added[self.modalities.index(added)] = 1
         self.last = BoostingRecord(
             modalities=self.modalities,
-            scores=scores_t.float(),
-            ratios=one_vs_rest_ratio(scores_t.float()),
+            scores=scores.to(device, torch.float32),
+            ratios=ratios.to(device, torch.float32),
             num_heads=self.head_counts.clone(),
             head_added=head_added,
             samples=pooled[m].clone(),
@@ -491,18 +477,16 @@ class SustainedBoostingLoss(nn.Module):
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
-        """Generator, pooled scores and step counters (head counts are the buffer)."""
+        """Generator, pooled scores and the step counter (head counts are the buffer)."""
         return {
             "generator": self._generator.get_state(),
             "pool": self._pool.state_dict(),
-            "steps": self._steps,
             "since_check": self._since_check,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._generator.set_state(state["generator"])
         self._pool.load_state_dict(state["pool"])
-        self._steps = int(state["steps"])
         self._since_check = int(state["since_check"])
 
 
@@ -510,9 +494,9 @@ def _refresh_counts(module: nn.Module, incompatible_keys: Any) -> None:
     """Refresh the host mirror of ``head_counts`` after ``load_state_dict`` (once per load)."""
     assert isinstance(module, SustainedBoostingLoss)
     counts = [int(c) for c in module.head_counts.tolist()]
-    bad = [(n, c) for n, c in zip(module.modalities, counts, strict=True)]
-    if any(c < 1 or c > module.max_heads for _, c in bad):
+    if any(c < 1 or c > module.max_heads for c in counts):
+        named = dict(zip(module.modalities, counts, strict=True))
         raise ValueError(
-            f"loaded head counts {dict(bad)} must lie in [1, max_heads={module.max_heads}]"
+            f"loaded head counts {named} must lie in [1, max_heads={module.max_heads}]"
         )
     module._counts = counts
