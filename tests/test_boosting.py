@@ -6,6 +6,7 @@ directly; nothing is compared with the module's own output computed another way.
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from collections.abc import Iterator
@@ -453,7 +454,10 @@ def test_checkpoint_round_trip_into_fresh_module() -> None:
     assert sum(boost.num_heads.values()) > 2
     fresh = SustainedBoostingLoss(3, WIDTHS, hidden=8, check_every=2, seed=123)
     assert fresh.num_heads != boost.num_heads
-    fresh.load_state_dict(boost.state_dict())
+    buffer = io.BytesIO()
+    torch.save(boost.state_dict(), buffer)  # through a file, loadable with weights_only=True
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
     assert fresh.num_heads == boost.num_heads
     x = _feats(5, seed=77)
     assert torch.equal(fresh.predict(x), boost.predict(x))
