@@ -6,10 +6,13 @@ directly; nothing is compared with the module's own output computed another way.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
+import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -630,3 +633,21 @@ def test_ddp_two_ranks_add_the_same_heads_and_match_one_process() -> None:
             assert torch.equal(pa, pb)
             torch.testing.assert_close(pa, pr, rtol=1e-4, atol=1e-5)
     assert "differs across ranks" in r0["desync"] and "differs across ranks" in r1["desync"]
+
+
+# --------------------------------------------------------------------------------- example
+def test_example_runs_and_boosts_the_weak_modality(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = Path(__file__).parents[1] / "examples" / "sustained_boosting_example.py"
+    spec = importlib.util.spec_from_file_location("sustained_boosting_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(sys, "argv", ["example", "--epochs", "3", "--train", "600"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        example.main()
+    out = capsys.readouterr().out
+    assert "(1, 4)" in out  # three checks, each gave the weak modality a head
+    assert "joint CE" in out and "boosting" in out
