@@ -110,8 +110,8 @@ METHODS: tuple[Method, ...] = (
 
 OPTIMIZERS: dict[str, tuple[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]] = {
     "sgd": (
-        "SGD lr 0.05, momentum 0.9, wd 1e-4",
-        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4),
+        "SGD lr 0.01, momentum 0.9, wd 1e-4",
+        lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=1e-4),
     ),
     "adam": ("Adam lr 1e-3", lambda p: torch.optim.Adam(p, lr=1e-3)),
 }
@@ -225,29 +225,41 @@ class Runner:
         records: list[Any] = []
         val_curve: list[float] = []
         best: tuple[float, int, FusionModel, Any] = (-1.0, -1, model, boost)
+        diverged: int | None = None
         start = time.perf_counter()
         for epoch in range(self.epochs):
             model.train()
             if boost is not None:
                 boost.train()
-            for index in batches(len(task.train), BATCH_SIZE, generator):
-                batch = task.train.take(index)
-                feats = model.features(batch.inputs, batch.masks)
-                if boost is not None:
-                    loss = boost(feats, batch.y)
-                elif method == "arl":
-                    loss = criterion(model.fuse(feats), batch.y, features=feats)
-                else:
-                    loss = criterion(model.fuse(feats), batch.y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if modulator is not None:
-                    modulator.step(unimodal_logits(model.head, feats), batch.y)
-                opt.step()
-                if boost is not None:
-                    trace.append({f"num_heads/{m}": float(n) for m, n in boost.num_heads.items()})
-                elif tracked is not None and tracked.last is not None:
-                    records.append(tracked.last)
+            try:
+                for index in batches(len(task.train), BATCH_SIZE, generator):
+                    batch = task.train.take(index)
+                    feats = model.features(batch.inputs, batch.masks)
+                    if boost is not None:
+                        loss = boost(feats, batch.y)
+                    elif method == "arl":
+                        loss = criterion(model.fuse(feats), batch.y, features=feats)
+                    else:
+                        loss = criterion(model.fuse(feats), batch.y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if modulator is not None:
+                        modulator.step(unimodal_logits(model.head, feats), batch.y)
+                    opt.step()
+                    if boost is not None:
+                        trace.append(
+                            {f"num_heads/{m}": float(n) for m, n in boost.num_heads.items()}
+                        )
+                    elif tracked is not None and tracked.last is not None:
+                        records.append(tracked.last)
+            except ValueError as exc:  # the library refuses non-finite features / logits
+                if "non-finite" not in str(exc):
+                    raise
+                diverged = epoch + 1
+            if diverged is None and not bool(torch.isfinite(loss.detach())):  # once per epoch
+                diverged = epoch + 1
+            if diverged is not None:
+                break  # the run ends; the epoch chosen on validation so far is kept
             # Read the diagnostics records on the host once per epoch (the logger's sync).
             trace.extend(r.to_dict() for r in records)
             records.clear()
@@ -256,6 +268,24 @@ class Runner:
             if val > best[0]:
                 best = (val, epoch, copy.deepcopy(model), copy.deepcopy(boost))
         seconds = time.perf_counter() - start
+        if best[1] < 0:  # diverged in the first epoch: nothing to evaluate
+            nan = float("nan")
+            return RunResult(
+                task=task.name,
+                method=method,
+                optimizer=optimizer,
+                seed=seed,
+                config=config,
+                val_curve=val_curve,
+                best_epoch=0,
+                best_val=nan,
+                test_acc=nan,
+                probe={m: nan for m in modalities},
+                head={m: nan for m in modalities},
+                seconds=seconds,
+                trace=trace,
+                diverged=diverged,
+            )
 
         best_val, best_epoch, best_model, best_boost = best
         fused, per_mod, test_feats = self.predict(best_model, best_boost, task.test)
@@ -282,6 +312,7 @@ class Runner:
             seconds=seconds,
             trace=trace,
             test_probs=fused.softmax(dim=-1) if uni else None,
+            diverged=diverged,
         )
 
     @torch.no_grad()
@@ -359,7 +390,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     tasks = [load_task(name, split_seed=args.split_seed) for name in args.tasks]
     seeds = list(range(args.seeds))
-    grid = not args.quick
+    grid = not (args.quick or args.no_grid)
     progress = Progress(plan(tasks, args.optimizers, seeds, grid), enabled=not args.no_progress)
     results: list[report.Row] = []
     curves: dict[str, dict[str, list[float]]] = {}
@@ -371,7 +402,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
         r = runner.train_run(method, opt, seed, config)
         progress.update(
             f"{runner.task.name} {opt} {method} {describe(config)} seed {seed}: "
-            f"val {100 * r.best_val:.1f}"
+            f"val {100 * r.best_val:.1f} ({r.seconds:.1f} s)"
         )
         return r
 
@@ -392,7 +423,9 @@ def run_benchmark(args: argparse.Namespace) -> str:
                     continue
                 configs = list(method.grid) if grid else [method.quick]
                 first = [run(runner, method.key, opt, seeds[0], c) for c in configs]
-                chosen = max(first, key=lambda r: r.best_val)  # validation only; ties: first
+                # validation only; ties: the first in the grid; a run that diverged in its first
+                # epoch (NaN) is never chosen
+                chosen = max(first, key=lambda r: -1.0 if r.best_val != r.best_val else r.best_val)
                 if len(configs) > 1:
                     grids[(task.name, opt, method.label)] = [(r.config, r.best_val) for r in first]
                 runs = [chosen] + [
@@ -445,6 +478,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tasks", nargs="+", default=["av_digits", "mfeat"], choices=["av_digits", "mfeat"]
     )
     p.add_argument("--optimizers", nargs="+", default=["sgd", "adam"], choices=list(OPTIMIZERS))
+    p.add_argument(
+        "--no-grid", action="store_true", help="skip the grid search (use the --quick values)"
+    )
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed data split")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--out", default="results/benchmark.md", help="Markdown output file")

