@@ -51,6 +51,9 @@ def one_vs_rest_ratio(scores: Tensor) -> Tensor:
     is defined as 1: two equally useless modalities are balanced).
     """
     m = scores.shape[-1]
-    rest = (scores.sum(-1, keepdim=True) - scores) / (m - 1)
+    if m == 2:  # exactly [s_1 / s_2, s_2 / s_1], no rounding from the sum
+        rest = scores.flip(-1)
+    else:
+        rest = (scores.sum(-1, keepdim=True) - scores) / (m - 1)
     ratio = scores / rest
     return torch.where((scores == 0) & (rest == 0), torch.ones_like(ratio), ratio)
