@@ -11,22 +11,31 @@ Conventions shared by every module (see ``docs/index.md``):
   record.
 """
 
-from .arl import *  # noqa: F403
-from .arl import __all__ as _arl_all
-from .boosting import *  # noqa: F403
-from .boosting import __all__ as _boosting_all
+from .arl import (
+    ARLCoefficients,
+    ARLLoss,
+    ARLRecord,
+    arl_coefficients,
+    inverse_variance_weights,
+)
+from .boosting import BoostingRecord, SustainedBoostingLoss
 from .diagnostics import StepRecord
-from .modulation import *  # noqa: F403
-from .modulation import __all__ as _modulation_all
+from .modulation import ModalityGradientModulator, ModulationRecord
 from .unimodal import Head, unimodal_logits
 
 __all__ = [
+    "ARLCoefficients",
+    "ARLLoss",
+    "ARLRecord",
+    "BoostingRecord",
     "Head",
+    "ModalityGradientModulator",
+    "ModulationRecord",
     "StepRecord",
+    "SustainedBoostingLoss",
+    "arl_coefficients",
+    "inverse_variance_weights",
     "unimodal_logits",
-    *_arl_all,
-    *_boosting_all,
-    *_modulation_all,
 ]
 
 __version__ = "0.1.0.dev0"
