@@ -13,11 +13,12 @@ Protocol (the same for every row):
   stratified 60/20/20 train/val/test split; the test split is never used to choose anything.
 * Model: one encoder per modality (1-D conv for MFCC sequences, small CNN for images, MLP for
   feature vectors), concatenation fusion, one ``nn.Linear`` head (``examples/_bench/models.py``).
-* Every run: ``--epochs`` epochs, batch 64, the epoch with the best validation accuracy is kept
-  (a copy of the model at that epoch), and that copy alone is evaluated on test.
-* Hyper-parameters of each method: a small grid, each value trained on the first seed, the value
-  with the best validation accuracy is then trained on every seed. ``--quick`` skips the grid and
-  uses each method's documented default.
+* Every run: ``--epochs`` epochs, batch 64, the epoch with the best validation accuracy (ties:
+  lower validation cross-entropy) is kept (a copy of the model at that epoch), and that copy
+  alone is evaluated on test.
+* Hyper-parameters of each method: a small grid, each value trained on the first seed; the value
+  with the best validation accuracy (ties: lower validation loss) is then trained on every seed.
+  ``--quick`` and ``--no-grid`` skip the grid and use each method's documented default.
 * Per-modality accuracy after training, two ways: a linear probe (multinomial logistic
   regression fitted on the frozen training features of that modality, L-BFGS, fixed L2 1e-3) and
   the unimodal logits read off the trained model's own head (``unimodal_logits`` for the linear
@@ -72,6 +73,7 @@ class Method:
     needs: str | None = None  # the imbalance_losses name this row needs
     grid: tuple[Config, ...] = ({},)
     quick: Config = field(default_factory=dict)
+    same_as: str | None = None  # an ablation: reuse that method's chosen setting, no grid
 
     @property
     def available(self) -> bool:
@@ -98,6 +100,12 @@ METHODS: tuple[Method, ...] = (
             {"gamma": 4.0, "temperature": 8.0},
         ),
         quick={"gamma": 1.0, "temperature": 8.0},
+    ),
+    Method(
+        "arl_no_reweight",
+        "ablation: ARL loss, no re-weighting",
+        "ARLLoss",
+        same_as="arl",
     ),
     Method(
         "boost",
@@ -127,6 +135,13 @@ def describe(config: Config) -> str:
 # --------------------------------------------------------------------------------------------
 # One training run
 # --------------------------------------------------------------------------------------------
+
+
+def selection_key(r: RunResult) -> tuple[float, float]:
+    """Rank runs on validation: accuracy, then lower loss; NaN (diverged at once) ranks last."""
+    if r.best_val != r.best_val:
+        return (-1.0, 0.0)
+    return (r.best_val, -r.best_val_loss)
 
 
 def accuracy(logits: Tensor, y: Tensor) -> float:
@@ -192,13 +207,15 @@ class Runner:
         modulator: Any = None
         boost: Any = None
         params = list(model.parameters())
-        if method == "arl":
+        if method in ("arl", "arl_no_reweight"):
             criterion = imbalance_losses.ARLLoss(
                 nn.CrossEntropyLoss(),
                 head=model.head,
                 gamma=config["gamma"],
                 temperature=config["temperature"],
-                warmup_steps=steps_per_epoch,  # official: 5 of 100 epochs; here one epoch
+                # official: 5 of 100 epochs; here one epoch. The ablation never leaves warm-up:
+                # CE + gamma * sum_m CE(z_m) alone (what the released ARL code trains).
+                warmup_steps=steps_per_epoch if method == "arl" else total_steps + 1,
             )
         elif method == "ogm_ge":
             modulator = imbalance_losses.ModalityGradientModulator(
@@ -224,7 +241,8 @@ class Runner:
         trace: list[dict[str, float]] = []
         records: list[Any] = []
         val_curve: list[float] = []
-        best: tuple[float, int, FusionModel, Any] = (-1.0, -1, model, boost)
+        # (val accuracy, -val loss) ranks epochs: best accuracy, ties broken by lower loss.
+        best: tuple[tuple[float, float], int, FusionModel, Any] = ((-1.0, 0.0), -1, model, boost)
         diverged: int | None = None
         start = time.perf_counter()
         for epoch in range(self.epochs):
@@ -237,7 +255,7 @@ class Runner:
                     feats = model.features(batch.inputs, batch.masks)
                     if boost is not None:
                         loss = boost(feats, batch.y)
-                    elif method == "arl":
+                    elif method in ("arl", "arl_no_reweight"):
                         loss = criterion(model.fuse(feats), batch.y, features=feats)
                     else:
                         loss = criterion(model.fuse(feats), batch.y)
@@ -263,10 +281,12 @@ class Runner:
             # Read the diagnostics records on the host once per epoch (the logger's sync).
             trace.extend(r.to_dict() for r in records)
             records.clear()
-            val = accuracy(self.predict(model, boost, task.val)[0], task.val.y)
+            val_logits = self.predict(model, boost, task.val)[0]
+            val = accuracy(val_logits, task.val.y)
+            val_loss = float(F.cross_entropy(val_logits, task.val.y))
             val_curve.append(val)
-            if val > best[0]:
-                best = (val, epoch, copy.deepcopy(model), copy.deepcopy(boost))
+            if (val, -val_loss) > best[0]:
+                best = ((val, -val_loss), epoch, copy.deepcopy(model), copy.deepcopy(boost))
         seconds = time.perf_counter() - start
         if best[1] < 0:  # diverged in the first epoch: nothing to evaluate
             nan = float("nan")
@@ -279,6 +299,7 @@ class Runner:
                 val_curve=val_curve,
                 best_epoch=0,
                 best_val=nan,
+                best_val_loss=nan,
                 test_acc=nan,
                 probe={m: nan for m in modalities},
                 head={m: nan for m in modalities},
@@ -287,7 +308,7 @@ class Runner:
                 diverged=diverged,
             )
 
-        best_val, best_epoch, best_model, best_boost = best
+        (best_val, neg_loss), best_epoch, best_model, best_boost = best
         fused, per_mod, test_feats = self.predict(best_model, best_boost, task.test)
         _, _, train_feats = self.predict(best_model, best_boost, task.train)
         probe = {
@@ -306,6 +327,7 @@ class Runner:
             val_curve=val_curve,
             best_epoch=best_epoch + 1,
             best_val=best_val,
+            best_val_loss=-neg_loss,
             test_acc=accuracy(fused, task.test.y),
             probe=probe,
             head=head,
@@ -380,7 +402,7 @@ def plan(tasks: list[Task], optimizers: list[str], seeds: list[int], grid: bool)
     for method in METHODS:
         if not method.available:
             continue
-        n_grid = len(method.grid) if grid else 1
+        n_grid = 1 if method.same_as or not grid else len(method.grid)
         per += n_grid + len(seeds) - 1
     per += 2 * len(seeds)  # uni-modal models (two modalities per task)
     return per * len(tasks) * len(optimizers)
@@ -395,7 +417,8 @@ def run_benchmark(args: argparse.Namespace) -> str:
     results: list[report.Row] = []
     curves: dict[str, dict[str, list[float]]] = {}
     traces: dict[str, dict[str, list[dict[str, float]]]] = {}
-    grids: dict[tuple[str, str, str], list[tuple[Config, float]]] = {}
+    grids: dict[tuple[str, str, str], list[tuple[Config, float, float]]] = {}
+    per_seed: list[tuple[str, str, str, list[float]]] = []
     started = time.perf_counter()
 
     def run(runner: Runner, method: str, opt: str, seed: int, config: Config) -> RunResult:
@@ -413,27 +436,38 @@ def run_benchmark(args: argparse.Namespace) -> str:
         traces[task.name] = {}
         for opt in args.optimizers:
             uni: dict[str, list[RunResult]] = {}
+            chosen_configs: dict[str, Config] = {}
             for m in names:
                 uni[m] = [run(runner, f"uni:{m}", opt, s, {}) for s in seeds]
                 results.append(report.Row.of(task, f"{m} only", opt, uni[m], "-"))
+                per_seed.append((task.name, opt, f"{m} only", [r.test_acc for r in uni[m]]))
                 curves[task.name][f"{m} only / {opt}"] = uni[m][0].val_curve
             for method in METHODS:
                 if not method.available:
                     results.append(report.Row.missing(task, method.label, opt, method.needs))
                     continue
-                configs = list(method.grid) if grid else [method.quick]
+                if method.same_as is not None:
+                    if method.same_as not in chosen_configs:
+                        continue  # the method it ablates is not available
+                    configs = [chosen_configs[method.same_as]]
+                else:
+                    configs = list(method.grid) if grid else [method.quick]
                 first = [run(runner, method.key, opt, seeds[0], c) for c in configs]
-                # validation only; ties: the first in the grid; a run that diverged in its first
-                # epoch (NaN) is never chosen
-                chosen = max(first, key=lambda r: -1.0 if r.best_val != r.best_val else r.best_val)
+                # validation only: best accuracy, ties broken by lower validation loss, then by
+                # grid order; a run that diverged in its first epoch (NaN) is never chosen
+                chosen = max(first, key=selection_key)
                 if len(configs) > 1:
-                    grids[(task.name, opt, method.label)] = [(r.config, r.best_val) for r in first]
+                    grids[(task.name, opt, method.label)] = [
+                        (r.config, r.best_val, r.best_val_loss) for r in first
+                    ]
+                chosen_configs[method.key] = chosen.config
                 runs = [chosen] + [
                     run(runner, method.key, opt, s, chosen.config) for s in seeds[1:]
                 ]
                 results.append(
                     report.Row.of(task, method.label, opt, runs, describe(chosen.config))
                 )
+                per_seed.append((task.name, opt, method.label, [r.test_acc for r in runs]))
                 curves[task.name][f"{method.label} / {opt}"] = chosen.val_curve
                 if chosen.trace:
                     traces[task.name][f"{method.label} / {opt}"] = chosen.trace
@@ -462,6 +496,8 @@ def run_benchmark(args: argparse.Namespace) -> str:
         + report.grid_text(METHODS, grids, grid)
         + "\n"
         + report.NOTES
+        + "\n"
+        + report.per_seed_text(per_seed)
     )
     if not args.no_plots:
         note = report.plots(Path(args.plots_dir), curves, traces)

@@ -222,7 +222,8 @@ def test_linear_probe_separates_separable_features() -> None:
 def _run(**kw: Any) -> report.RunResult:
     base: dict[str, Any] = dict(
         task="t", method="m", optimizer="sgd", seed=0, config={}, val_curve=[0.5],
-        best_epoch=1, best_val=0.5, test_acc=0.5, probe={}, head={}, seconds=1.0, trace=[],
+        best_epoch=1, best_val=0.5, best_val_loss=1.0, test_acc=0.5, probe={}, head={},
+        seconds=1.0, trace=[],
     )  # fmt: skip
     base.update(kw)
     return report.RunResult(**base)
@@ -313,6 +314,7 @@ def test_quick_benchmark_prints_the_full_table_for_both_tasks(tmp_path: Path) ->
         "joint (plain)",
         "joint + OGM-GE",
         "joint + ARL",
+        "ablation: ARL loss, no re-weighting",
         "sustained boosting",
         "uni-modal ensemble",
     ]

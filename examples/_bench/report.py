@@ -13,7 +13,16 @@ from typing import Any
 import torch
 from data import Task
 
-__all__ = ["NOTES", "Row", "RunResult", "grid_text", "header", "plots", "tables"]
+__all__ = [
+    "NOTES",
+    "Row",
+    "RunResult",
+    "grid_text",
+    "header",
+    "per_seed_text",
+    "plots",
+    "tables",
+]
 
 
 @dataclass
@@ -28,6 +37,7 @@ class RunResult:
     val_curve: list[float]
     best_epoch: int  # 1-based
     best_val: float
+    best_val_loss: float
     test_acc: float
     probe: dict[str, float]
     head: dict[str, float]
@@ -220,9 +230,14 @@ def header(
 
 
 def grid_text(methods: Sequence[Any], grids: Mapping[tuple[str, str, str], Any], grid: bool) -> str:
-    lines = ["#### Hyper-parameters (chosen on validation accuracy, seed 0)", ""]
+    lines = [
+        "#### Hyper-parameters (chosen on validation accuracy, ties by validation loss, seed 0)",
+        "",
+    ]
     for m in methods:
-        if len(m.grid) > 1:
+        if m.same_as is not None:
+            lines.append(f"- {m.label}: no grid, the setting chosen for the {m.same_as} row")
+        elif len(m.grid) > 1:
             values = "; ".join(", ".join(f"{k}={v:g}" for k, v in c.items()) for c in m.grid)
             quick = ", ".join(f"{k}={v:g}" for k, v in m.quick.items())
             lines.append(f"- {m.label}: grid {{{values}}} (--quick uses {quick})")
@@ -232,7 +247,8 @@ def grid_text(methods: Sequence[Any], grids: Mapping[tuple[str, str, str], Any],
         )
     for (task, opt, label), tried in grids.items():
         scores = ", ".join(
-            f"{', '.join(f'{k}={v:g}' for k, v in c.items())}: {100 * s:.1f}" for c, s in tried
+            f"{', '.join(f'{k}={v:g}' for k, v in c.items())}: {100 * s:.1f} (loss {loss:.3f})"
+            for c, s, loss in tried
         )
         lines.append(f"- {task} / {opt} / {label}: val % {scores}")
     return "\n".join(lines) + "\n"
@@ -248,9 +264,22 @@ NOTES = """#### Reading the columns
   from the model's own head (`unimodal_logits`, the exact split of the linear fusion head; each
   modality's head ensemble for sustained boosting): what the fused classifier takes from it. For
   the uni-modal rows and the ensemble, head = the uni-modal model's own test accuracy.
+- **ablation: ARL loss, no re-weighting**: `ARLLoss` with the ARL row's `gamma` whose warm-up
+  never ends, i.e. `CE(z, y) + gamma * sum_m CE(z_m, y)` with no gradient re-weighting (what the
+  released ARL code trains, see docs/arl.md). The gap between it and the ARL row is what the
+  re-weighting itself adds.
 - **time / run**: training wall time of one run (seconds; evaluation each epoch included, grid
   search excluded); for the ensemble, the two uni-modal runs.
 """
+
+
+def per_seed_text(per_seed: Sequence[tuple[str, str, str, Sequence[float]]]) -> str:
+    """Every run's test accuracy, seed by seed, so the spread can be read directly."""
+    lines = ["#### Test accuracy per seed (%)", ""]
+    for task, opt, label, accs in per_seed:
+        values = ", ".join(_num(100 * a) for a in accs)
+        lines.append(f"- {task} / {opt} / {label}: {values}")
+    return "\n".join(lines) + "\n"
 
 
 def plots(
