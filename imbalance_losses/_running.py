@@ -31,40 +31,56 @@ class RunningSums:
         return self._sums is None
 
     def add(self, sums: Tensor, count: int | Tensor) -> None:
-        """Add per-modality sums ``[M]`` over ``count`` samples (both stay on the device)."""
+        """Add per-modality sums ``[M]`` over ``count`` samples (both stay on the device).
+
+        The sums are kept in fp32 and the count in fp64 (exact past ``2**24`` samples). An
+        integer ``count`` is written with ``torch.full``, which needs no host-to-device copy.
+        Stored state on another device (a checkpoint loaded with ``map_location="cpu"``) moves
+        to the device of ``sums``.
+        """
         sums = sums.detach().float()
-        count_t = torch.as_tensor(count, dtype=torch.float32, device=sums.device)
+        if isinstance(count, Tensor):
+            count_t = count.detach().to(device=sums.device, dtype=torch.float64)
+        else:
+            count_t = torch.full((), float(count), dtype=torch.float64, device=sums.device)
         if self._sums is None or self._count is None:
             self._sums, self._count = sums.clone(), count_t.clone()
-        else:
-            if sums.shape != self._sums.shape:
-                raise ValueError(
-                    f"running sums have shape {tuple(self._sums.shape)} but {tuple(sums.shape)} "
-                    "was added; the number of modalities changed between calls"
-                )
-            self._sums += sums
-            self._count += count_t
+            return
+        if sums.shape != self._sums.shape:
+            raise ValueError(
+                f"running sums have shape {tuple(self._sums.shape)} but {tuple(sums.shape)} "
+                "was added; the number of modalities changed between calls"
+            )
+        if self._sums.device != sums.device:
+            self._sums, self._count = self._sums.to(sums.device), self._count.to(sums.device)
+        self._sums += sums
+        self._count += count_t
 
     def pooled(self, group: ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
-        """``(sums [M], count)`` summed over the processes of ``group`` (one all-reduce)."""
+        """``(sums [M] fp32, count fp64)`` summed over the ranks of ``group`` (one all-reduce)."""
         if self._sums is None or self._count is None:
             raise RuntimeError("no statistics were added since the last reset")
-        both = all_reduce_sum(torch.cat([self._sums, self._count.reshape(1)]), group)
-        return both[:-1], both[-1]
+        both = all_reduce_sum(torch.cat([self._sums.double(), self._count.reshape(1)]), group)
+        return both[:-1].float(), both[-1]
 
     def mean(self, group: ProcessGroup | None = None) -> Tensor:
-        """Pooled per-modality mean ``sums / count`` over every rank's samples."""
+        """Pooled per-modality mean ``sums / count`` over every rank's samples (fp32)."""
         sums, count = self.pooled(group)
-        return sums / count
+        return (sums / count).float()
 
     def reset(self) -> None:
         """Forget everything added so far."""
         self._sums = self._count = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The local (not yet pooled) sums and count."""
-        return {"sums": self._sums, "count": self._count}
+        """Copies of the local (not yet pooled) sums and count; later adds do not change them."""
+        return {
+            "sums": None if self._sums is None else self._sums.clone(),
+            "count": None if self._count is None else self._count.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self._sums, self._count = state["sums"], state["count"]
+        """Restore (copies of) what :meth:`state_dict` returned."""
+        sums, count = state["sums"], state["count"]
+        self._sums = None if sums is None else sums.detach().clone().float()
+        self._count = None if count is None else count.detach().clone().double()

@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "check_batch",
     "check_finite",
     "check_logits",
     "check_modalities",
     "check_same_modalities",
     "check_target",
+    "check_unimodal_logits",
 ]
 
 
@@ -134,14 +134,29 @@ def check_finite(tensor: Tensor, *, name: str) -> None:
     )
 
 
-def check_batch(tensors: Mapping[str, Tensor], batch: int, *, what: str) -> None:
-    """Require every tensor of ``tensors`` to have batch size ``batch``."""
-    for name, tensor in tensors.items():
-        if tensor.shape[0] != batch:
+def check_unimodal_logits(
+    logits: Mapping[str, Tensor], *, batch: int | None = None, what: str = "unimodal_logits"
+) -> tuple[int, int]:
+    """Validate per-modality logits ``{m: [B, C]}``: finite, one shape for every modality.
+
+    Returns ``(B, C)``. ``batch``, when given, is the batch size they must have.
+    """
+    size = check_modalities(logits, what=what, min_ndim=2)
+    if batch is not None and size != batch:
+        first, z = next(iter(logits.items()))
+        raise ValueError(
+            f"{what}[{first!r}] has batch {size} (shape {_shape(z)}) but the batch size is {batch}"
+        )
+    first = next(iter(logits))
+    shape = _shape(logits[first])
+    for name, z in logits.items():
+        check_logits(z, name=f"{what}[{name!r}]", batch=size)
+        if _shape(z) != shape:
             raise ValueError(
-                f"{what}[{name!r}] has batch {tensor.shape[0]} (shape {_shape(tensor)}) "
-                f"but the batch size is {batch}"
+                f"{what}[{name!r}] has shape {_shape(z)} but {what}[{first!r}] has shape "
+                f"{shape}; every modality must give logits over the same classes"
             )
+    return shape[0], shape[1]
 
 
 def check_target(target: Tensor, *, batch: int, num_classes: int, name: str = "target") -> None:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ._distributed import ProcessGroup
+from ._params import ModalityParameter, modality_parameters, present_gradients, scale_gradients_
 from ._running import RunningSums
 from ._stats import as_fp32, mean_entropy
 from ._validation import (
@@ -41,6 +42,7 @@ from ._validation import (
     check_modalities,
     check_same_modalities,
     check_target,
+    check_unimodal_logits,
 )
 from .diagnostics import StepRecord
 from .unimodal import Head, unimodal_logits
@@ -177,12 +179,6 @@ class ARLRecord(StepRecord):
     """Whether the re-weighting was applied on this step (training mode, after warm-up)."""
 
 
-def _encoder_parameters(spec: EncoderSpec | list[nn.Parameter]) -> list[nn.Parameter]:
-    if isinstance(spec, nn.Module):
-        return list(spec.parameters())
-    return list(spec)
-
-
 class ARLLoss(nn.Module):
     """Asymmetric Representation Learning loss (ICCV 2025): drop-in for the criterion.
 
@@ -262,9 +258,8 @@ class ARLLoss(nn.Module):
         self.process_group = process_group
         # Not registered as submodules: the user's model owns them (no parameters here).
         self.__dict__["_head"] = head
-        self.__dict__["_encoders"] = None
-        if encoders is not None:
-            self.__dict__["_encoders"] = self._check_encoders(encoders, head)
+        self.__dict__["_encoders"] = None if encoders is None else dict(encoders)
+        self._encoder_params = [] if encoders is None else self._check_encoders(encoders, head)
         self._steps = 0
         self._ema: Tensor | None = None  # [2M]: cat(V, c)
         self._pending = RunningSums()  # encoders mode: sums over the micro-batches
@@ -276,37 +271,17 @@ class ARLLoss(nn.Module):
     @staticmethod
     def _check_encoders(
         encoders: Mapping[str, EncoderSpec], head: Head | None
-    ) -> dict[str, EncoderSpec | list[nn.Parameter]]:
-        if not isinstance(encoders, Mapping) or len(encoders) < 2:
-            raise ValueError(
-                "encoders must be a mapping of at least two modalities -> module or parameters"
-            )
-        out: dict[str, EncoderSpec | list[nn.Parameter]] = {}
-        owner: dict[int, str] = {}
-        for name, spec in encoders.items():
-            kept = spec if isinstance(spec, nn.Module) else list(spec)
-            params = _encoder_parameters(kept)
-            if not params:
-                raise ValueError(f"encoders[{name!r}] has no parameters")
-            for p in params:
-                if not isinstance(p, Tensor):
-                    raise TypeError(f"encoders[{name!r}] yields a {type(p).__name__}, not a Tensor")
-                if id(p) in owner and owner[id(p)] != name:
-                    raise ValueError(
-                        f"a parameter of shape {tuple(p.shape)} belongs to both "
-                        f"encoders[{owner[id(p)]!r}] and encoders[{name!r}]; each encoder must "
-                        "reach the loss only through its own modality's features"
-                    )
-                owner[id(p)] = name
-            out[name] = kept
+    ) -> list[ModalityParameter]:
+        params = modality_parameters(encoders, what="encoders")
         if isinstance(head, nn.Module):
-            shared = [tuple(p.shape) for p in head.parameters() if id(p) in owner]
+            listed = {id(p) for _, _, p in params}
+            shared = [tuple(p.shape) for p in head.parameters() if id(p) in listed]
             if shared:
                 raise ValueError(
                     f"the fusion head's parameters {shared} are listed in encoders; ARL must not "
                     "re-weight the shared head"
                 )
-        return out
+        return params
 
     @property
     def head(self) -> Head | None:
@@ -315,9 +290,9 @@ class ARLLoss(nn.Module):
         return head
 
     @property
-    def encoders(self) -> dict[str, EncoderSpec | list[nn.Parameter]] | None:
+    def encoders(self) -> dict[str, EncoderSpec] | None:
         """The encoders re-weighted by :meth:`step` (``None`` in hook mode)."""
-        enc: dict[str, EncoderSpec | list[nn.Parameter]] | None = self.__dict__["_encoders"]
+        enc: dict[str, EncoderSpec] | None = self.__dict__["_encoders"]
         return enc
 
     @property
@@ -429,13 +404,13 @@ class ARLLoss(nn.Module):
                 "ARLLoss needs unimodal logits: construct it with head=model.fusion_head and "
                 "pass features=, or pass unimodal_logits="
             )
-        for name, z in zs.items():
-            check_logits(z, name=f"unimodal_logits[{name!r}]", batch=batch)
-            if z.shape[1] != classes:
-                raise ValueError(
-                    f"unimodal_logits[{name!r}] has shape {tuple(z.shape)} but the fused "
-                    f"logits have shape {tuple(logits.shape)}; the class counts must match"
-                )
+        _, uni_classes = check_unimodal_logits(zs, batch=batch)
+        if uni_classes != classes:
+            raise ValueError(
+                f"unimodal logits have {uni_classes} classes (shapes "
+                f"{[tuple(z.shape) for z in zs.values()]}) but the fused logits have shape "
+                f"{tuple(logits.shape)}; the class counts must match"
+            )
         check_target(target, batch=batch, num_classes=classes)
         return zs
 
@@ -499,11 +474,8 @@ class ARLLoss(nn.Module):
         active = self._steps >= self.warmup_steps
         record = self._decide(self._modalities, active)
         if active:
-            scale = 1.0 + record.coefficients
-            for i, spec in enumerate(self.encoders.values()):
-                for p in _encoder_parameters(spec):
-                    if p.grad is not None:
-                        p.grad.mul_(scale[i].to(p.grad.dtype))
+            grads, index = present_gradients(self._encoder_params)
+            scale_gradients_(grads, index, 1.0 + record.coefficients)
         return record
 
     # -- state ------------------------------------------------------------------------------
@@ -513,9 +485,7 @@ class ARLLoss(nn.Module):
         return {
             "steps": self._steps,
             "ema": None if self._ema is None else self._ema.clone(),
-            "pending": {
-                k: None if v is None else v.clone() for k, v in self._pending.state_dict().items()
-            },
+            "pending": self._pending.state_dict(),
             "modalities": self._modalities,
             "last": None if self.last is None else dataclasses.asdict(self.last),
         }

@@ -99,6 +99,16 @@ def _choose_modality(scores: Tensor, *, sigma: float, tau: float) -> tuple[int |
     return (best if float(ratios[best]) < sigma - tau else None), ratios
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (torch >= 2.1)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4 takes no device type
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
 class SustainedBoostingLoss(nn.Module):
     r"""Sustained boosting loss with adaptive classifier assignment; owns the classifier heads.
 
@@ -309,6 +319,12 @@ class SustainedBoostingLoss(nn.Module):
                 )
             if not x.is_floating_point():
                 raise TypeError(f"features[{name!r}] must be floating point, got {x.dtype}")
+            dtype = self.head_weight[0].dtype
+            if x.dtype != dtype and not _autocast_enabled(x.device.type):
+                raise TypeError(
+                    f"features[{name!r}] are {x.dtype} but the heads' parameters are {dtype}; "
+                    "run the forward under torch.autocast, or cast the features or the module"
+                )
             check_finite(x, name=f"features[{name!r}]")
         return batch
 

@@ -45,14 +45,10 @@ import torch
 from torch import Tensor, nn
 
 from ._distributed import ProcessGroup
+from ._params import modality_parameters, present_gradients, scale_gradients_
 from ._running import RunningSums
 from ._stats import one_vs_rest_ratio, true_class_probability
-from ._validation import (
-    check_logits,
-    check_modalities,
-    check_same_modalities,
-    check_target,
-)
+from ._validation import check_same_modalities, check_target, check_unimodal_logits
 from .diagnostics import StepRecord
 
 __all__ = ["ModalityGradientModulator", "ModulationRecord"]
@@ -99,10 +95,13 @@ def _coefficients(ratios: Tensor, alpha: float, form: str) -> Tensor:
     * ``"paper"``: ``k = 1 - tanh(alpha * relu(rho - 1))``
     * ``"code"``:  ``k = 1 - tanh(alpha * rho)`` where ``rho > 1``, else ``1``.
     """
+    # alpha = 0 with an infinite ratio (another modality scored 0) would give 0 * inf = NaN;
+    # the limit is x = 0 (no damping), so NaN is mapped to 0.
     if form == "paper":
-        x = alpha * torch.relu(ratios - 1.0)
+        x = torch.nan_to_num(alpha * torch.relu(ratios - 1.0), nan=0.0, posinf=math.inf)
         return 2.0 * torch.sigmoid(-2.0 * x)
-    damped = 2.0 * torch.sigmoid(-2.0 * alpha * ratios)
+    x = torch.nan_to_num(alpha * ratios, nan=0.0, posinf=math.inf)
+    damped = 2.0 * torch.sigmoid(-2.0 * x)
     return torch.where(ratios > 1.0, damped, torch.ones_like(ratios))
 
 
@@ -113,31 +112,6 @@ def _is_selected(selection: ParameterSelection, name: str, param: Tensor) -> boo
         return True
     assert callable(selection)
     return bool(selection(name, param))
-
-
-def _named_parameters(modality: str, source: object) -> list[tuple[str, Tensor]]:
-    """``(name, parameter)`` pairs of one modality: a module's named parameters or a bare list."""
-    if isinstance(source, nn.Module):
-        return list(source.named_parameters())
-    if isinstance(source, Tensor):  # a single parameter (iterating it would give its rows)
-        items: list[object] = [source]
-    elif isinstance(source, Iterable):
-        items = list(source)
-    else:
-        raise TypeError(
-            f"modules[{modality!r}] must be an nn.Module or an iterable of parameters, got "
-            f"{type(source).__name__}"
-        )
-    out: list[tuple[str, Tensor]] = []
-    for i, p in enumerate(items):
-        if not isinstance(p, Tensor) or not p.is_leaf:
-            raise TypeError(
-                f"modules[{modality!r}] item {i} must be a parameter (a leaf tensor), got "
-                f"{type(p).__name__}"
-                + ("" if not isinstance(p, Tensor) else f" of shape {tuple(p.shape)}")
-            )
-        out.append(("", p))
-    return out
 
 
 class ModalityGradientModulator:
@@ -231,31 +205,14 @@ class ModalityGradientModulator:
                 f"stop_step ({stop_step}) must be greater than start_step ({start_step}) or None"
             )
 
-        owner: dict[int, str] = {}
-        params: list[Tensor] = []
-        index: list[int] = []
-        for m, (modality, source) in enumerate(modules.items()):
-            named = _named_parameters(modality, source)
-            chosen = 0
-            for name, p in named:
-                other = owner.get(id(p))
-                if other == modality:
-                    continue  # listed twice in the same modality: modulate it once
-                if other is not None:
-                    raise ValueError(
-                        f"parameter {name or '<unnamed>'} of shape {tuple(p.shape)} belongs to "
-                        f"both modality {other!r} and modality {modality!r}; each parameter may "
-                        "be modulated by one modality only"
-                    )
-                owner[id(p)] = modality
-                if _is_selected(parameters, name, p):
-                    params.append(p)
-                    index.append(m)
-                    chosen += 1
-            if chosen == 0:
+        every = modality_parameters(modules)
+        chosen = [(m, name, p) for m, name, p in every if _is_selected(parameters, name, p)]
+        for m, modality in enumerate(modules):
+            if not any(i == m for i, _, _ in chosen):
+                total = sum(1 for i, _, _ in every if i == m)
                 raise ValueError(
                     f"no parameter of modality {modality!r} is selected by parameters="
-                    f"{parameters!r} ({len(named)} parameter(s) in total); pass parameters='all' "
+                    f"{parameters!r} ({total} parameter(s) in total); pass parameters='all' "
                     "or a predicate that selects its encoder's parameters"
                 )
 
@@ -267,8 +224,7 @@ class ModalityGradientModulator:
         self.stop_step = None if stop_step is None else int(stop_step)
         self.seed = int(seed)
         self.process_group = process_group
-        self._params = params
-        self._index = index
+        self._params = chosen
         self._pool = RunningSums()
         self._step = 0
         self._generator: torch.Generator | None = None
@@ -285,7 +241,7 @@ class ModalityGradientModulator:
     @property
     def modulated_parameters(self) -> list[tuple[str, Tensor]]:
         """``(modality, parameter)`` for every modulated parameter, in modality order."""
-        return [(self.modalities[m], p) for p, m in zip(self._params, self._index, strict=True)]
+        return [(self.modalities[m], p) for m, _, p in self._params]
 
     def is_active(self, step: int | None = None) -> bool:
         """Whether step ``step`` (default: the next one) lies in ``[start_step, stop_step)``."""
@@ -311,24 +267,14 @@ class ModalityGradientModulator:
                 ``[B, C]`` or differ in shape between modalities, batch-size mismatch, targets
                 out of range, non-finite logits.
         """
-        batch = check_modalities(unimodal_logits, what="unimodal_logits", min_ndim=2)
+        batch, classes = check_unimodal_logits(unimodal_logits)
         check_same_modalities(
             self.modalities,
             unimodal_logits,
             expected_what="the modulator's",
             actual_what="unimodal_logits",
         )
-        first = self.modalities[0]
-        shape = tuple(unimodal_logits[first].shape)
-        for name, z in unimodal_logits.items():
-            check_logits(z, name=f"unimodal_logits[{name!r}]", batch=batch)
-            if tuple(z.shape) != shape:
-                raise ValueError(
-                    f"unimodal_logits[{name!r}] has shape {tuple(z.shape)} but "
-                    f"unimodal_logits[{first!r}] has shape {shape}; every modality must give "
-                    "logits over the same classes"
-                )
-        check_target(target, batch=batch, num_classes=shape[1])
+        check_target(target, batch=batch, num_classes=classes)
         scores = torch.stack(
             [true_class_probability(z, target).sum() for z in unimodal_logits.values()]
         )
@@ -389,17 +335,11 @@ class ModalityGradientModulator:
         return k
 
     def _modulate(self, k: Tensor) -> None:
-        ks = k.unbind()  # 0-dim views of k: no host sync, no new index tensor
-        grads: list[Tensor] = []
-        scale: list[Tensor] = []
-        for p, m in zip(self._params, self._index, strict=True):
-            if p.grad is not None:  # parameters without a gradient are skipped
-                grads.append(p.grad)
-                scale.append(ks[m].to(device=p.grad.device, dtype=p.grad.dtype))
+        grads, index = present_gradients(self._params)  # parameters without a grad are skipped
         if not grads:
             return
         if self.method == "ogm":
-            torch._foreach_mul_(grads, scale)  # g <- g * k_m
+            scale_gradients_(grads, index, k)  # g <- g * k_m
             return
         # GE: g <- g * k_m + std(g) * z, z ~ N(0, 1) from the modulator's generator, std the
         # unbiased standard deviation of g before modulation (0 for a one-element parameter:
@@ -415,7 +355,7 @@ class ModalityGradientModulator:
             z.view(g.shape).to(device=g.device, dtype=g.dtype)
             for z, g in zip(torch.split(noise, numels), grads, strict=True)
         ]
-        torch._foreach_mul_(grads, scale)
+        scale_gradients_(grads, index, k)
         torch._foreach_addcmul_(grads, noises, stds)
 
     def _get_generator(self, device: torch.device) -> torch.Generator:
@@ -460,10 +400,7 @@ class ModalityGradientModulator:
         gen_state = state["generator"]
         self._pending_generator_state = None if gen_state is None else gen_state.clone()
         self._generator = None
-        pool = state["pool"]
-        self._pool.load_state_dict(
-            {k: (None if v is None else v.clone()) for k, v in dict(pool).items()}
-        )
+        self._pool.load_state_dict(dict(state["pool"]))
         self.last = None
 
     def __repr__(self) -> str:

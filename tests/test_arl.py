@@ -180,7 +180,8 @@ def test_more_confident_modality_gets_larger_target_weight(
     before = target(zs)
     after = target([zs[0] * factor, *zs[1:]])
     assert float(after[0]) >= float(before[0]) - 1e-12
-    if float(before.min()) > 0.6 / m + 1e-6:  # nothing clamped before: strictly larger
+    h_before = [ref_entropy(x) for x in zs]
+    if min(h_before) / sum(h_before) > 0.6 / m + 1e-6:  # nothing clamped before: strictly larger
         h = [ref_entropy(x) for x in [zs[0] * factor, *zs[1:]]]
         if h[0] / sum(h) >= 0.6 / m:
             assert float(after[0]) > float(before[0])
@@ -913,3 +914,21 @@ def test_end_to_end_dependence_moves_towards_inverse_variance_target() -> None:
     assert mean_arl < 0.25 * start, (start, mean_arl)
     assert mean_arl < 0.6 * mean_plain, (mean_plain, mean_arl)
     assert mean_arl < 0.75 * mean_uniform, (mean_uniform, mean_arl)
+
+
+def test_step_scales_a_parameter_listed_twice_only_once() -> None:
+    """encoders={"audio": [*params, weight]} must still scale that weight by 1 + beta once."""
+    model = TwoTower()
+    audio = model.enc["audio"]
+    first = next(audio.parameters())
+    arl = ARLLoss(
+        head=model.head,
+        encoders={"audio": [*audio.parameters(), first], "visual": model.enc["visual"]},
+    )
+    z, f = model(batch_data(8)[0])
+    arl(z, batch_data(8)[1], f).backward()
+    before = [p.grad.clone() for p in audio.parameters()]  # type: ignore[union-attr]
+    rec = arl.step()
+    factor = 1.0 + rec.coefficients[0]
+    for p, g in zip(audio.parameters(), before, strict=True):
+        torch.testing.assert_close(p.grad, g * factor)

@@ -651,3 +651,12 @@ def test_example_runs_and_boosts_the_weak_modality(
     out = capsys.readouterr().out
     assert "(1, 4)" in out  # three checks, each gave the weak modality a head
     assert "joint CE" in out and "boosting" in out
+
+
+def test_low_precision_features_outside_autocast_get_a_clear_error() -> None:
+    boost = SustainedBoostingLoss(3, {"audio": 4, "visual": 2}, hidden=8)
+    feats = {"audio": torch.randn(5, 4).half(), "visual": torch.randn(5, 2)}
+    with pytest.raises(TypeError, match=r"features\['audio'\] are torch.float16.*torch.float32"):
+        boost(feats, torch.zeros(5, dtype=torch.long))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(boost(feats, torch.zeros(5, dtype=torch.long)))

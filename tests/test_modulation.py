@@ -281,7 +281,7 @@ def test_parameter_sources_and_shared_parameter_errors() -> None:
         ("y", True),
         ("z", True),
     ]
-    with pytest.raises(ValueError, match=r"both modality 'x' and modality 'y'"):
+    with pytest.raises(ValueError, match=r"both modules\['x'\] and modules\['y'\]"):
         ModalityGradientModulator({"x": [a], "y": [b, a]}, 0.5)
     model = Net()
     with pytest.raises(ValueError, match=r"'audio'.*'visual'"):
@@ -791,3 +791,24 @@ def test_low_precision_gradients_keep_their_dtype(dtype: torch.dtype) -> None:
     noise = a.grad.double() - k * ga.double()
     sigma = ga.double().std().item()
     assert abs(noise.std().item() / sigma - 1) < 0.1  # 2048 draws plus low-precision rounding
+
+
+@pytest.mark.parametrize("coefficient", ["paper", "code"])
+def test_alpha_zero_is_identity_even_when_a_modality_scores_zero(coefficient: str) -> None:
+    """A score of exactly 0 makes the other ratio infinite; alpha = 0 must still give k = 1."""
+    enc_a, enc_v = nn.Linear(3, 2), nn.Linear(3, 2)
+    mod = ModalityGradientModulator(
+        {"audio": enc_a, "visual": enc_v}, alpha=0.0, method="ogm", coefficient=coefficient
+    )
+    for p in [*enc_a.parameters(), *enc_v.parameters()]:
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in [*enc_a.parameters(), *enc_v.parameters()]]
+    # audio puts probability exp(-2e4) = 0 (fp32) on the true class: s_audio = 0, rho_v = inf
+    z_audio = torch.tensor([[1e4, -1e4]])
+    z_visual = torch.tensor([[0.0, 1.0]])
+    k = mod.step({"audio": z_audio, "visual": z_visual}, torch.tensor([1]))
+    assert mod.last is not None and mod.last.scores[0] == 0
+    assert torch.isinf(mod.last.ratios[1])
+    assert torch.equal(k, torch.ones(2))
+    after = [p.grad for p in [*enc_a.parameters(), *enc_v.parameters()]]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))

@@ -147,7 +147,21 @@ def test_running_sums_pool_and_resume() -> None:
     torch.testing.assert_close(acc.mean(), torch.tensor([4.0, 3.0]) / 5)
     resumed = RunningSums()
     resumed.load_state_dict(acc.state_dict())
-    torch.testing.assert_close(resumed.pooled()[1], torch.tensor(5.0))
+    torch.testing.assert_close(resumed.pooled()[1], torch.tensor(5.0, dtype=torch.float64))
+    # the saved state is a copy: adding to the source changes neither it nor the resumed pool
+    saved = acc.state_dict()
+    acc.add(torch.tensor([1.0, 1.0]), 1)
+    assert saved["count"] == 5 and torch.equal(saved["sums"], torch.tensor([4.0, 3.0]))
+    assert resumed.pooled()[1] == 5
+    twin = RunningSums()
+    twin.load_state_dict(saved)
+    twin.add(torch.tensor([1.0, 1.0]), 2)
+    assert saved["count"] == 5 and resumed.pooled()[1] == 5
+    # the count stays exact past 2**24 samples (fp32 would round 2**24 + 1 down)
+    big = RunningSums()
+    big.add(torch.zeros(2), 2**24)
+    big.add(torch.zeros(2), 1)
+    assert big.pooled()[1] == 2**24 + 1
     with pytest.raises(ValueError, match="number of modalities changed"):
         acc.add(torch.tensor([1.0, 2.0, 3.0]), 1)
     acc.reset()

@@ -1,0 +1,78 @@
+"""On a CUDA machine: no module makes a host sync in its training step (skipped elsewhere).
+
+``torch.cuda.set_sync_debug_mode("error")`` turns every synchronising call (``.item()``,
+``bool(t)``, a blocking host-to-device copy such as ``torch.tensor(x, device="cuda")``) into an
+error, which catches what the CPU-side TorchFunctionMode checks cannot see.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from imbalance_losses import (
+    ARLLoss,
+    ModalityGradientModulator,
+    SustainedBoostingLoss,
+    unimodal_logits,
+)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _data() -> tuple[dict[str, torch.Tensor], torch.Tensor, nn.ModuleDict, nn.Linear]:
+    torch.manual_seed(0)
+    enc = nn.ModuleDict({"audio": nn.Linear(6, 8), "visual": nn.Linear(4, 8)}).cuda()
+    head = nn.Linear(16, 3).cuda()
+    x = {"audio": torch.randn(5, 6, device="cuda"), "visual": torch.randn(5, 4, device="cuda")}
+    return x, torch.randint(3, (5,), device="cuda"), enc, head
+
+
+def test_arl_step_has_no_sync() -> None:
+    x, y, enc, head = _data()
+    arl = ARLLoss(head=head)
+
+    def step() -> None:
+        feats = {m: enc[m](v) for m, v in x.items()}
+        arl(head(torch.cat(list(feats.values()), 1)), y, feats).backward()
+
+    step()  # warm-up: lazy initialisation may sync once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_modulator_step_has_no_sync() -> None:
+    x, y, enc, head = _data()
+    mod = ModalityGradientModulator(dict(enc.items()), alpha=0.8)
+
+    def step() -> None:
+        feats = {m: enc[m](v) for m, v in x.items()}
+        nn.functional.cross_entropy(head(torch.cat(list(feats.values()), 1)), y).backward()
+        mod.step(unimodal_logits(head, {m: f.detach() for m, f in feats.items()}), y)
+
+    step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_boosting_step_has_no_sync() -> None:
+    x, y, enc, _ = _data()
+    boost = SustainedBoostingLoss(3, {"audio": 8, "visual": 8}, hidden=8).cuda()
+    boost.add_head("visual")
+
+    def step() -> None:
+        boost({m: enc[m](v) for m, v in x.items()}, y).backward()
+
+    step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
