@@ -548,6 +548,9 @@ def test_features_without_grad_are_left_alone() -> None:
     assert crit.last is not None
     want = (1 + crit.last.coefficients[0]) * grad_of(x0["audio"])
     torch.testing.assert_close(grad_of(x["audio"]), want, rtol=1e-6, atol=1e-9)
+    # the visual features do not require grad: no hook (register_hook would raise), no grad
+    assert not x["visual"].requires_grad and x["visual"].grad is None
+    assert crit.last.active and crit.last.coefficients[1] > 0
 
 
 def test_modalities_cannot_change_between_steps() -> None:

@@ -80,11 +80,18 @@ def test_linear_split_adds_no_parameters_and_keeps_gradients() -> None:
 
 
 def test_fp16_and_bf16_features() -> None:
-    for dtype in (torch.float16, torch.bfloat16):
+    torch.manual_seed(0)
+    head32 = nn.Linear(6, 4)
+    feats32 = {"a": torch.randn(3, 2), "b": torch.randn(3, 4)}
+    w, b = head32.weight.detach(), head32.bias.detach()
+    expected = {"a": feats32["a"] @ w[:, :2].T + b / 2, "b": feats32["b"] @ w[:, 2:].T + b / 2}
+    for dtype, tol in ((torch.float16, 5e-3), (torch.bfloat16, 3e-2)):
         head = nn.Linear(6, 4).to(dtype)
-        feats = {"a": torch.randn(3, 2).to(dtype), "b": torch.randn(3, 4).to(dtype)}
-        z = unimodal_logits(head, feats)
-        assert all(t.dtype == dtype and torch.isfinite(t).all() for t in z.values())
+        head.load_state_dict(head32.state_dict())
+        z = unimodal_logits(head, {m: x.to(dtype) for m, x in feats32.items()})
+        for m, t in z.items():
+            assert t.dtype == dtype
+            torch.testing.assert_close(t.float(), expected[m], atol=tol, rtol=tol)
 
 
 def test_per_modality_heads_sum_fusion() -> None:
