@@ -36,6 +36,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -139,7 +140,7 @@ def build_rows(setting: Setting, only: str | None = None) -> dict[str, Step]:
 
         return step
 
-    def modulator(method: str) -> Callable[[], Step]:
+    def modulator(method: Literal["ogm", "ogm_ge"]) -> Callable[[], Step]:
         def build() -> Step:
             model = copy.deepcopy(base)
             opt = sgd(model.parameters())
@@ -272,7 +273,23 @@ def _memory_child(setting_name: str, row_json: str, steps: int) -> None:
             step()
     else:
         build_rows(setting, only="plain cross-entropy (reference)")
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(_peak_rss_kib() / 1024)
+
+
+def _peak_rss_kib() -> float:
+    """This process's peak resident set size in KiB.
+
+    ``VmHWM`` of ``/proc/self/status`` belongs to this program's own address space, unlike
+    ``ru_maxrss``, which Linux carries over ``exec`` from a large parent process.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
