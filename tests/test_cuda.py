@@ -7,6 +7,8 @@ error, which catches what the CPU-side TorchFunctionMode checks cannot see.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +21,15 @@ from imbalance_losses import (
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _second_step_must_not_sync(step: Callable[[], None]) -> None:
+    step()  # warm-up: lazy initialisation may sync once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def _data() -> tuple[dict[str, torch.Tensor], torch.Tensor, nn.ModuleDict, nn.Linear]:
@@ -37,12 +48,7 @@ def test_arl_step_has_no_sync() -> None:
         feats = {m: enc[m](v) for m, v in x.items()}
         arl(head(torch.cat(list(feats.values()), 1)), y, feats).backward()
 
-    step()  # warm-up: lazy initialisation may sync once
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    _second_step_must_not_sync(step)
 
 
 def test_modulator_step_has_no_sync() -> None:
@@ -54,12 +60,7 @@ def test_modulator_step_has_no_sync() -> None:
         nn.functional.cross_entropy(head(torch.cat(list(feats.values()), 1)), y).backward()
         mod.step(unimodal_logits(head, {m: f.detach() for m, f in feats.items()}), y)
 
-    step()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    _second_step_must_not_sync(step)
 
 
 def test_boosting_step_has_no_sync() -> None:
@@ -70,9 +71,4 @@ def test_boosting_step_has_no_sync() -> None:
     def step() -> None:
         boost({m: enc[m](v) for m, v in x.items()}, y).backward()
 
-    step()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    _second_step_must_not_sync(step)
