@@ -488,9 +488,18 @@ def run_benchmark(args: argparse.Namespace) -> str:
         total_seconds=total,
         tasks=tasks,
     )
+    caveat = (
+        "**Quick mode** (1 seed, 4 epochs, no grid): a smoke run that shows every row working, "
+        "not results. The models are undertrained (most rows pick the last epoch) and a single "
+        "seed has no spread, so these numbers are not comparable with each other or with the "
+        "README table; run without --quick (about 5 minutes on 2 cores) for those.\n\n"
+        if args.quick
+        else ""
+    )
     text = (
         header
         + "\n"
+        + caveat
         + report.tables(tasks, results)
         + "\n"
         + report.grid_text(METHODS, grids, grid)

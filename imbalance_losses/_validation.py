@@ -168,6 +168,12 @@ def check_target(target: Tensor, *, batch: int, num_classes: int, name: str = "t
     if not isinstance(target, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(target).__name__}")
     if target.is_floating_point():
+        if target.dim() == 1:
+            raise ValueError(
+                f"{name} of shape {_shape(target)} is {target.dtype}: class indices must be an "
+                f"integer tensor (e.g. {name}.long()); soft targets must have shape [B, C] = "
+                f"{(batch, num_classes)}"
+            )
         if _shape(target) != (batch, num_classes):
             raise ValueError(
                 f"soft {name} must have shape [B, C] = {(batch, num_classes)}, got {_shape(target)}"

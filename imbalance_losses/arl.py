@@ -26,6 +26,7 @@ See ``docs/arl.md`` for the semantics under gradient accumulation, AMP and DDP.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -362,6 +363,13 @@ class ARLLoss(nn.Module):
             return loss  # encoders mode: step() decides once per optimiser step
 
         active = self._steps >= self.warmup_steps
+        if active and features is not None and not any(x.requires_grad for x in features.values()):
+            warnings.warn(
+                "ARLLoss: none of the features requires grad (detached?), so the re-weighting "
+                "has no gradient to act on; pass the tensors the model fused, not detached copies",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         record = self._decide(names, active)
         if active:
             assert features is not None

@@ -37,6 +37,7 @@ Steps 4-5 happen only inside the window ``start_step <= t < stop_step`` (``t`` c
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -337,6 +338,13 @@ class ModalityGradientModulator:
     def _modulate(self, k: Tensor) -> None:
         grads, index = present_gradients(self._params)  # parameters without a grad are skipped
         if not grads:
+            warnings.warn(
+                "ModalityGradientModulator.step(): no modulated parameter has a gradient, so "
+                "nothing was modulated; call step() after loss.backward() and before "
+                "optimizer.zero_grad()",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return
         if self.method == "ogm":
             scale_gradients_(grads, index, k)  # g <- g * k_m

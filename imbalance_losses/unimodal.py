@@ -108,7 +108,15 @@ def _zero_padded(
     out: dict[str, Tensor] = {}
     for name, x in features.items():
         parts = [x if other == name else zeros[other] for other in features]
-        out[name] = head(torch.cat(parts, dim=-1))
+        try:
+            out[name] = head(torch.cat(parts, dim=-1))
+        except RuntimeError as err:
+            total = sum(p.shape[-1] for p in parts)
+            raise ValueError(
+                f"the fusion head failed on the zero-padded concatenation for modality {name!r} "
+                f"(width {total} from {_widths(features)}); check that every modality is "
+                f"present, in the concatenation order, with its width. The head said: {err}"
+            ) from err
     return out
 
 

@@ -935,3 +935,11 @@ def test_step_scales_a_parameter_listed_twice_only_once() -> None:
     factor = 1.0 + rec.coefficients[0]
     for p, g in zip(audio.parameters(), before, strict=True):
         torch.testing.assert_close(p.grad, g * factor)
+
+
+def test_detached_features_warn_that_nothing_is_reweighted() -> None:
+    model = TwoTower()
+    inputs, y = batch_data(8)
+    z, f = model(inputs)
+    with pytest.warns(RuntimeWarning, match="none of the features requires grad"):
+        ARLLoss(head=model.head)(z, y, {m: x.detach() for m, x in f.items()})

@@ -812,3 +812,12 @@ def test_alpha_zero_is_identity_even_when_a_modality_scores_zero(coefficient: st
     assert torch.equal(k, torch.ones(2))
     after = [p.grad for p in [*enc_a.parameters(), *enc_v.parameters()]]
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_step_without_gradients_warns_and_changes_nothing() -> None:
+    enc_a, enc_v = nn.Linear(3, 2), nn.Linear(3, 2)
+    mod = ModalityGradientModulator({"audio": enc_a, "visual": enc_v}, alpha=0.8)
+    z = {"audio": torch.randn(4, 2), "visual": torch.randn(4, 2)}
+    with pytest.warns(RuntimeWarning, match="no modulated parameter has a gradient"):
+        mod.step(z, torch.zeros(4, dtype=torch.long))
+    assert all(p.grad is None for p in [*enc_a.parameters(), *enc_v.parameters()])

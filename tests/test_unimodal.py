@@ -184,3 +184,12 @@ def test_features_that_cannot_be_concatenated() -> None:
         unimodal_logits(nn.Linear(6, 2), {"a": torch.randn(2), "v": torch.randn(2)})
     with pytest.raises(TypeError, match="head must be"):
         unimodal_logits(3, {"a": torch.randn(2, 3), "v": torch.randn(2, 3)})  # type: ignore[arg-type]
+
+
+def test_generic_head_width_error_names_the_modalities() -> None:
+    mlp = nn.Sequential(nn.Linear(24, 8), nn.ReLU(), nn.Linear(8, 3))
+    feats = {"audio": torch.randn(4, 16), "visual": torch.randn(4, 4)}
+    with pytest.raises(
+        ValueError, match=r"modality 'audio' \(width 20 from audio: \(4, 16\), visual: \(4, 4\)\)"
+    ):
+        unimodal_logits(mlp, feats)

@@ -166,3 +166,8 @@ def test_running_sums_pool_and_resume() -> None:
         acc.add(torch.tensor([1.0, 2.0, 3.0]), 1)
     acc.reset()
     assert acc.empty
+
+
+def test_float_class_indices_are_told_to_be_integers() -> None:
+    with pytest.raises(ValueError, match=r"target of shape \(4,\) is torch.float32.*\.long\(\)"):
+        check_target(torch.zeros(4), batch=4, num_classes=3)
