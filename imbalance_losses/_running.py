@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._distributed import ProcessGroup, all_reduce_sum
+from ._distributed import ProcessGroup, all_reduce_sum, is_distributed
 
 __all__ = ["RunningSums"]
 
@@ -64,9 +64,22 @@ class RunningSums:
         return both[:-1].float(), both[-1]
 
     def mean(self, group: ProcessGroup | None = None) -> Tensor:
-        """Pooled per-modality mean ``sums / count`` over every rank's samples (fp32)."""
+        """Pooled per-modality mean ``sums / count`` over every rank's samples (fp32).
+
+        Zero when no rank contributed a sample (``count == 0``), never ``0 / 0``.
+        """
         sums, count = self.pooled(group)
-        return (sums / count).float()
+        return (sums / count.clamp_min(1.0)).float()
+
+    def join_empty(self, size: int, device: torch.device, group: ProcessGroup | None) -> None:
+        """Under DDP, let a rank that saw no sample take part in the next pooling with zeros.
+
+        A rank whose share of an uneven last batch was empty must still join the collective,
+        or every other rank would wait for it. Single-process (nothing to join), an empty pool
+        stays empty, so the caller's "nothing was added" error still fires.
+        """
+        if self.empty and is_distributed(group):
+            self.add(torch.zeros(size, device=device), 0)
 
     def reset(self) -> None:
         """Forget everything added so far."""

@@ -477,6 +477,9 @@ class ARLLoss(nn.Module):
                 "step() is for the encoders mode: construct ARLLoss(..., encoders={...}); "
                 "in the default mode the re-weighting is applied by gradient hooks"
             )
+        if self._modalities is not None:
+            device = self._encoder_params[0][2].device
+            self._pending.join_empty(2 * len(self._modalities), device, self.process_group)
         if self._pending.empty or self._modalities is None:
             raise RuntimeError("step() called without a training-mode forward since the last step")
         active = self._steps >= self.warmup_steps

@@ -309,6 +309,7 @@ class ModalityGradientModulator:
             raise ValueError("pass both unimodal_logits and target, or neither")
         if unimodal_logits is not None and target is not None:
             self.observe(unimodal_logits, target)
+        self._pool.join_empty(len(self.modalities), self._params[0][2].device, self.process_group)
         if self._pool.empty:
             raise RuntimeError(
                 "ModalityGradientModulator.step() called with nothing observed: pass "
