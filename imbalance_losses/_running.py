@@ -18,6 +18,11 @@ from ._distributed import ProcessGroup, all_reduce_sum, is_distributed
 __all__ = ["RunningSums"]
 
 
+def _count_dtype(device: torch.device) -> torch.dtype:
+    """fp64 for exact sample counts, fp32 where the device has no fp64 (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class RunningSums:
     """Sum of per-modality values ``[M]`` and a sample count, since the last :meth:`reset`."""
 
@@ -33,16 +38,17 @@ class RunningSums:
     def add(self, sums: Tensor, count: int | Tensor) -> None:
         """Add per-modality sums ``[M]`` over ``count`` samples (both stay on the device).
 
-        The sums are kept in fp32 and the count in fp64 (exact past ``2**24`` samples). An
-        integer ``count`` is written with ``torch.full``, which needs no host-to-device copy.
-        Stored state on another device (a checkpoint loaded with ``map_location="cpu"``) moves
-        to the device of ``sums``.
+        The sums are kept in fp32 and the count in fp64, exact past ``2**24`` samples (fp32 on
+        devices without fp64, such as Apple's MPS). An integer ``count`` is written with
+        ``torch.full``, which needs no host-to-device copy. Stored state on another device (a
+        checkpoint loaded with ``map_location="cpu"``) moves to the device of ``sums``.
         """
         sums = sums.detach().float()
+        dtype = _count_dtype(sums.device)
         if isinstance(count, Tensor):
-            count_t = count.detach().to(device=sums.device, dtype=torch.float64)
+            count_t = count.detach().to(device=sums.device, dtype=dtype)
         else:
-            count_t = torch.full((), float(count), dtype=torch.float64, device=sums.device)
+            count_t = torch.full((), float(count), dtype=dtype, device=sums.device)
         if self._sums is None or self._count is None:
             self._sums, self._count = sums.clone(), count_t.clone()
             return
@@ -52,15 +58,17 @@ class RunningSums:
                 "was added; the number of modalities changed between calls"
             )
         if self._sums.device != sums.device:
-            self._sums, self._count = self._sums.to(sums.device), self._count.to(sums.device)
+            self._sums = self._sums.to(sums.device)
+            self._count = self._count.to(device=sums.device, dtype=dtype)
         self._sums += sums
         self._count += count_t
 
     def pooled(self, group: ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
-        """``(sums [M] fp32, count fp64)`` summed over the ranks of ``group`` (one all-reduce)."""
+        """``(sums [M] fp32, count)`` summed over the ranks of ``group`` (one all-reduce)."""
         if self._sums is None or self._count is None:
             raise RuntimeError("no statistics were added since the last reset")
-        both = all_reduce_sum(torch.cat([self._sums.double(), self._count.reshape(1)]), group)
+        both = torch.cat([self._sums.to(self._count.dtype), self._count.reshape(1)])
+        both = all_reduce_sum(both, group)
         return both[:-1].float(), both[-1]
 
     def mean(self, group: ProcessGroup | None = None) -> Tensor:
@@ -96,4 +104,6 @@ class RunningSums:
         """Restore (copies of) what :meth:`state_dict` returned."""
         sums, count = state["sums"], state["count"]
         self._sums = None if sums is None else sums.detach().clone().float()
-        self._count = None if count is None else count.detach().clone().double()
+        self._count = (
+            None if count is None else count.detach().to(_count_dtype(count.device), copy=True)
+        )

@@ -444,10 +444,10 @@ class SustainedBoostingLoss(nn.Module):
         pooled = all_reduce_sum(local, self.process_group)
         self._pool.reset()
         self._since_check = 0
-        host = pooled.double().cpu()  # the one host read of a check
+        host = pooled.cpu().double()  # the one host read of a check
         count = float(host[m])
         ranks = world_size(self.process_group)
-        if not torch.equal(host[m + 1 :], ranks * fingerprint.double().cpu()):
+        if not torch.equal(host[m + 1 :], ranks * fingerprint.cpu().double()):
             raise RuntimeError(
                 "SustainedBoostingLoss differs across ranks (head counts "
                 f"{self.num_heads} or seed {self.seed} on this rank are not those of every "
