@@ -29,6 +29,7 @@ class RunningSums:
     def __init__(self) -> None:
         self._sums: Tensor | None = None
         self._count: Tensor | None = None
+        self._device: torch.device | None = None  # of the last added sums (kept over reset)
 
     @property
     def empty(self) -> bool:
@@ -44,6 +45,7 @@ class RunningSums:
         checkpoint loaded with ``map_location="cpu"``) moves to the device of ``sums``.
         """
         sums = sums.detach().float()
+        self._device = sums.device
         dtype = _count_dtype(sums.device)
         if isinstance(count, Tensor):
             count_t = count.detach().to(device=sums.device, dtype=dtype)
@@ -79,15 +81,30 @@ class RunningSums:
         sums, count = self.pooled(group)
         return (sums / count.clamp_min(1.0)).float()
 
-    def join_empty(self, size: int, device: torch.device, group: ProcessGroup | None) -> None:
-        """Under DDP, let a rank that saw no sample take part in the next pooling with zeros.
+    def pooled_or_join(
+        self, size: int, device: torch.device, group: ProcessGroup | None, *, message: str
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`pooled`, where a rank that added nothing joins the collective with zeros.
 
-        A rank whose share of an uneven last batch was empty must still join the collective,
-        or every other rank would wait for it. Single-process (nothing to join), an empty pool
-        stays empty, so the caller's "nothing was added" error still fires.
+        A rank whose share of an uneven last batch was empty must still take part in the
+        all-reduce, or every other rank would wait for it; its zeros change no sum. If no rank
+        added anything (or, in a single process, nothing was added), ``RuntimeError(message)``
+        is raised, on every rank alike. Only a rank that joined empty reads the pooled count on
+        the host; a rank with samples makes no host read.
+
+        ``device`` is used for the zeros only if this pool never saw a tensor (otherwise the
+        device of the last added sums, which is where the other ranks pool).
         """
-        if self.empty and is_distributed(group):
-            self.add(torch.zeros(size, device=device), 0)
+        joined = self.empty
+        if joined:
+            if not is_distributed(group):
+                raise RuntimeError(message)
+            self.add(torch.zeros(size, device=self._device or device), 0)
+        sums, count = self.pooled(group)
+        if joined and float(count) == 0:
+            self.reset()
+            raise RuntimeError(message + " (on every rank)")
+        return sums, count
 
     def reset(self) -> None:
         """Forget everything added so far."""

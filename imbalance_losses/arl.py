@@ -259,8 +259,15 @@ class ARLLoss(nn.Module):
         self.process_group = process_group
         # Not registered as submodules: the user's model owns them (no parameters here).
         self.__dict__["_head"] = head
-        self.__dict__["_encoders"] = None if encoders is None else dict(encoders)
         self._encoder_params = [] if encoders is None else self._check_encoders(encoders, head)
+        self.__dict__["_encoders"] = None
+        if encoders is not None:  # modules as given; parameter iterables (maybe one-shot) as lists
+            self.__dict__["_encoders"] = {
+                m: e
+                if isinstance(e, nn.Module)
+                else [p for i, _, p in self._encoder_params if i == k]
+                for k, (m, e) in enumerate(encoders.items())
+            }
         self._steps = 0
         self._ema: Tensor | None = None  # [2M]: cat(V, c)
         self._pending = RunningSums()  # encoders mode: sums over the micro-batches
@@ -365,10 +372,10 @@ class ARLLoss(nn.Module):
         active = self._steps >= self.warmup_steps
         if active and features is not None and not any(x.requires_grad for x in features.values()):
             warnings.warn(
-                "ARLLoss: none of the features requires grad (detached?), so the re-weighting "
-                "has no gradient to act on; pass the tensors the model fused, not detached copies",
+                "ARLLoss: no feature requires grad (frozen encoders or detached copies), so the "
+                "re-weighting has no gradient to act on; pass the tensors the model fused",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
         record = self._decide(names, active)
         if active:
@@ -431,7 +438,14 @@ class ARLLoss(nn.Module):
 
     def _decide(self, names: tuple[str, ...], active: bool) -> ARLRecord:
         """Pool the pending sums (one all-reduce), update the EMA, compute beta, count a step."""
-        stats = self._pending.mean(self.process_group)  # [2M] = cat(V, c), global means
+        # [2M] = cat(V, c), global means; a rank without samples joins with zeros (DDP)
+        sums, count = self._pending.pooled_or_join(
+            2 * len(names),
+            self._encoder_params[0][2].device if self._encoder_params else torch.device("cpu"),
+            self.process_group,
+            message="step() called without a training-mode forward since the last step",
+        )
+        stats = sums / count.clamp_min(1.0).to(sums.dtype)
         self._pending.reset()
         if self.momentum is not None and self._ema is not None:
             stats = torch.lerp(stats, self._ema.to(stats), self.momentum)
@@ -477,13 +491,9 @@ class ARLLoss(nn.Module):
                 "step() is for the encoders mode: construct ARLLoss(..., encoders={...}); "
                 "in the default mode the re-weighting is applied by gradient hooks"
             )
-        if self._modalities is not None:
-            device = self._encoder_params[0][2].device
-            self._pending.join_empty(2 * len(self._modalities), device, self.process_group)
-        if self._pending.empty or self._modalities is None:
-            raise RuntimeError("step() called without a training-mode forward since the last step")
+        names = self._modalities or tuple(self.encoders)
         active = self._steps >= self.warmup_steps
-        record = self._decide(self._modalities, active)
+        record = self._decide(names, active)
         if active:
             grads, index = present_gradients(self._encoder_params)
             scale_gradients_(grads, index, 1.0 + record.coefficients)

@@ -309,13 +309,13 @@ class ModalityGradientModulator:
             raise ValueError("pass both unimodal_logits and target, or neither")
         if unimodal_logits is not None and target is not None:
             self.observe(unimodal_logits, target)
-        self._pool.join_empty(len(self.modalities), self._params[0][2].device, self.process_group)
-        if self._pool.empty:
-            raise RuntimeError(
-                "ModalityGradientModulator.step() called with nothing observed: pass "
-                "step(unimodal_logits, target) or call observe(...) on each micro-batch first"
-            )
-        scores, count = self._pool.pooled(self.process_group)  # one all-reduce
+        scores, count = self._pool.pooled_or_join(  # one all-reduce
+            len(self.modalities),
+            self._params[0][2].device,
+            self.process_group,
+            message="ModalityGradientModulator.step() called with nothing observed: pass "
+            "step(unimodal_logits, target) or call observe(...) on each micro-batch first",
+        )
         ratios = one_vs_rest_ratio(scores)
         k = _coefficients(ratios, self.alpha, self.coefficient)
         active = self.is_active()

@@ -111,6 +111,12 @@ def _zero_padded(
         try:
             out[name] = head(torch.cat(parts, dim=-1))
         except RuntimeError as err:
+            # only shape errors are about the features' widths; anything else (out of memory,
+            # dtype or device mismatch, the head's own errors) propagates unchanged
+            if isinstance(err, torch.cuda.OutOfMemoryError) or not any(
+                word in str(err) for word in ("shape", "size")
+            ):
+                raise
             total = sum(p.shape[-1] for p in parts)
             raise ValueError(
                 f"the fusion head failed on the zero-padded concatenation for modality {name!r} "

@@ -941,5 +941,20 @@ def test_detached_features_warn_that_nothing_is_reweighted() -> None:
     model = TwoTower()
     inputs, y = batch_data(8)
     z, f = model(inputs)
-    with pytest.warns(RuntimeWarning, match="none of the features requires grad"):
+    with pytest.warns(RuntimeWarning, match="no feature requires grad") as caught:
         ARLLoss(head=model.head)(z, y, {m: x.detach() for m, x in f.items()})
+    assert caught[0].filename == __file__  # reported at the user's call, not inside torch
+
+
+def test_encoders_must_be_a_mapping_and_one_shot_iterables_are_kept() -> None:
+    model = TwoTower()
+    with pytest.raises(ValueError, match="mapping of at least two modalities"):
+        ARLLoss(encoders=[model.enc["audio"], model.enc["visual"]])  # type: ignore[arg-type]
+    arl = ARLLoss(
+        head=model.head,
+        encoders={"audio": model.enc["audio"].parameters(), "visual": model.enc["visual"]},
+    )
+    assert arl.encoders is not None
+    assert [p.shape for p in arl.encoders["audio"]] == [  # type: ignore[union-attr]
+        p.shape for p in model.enc["audio"].parameters()
+    ]

@@ -28,7 +28,10 @@ def _data() -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]:
 def _arl_steps(
     enc: nn.ModuleDict, head: nn.Linear, batches: list[tuple[dict[str, Tensor], Tensor] | None]
 ) -> list[Tensor]:
-    """One ARL step() per entry; ``None``: no forward on this process for that step."""
+    """One ARL step() per entry (``None``: no forward here); ``cat(beta, V)`` of each step.
+
+    The variances depend on the pooled sample count (the coefficients alone are scale-free).
+    """
     arl = ARLLoss(head=head, encoders=dict(enc.items()))
     out = []
     for batch in batches:
@@ -37,7 +40,8 @@ def _arl_steps(
             x, y = batch
             feats = {m: enc[m](v) for m, v in x.items()}
             arl(head(torch.cat(list(feats.values()), 1)), y, feats).backward()
-        out.append(arl.step().coefficients)
+        record = arl.step()
+        out.append(torch.cat([record.coefficients, record.variances]))
     return out
 
 
@@ -49,12 +53,23 @@ def _body(rank: int, size: int) -> dict[str, object]:
         p.grad = torch.ones_like(p)
     # rank 0 has the whole batch, rank 1 none
     k = mod.step(z, t) if rank == 0 else mod.step()
+    assert mod.last is not None
+    samples = mod.last.num_samples
     grads = [p.grad.clone() for p in enc.parameters() if p.grad is not None]
-    # ARL: step 1 both ranks have half the batch; step 2 only rank 0 has samples
+    # ARL: rank 1 is empty on the very first step, both have half the batch on the second,
+    # only rank 0 has samples on the third
     half = {m: v[3 * rank : 3 * rank + 3] for m, v in x.items()}, y[3 * rank : 3 * rank + 3]
     first = {m: v[:3] for m, v in x.items()}, y[:3]
-    coefs = _arl_steps(enc, head, [half, first if rank == 0 else None])
-    return {"k": k, "grads": grads, "arl": coefs}
+    mine = first if rank == 0 else None
+    coefs = _arl_steps(enc, head, [mine, half, mine])
+    # every rank empty: every rank raises, nobody hangs
+    errors = []
+    for fn in (mod.step, ARLLoss(head=head, encoders=dict(enc.items())).step):
+        try:
+            fn()
+        except RuntimeError as err:
+            errors.append(str(err))
+    return {"k": k, "samples": samples, "grads": grads, "arl": coefs, "errors": errors}
 
 
 def test_a_rank_without_samples_joins_and_gets_the_same_decision() -> None:
@@ -67,9 +82,11 @@ def test_a_rank_without_samples_joins_and_gets_the_same_decision() -> None:
         p.grad = torch.ones_like(p)
     k = mod.step(z, t)
     first = {m: v[:3] for m, v in x.items()}, y[:3]
-    coefs = _arl_steps(enc, head, [(x, y), first])
+    coefs = _arl_steps(enc, head, [first, (x, y), first])
     for r in (r0, r1):
         torch.testing.assert_close(r["k"], k)
+        assert r["samples"] == 6
+        assert len(r["errors"]) == 2 and all("on every rank" in e for e in r["errors"])
         assert not torch.equal(k, torch.ones(2))  # the modulation did act
         for got, want in zip(r["arl"], coefs, strict=True):
             torch.testing.assert_close(got, want)

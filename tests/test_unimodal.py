@@ -193,3 +193,17 @@ def test_generic_head_width_error_names_the_modalities() -> None:
         ValueError, match=r"modality 'audio' \(width 20 from audio: \(4, 16\), visual: \(4, 4\)\)"
     ):
         unimodal_logits(mlp, feats)
+
+
+def test_generic_head_errors_that_are_not_about_widths_propagate_unchanged() -> None:
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))  # fp32 head
+    feats = {"audio": torch.randn(4, 2, dtype=torch.float64), "visual": torch.randn(4, 4).double()}
+    with pytest.raises(RuntimeError) as info:  # a dtype mismatch, not a width problem
+        unimodal_logits(mlp, feats)
+    assert not isinstance(info.value, ValueError)
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("my head is broken")
+
+    with pytest.raises(RuntimeError, match="my head is broken"):
+        unimodal_logits(broken, {"audio": torch.randn(4, 2), "visual": torch.randn(4, 4)})

@@ -171,3 +171,10 @@ def test_running_sums_pool_and_resume() -> None:
 def test_float_class_indices_are_told_to_be_integers() -> None:
     with pytest.raises(ValueError, match=r"target of shape \(4,\) is torch.float32.*\.long\(\)"):
         check_target(torch.zeros(4), batch=4, num_classes=3)
+
+
+def test_sample_counts_avoid_fp64_where_the_device_has_none() -> None:
+    from imbalance_losses._running import _count_dtype
+
+    assert _count_dtype(torch.device("cpu")) == torch.float64
+    assert _count_dtype(torch.device("mps")) == torch.float32
