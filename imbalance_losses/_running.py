@@ -15,7 +15,12 @@ from torch import Tensor
 
 from ._distributed import ProcessGroup, all_reduce_sum, is_distributed
 
-__all__ = ["RunningSums"]
+__all__ = ["RunningSums", "sample_mean"]
+
+
+def sample_mean(sums: Tensor, count: Tensor) -> Tensor:
+    """``sums / count`` in fp32, and zero (never ``0 / 0``) when ``count == 0``."""
+    return (sums / count.clamp_min(1.0).to(sums.dtype)).float()
 
 
 def _count_dtype(device: torch.device) -> torch.dtype:
@@ -78,8 +83,7 @@ class RunningSums:
 
         Zero when no rank contributed a sample (``count == 0``), never ``0 / 0``.
         """
-        sums, count = self.pooled(group)
-        return (sums / count.clamp_min(1.0)).float()
+        return sample_mean(*self.pooled(group))
 
     def pooled_or_join(
         self, size: int, device: torch.device, group: ProcessGroup | None, *, message: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["as_fp32", "mean_entropy", "one_vs_rest_ratio", "true_class_probability"]
+__all__ = ["as_fp32", "entropy_sum", "one_vs_rest_ratio", "true_class_probability"]
 
 
 def as_fp32(tensor: Tensor) -> Tensor:
@@ -32,7 +32,7 @@ def true_class_probability(logits: Tensor, target: Tensor) -> Tensor:
     return probs.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
 
 
-def mean_entropy(logits: Tensor) -> Tensor:
+def entropy_sum(logits: Tensor) -> Tensor:
     """Sum over the batch of the predictive entropy ``-sum_c p_bc log p_bc`` (fp32 scalar).
 
     Returned as a *sum* so that it can be pooled across micro-batches and ranks before dividing

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from ._distributed import ProcessGroup
 from ._params import ModalityParameter, modality_parameters, present_gradients, scale_gradients_
-from ._running import RunningSums
-from ._stats import as_fp32, mean_entropy
+from ._running import RunningSums, sample_mean
+from ._stats import as_fp32, entropy_sum
 from ._validation import (
     check_logits,
     check_modalities,
@@ -432,7 +432,7 @@ class ARLLoss(nn.Module):
     @staticmethod
     def _batch_sums(zs: Mapping[str, Tensor]) -> Tensor:
         """``[2M]``: per-modality sums over the batch of the entropy and of ``sum_c |z_bc|``."""
-        entropy = torch.stack([mean_entropy(z) for z in zs.values()])
+        entropy = torch.stack([entropy_sum(z) for z in zs.values()])
         size = torch.stack([as_fp32(z).abs().sum() for z in zs.values()])
         return torch.cat([entropy, size])
 
@@ -445,7 +445,7 @@ class ARLLoss(nn.Module):
             self.process_group,
             message="step() called without a training-mode forward since the last step",
         )
-        stats = sums / count.clamp_min(1.0).to(sums.dtype)
+        stats = sample_mean(sums, count)
         self._pending.reset()
         if self.momentum is not None and self._ema is not None:
             stats = torch.lerp(stats, self._ema.to(stats), self.momentum)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from imbalance_losses import StepRecord
-from imbalance_losses._stats import as_fp32, mean_entropy, true_class_probability
+from imbalance_losses._stats import as_fp32, entropy_sum, true_class_probability
 from imbalance_losses._validation import (
     check_logits,
     check_modalities,
@@ -90,7 +90,7 @@ def test_statistics_are_fp32_and_match_formulas(
     torch.testing.assert_close(p.double(), probs[torch.arange(batch), target], atol=1e-6, rtol=0)
     soft = torch.nn.functional.one_hot(target, classes).float()
     torch.testing.assert_close(true_class_probability(logits, soft), p)
-    h = mean_entropy(logits)
+    h = entropy_sum(logits)
     assert h.dtype == torch.float32 and torch.isfinite(h)
     expected = -(probs * probs.clamp_min(1e-300).log()).sum()
     torch.testing.assert_close(h.double(), expected, atol=1e-4, rtol=1e-4)
