@@ -395,14 +395,12 @@ class ARLLoss(nn.Module):
     ) -> dict[str, Tensor]:
         check_logits(logits, name="logits")
         batch, classes = logits.shape
-        if features is not None:
-            check_modalities(features, what="features")
-            if features and next(iter(features.values())).shape[0] != batch:
-                first, x = next(iter(features.items()))
-                raise ValueError(
-                    f"features[{first!r}] has batch {x.shape[0]} (shape {tuple(x.shape)}) but "
-                    f"the logits have batch {batch} (shape {tuple(logits.shape)})"
-                )
+        if features is not None and check_modalities(features, what="features") != batch:
+            first, x = next(iter(features.items()))
+            raise ValueError(
+                f"features[{first!r}] has batch {x.shape[0]} (shape {tuple(x.shape)}) but "
+                f"the logits have batch {batch} (shape {tuple(logits.shape)})"
+            )
         if given is not None:
             check_modalities(given, what="unimodal_logits")
             if features is not None:
