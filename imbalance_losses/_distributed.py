@@ -35,9 +35,21 @@ def all_reduce_sum(tensor: Tensor, group: ProcessGroup | None = None) -> Tensor:
     The result is detached from autograd and the input is never modified. Without a process
     group it is ``tensor.detach()`` itself (no copy, no communication). It stays on the tensor's
     device: no host sync beyond the collective itself.
+
+    Raises:
+        RuntimeError: the collective failed (typically another rank died: gloo's "connection
+            reset by peer"); the message says so and chains the backend's error.
     """
     if not is_distributed(group):
         return tensor.detach()
     out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    try:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    except RuntimeError as err:  # DistBackendError and gloo's transport errors are RuntimeErrors
+        rank = dist.get_rank()
+        raise RuntimeError(
+            f"imbalance_losses: the all-reduce of {tuple(tensor.shape)} statistics failed on rank "
+            f"{rank}; another rank most likely raised an error or exited before reaching the "
+            f"same call (look at the other ranks' tracebacks). The backend said: {err}"
+        ) from err
     return out

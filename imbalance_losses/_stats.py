@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["as_fp32", "entropy_sum", "one_vs_rest_ratio", "true_class_probability"]
+__all__ = [
+    "as_fp32",
+    "counted",
+    "entropy_sum",
+    "one_vs_rest_ratio",
+    "true_class_probability",
+]
 
 
 def as_fp32(tensor: Tensor) -> Tensor:
@@ -20,16 +26,35 @@ def as_fp32(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def true_class_probability(logits: Tensor, target: Tensor) -> Tensor:
+def counted(target: Tensor, ignore_index: int | None) -> Tensor | None:
+    """Bool mask ``[B]`` of the samples a statistic counts, or ``None`` when all of them count.
+
+    Class-index targets equal to ``ignore_index`` are left out (the criterion skips them too);
+    soft targets and ``ignore_index=None`` count every sample. The number of counted samples is
+    ``mask.sum()``, a tensor (no host sync).
+    """
+    if ignore_index is None or target.is_floating_point():
+        return None
+    return target != ignore_index
+
+
+def true_class_probability(
+    logits: Tensor, target: Tensor, ignore_index: int | None = None
+) -> Tensor:
     """Probability each sample assigns to its true class, ``[B]`` in fp32.
 
     ``p_b = softmax(z_b)[y_b]`` for class indices (one ``gather``, no loop), and
-    ``p_b = sum_c softmax(z_b)_c t_bc`` for soft targets ``t`` of shape ``[B, C]``.
+    ``p_b = sum_c softmax(z_b)_c t_bc`` for soft targets ``t`` of shape ``[B, C]``. A sample
+    whose target equals ``ignore_index`` gives ``p_b = 0`` (it is left out of every sum; divide
+    by the count of :func:`counted`).
     """
     probs = torch.softmax(as_fp32(logits), dim=-1)
     if target.is_floating_point():
         return (probs * as_fp32(target)).sum(-1)
-    return probs.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+    mask = counted(target, ignore_index)
+    index = target.long() if mask is None else torch.where(mask, target, 0).long()
+    p = probs.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return p if mask is None else p * mask
 
 
 def entropy_sum(logits: Tensor) -> Tensor:

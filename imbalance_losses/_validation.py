@@ -11,18 +11,23 @@ synchronisation point, without stalling the step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "autocast_enabled",
+    "check_features",
     "check_finite",
     "check_logits",
     "check_modalities",
     "check_same_modalities",
     "check_target",
     "check_unimodal_logits",
+    "int_param",
+    "real_param",
 ]
 
 
@@ -30,17 +35,115 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _assert_on_device(condition: Tensor, message: str) -> None:
-    """Raise ``ValueError(message)`` when ``condition`` (a bool scalar tensor) is false.
+def _assert_on_device(condition: Tensor, message: str, error: type[Exception] = ValueError) -> None:
+    """Raise ``error(message)`` when ``condition`` (a bool scalar tensor) is false.
 
     On CPU the check is immediate. On an accelerator it is asynchronous (no host sync); the
     failure is reported by the device runtime at its next synchronisation.
     """
     if condition.device.type == "cpu":
         if not bool(condition):
-            raise ValueError(message)
+            raise error(message)
     else:  # pragma: no cover - exercised only on accelerators
         torch._assert_async(condition, message)
+
+
+def real_param(
+    name: str,
+    value: object,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> float:
+    """A finite real hyper-parameter in the given bounds, as a ``float``.
+
+    Raises:
+        TypeError: ``value`` is not a real number (``bool`` counts as not real).
+        ValueError: ``value`` is NaN or infinite, or outside the bounds; the message names the
+            parameter, its value and the bounds.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    failed = (
+        (ge is not None and not x >= ge and f">= {ge}")
+        or (gt is not None and not x > gt and f"> {gt}")
+        or (le is not None and not x <= le and f"<= {le}")
+        or (lt is not None and not x < lt and f"< {lt}")
+    )
+    if failed:
+        raise ValueError(f"{name} must be {failed}, got {value!r}")
+    return x
+
+
+def int_param(name: str, value: object, *, ge: int | None = None) -> int:
+    """A whole-number hyper-parameter (``>= ge`` when given), as an ``int``.
+
+    Raises:
+        TypeError: ``value`` is not an ``int`` (``2.5``, ``2.0`` and ``True`` are refused: a
+            count is never silently truncated).
+        ValueError: ``value < ge``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if ge is not None and value < ge:
+        raise ValueError(f"{name} must be an integer >= {ge}, got {value}")
+    return int(value)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (torch >= 2.1)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4 takes no device type
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
+def check_features(
+    features: Mapping[str, Tensor],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    what: str = "features",
+    by: str = "the head",
+) -> None:
+    """Require floating-point features of the consumer's dtype and device.
+
+    Every ``features[m]`` must be floating point; when ``dtype`` is given it must be that dtype
+    unless ``torch.autocast`` is on for its device (autocast casts inside the matmul); when
+    ``device`` is given it must live there. ``by`` names the consumer in the messages.
+
+    Raises:
+        TypeError: integer / bool features, or a dtype other than ``dtype`` outside autocast.
+        ValueError: features on another device than ``device``.
+    """
+    for name, x in features.items():
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{what}[{name!r}] of shape {_shape(x)} are {x.dtype}; features must be "
+                f"floating point (e.g. {what}[{name!r}].float())"
+            )
+        if device is not None and x.device != device:
+            same_type = x.device.type == device.type and (
+                x.device.index is None or device.index is None
+            )
+            if not same_type:
+                raise ValueError(
+                    f"{what}[{name!r}] of shape {_shape(x)} are on {x.device} but the parameters "
+                    f"of {by} are on {device}; move the features or the module"
+                )
+        if dtype is not None and x.dtype != dtype and not autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{what}[{name!r}] of shape {_shape(x)} are {x.dtype} but the parameters of "
+                f"{by} are {dtype}; run the forward under torch.autocast, or cast the features "
+                "or the module"
+            )
 
 
 def check_modalities(
@@ -116,6 +219,10 @@ def check_logits(logits: Tensor, *, name: str, batch: int | None = None) -> None
     """Require 2-D ``[B, C]`` logits with the given batch size and finite values."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(
+            f"{name} of shape {_shape(logits)} are {logits.dtype}; logits must be floating point"
+        )
     if logits.dim() != 2:
         raise ValueError(f"{name} must have shape [B, C], got shape {_shape(logits)}")
     if batch is not None and logits.shape[0] != batch:
@@ -159,10 +266,19 @@ def check_unimodal_logits(
     return shape[0], shape[1]
 
 
-def check_target(target: Tensor, *, batch: int, num_classes: int, name: str = "target") -> None:
+def check_target(
+    target: Tensor,
+    *,
+    batch: int,
+    num_classes: int,
+    name: str = "target",
+    ignore_index: int | None = None,
+) -> None:
     """Validate single-label or soft targets against ``batch`` and ``num_classes``.
 
-    * class indices: integer ``[B]`` with every value in ``[0, num_classes)``;
+    * class indices: integer ``[B]`` with every value in ``[0, num_classes)`` or equal to
+      ``ignore_index`` (a sample the criterion skips, e.g. ``-100`` for
+      ``nn.CrossEntropyLoss``; the methods leave it out of their statistics too);
     * soft targets: floating ``[B, C]``, finite, non-negative, each row summing to 1.
     """
     if not isinstance(target, Tensor):
@@ -195,8 +311,12 @@ def check_target(target: Tensor, *, batch: int, num_classes: int, name: str = "t
     if target.shape[0] != batch:
         raise ValueError(f"{name} has shape {_shape(target)} but the logits' batch size is {batch}")
     if target.numel():
+        valid = (target >= 0) & (target < num_classes)
+        if ignore_index is not None:
+            valid = valid | (target == ignore_index)
+        ignored = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
         _assert_on_device(
-            ((target >= 0) & (target < num_classes)).all(),
-            f"{name} has class indices outside [0, {num_classes}) for logits with "
+            valid.all(),
+            f"{name} has class indices outside [0, {num_classes}){ignored} for logits with "
             f"{num_classes} classes",
         )

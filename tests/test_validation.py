@@ -143,7 +143,7 @@ def test_running_sums_pool_and_resume() -> None:
     with pytest.raises(RuntimeError, match="no statistics"):
         acc.mean()
     acc.add(torch.tensor([1.0, 2.0]), 2)
-    acc.add(torch.tensor([3.0, 1.0]), torch.tensor(3))
+    acc.add(torch.tensor([3.0, 1.0]), torch.tensor(3), rows=3)
     torch.testing.assert_close(acc.mean(), torch.tensor([4.0, 3.0]) / 5)
     resumed = RunningSums()
     resumed.load_state_dict(acc.state_dict())
