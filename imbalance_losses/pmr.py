@@ -1,0 +1,298 @@
+"""PMR: Prototypical Modal Rebalance (Fan, Xu, Wang, Wang, Guo; CVPR 2023, arXiv 2211.07089).
+
+Each modality ``m`` gets a non-parametric classifier: the class prototypes ``c_{m,k}`` (mean
+feature of class ``k``, recomputed on the user's schedule, e.g. each epoch, and blended with
+momentum ``mu_p``). Per training step (statistics fp32, detached, pooled over ranks)::
+
+    z_{m,bk} = -||x_{m,b} - c_{m,k}||_2                      prototype logits
+    L_p,m    = -mean_b log softmax(z_{m,b})[y_b]             prototypical cross-entropy
+    s_m      = sum_b softmax(z_{m,b})[y_b]                    prototype true-class score
+    rho_m    = s_m / mean_{k != m} s_k                        (= s_a / s_v for two modalities)
+    beta_m   = alpha * clip(1 / rho_m - 1, 0, 1)              slow modalities (rho_m < 1)
+    eta_m    = mu * clip(rho_m - 1, 0, 1)                     dominant ones, early epochs only
+    E_m      = mean_b( -sum_k p_{m,bk} log p_{m,bk} )         prototype entropy
+    L = criterion(z, y) + sum_m beta_m L_p,m - sum_m eta_m E_m
+
+See ``docs/pmr.md`` for the official code's differences, the schedule, DDP, accumulation and AMP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._distributed import ProcessGroup
+from ._prototypes import Prototypes
+from ._running import RunningSums, sample_mean
+from ._stats import counted, one_vs_rest_ratio
+from ._validation import check_logits, int_param, real_param
+from .diagnostics import StepRecord
+
+__all__ = [
+    "PMRLoss",
+    "PMRRecord",
+    "entropy_weights",
+    "prototype_entropy",
+    "prototype_logits",
+    "prototypical_cross_entropy",
+    "rebalance_coefficients",
+]
+
+Criterion = Callable[[Tensor, Tensor], Tensor]
+_BY = "PMRLoss's prototypes (move it with pmr.to(device))"
+
+
+def prototype_logits(features: Tensor, prototypes: Tensor, known: Tensor | None = None) -> Tensor:
+    """``z_bk = -||x_b - c_k||_2`` ``[B, C]`` (fp32, one ``torch.cdist``); ``-inf`` where not known.
+
+    Args:
+        features: ``[B, D]`` (any float dtype; promoted to fp32, gradient kept).
+        prototypes: ``[C, D]`` class prototypes (no gradient flows into them).
+        known: optional ``[C]`` bool; classes without a prototype get ``-inf`` (probability 0).
+    """
+    dist = torch.cdist(
+        features.float(), prototypes.detach().float(), compute_mode="donot_use_mm_for_euclid_dist"
+    )
+    return -dist if known is None else (-dist).masked_fill(~known, float("-inf"))
+
+
+def prototypical_cross_entropy(
+    logits: Tensor, target: Tensor, mask: Tensor | None = None
+) -> Tensor:
+    """``L_p = -(1/n) sum_b log softmax(z_b)[y_b]`` over the ``n`` samples in ``mask`` (0 if none).
+
+    Args:
+        logits: ``[B, C]`` prototype logits; target: ``[B]`` class indices; mask: ``[B]`` bool.
+    """
+    index = target.long() if mask is None else torch.where(mask, target, 0).long()
+    return _masked_mean(
+        -torch.log_softmax(logits.float(), -1).gather(1, index[:, None])[:, 0], mask
+    )
+
+
+def prototype_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``E = (1/n) sum_b -sum_k p_bk log p_bk``, ``p_b = softmax(z_b)`` (``0 log 0 = 0``)."""
+    log_p = torch.log_softmax(logits.float(), -1)
+    return _masked_mean(-(log_p.exp() * log_p.masked_fill(torch.isinf(log_p), 0.0)).sum(-1), mask)
+
+
+def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``values [B]`` over ``mask`` (all when ``None``); 0 when no sample counts."""
+    keep = torch.ones_like(values, dtype=torch.bool) if mask is None else mask
+    return sample_mean(torch.where(keep, values, 0.0).sum(), keep.sum())
+
+
+def rebalance_coefficients(
+    ratios: Tensor, alpha: float, rule: Literal["paper", "code"] = "paper"
+) -> Tensor:
+    """Weights ``beta_m`` ``[M]`` of the prototypical losses from the ratios ``rho_m`` ``[M]``.
+
+    ``"paper"``: ``beta_m = alpha * clip(1 / rho_m - 1, 0, 1)``: zero for ``rho_m >= 1``, growing
+    with the gap (two modalities: the slow one gets ``alpha * min(rho_fast - 1, 1)``).
+    ``"code"`` (official repository): ``beta_m = alpha`` where ``rho_m < 1``, else 0.
+    """
+    if rule == "code":
+        return alpha * (ratios < 1).to(ratios)
+    return alpha * (1.0 / ratios - 1.0).clamp(0.0, 1.0)
+
+
+def entropy_weights(ratios: Tensor, mu: float) -> Tensor:
+    """``eta_m = mu * clip(rho_m - 1, 0, 1)``: the entropy weight of each dominant modality.
+
+    Two modalities: ``eta_fast = (mu / alpha) beta_slow``; ``eta_m = 0`` for ``rho_m <= 1``.
+    """
+    return mu * (ratios - 1.0).clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class PMRRecord(StepRecord):
+    """What :class:`PMRLoss` decided on its last training step (each tensor ``[M]``)."""
+
+    scores: Tensor
+    """Mean prototype true-class probability ``s_m / n`` over the global batch."""
+    ratios: Tensor
+    """``rho_m = s_m / mean_{k != m} s_k``."""
+    coefficients: Tensor
+    """``beta_m``, the weight of modality m's prototypical cross-entropy."""
+    entropy_weights: Tensor
+    """``eta_m``; zero outside the entropy window."""
+    prototype_losses: Tensor
+    """``L_p,m`` on this rank's batch (detached)."""
+    entropies: Tensor
+    """``E_m`` on this rank's batch (detached)."""
+    epoch: int
+    """The epoch set with :meth:`PMRLoss.set_epoch`."""
+
+
+class PMRLoss(nn.Module):
+    """Prototypical Modal Rebalance loss (CVPR 2023): drop-in for the criterion.
+
+    Usage::
+
+        pmr = PMRLoss(num_classes=6, in_features={"audio": 512, "visual": 512})
+        pmr.update_prototypes((model.features(x), y) for x, y in loader)  # before each epoch
+        loss = pmr(fused_logits, target, features={"audio": a, "visual": v})
+
+    Holds the prototypes as buffers (no parameters). In training mode inside the modulation
+    window it returns ``criterion(z, y) + sum_m beta_m L_p,m - sum_m eta_m E_m``; otherwise (and
+    in eval mode) ``criterion(z, y)`` with no statistics and no collective.
+
+    Args:
+        num_classes: ``C``; in_features: ``{modality: D_m}`` in concatenation order (M >= 2).
+        criterion: loss on the fused logits; default ``nn.CrossEntropyLoss()``.
+        alpha: ``>= 0``, scale of ``beta``. mu: ``>= 0``, scale of the entropy weight ``eta``.
+        entropy_epochs: epochs, from the start of the window, with the entropy term.
+        momentum: prototype momentum ``mu_p`` in ``[0, 1]`` (official 0.2).
+        coefficient: ``"paper"`` or ``"code"`` (constant ``alpha`` on slower modalities).
+        modulation: ``(start, end)`` epochs, inclusive; ``end=None``: no end.
+        ignore_index: targets left out of every statistic and prototypical loss.
+        process_group: group to pool statistics over under ``torch.distributed``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_features: Mapping[str, int],
+        criterion: Criterion | None = None,
+        *,
+        alpha: float = 1.0,
+        mu: float = 0.1,
+        entropy_epochs: int = 10,
+        momentum: float = 0.2,
+        coefficient: Literal["paper", "code"] = "paper",
+        modulation: tuple[int, int | None] = (0, None),
+        ignore_index: int = -100,
+        process_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = int_param("num_classes", num_classes, ge=2)
+        if not isinstance(in_features, Mapping) or len(in_features) < 2:
+            raise ValueError(f"in_features must map >= 2 modalities to widths, got {in_features!r}")
+        self.in_features = {
+            m: int_param(f"in_features[{m!r}]", d, ge=1) for m, d in in_features.items()
+        }
+        self.alpha, self.mu = real_param("alpha", alpha, ge=0), real_param("mu", mu, ge=0)
+        self.momentum = real_param("momentum", momentum, ge=0, le=1)
+        self.entropy_epochs = int_param("entropy_epochs", entropy_epochs, ge=0)
+        if coefficient not in ("paper", "code"):
+            raise ValueError(f"coefficient must be 'paper' or 'code', got {coefficient!r}")
+        self.coefficient: Literal["paper", "code"] = coefficient
+        start, end = modulation
+        self.modulation = (
+            int_param("modulation start", start, ge=0),
+            None if end is None else int_param("modulation end", end, ge=start),
+        )
+        self.criterion: Criterion = nn.CrossEntropyLoss() if criterion is None else criterion
+        self.ignore_index, self.process_group = ignore_index, process_group
+        self.store = Prototypes(num_classes, self.in_features, self.momentum, ignore_index)
+        self._pool = RunningSums()
+        self.epoch = self.steps = 0
+        self.last: PMRRecord | None = None
+
+    @property
+    def prototypes(self) -> dict[str, Tensor]:
+        """``{modality: [C, D_m]}`` current prototypes (buffers of ``self.store``)."""
+        return self.store.as_dict()
+
+    @property
+    def known(self) -> Tensor:
+        """``[C]`` bool: classes that have a prototype."""
+        return self.store.known
+
+    @property
+    def updates(self) -> int:
+        """Number of prototype computations so far."""
+        return self.store.updates
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that the modulation and entropy windows refer to."""
+        self.epoch = int_param("epoch", epoch, ge=0)
+
+    def accumulate_prototypes(self, features: Mapping[str, Tensor], target: Tensor) -> None:
+        """Add one batch's class sums (no grad); :meth:`compute_prototypes` ends the sample."""
+        self.store.add(features, target, _BY)
+
+    def compute_prototypes(self) -> Tensor:
+        """Pool the class sums over ranks, blend, return ``present [C]``; every rank must call.
+
+        ``c <- (1 - momentum) c_new + momentum c_old`` for classes in the sample (the first
+        computation takes ``c_new``); absent classes keep their prototype.
+        """
+        self.store.momentum = self.momentum
+        return self.store.compute(self.process_group)
+
+    def update_prototypes(self, batches: Iterable[tuple[Mapping[str, Tensor], Tensor]]) -> Tensor:
+        """:meth:`accumulate_prototypes` over ``(features, target)`` batches, then compute."""
+        self.store.momentum = self.momentum
+        return self.store.update(batches, self.process_group)
+
+    def _window(self) -> tuple[bool, bool]:
+        start, end = self.modulation
+        on = self.training and self.epoch >= start and (end is None or self.epoch <= end)
+        return on, on and self.epoch < start + self.entropy_epochs
+
+    def forward(self, logits: Tensor, target: Tensor, features: Mapping[str, Tensor]) -> Tensor:
+        """The PMR loss (see the class docstring); raises ``ValueError``/``TypeError`` on bad input.
+
+        Raises:
+            RuntimeError: inside the modulation window before any :meth:`compute_prototypes`.
+        """
+        on, with_entropy = self._window()
+        m, device = len(self.in_features), self.known.device
+        with self._pool.failing_together(m, device, self.process_group, due=on):
+            check_logits(logits, name="logits")
+            if logits.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"logits have shape {tuple(logits.shape)} but num_classes={self.num_classes}"
+                )
+            batch = self.store.check(features, target, _BY)
+            if batch != logits.shape[0]:
+                raise ValueError(f"features have batch {batch}, logits {tuple(logits.shape)}")
+            if on and self.updates == 0:
+                raise RuntimeError(
+                    "PMRLoss has no prototypes yet: call update_prototypes(...) (or "
+                    "accumulate_prototypes + compute_prototypes) before training"
+                )
+        zero = logits.sum() * 0.0
+        loss = self.criterion(logits, target) if batch else zero
+        if not on:
+            return loss
+        mask = counted(target, self.ignore_index)
+        index = target.clamp_min(0).long()
+        mask = self.known[index] if mask is None else mask & self.known[index]
+        zs = [
+            prototype_logits(x, c, self.known)
+            for x, c in zip(features.values(), self.prototypes.values(), strict=True)
+        ]
+        pce = torch.stack([prototypical_cross_entropy(z, target, mask) for z in zs])
+        ent = torch.stack([prototype_entropy(z, mask) for z in zs])
+        probs = [torch.softmax(z.detach(), -1).gather(1, index[:, None]).squeeze(1) for z in zs]
+        scores = torch.stack([torch.where(mask, p, 0.0).sum() for p in probs])
+        self._pool.add(scores, mask.sum(), rows=batch)
+        pooled = self._pool.pool(m, device, self.process_group, missing="PMRLoss: nothing to pool")
+        if pooled.empty:
+            return zero  # no sample on any rank: no step, no record change
+        ratios = one_vs_rest_ratio(pooled.sums)
+        beta = rebalance_coefficients(ratios, self.alpha, self.coefficient)
+        eta = entropy_weights(ratios, self.mu) * float(with_entropy)
+        self.steps += 1
+        fields = (pooled.mean(), ratios, beta, eta, pce.detach(), ent.detach(), self.epoch)
+        self.last = PMRRecord(tuple(self.in_features), *fields)
+        return loss + (beta.to(pce) * pce).sum() - (eta.to(ent) * ent).sum()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Epoch, step count and the last record: part of ``state_dict()``."""
+        last = None if self.last is None else dataclasses.asdict(self.last)
+        return {"epoch": self.epoch, "steps": self.steps, "last": last}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` returned (via ``load_state_dict``)."""
+        self.epoch, self.steps, last = state["epoch"], state["steps"], state["last"]
+        self.last = (
+            None if last is None else PMRRecord(**{**last, "modalities": tuple(last["modalities"])})
+        )
