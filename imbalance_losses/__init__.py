@@ -21,6 +21,15 @@ from .arl import (
 from .boosting import BoostingRecord, SustainedBoostingLoss
 from .diagnostics import StepRecord
 from .modulation import ModalityGradientModulator, ModulationRecord
+from .pmr import (
+    PMRLoss,
+    PMRRecord,
+    entropy_weights,
+    prototype_entropy,
+    prototype_logits,
+    prototypical_cross_entropy,
+    rebalance_coefficients,
+)
 from .unimodal import Head, unimodal_logits
 
 __all__ = [
@@ -31,10 +40,17 @@ __all__ = [
     "Head",
     "ModalityGradientModulator",
     "ModulationRecord",
+    "PMRLoss",
+    "PMRRecord",
     "StepRecord",
     "SustainedBoostingLoss",
     "arl_coefficients",
+    "entropy_weights",
     "inverse_variance_weights",
+    "prototype_entropy",
+    "prototype_logits",
+    "prototypical_cross_entropy",
+    "rebalance_coefficients",
     "unimodal_logits",
 ]
 
