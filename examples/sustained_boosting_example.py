@@ -95,10 +95,17 @@ def run_boosting(
     """The same encoders trained through SustainedBoostingLoss, one check per epoch."""
     torch.manual_seed(0)
     enc = encoders()
-    boost = SustainedBoostingLoss(CLASSES, dict.fromkeys(WIDTH, FEATURE), hidden=64, max_heads=6)
+    boost = SustainedBoostingLoss(
+        CLASSES,
+        dict.fromkeys(WIDTH, FEATURE),
+        check_every="manual",  # we call boost.check() once per epoch below
+        hidden=64,
+        max_heads=6,
+    )
     opt = torch.optim.SGD(
         [*enc.parameters(), *boost.parameters()], lr=0.05, momentum=0.9, weight_decay=1e-4
     )  # built once: heads added later are already in it
+    boost.attach_optimizer(opt)  # a head switched on later starts with fresh optimizer state
     (x, y), g = train, torch.Generator().manual_seed(0)
     print("epoch  heads(strong, weak)  scores(strong, weak)  added")
     for epoch in range(epochs):

@@ -6,50 +6,73 @@ The weak modality gets more classifiers. Each modality ``m`` owns ``n_m`` heads;
                                             (W2, b2): ONE output layer shared by every head
     Z_m  = sum_j z_mj                       (the modality's ensemble, plain sum of logits)
 
-and the loss of modality ``m`` with ``n`` heads is (batch means, every weight 1)::
+and the per-sample loss of modality ``m`` with ``n`` heads is (every weight 1)::
 
-    L_m = CE(Z_m, y)                                    eps_all
-        + CE(sum_{j<n} z_mj, y)                         eps_pre   (n > 1)
-        + mean_b (1 - lam p_b) CE(z_mn, y)_b            eps       (n > 1, newest head only)
-    p_b = stopgrad(softmax(sum_{j<n} z_mj))[b, y_b]
+    l_mb = CE(Z_m, y)_b                                 eps_all
+         + CE(sum_{j<n} z_mj, y)_b                      eps_pre   (n > 1)
+         + (1 - lam p_b) CE(z_mn, y)_b                  eps       (n > 1, newest head only)
+    p_b  = stopgrad(softmax(sum_{j<n} z_mj))[b, y_b]
 
-with ``L_m = CE(z_m1, y)`` for one head and total ``L = sum_m L_m``. The residual term is the
-official code's ``CE(z_mn, y - lam y ⊙ p)`` written per sample: for a one-hot ``y`` the soft
-target has the single entry ``1 - lam p_y`` so the two are identical.
+with ``l_mb = CE(z_m1, y)_b`` for one head. The loss is ``l_b = sum_m l_mb`` reduced over the
+batch (``reduction``: the mean over the counted samples, the sum, or ``[B]``); samples whose
+target is ``ignore_index`` contribute 0 and are not counted. The residual term is the official
+code's ``CE(z_mn, y - lam y ⊙ p)`` written per sample: for a one-hot ``y`` the soft target has the
+single entry ``1 - lam p_y`` so the two are identical.
 
-Every ``check()`` compares the modalities' confidence ``s_m = mean_i softmax(Z_m)[i, y_i]``
-(pooled over the training samples since the previous check, all ranks) and gives at most one new
-head to the weakest modality; see :meth:`SustainedBoostingLoss.check`.
+Every check compares the modalities' confidence ``s_m = mean_i softmax(Z_m)[i, y_i]`` (pooled
+over the training samples since the previous check, all ranks) and gives at most one new head to
+the weakest modality; see :meth:`SustainedBoostingLoss.check`.
 
-**How an added head reaches the optimiser.** Every modality's ``max_heads`` first layers are
-pre-allocated as one stacked parameter (weight ``[max_heads, hidden, D_m]``, bias
-``[max_heads, hidden]``), and the forward pass uses the slice ``[:n_m]`` in one batched matmul.
-The parameter therefore exists, is registered with the optimiser and with DDP from the start, and
-is always part of the graph (so DDP never sees an unused parameter). Inactive slices are exactly
-zero and receive exactly zero gradient, so weight decay, momentum and Adam moments leave them at
-zero. Activating a head draws its slice in place (Xavier-normal weight, zero bias) from the
-module's own seeded generator, identical on every rank and saved in ``state_dict``.
+**How an added head reaches the optimiser.** Every modality's ``max_heads`` first layers exist
+from the start as separate parameters (``head_weight[m][j]`` ``[hidden, D_m]``,
+``head_bias[m][j]`` ``[hidden]``), so they are registered with the optimiser and with DDP before
+any head is switched on. The forward pass concatenates the active heads' weights into one batched
+matmul per modality; every inactive head is attached to the loss through an empty slice, so it is
+in the graph (DDP never sees an unused parameter) and gets a gradient of exactly zero: inactive
+heads are zero and stay exactly zero under weight decay, momentum and Adam. Switching a head on
+draws it in place (Xavier-normal weight, zero bias) from the module's own seeded generator,
+identical on every rank and saved in ``state_dict``, and drops that head's state in the
+optimisers bound with :meth:`SustainedBoostingLoss.attach_optimizer`, so Adam / AdamW start it at
+step 0 exactly as a freshly created parameter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._distributed import ProcessGroup, all_reduce_sum, world_size
+from ._distributed import ProcessGroup, is_distributed, world_size
 from ._running import RunningSums
-from ._stats import as_fp32, one_vs_rest_ratio, true_class_probability
-from ._validation import check_finite, check_modalities, check_same_modalities, check_target
+from ._stats import counted, one_vs_rest_ratio, true_class_probability
+from ._validation import (
+    check_features,
+    check_finite,
+    check_modalities,
+    check_same_modalities,
+    check_target,
+    int_param,
+    real_param,
+)
 from .diagnostics import StepRecord
 
 __all__ = ["BoostingRecord", "SustainedBoostingLoss"]
+
+Reduction = Literal["mean", "sum", "none"]
+
+_NO_SAMPLES = (
+    "check() needs at least one training-mode forward with samples since the last check; none "
+    "was pooled (no training-mode forward, only empty batches, or every target equal to "
+    "ignore_index)"
+)
 
 
 @dataclass(frozen=True)
@@ -99,48 +122,58 @@ def _choose_modality(scores: Tensor, *, sigma: float, tau: float) -> tuple[int |
     return (best if float(ratios[best]) < sigma - tau else None), ratios
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    """Whether ``torch.autocast`` is on for ``device_type`` (torch >= 2.1)."""
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # torch < 2.4 takes no device type
-        if device_type == "cpu":
-            return bool(torch.is_autocast_cpu_enabled())
-        return bool(torch.is_autocast_enabled())
-
-
 class SustainedBoostingLoss(nn.Module):
     r"""Sustained boosting loss with adaptive classifier assignment; owns the classifier heads.
 
-    Put its parameters in the optimiser with your encoders; heads added later are already there::
+    Put its parameters in the optimiser with your encoders, bind that optimiser, and train::
 
         boost = SustainedBoostingLoss(num_classes=6, in_features={"audio": 512, "visual": 512},
-                                      check_every=500)
-        opt = torch.optim.SGD([*encoders.parameters(), *boost.parameters()], lr=1e-2)
+                                      check_every=total_steps // 10, first_check=steps_per_epoch)
+        opt = torch.optim.AdamW([*encoders.parameters(), *boost.parameters()], lr=1e-3)
+        boost.attach_optimizer(opt)        # a head switched on later starts with fresh state
         loss = boost({"audio": a, "visual": v}, target)      # training step
         loss.backward(); opt.step(); opt.zero_grad()
         logits = boost.predict({"audio": a, "visual": v})    # inference
 
+    **The check schedule must be chosen** (``check_every`` has no default): the module cannot
+    know how long an epoch or the training is, and with no check it would silently be plain
+    ensemble training. The paper's practice is a check after the first epoch, then every tenth of
+    the training: ``check_every=total_steps // 10, first_check=steps_per_epoch``.
+    ``check_every="manual"`` opts out: you call :meth:`check` yourself.
+
     Args:
         num_classes: number of classes ``C``.
         in_features: ordered mapping modality -> feature width ``D_m`` (at least two).
+        check_every: number of training steps between automatic checks (a positive int), or
+            ``"manual"`` to call :meth:`check` yourself. A due check runs at the start of the next
+            training-mode forward, so a new head is in that step's graph. A step is one
+            training-mode forward with a non-empty batch (under DDP every training-mode forward
+            counts, so that the schedule is the same on every rank). With gradient accumulation
+            over ``k`` micro-batches use multiples of ``k``.
+        first_check: steps before the first automatic check (default ``check_every``); the paper
+            checks after the first epoch, then every ``check_every``.
         hidden: width of each head's first layer (256 in the paper).
-        lam: residual weight ``lam`` in ``1 - lam p_b`` (official HEAD code 0.5).
-        sigma: balance point of the assignment rule (1.0).
-        tau: half-width of the dead zone around ``sigma`` (0.01).
-        check_every: run :meth:`check` automatically every this many training forward calls (at
-            the start of the next one, so a new head is in that step's graph). ``None``: you call
-            :meth:`check` yourself, e.g. once per epoch, between ``optimizer.step()`` and the next
-            forward. With gradient accumulation over ``k`` micro-batches use a multiple of ``k``.
+        lam: residual weight ``lam`` in ``1 - lam p_b``, in ``[0, 1]`` (official HEAD code 0.5).
+        sigma: balance point of the assignment rule, ``> 0`` (1.0).
+        tau: half-width of the dead zone around ``sigma``, ``>= 0`` (0.01).
         max_heads: cap on heads per modality (pre-allocated). When the rule picks a modality at
             the cap, no head is added and a warning says so.
         fusion_weights: prediction weights ``alpha_m`` (mapping modality -> weight or a sequence
-            in mapping order); uniform ``1/M`` by default.
+            in mapping order): finite, ``>= 0``, not all zero; uniform ``1/M`` by default.
+        reduction: ``"mean"`` (default; over the counted samples), ``"sum"`` or ``"none"``
+            (``[B]``, each sample's ``sum_m l_mb``).
+        ignore_index: class index whose samples are left out of the loss and the confidence
+            scores (``-100``, as ``F.cross_entropy``); ``None``: none.
         output_layer: your own shared output layer (any module mapping ``[N, hidden]`` to
             ``[N, num_classes]``); default ``nn.Linear(hidden, num_classes)`` drawn from ``seed``.
         seed: seed of the module's own generator (initial heads, default output layer, added
-            heads). Must be the same on every rank (it is by default).
+            heads), ``>= 0``. Must be the same on every rank (it is by default).
         process_group: group over which the confidence scores are all-reduced (default: world).
+
+    Raises:
+        TypeError: a hyper-parameter of the wrong type (``hidden=4.5``, ``check_every=2.5``,
+            ``check_every=None``).
+        ValueError: a hyper-parameter out of range or not finite.
     """
 
     head_counts: Tensor
@@ -150,13 +183,16 @@ class SustainedBoostingLoss(nn.Module):
         num_classes: int,
         in_features: Mapping[str, int],
         *,
+        check_every: int | Literal["manual"],
+        first_check: int | None = None,
         hidden: int = 256,
         lam: float = 0.5,
         sigma: float = 1.0,
         tau: float = 0.01,
-        check_every: int | None = None,
         max_heads: int = 8,
         fusion_weights: Mapping[str, float] | Sequence[float] | None = None,
+        reduction: Reduction = "mean",
+        ignore_index: int | None = -100,
         output_layer: nn.Module | None = None,
         seed: int = 0,
         process_group: ProcessGroup | None = None,
@@ -167,66 +203,87 @@ class SustainedBoostingLoss(nn.Module):
                 "in_features must be a mapping modality -> feature width with at least two "
                 f"modalities, got {in_features!r}"
             )
-        for name, width in in_features.items():
-            if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        widths = {
+            name: int_param(f"in_features[{name!r}] (the width D of features [B, D])", d, ge=1)
+            for name, d in in_features.items()
+        }
+        self.num_classes = int_param("num_classes", num_classes, ge=2)
+        if check_every == "manual":
+            self.check_every: int | Literal["manual"] = "manual"
+            if first_check is not None:
                 raise ValueError(
-                    f"in_features[{name!r}] must be a positive int (the width D of features "
-                    f"[B, D]), got {width!r}"
+                    'first_check needs an automatic schedule, not check_every="manual"'
                 )
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        if hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {hidden}")
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam must lie in [0, 1] so that 1 - lam p >= 0, got {lam}")
-        if tau < 0:
-            raise ValueError(f"tau must be >= 0, got {tau}")
-        if sigma <= 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
-        if check_every is not None and check_every < 1:
-            raise ValueError(
-                f"check_every must be a positive number of steps or None, got {check_every}"
+        elif check_every is None or isinstance(check_every, str):
+            raise TypeError(
+                "check_every must be a positive number of training steps between classifier-"
+                'assignment checks, or "manual" if you call check() yourself; got '
+                f"{check_every!r}. The paper checks after the first epoch, then every tenth of "
+                "the training: check_every=total_steps // 10, first_check=steps_per_epoch"
             )
-        if max_heads < 1:
-            raise ValueError(f"max_heads must be >= 1, got {max_heads}")
-
-        self.modalities: tuple[str, ...] = tuple(in_features)
-        self.in_features: dict[str, int] = dict(in_features)
-        self.num_classes = num_classes
-        self.hidden = hidden
-        self.lam = float(lam)
-        self.sigma = float(sigma)
-        self.tau = float(tau)
-        self.check_every = check_every
-        self.max_heads = max_heads
+        else:
+            self.check_every = int_param("check_every", check_every, ge=1)
+        self.first_check = (
+            None if first_check is None else int_param("first_check", first_check, ge=1)
+        )
+        self.hidden = int_param("hidden", hidden, ge=1)
+        self.lam = real_param("lam", lam, ge=0.0, le=1.0)
+        self.sigma = real_param("sigma", sigma, gt=0.0)
+        self.tau = real_param("tau", tau, ge=0.0)
+        self.max_heads = int_param("max_heads", max_heads, ge=1)
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f'reduction must be "mean", "sum" or "none", got {reduction!r}')
+        self.reduction: Reduction = reduction
+        self.ignore_index = (
+            None if ignore_index is None else int_param("ignore_index", ignore_index)
+        )
+        self.seed = int_param("seed", seed, ge=0)
+        self.modalities: tuple[str, ...] = tuple(widths)
+        self.in_features: dict[str, int] = widths
         self.process_group = process_group
-        self.seed = seed
         self.fusion_weights = self._fusion_weights(fusion_weights)
 
-        self._generator = torch.Generator().manual_seed(seed)
-        # One stacked first layer per modality, in mapping order. Slices >= n_m are zero.
-        self.head_weight = nn.ParameterList(
-            [nn.Parameter(torch.zeros(max_heads, hidden, d)) for d in in_features.values()]
+        self._generator = torch.Generator().manual_seed(self.seed)
+        # Every head's first layer is its own parameter, zero until switched on.
+        self.head_weight = nn.ModuleList(
+            [
+                nn.ParameterList(
+                    [nn.Parameter(torch.zeros(self.hidden, d)) for _ in range(self.max_heads)]
+                )
+                for d in widths.values()
+            ]
         )
-        self.head_bias = nn.ParameterList(
-            [nn.Parameter(torch.zeros(max_heads, hidden)) for _ in in_features]
+        self.head_bias = nn.ModuleList(
+            [
+                nn.ParameterList(
+                    [nn.Parameter(torch.zeros(self.hidden)) for _ in range(self.max_heads)]
+                )
+                for _ in widths
+            ]
         )
         if output_layer is None:
-            output_layer = nn.Linear(hidden, num_classes)
+            output_layer = nn.Linear(self.hidden, self.num_classes)
             # nn.Linear's own default (uniform +-1/sqrt(hidden)), drawn from our generator.
-            bound = 1.0 / math.sqrt(hidden)
+            bound = 1.0 / math.sqrt(self.hidden)
             with torch.no_grad():
                 for p in (output_layer.weight, output_layer.bias):
                     p.copy_(torch.rand(p.shape, generator=self._generator) * 2 * bound - bound)
         self.output_layer = output_layer
-        self.register_buffer("head_counts", torch.zeros(len(in_features), dtype=torch.long))
-        self._counts: list[int] = [0] * len(in_features)  # host mirror of head_counts
-        for i in range(len(in_features)):
-            self._activate(i)
+        self.register_buffer("head_counts", torch.zeros(len(widths), dtype=torch.long))
+        self._counts: list[int] = [0] * len(widths)  # host mirror of head_counts
+        self._optimizers: list[weakref.ref[torch.optim.Optimizer]] = []
+        self._warned_unbound = False
+        self._trained = False  # a training-mode forward ran (optimiser state may exist)
+        for i in range(len(widths)):
+            self._activate(i, initial=True)
 
         self._pool = RunningSums()
-        self._since_check = 0  # training forward calls since the last check
+        self._since_check = 0  # steps since the last check
+        self._checked = False  # whether a check ran yet (first_check applies before it)
         self.last: BoostingRecord | None = None
+        self._register_load_state_dict_pre_hook(  # type: ignore[no-untyped-call]
+            _split_stacked_heads, with_module=True
+        )
         self.register_load_state_dict_post_hook(_refresh_counts)  # type: ignore[no-untyped-call]
 
     # ------------------------------------------------------------------ configuration helpers
@@ -243,44 +300,124 @@ class SustainedBoostingLoss(nn.Module):
                 expected_what="in_features",
                 actual_what="fusion_weights",
             )
-            return tuple(float(weights[name]) for name in self.modalities)
-        values = tuple(float(w) for w in weights)
-        if len(values) != m:
-            raise ValueError(
-                f"fusion_weights has {len(values)} values but there are {m} modalities "
-                f"{list(self.modalities)}"
-            )
+            raw = [(f"fusion_weights[{name!r}]", weights[name]) for name in self.modalities]
+        else:
+            items = list(weights)
+            if len(items) != m:
+                raise ValueError(
+                    f"fusion_weights has {len(items)} values but there are {m} modalities "
+                    f"{list(self.modalities)}"
+                )
+            raw = [(f"fusion_weights[{i}]", w) for i, w in enumerate(items)]
+        values = tuple(real_param(name, w, ge=0.0) for name, w in raw)
+        if not any(values):
+            raise ValueError(f"fusion_weights must not all be zero, got {list(values)}")
         return values
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}, "
             f"hidden={self.hidden}, lam={self.lam}, sigma={self.sigma}, tau={self.tau}, "
-            f"check_every={self.check_every}, max_heads={self.max_heads}"
+            f"check_every={self.check_every!r}, first_check={self.first_check}, "
+            f"max_heads={self.max_heads}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}"
         )
 
-    # ------------------------------------------------------------------ heads
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``torch.save(module)``) drops the optimiser binding (weak references)."""
+        state = dict(self.__dict__)
+        state["_optimizers"] = []
+        return state
+
+    # ------------------------------------------------------------------ heads and optimisers
     @property
     def num_heads(self) -> dict[str, int]:
         """Active heads per modality, in mapping order."""
         return dict(zip(self.modalities, self._counts, strict=True))
 
-    def _activate(self, index: int) -> None:
+    def _head_params(self, index: int, j: int) -> tuple[nn.Parameter, nn.Parameter]:
+        weight = self.head_weight[index]
+        bias = self.head_bias[index]
+        assert isinstance(weight, nn.ParameterList) and isinstance(bias, nn.ParameterList)
+        return weight[j], bias[j]
+
+    def _all_head_params(self) -> Iterator[nn.Parameter]:
+        for i in range(len(self.modalities)):
+            for j in range(self.max_heads):
+                yield from self._head_params(i, j)
+
+    def attach_optimizer(self, *optimizers: torch.optim.Optimizer) -> None:
+        """Bind the optimiser(s) holding the heads, so a head switched on starts fresh.
+
+        When :meth:`add_head` or a check switches a head on, its weight's and bias's state is
+        dropped from every bound optimiser; Adam / AdamW then start it lazily at step 0 (zero
+        moments, bias correction of step 1), exactly as a freshly created parameter, and SGD
+        with momentum starts a fresh momentum buffer. Without a binding an inactive head, which
+        received exact zero gradients, keeps the state those built: SGD without dampening is
+        exact anyway, but Adam's step counter is already ``t``, so the new head's first updates
+        are about ``(1 - beta1) / sqrt(1 - beta2)`` (~3x) too large.
+
+        Weak references are kept (the module does not keep an optimiser alive; pickling drops
+        them). Call again to re-bind (e.g. after building a new optimiser); each call replaces
+        the previous binding. Do the same on every rank.
+
+        Raises:
+            TypeError: an argument is not a ``torch.optim.Optimizer``.
+            ValueError: some head parameters are in none of the optimisers (build them with
+                ``boost.parameters()``).
+        """
+        held: set[int] = set()
+        for opt in optimizers:
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(
+                    "attach_optimizer takes torch.optim.Optimizer objects, got "
+                    f"{type(opt).__name__}"
+                )
+            held.update(id(p) for group in opt.param_groups for p in group["params"])
+        heads = list(self._all_head_params())
+        missing = sum(id(p) not in held for p in heads)
+        if missing:
+            raise ValueError(
+                f"{missing} of the {len(heads)} head parameters of SustainedBoostingLoss are in "
+                "none of the optimisers given; build the optimiser with boost.parameters() "
+                "(every head, active or not, must be in it from the start)"
+            )
+        self._optimizers = [weakref.ref(opt) for opt in optimizers]
+
+    def _activate(self, index: int, *, initial: bool = False, stacklevel: int = 3) -> None:
         """Turn on the next head of modality ``index``: Xavier-normal weight, zero bias.
 
-        Written through ``.data`` so that it is legal even while a graph built from the active
-        slice ``[:n]`` is alive: only row ``n`` changes, which that graph never read.
+        Written in place under ``no_grad`` (the parameter objects stay those the optimiser and
+        DDP hold). Then the head's state is dropped from the bound optimisers.
         """
         n = self._counts[index]
-        weight = self.head_weight[index]
-        fan_out, fan_in = weight.shape[1], weight.shape[2]
+        weight, bias = self._head_params(index, n)
+        fan_out, fan_in = weight.shape
         std = math.sqrt(2.0 / (fan_in + fan_out))  # Xavier-normal, gain 1
         new = torch.randn(fan_out, fan_in, generator=self._generator) * std
         with torch.no_grad():
-            weight.data[n].copy_(new)
-            self.head_bias[index].data[n].zero_()
+            weight.copy_(new)
+            bias.zero_()
         self._counts[index] = n + 1
         self.head_counts[index] = n + 1
+        if initial:
+            return
+        bound = [opt for opt in (ref() for ref in self._optimizers) if opt is not None]
+        for opt in bound:
+            for p in (weight, bias):
+                opt.state.pop(p, None)
+        if not bound and self._trained and not self._warned_unbound:
+            # after a training forward the optimiser may hold state for this (zero) head
+            self._warned_unbound = True
+            warnings.warn(
+                f"SustainedBoostingLoss switched on a head of {self.modalities[index]!r} but no "
+                "optimizer is bound: call boost.attach_optimizer(opt) once after building the "
+                "optimizer so that a new head starts with fresh optimizer state (under Adam/AdamW "
+                "its first updates are otherwise ~3x too large; SGD without dampening is exact "
+                "either way). Shown once per module",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
 
     def add_head(self, modality: str) -> int:
         """Give ``modality`` one more head now; return its new number of heads.
@@ -301,7 +438,7 @@ class SustainedBoostingLoss(nn.Module):
                 f"modality {modality!r} already has max_heads={self.max_heads} heads; raise "
                 "max_heads when constructing SustainedBoostingLoss to allow more"
             )
-        self._activate(index)
+        self._activate(index, stacklevel=4)
         return self._counts[index]
 
     # ------------------------------------------------------------------ forward pieces
@@ -317,29 +454,30 @@ class SustainedBoostingLoss(nn.Module):
                     f"features[{name!r}] must have shape [B, {width}] (in_features[{name!r}] = "
                     f"{width}), got shape {tuple(x.shape)}"
                 )
-            if not x.is_floating_point():
-                raise TypeError(f"features[{name!r}] must be floating point, got {x.dtype}")
-            dtype = self.head_weight[0].dtype
-            if x.dtype != dtype and not _autocast_enabled(x.device.type):
-                raise TypeError(
-                    f"features[{name!r}] are {x.dtype} but the heads' parameters are {dtype}; "
-                    "run the forward under torch.autocast, or cast the features or the module"
-                )
+        first, _ = self._head_params(0, 0)
+        check_features(features, dtype=first.dtype, device=first.device, by="the boosting heads")
+        for name, x in features.items():
             check_finite(x, name=f"features[{name!r}]")
         return batch
 
     def _head_tensors(self, features: Mapping[str, Tensor]) -> list[Tensor]:
         """Per modality the logits of its active heads, ``[B, n_m, C]``, in mapping order.
 
-        ``h_m = relu(u_m W_m[:n]^T + b_m[:n])`` is one matmul per modality (the ``n`` first
-        layers stacked to ``[n * hidden, D_m]``); the shared output layer then runs once over
-        every head of every modality.
+        ``h_m = relu(u_m [W_m1; ...; W_mn]^T + [b_m1; ...; b_mn])`` is one matmul per modality
+        (the active first layers concatenated to ``[n * hidden, D_m]``); the shared output layer
+        then runs once over every head of every modality.
         """
         hidden_parts = []
         for i, x in enumerate(features.values()):
             n = self._counts[i]
-            w = self.head_weight[i][:n].reshape(n * self.hidden, -1)
-            b = self.head_bias[i][:n].reshape(n * self.hidden)
+            params = [self._head_params(i, j) for j in range(n)]
+            w: Tensor
+            b: Tensor
+            if n == 1:
+                w, b = params[0]
+            else:
+                w = torch.cat([p[0] for p in params])
+                b = torch.cat([p[1] for p in params])
             hidden_parts.append(F.relu(F.linear(x, w, b)).reshape(x.shape[0], n, self.hidden))
         h = torch.cat(hidden_parts, dim=1)  # [B, N, hidden], N = sum_m n_m
         batch, total = h.shape[0], h.shape[1]
@@ -351,49 +489,137 @@ class SustainedBoostingLoss(nn.Module):
             )
         return list(z.reshape(batch, total, self.num_classes).split(self._counts, dim=1))
 
-    def _modality_loss(self, z: Tensor, target: Tensor) -> Tensor:
-        """``L_m`` for one modality from its heads' logits ``z`` ``[B, n, C]``."""
-        ensemble = z.sum(1)
-        loss = F.cross_entropy(ensemble, target)  # eps_all (= CE(z_m1, y) for one head)
+    def _inactive_zero(self) -> Tensor | None:
+        """``0`` attached to every inactive head through an empty slice, or ``None`` if none.
+
+        Adding it to the loss puts every inactive head in the graph with an exactly zero
+        gradient (so DDP without ``find_unused_parameters`` sees every parameter used) at the
+        cost of one zero fill per inactive parameter, no arithmetic on its values.
+        """
+        empty = [
+            p.reshape(-1)[:0]
+            for i, n in enumerate(self._counts)
+            for j in range(n, self.max_heads)
+            for p in self._head_params(i, j)
+        ]
+        return torch.cat(empty).sum() if empty else None
+
+    def _per_sample(self, z: Tensor, target: Tensor) -> Tensor:
+        """``l_mb`` ``[B]`` for one modality from its heads' logits ``z`` ``[B, n, C]``.
+
+        Samples whose target is ``ignore_index`` give 0 in every term.
+        """
+        ignore = -100 if self.ignore_index is None else self.ignore_index
+        soft = target.is_floating_point()
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        tgt = target.to(dtype) if soft else target
+
+        def ce(logits: Tensor, t: Tensor) -> Tensor:
+            return F.cross_entropy(logits, t, reduction="none", ignore_index=ignore)
+
+        per = ce(z.sum(1), tgt)  # eps_all (= CE(z_m1, y) for one head)
         if z.shape[1] == 1:
-            return loss
+            return per
         previous = z[:, :-1].sum(1)
         newest = z[:, -1]
-        loss = loss + F.cross_entropy(previous, target)  # eps_pre
-        if target.is_floating_point():
+        per = per + ce(previous, tgt)  # eps_pre
+        if soft:
             # soft targets: CE(z_n, t - lam t ⊙ p) with p the detached previous softmax.
-            p = torch.softmax(as_fp32(previous), dim=-1)
-            residual_target = target * (1.0 - self.lam * p)
-            dtype = torch.promote_types(newest.dtype, torch.float32)
-            return loss + F.cross_entropy(newest, residual_target.to(dtype))
-        p_true = true_class_probability(previous, target)  # detached, fp32
-        per_sample = F.cross_entropy(newest, target, reduction="none")
-        return loss + ((1.0 - self.lam * p_true) * per_sample).mean()  # eps
+            p = torch.softmax(previous.detach().to(dtype), dim=-1)
+            return per + ce(newest, tgt * (1.0 - self.lam * p))
+        p_true = true_class_probability(
+            previous, target, self.ignore_index
+        )  # detached, 0 if ignored
+        return per + (1.0 - self.lam * p_true) * ce(newest, target)  # eps
+
+    def _check_due(self) -> bool:
+        if self.check_every == "manual":
+            return False
+        every = self.check_every
+        if not self._checked and self.first_check is not None:
+            every = self.first_check
+        return self._since_check >= every
 
     # ------------------------------------------------------------------ public API
     def forward(self, features: Mapping[str, Tensor], target: Tensor) -> Tensor:
-        """Training loss ``L = sum_m L_m`` (a scalar); see the module docstring for ``L_m``.
+        """Training loss from ``l_b = sum_m l_mb`` (see the module docstring), reduced.
+
+        ``reduction="mean"``: ``sum_b l_b / (number of samples whose target is not
+        ignore_index)`` (0 when there are none), ``"sum"``: ``sum_b l_b``, ``"none"``: ``[B]``.
 
         In training mode this also pools the confidence scores ``s_m`` of this batch (computed
-        before the update, detached, fp32) and, with ``check_every``, runs :meth:`check` first
-        when ``check_every`` training steps have passed since the last one.
+        before the update, detached, fp32) and, with an automatic schedule, runs the check first
+        when it is due.
+
+        An **empty batch** (``B = 0``) gives a zero loss that is still part of the graph (every
+        parameter gets a zero gradient, so ``backward`` and DDP work) and pools no sample. In a
+        single process it is not a step (the schedule does not advance); under DDP every
+        training-mode forward is a step on every rank, so the ranks' schedules stay identical,
+        and a scheduled check that finds no sample on any rank makes no decision.
+
+        Under DDP, if the input fails validation on one rank in a forward where a check is due
+        (the only collective), that rank joins the check's all-reduce with a failure flag and
+        raises its error, and every other rank raises a ``RuntimeError`` saying that another
+        rank failed, in the same call.
 
         Args:
             features: ordered mapping modality -> ``[B, D_m]``, the modalities of
-                ``in_features`` in the same order.
-            target: class indices ``LongTensor[B]`` or soft targets ``[B, C]`` (rows summing
-                to 1).
+                ``in_features`` in the same order, floating point of the heads' dtype (or under
+                ``torch.autocast``), on the heads' device.
+            target: class indices ``LongTensor[B]`` (values in ``[0, C)`` or ``ignore_index``)
+                or soft targets ``[B, C]`` (rows summing to 1).
+
+        Returns:
+            A scalar for ``"mean"`` / ``"sum"``, ``[B]`` for ``"none"``.
+
+        Raises:
+            ValueError, TypeError: bad features or targets (naming the modality and shapes).
         """
-        batch = self._check_features(features)
-        check_target(target, batch=batch, num_classes=self.num_classes)
-        if self.training and self.check_every is not None and self._since_check >= self.check_every:
-            self.check()
+        m = len(self.modalities)
+        device = self.head_counts.device
+        distributed = is_distributed(self.process_group)
+        due = self.training and self._check_due()
+        joins = due and distributed
+        try:
+            with self._pool.failing_together(
+                m, device, self.process_group, extra_size=m + 1, due=joins
+            ):
+                batch = self._check_features(features)
+                check_target(
+                    target,
+                    batch=batch,
+                    num_classes=self.num_classes,
+                    ignore_index=self.ignore_index,
+                )
+        except Exception:
+            if joins:  # every rank dropped this window in the same call
+                self._since_check = 0
+                self._checked = True
+            raise
+        if due and (batch > 0 or distributed):  # one process: an empty forward is no step
+            self._check(explicit=False, stacklevel=6)
         logits = self._head_tensors(features)
-        loss = torch.stack([self._modality_loss(z, target) for z in logits]).sum()
-        if self.training:
-            scores = torch.stack([true_class_probability(z.sum(1), target).sum() for z in logits])
-            self._pool.add(scores, batch)
+        per = torch.stack([self._per_sample(z, target) for z in logits]).sum(0)  # [B]
+        mask = counted(target, self.ignore_index)
+        loss: Tensor
+        if self.reduction == "none":
+            loss = per
+        elif self.reduction == "sum":
+            loss = per.sum()
+        else:
+            denominator = max(batch, 1) if mask is None else mask.sum().clamp_min(1).to(per.dtype)
+            loss = per.sum() / denominator
+        zero = self._inactive_zero()
+        if zero is not None:
+            loss = loss + zero.to(loss.dtype)
+        if self.training and (batch > 0 or distributed):
+            scores = torch.stack(
+                [true_class_probability(z.sum(1), target, self.ignore_index).sum() for z in logits]
+            )
+            self._pool.add(scores, batch if mask is None else mask.sum(), rows=batch)
             self._since_check += 1
+        if self.training:
+            self._trained = True
         return loss
 
     def head_logits(self, features: Mapping[str, Tensor]) -> dict[str, list[Tensor]]:
@@ -413,10 +639,10 @@ class SustainedBoostingLoss(nn.Module):
         ).sum(0)
 
     def check(self) -> BoostingRecord:
-        """Adaptive classifier assignment; call on every rank at the same point.
+        """Adaptive classifier assignment now; call on every rank at the same point.
 
         Pools ``s_m`` over the training samples since the last check (every rank: one
-        all-reduce of ``M + 1`` sums plus a consistency fingerprint), applies the rule
+        all-reduce of the ``M`` sums, the counts and a consistency fingerprint), applies the rule
 
         * two modalities: ``r = s_1 / s_2``; ``r > sigma + tau`` -> a head for modality 2,
           ``r < sigma - tau`` -> a head for modality 1, otherwise none;
@@ -424,40 +650,49 @@ class SustainedBoostingLoss(nn.Module):
           ``r_m < sigma - tau``;
 
         adds at most one head (a warning instead when that modality is at ``max_heads``),
-        resets the pool and returns (and stores in :attr:`last`) a :class:`BoostingRecord`.
+        resets the pool and the step counter and returns (and stores in :attr:`last`) a
+        :class:`BoostingRecord`. Automatic checks (``check_every``) call the same code, except
+        that one finding no sample on any rank makes no decision instead of raising.
 
         The decision is read on the host: one sync per check, not per step.
 
         Raises:
-            RuntimeError: no training batch was seen since the last check (on any rank), or the
-                ranks disagree on the head counts or seed (``add_head`` called on one rank only).
+            RuntimeError: no training sample was pooled since the last check (on any rank), or
+                the ranks disagree on the head counts or seed (``add_head`` called on one rank
+                only).
         """
+        record = self._check(explicit=True, stacklevel=4)
+        assert record is not None
+        return record
+
+    def _check(self, *, explicit: bool, stacklevel: int) -> BoostingRecord | None:
+        """The check; ``stacklevel`` points warnings at the user's line (``_activate`` depth)."""
         m = len(self.modalities)
         device = self.head_counts.device
-        if self._pool.empty:
-            self._pool.add(torch.zeros(m, device=device), 0)  # join the collective anyway
-        state = self._pool.state_dict()
-        fingerprint = torch.tensor(
-            [float(self.seed % 65536), *map(float, self._counts)], device=state["sums"].device
-        )
-        local = torch.cat([state["sums"], state["count"].reshape(1), fingerprint])
-        pooled = all_reduce_sum(local, self.process_group)
-        self._pool.reset()
         self._since_check = 0
-        host = pooled.cpu().double()  # the one host read of a check
-        count = float(host[m])
-        ranks = world_size(self.process_group)
-        if not torch.equal(host[m + 1 :], ranks * fingerprint.cpu().double()):
+        self._checked = True
+        fingerprint = torch.tensor(
+            [float(self.seed % 65536), *map(float, self._counts)], dtype=torch.float64
+        )
+        pooled = self._pool.pool(
+            m, device, self.process_group, missing=_NO_SAMPLES, extra=fingerprint.to(device)
+        )
+        assert pooled.extra is not None
+        host = torch.cat(
+            [pooled.sums.double(), pooled.samples.reshape(1).double(), pooled.extra.double()]
+        ).cpu()  # the one host read of a check
+        ranks = world_size(self.process_group) if is_distributed(self.process_group) else 1
+        if not torch.equal(host[m + 1 :], ranks * fingerprint):
             raise RuntimeError(
                 "SustainedBoostingLoss differs across ranks (head counts "
                 f"{self.num_heads} or seed {self.seed} on this rank are not those of every "
                 "rank); call add_head/check on every rank at the same step and use one seed"
             )
-        if count == 0:
-            raise RuntimeError(
-                "check() needs at least one training-mode forward since the last check; no "
-                "samples were pooled"
-            )
+        count = float(host[m])
+        if pooled.empty or count == 0:
+            if explicit:
+                raise RuntimeError(_NO_SAMPLES + " on any rank")
+            return None  # a scheduled check over empty steps: no decision, no record
         scores = host[:m] / count
         choice, ratios = _choose_modality(scores, sigma=self.sigma, tau=self.tau)
         added: str | None = None
@@ -471,10 +706,10 @@ class SustainedBoostingLoss(nn.Module):
                     f"max_heads={self.max_heads} heads; no head added (raise max_heads to allow "
                     "more)",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=stacklevel - 1,
                 )
             else:
-                self._activate(choice)
+                self._activate(choice, stacklevel=stacklevel)
                 added = name
         head_added = torch.zeros(m, dtype=torch.long, device=device)
         if added is not None:
@@ -485,7 +720,7 @@ class SustainedBoostingLoss(nn.Module):
             ratios=ratios.to(device, torch.float32),
             num_heads=self.head_counts.clone(),
             head_added=head_added,
-            samples=pooled[m].clone(),
+            samples=pooled.samples.clone(),
             added_to=added,
             capped=capped,
         )
@@ -493,17 +728,54 @@ class SustainedBoostingLoss(nn.Module):
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
-        """Generator, pooled scores and the step counter (head counts are the buffer)."""
+        """Generator, pooled scores, the schedule's position and the last record.
+
+        (Head counts are the ``head_counts`` buffer.)
+        """
         return {
             "generator": self._generator.get_state(),
             "pool": self._pool.state_dict(),
             "since_check": self._since_check,
+            "checked": self._checked,
+            "trained": self._trained,
+            "last": None if self.last is None else dataclasses.asdict(self.last),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`get_extra_state` returned (via ``load_state_dict``)."""
         self._generator.set_state(state["generator"])
         self._pool.load_state_dict(state["pool"])
         self._since_check = int(state["since_check"])
+        # older checkpoints: no first_check existed, so the first check counts as done
+        self._checked = bool(state.get("checked", True))
+        self._trained = bool(state.get("trained", True))
+        last = state.get("last")
+        self.last = (
+            None
+            if last is None
+            else BoostingRecord(**{**last, "modalities": tuple(last["modalities"])})
+        )
+
+
+def _split_stacked_heads(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    *args: Any,
+) -> None:
+    """Load checkpoints of the stacked layout (``head_weight.i`` ``[max_heads, hidden, D]``).
+
+    Versions up to 0.1 kept each modality's heads in one stacked parameter; split it into the
+    per-head parameters ``head_weight.i.j`` / ``head_bias.i.j``.
+    """
+    for name, ndim in (("head_weight", 3), ("head_bias", 2)):
+        for i in range(len(getattr(module, "modalities", ()))):
+            key = f"{prefix}{name}.{i}"
+            value = state_dict.get(key)
+            if isinstance(value, Tensor) and value.dim() == ndim:
+                del state_dict[key]
+                for j, row in enumerate(value.unbind(0)):
+                    state_dict[f"{key}.{j}"] = row
 
 
 def _refresh_counts(module: nn.Module, incompatible_keys: Any) -> None:
