@@ -1,0 +1,177 @@
+"""Prediction branches: each modality's unimodal logits plus the fused logits, validated.
+
+Methods that weigh or evaluate *branch* losses (G-Blending, a diagnosis report) all need the
+same two things: the ordered mapping ``{modality: z_m, ..., "fused": z}`` (unimodal logits from
+the model's own head or given by the user, checked against the fused logits and the target), and
+each branch's per-sample cross-entropy in fp32 whatever precision the forward pass ran in.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._validation import (
+    _assert_on_device,
+    check_logits,
+    check_modalities,
+    check_same_modalities,
+    check_target,
+    check_unimodal_logits,
+    real_param,
+)
+from .unimodal import Head, unimodal_logits
+
+__all__ = [
+    "FUSED",
+    "branch_logits",
+    "branch_names",
+    "branch_vector",
+    "per_sample_cross_entropy",
+]
+
+FUSED = "fused"
+"""Default name of the fused-logits branch."""
+
+
+def branch_names(modalities: object, fused: str = FUSED) -> tuple[str, ...]:
+    """``(*modalities, fused)``: at least two distinct modality names, none equal to ``fused``."""
+    if isinstance(modalities, str) or not hasattr(modalities, "__iter__"):
+        raise TypeError(
+            f"modalities must be a sequence of modality names, got {type(modalities).__name__}"
+        )
+    names = tuple(modalities)
+    if len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"modalities needs at least two modality names (str), got {list(names)}")
+    if len(set(names)) != len(names) or fused in names:
+        raise ValueError(
+            f"modality names {list(names)} must be distinct and differ from the fused branch's "
+            f"name {fused!r}"
+        )
+    return (*names, fused)
+
+
+def branch_logits(
+    logits: Tensor,
+    target: Tensor,
+    features: Mapping[str, Tensor] | None = None,
+    given: Mapping[str, Tensor] | None = None,
+    *,
+    head: Head | None = None,
+    ignore_index: int | None = None,
+    fused: str = FUSED,
+    who: str = "this method",
+) -> dict[str, Tensor]:
+    """``{modality: z_m, ..., fused: z}`` in mapping order, every tensor checked.
+
+    The unimodal logits are ``given`` when passed, else ``unimodal_logits(head, features)``.
+
+    Raises:
+        ValueError: fewer than two modalities, batch sizes or class counts that differ between
+            the fused logits, the unimodal logits, the features and the target; a modality named
+            like the fused branch; targets out of range; non-finite logits; no way to get
+            unimodal logits. The message names the branch and the shapes.
+        TypeError: non-tensor or non-floating logits, a features object that is not a mapping.
+    """
+    check_logits(logits, name="logits")
+    batch, classes = logits.shape
+    if features is not None and check_modalities(features, what="features") != batch:
+        first, x = next(iter(features.items()))
+        raise ValueError(
+            f"features[{first!r}] has batch {x.shape[0]} (shape {tuple(x.shape)}) but the "
+            f"logits have batch {batch} (shape {tuple(logits.shape)})"
+        )
+    if given is not None:
+        check_modalities(given, what="unimodal_logits")
+        if features is not None:
+            check_same_modalities(
+                features, given, expected_what="features", actual_what="unimodal_logits"
+            )
+        zs = dict(given)
+    elif head is not None and features is not None:
+        zs = unimodal_logits(head, features)
+    else:
+        raise ValueError(
+            f"{who} needs unimodal logits: give it head=model.fusion_head and pass features=, "
+            "or pass unimodal_logits="
+        )
+    _, uni_classes = check_unimodal_logits(zs, batch=batch)
+    if uni_classes != classes:
+        raise ValueError(
+            f"unimodal logits have {uni_classes} classes (shapes "
+            f"{[tuple(z.shape) for z in zs.values()]}) but the fused logits have shape "
+            f"{tuple(logits.shape)}; the class counts must match"
+        )
+    if fused in zs:
+        raise ValueError(
+            f"a modality is named {fused!r}, the name of the fused branch; rename the modality "
+            "or pass another fused= name"
+        )
+    check_target(target, batch=batch, num_classes=classes, ignore_index=ignore_index)
+    return {**zs, fused: logits}
+
+
+def per_sample_cross_entropy(
+    branches: Mapping[str, Tensor],
+    target: Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Cross-entropy of every branch on every sample, ``[K, B]``, differentiable.
+
+    ``l_kb = -log softmax(z_k,b)[y_b]`` (or ``-sum_c t_bc log softmax(z_k,b)_c`` for soft
+    targets), as ``F.cross_entropy(..., reduction="none")`` computes it, after promoting
+    fp16/bf16 logits to fp32 (fp64 stays fp64). A sample whose target is ``ignore_index`` gives
+    0. Gradients flow to the logits.
+    """
+    dtype = functools.reduce(torch.promote_types, (z.dtype for z in branches.values()))
+    dtype = torch.promote_types(dtype, torch.float32)
+    return torch.stack(
+        [
+            F.cross_entropy(
+                z.to(dtype),
+                target if not target.is_floating_point() else target.to(dtype),
+                reduction="none",
+                ignore_index=ignore_index,
+                label_smoothing=label_smoothing,
+            )
+            for z in branches.values()
+        ]
+    )
+
+
+def branch_vector(values: Mapping[str, object], names: tuple[str, ...], *, what: str) -> Tensor:
+    """``[K]`` vector of one real scalar per branch, in the order of ``names``.
+
+    Values may be Python reals or one-element tensors (on any device: the vector goes to the
+    first non-CPU one). Kept in fp64 (fp32 on devices without fp64), so that differences of
+    losses lose nothing.
+
+    Raises:
+        TypeError: ``values`` is not a mapping, or a value is not a real scalar.
+        ValueError: missing or extra branches, or a non-finite value (the message names it).
+    """
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{what} must be a mapping branch -> value, got {type(values).__name__}")
+    if set(values) != set(names) or len(values) != len(names):
+        raise ValueError(f"{what} has branches {list(values)}; expected {list(names)}")
+    out = []
+    for name in names:
+        v = values[name]
+        if not isinstance(v, Tensor):
+            v = torch.tensor(real_param(f"{what}[{name!r}]", v), dtype=torch.float64)
+        elif v.numel() != 1 or v.is_complex() or v.dtype == torch.bool:
+            raise TypeError(
+                f"{what}[{name!r}] must be a real scalar, got {v.dtype} of shape {tuple(v.shape)}"
+            )
+        out.append(v.detach().reshape(()))
+    device = next((v.device for v in out if v.device.type != "cpu"), out[0].device)
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    vec = torch.stack([v.to(device=device, dtype=dtype) for v in out])
+    _assert_on_device(torch.isfinite(vec).all(), f"{what} must be finite, got {dict(values)}")
+    return vec

@@ -1,0 +1,154 @@
+"""Per-branch mean losses over a data loader, pooled over DDP ranks.
+
+G-Blending needs each branch's train and validation loss at the end of every window; a diagnosis
+report needs the same numbers. :func:`branch_losses` runs the user's forward over a
+loader in eval mode under ``torch.no_grad()``, adds each batch's per-branch loss *sums* and
+sample count to a :class:`~imbalance_losses._running.RunningSums`, and pools them over the ranks
+in one all-reduce, so that every rank gets the mean over the global set of samples:
+
+    L_k = sum_{ranks} sum_{batches} sum_b l_kb  /  sum_{ranks} sum_{batches} n_counted
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._branches import FUSED, branch_logits, branch_names, per_sample_cross_entropy
+from ._distributed import ProcessGroup, all_reduce_sum, is_distributed, world_size
+from ._running import RunningSums
+from ._stats import counted
+from ._validation import check_same_modalities
+from .unimodal import Head
+
+__all__ = ["BranchOutputs", "branch_losses", "check_same_on_ranks"]
+
+BranchOutputs = tuple[Tensor, Tensor, Mapping[str, Tensor]]
+"""What the forward function returns per batch: ``(fused_logits, target, features)`` (or the
+unimodal logits instead of the features when no head is given)."""
+
+
+@contextmanager
+def _eval_mode(model: nn.Module | None) -> Iterator[None]:
+    """``model.eval()`` inside the block; every submodule's own training flag restored after."""
+    if model is None:
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _device(model: nn.Module | None, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if model is not None:
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def branch_losses(
+    forward: Callable[[Any], BranchOutputs],
+    loader: Iterable[Any],
+    modalities: Sequence[str],
+    *,
+    head: Head | None = None,
+    model: nn.Module | None = None,
+    fused: str = FUSED,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    device: torch.device | str | None = None,
+    process_group: ProcessGroup | None = None,
+) -> dict[str, Tensor]:
+    """Mean cross-entropy of every branch over ``loader``: ``{modality: L_m, ..., fused: L}``.
+
+    Args:
+        forward: ``forward(batch) -> (fused_logits [B, C], target [B], features)`` where
+            ``features`` is ``{modality: x_m}`` when ``head`` is given, else the precomputed
+            unimodal logits ``{modality: z_m}``.
+        loader: any iterable of batches (a ``DataLoader``). Under DDP each rank iterates its own
+            shard; a sampler that pads shards with repeated samples counts those twice.
+        modalities: the modality names, in mapping order (they name the branches).
+        head: the fusion head for :func:`~imbalance_losses.unimodal_logits`.
+        model: module(s) put in eval mode while evaluating (their flags are restored after).
+        fused: the fused branch's name.
+        ignore_index, label_smoothing: as in ``nn.CrossEntropyLoss``; ignored samples are
+            neither summed nor counted.
+        device: where a rank that gets no batch places its zeros (default: the model's device).
+        process_group: the ranks to pool over (default: the world; none without DDP).
+
+    Returns:
+        0-dim fp32 tensors on the logits' device, identical on every rank: the global mean.
+
+    Raises:
+        ValueError: no counted sample on any rank, or a batch whose outputs fail the checks of
+            the loss (the message names the branch and the shapes). Under DDP every rank
+            raises in the same call (a failing rank joins the pooling with a failure flag).
+        RuntimeError: the loader yielded no batch (on every rank).
+    """
+    names = branch_names(modalities, fused)
+    size = len(names)
+    zeros_on = _device(model, device)
+    pool = RunningSums()
+    with _eval_mode(model), torch.no_grad(), pool.failing_together(size, zeros_on, process_group):
+        for batch in loader:
+            outputs = forward(batch)
+            if not isinstance(outputs, tuple) or len(outputs) != 3:
+                raise TypeError(
+                    "forward(batch) must return (fused_logits, target, features) (features: the "
+                    "unimodal logits when no head is given), got "
+                    f"{type(outputs).__name__}"
+                )
+            logits, target, third = outputs
+            features, given = (third, None) if head is not None else (None, third)
+            branches = branch_logits(
+                logits, target, features, given, head=head, ignore_index=ignore_index,
+                fused=fused, who="branch_losses",
+            )  # fmt: skip
+            check_same_modalities(
+                list(names[:-1]),
+                {m: z for m, z in branches.items() if m != fused},
+                expected_what="the given",
+                actual_what="the batch's",
+            )
+            losses = per_sample_cross_entropy(
+                branches, target, ignore_index=ignore_index, label_smoothing=label_smoothing
+            )
+            mask = counted(target, ignore_index)
+            rows = logits.shape[0]
+            pool.add(losses.sum(1), rows if mask is None else mask.sum(), rows=rows)
+    pooled = pool.pool(
+        size, zeros_on, process_group, missing="branch_losses: the loader yielded no batch"
+    )
+    if pooled.empty or float(pooled.samples) == 0:
+        raise ValueError(
+            "branch_losses: no counted sample on any rank (empty batches, or every "
+            "target equal to ignore_index); the mean loss is undefined"
+        )
+    mean = pooled.mean()
+    return {name: mean[i] for i, name in enumerate(names)}
+
+
+def check_same_on_ranks(values: Tensor, group: ProcessGroup | None, *, message: str) -> None:
+    """Under DDP, raise ``ValueError(message)`` on every rank unless all ranks hold ``values``.
+
+    One all-reduce of ``[v, v^2]``: the values agree exactly when their variance over the ranks
+    is zero, and every rank decides from the same pooled sums, so all raise or none does (a
+    relative tolerance of ``1e-9`` absorbs the rounding of the sum). A no-op without DDP.
+    """
+    if not is_distributed(group):
+        return
+    n, size = world_size(group), values.shape[0]
+    total = all_reduce_sum(torch.cat([values, values * values]), group)
+    mean, square = total[:size] / n, total[size:] / n
+    if bool(((square - mean * mean).abs() > 1e-9 * (1.0 + mean * mean)).any()):
+        raise ValueError(message)
