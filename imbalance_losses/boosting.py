@@ -355,11 +355,13 @@ class SustainedBoostingLoss(nn.Module):
         with momentum starts a fresh momentum buffer. Without a binding an inactive head, which
         received exact zero gradients, keeps the state those built: SGD without dampening is
         exact anyway, but Adam's step counter is already ``t``, so the new head's first updates
-        are about ``(1 - beta1) / sqrt(1 - beta2)`` (~3x) too large.
+        are off by ``(1 - beta1) / sqrt(1 - beta2) * sqrt(1 - beta2^t) / (1 - beta1^t)`` (~3x for
+        a large ``t``).
 
-        Weak references are kept (the module does not keep an optimiser alive; pickling drops
-        them). Call again to re-bind (e.g. after building a new optimiser); each call replaces
-        the previous binding. Do the same on every rank.
+        Weak references are kept (the module does not keep an optimiser alive; pickling and
+        ``copy.deepcopy`` drop them: bind the copy to its own optimiser). Call again to re-bind
+        (e.g. after building a new optimiser); each call replaces the previous binding. Do the
+        same on every rank.
 
         Raises:
             TypeError: an argument is not a ``torch.optim.Optimizer``.
