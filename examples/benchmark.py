@@ -23,11 +23,15 @@ Protocol (the same for every row):
   regression fitted on the frozen training features of that modality, L-BFGS, fixed L2 1e-3) and
   the unimodal logits read off the trained model's own head (``unimodal_logits`` for the linear
   head; each modality's head ensemble for sustained boosting).
-* Rows: each uni-modal model alone, plain joint training, joint + OGM-GE, joint + ARL,
-  sustained boosting, and the uni-modal ensemble (mean of the two uni-modal models' softmax);
-  each under SGD with momentum and under Adam.
+* Rows: each uni-modal model alone, plain joint training, joint + OGM-GE, joint + ARL (and its
+  no-re-weighting ablation), sustained boosting, joint + PMR, joint + G-Blending, and the
+  uni-modal ensemble (mean of the two uni-modal models' softmax); each under SGD with momentum
+  and under Adam. A row whose class is not in ``imbalance_losses`` prints "not available".
+* PMR: prototypes recomputed at the start of every epoch from the whole training split (eval
+  mode, no grad), ``set_epoch`` each epoch; grid ``alpha``; ``mu``, ``entropy_epochs`` and
+  ``momentum`` at their documented defaults.
 
-How each method plugs into the loop is in :func:`train_run` (three lines each).
+How each method plugs into the loop is in :func:`train_run` (a few lines each).
 """
 
 from __future__ import annotations
@@ -113,6 +117,13 @@ METHODS: tuple[Method, ...] = (
         "SustainedBoostingLoss",
         grid=({"lam": 0.2}, {"lam": 0.5}, {"lam": 1.0}),
         quick={"lam": 0.5},
+    ),
+    Method(
+        "pmr",
+        "joint + PMR",
+        "PMRLoss",
+        grid=({"alpha": 0.5}, {"alpha": 1.0}, {"alpha": 2.0}, {"alpha": 4.0}),
+        quick={"alpha": 1.0},  # the official --alpha default
     ),
 )
 
@@ -206,6 +217,7 @@ class Runner:
         criterion: nn.Module = nn.CrossEntropyLoss()
         modulator: Any = None
         boost: Any = None
+        pmr: Any = None
         params = list(model.parameters())
         if method in ("arl", "arl_no_reweight"):
             criterion = imbalance_losses.ARLLoss(
@@ -234,9 +246,16 @@ class Runner:
             )
             # boost owns the heads (all pre-allocated): train them with the encoders.
             params = list(model.encoders.parameters()) + list(boost.parameters())
+        elif method == "pmr":
+            pmr = imbalance_losses.PMRLoss(
+                task.num_classes,
+                {m: FEATURE_WIDTH for m in modalities},
+                alpha=config["alpha"],  # mu=0.1, entropy_epochs=10, momentum=0.2 (defaults)
+            )
         opt = OPTIMIZERS[optimizer][1](params)
 
-        tracked: Any = criterion if method == "arl" else modulator  # its `last` record
+        # the object whose `last` record is traced every step
+        tracked: Any = {"arl": criterion, "ogm_ge": modulator, "pmr": pmr}.get(method)
         generator = torch.Generator().manual_seed(seed)
         trace: list[dict[str, float]] = []
         records: list[Any] = []
@@ -246,6 +265,12 @@ class Runner:
         diverged: int | None = None
         start = time.perf_counter()
         for epoch in range(self.epochs):
+            if pmr is not None:  # prototypes = class means of the training split, epoch start
+                model.eval()
+                with torch.no_grad():
+                    train_feats = model.features(task.train.inputs, task.train.masks)
+                    pmr.update_prototypes([(train_feats, task.train.y)])
+                pmr.set_epoch(epoch)
             model.train()
             if boost is not None:
                 boost.train()
@@ -257,6 +282,8 @@ class Runner:
                         loss = boost(feats, batch.y)
                     elif method in ("arl", "arl_no_reweight"):
                         loss = criterion(model.fuse(feats), batch.y, features=feats)
+                    elif pmr is not None:
+                        loss = pmr(model.fuse(feats), batch.y, feats)
                     else:
                         loss = criterion(model.fuse(feats), batch.y)
                     opt.zero_grad(set_to_none=True)

@@ -328,6 +328,7 @@ def test_quick_benchmark_prints_the_full_table_for_both_tasks(tmp_path: Path) ->
         "joint + ARL",
         "ablation: ARL loss, no re-weighting",
         "sustained boosting",
+        "joint + PMR",
         "uni-modal ensemble",
     ]
     tables = re.split(r"^### ", text, flags=re.M)[1:]
@@ -344,3 +345,79 @@ def test_quick_benchmark_prints_the_full_table_for_both_tasks(tmp_path: Path) ->
     assert re.search(
         r"^\| joint \+ ARL \| sgd \|[^\n]*\| \d+\.\d / \d+\.\d \| \d+\.\d / \d+\.\d \|", text, re.M
     )
+
+
+# ----------------------------------------------------------------------------- method wiring
+
+
+def _tiny_task(seed: int = 0) -> data.Task:
+    """Three classes, two vector modalities (``a`` informative, ``b`` weakly so), CPU-cheap."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> data.Split:
+        y = torch.arange(n) % 3
+        a = torch.randn(n, 6, generator=g) + 2.0 * torch.nn.functional.one_hot(y, 6)
+        b = torch.randn(n, 5, generator=g) + 0.5 * torch.nn.functional.one_hot(y, 5)
+        return data.Split({"a": a, "b": b}, y)
+
+    return data.Task(
+        name="tiny", title="Tiny", num_classes=3, kinds={"a": "vector", "b": "vector"},
+        train=split(150), val=split(60), test=split(60), source="synthetic",
+    )  # fmt: skip
+
+
+def _capture_models(monkeypatch: pytest.MonkeyPatch, benchmark: Any) -> list[FusionModel]:
+    built: list[FusionModel] = []
+    real = benchmark.Runner.build
+
+    def build(self: Any, modalities: list[str]) -> FusionModel:
+        built.append(real(self, modalities))
+        return built[-1]
+
+    monkeypatch.setattr(benchmark.Runner, "build", build)
+    return built
+
+
+def test_pmr_row_updates_prototypes_from_the_training_split_before_each_epoch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import benchmark
+
+    import imbalance_losses
+
+    task, epochs = _tiny_task(), 3
+    built = _capture_models(monkeypatch, benchmark)
+    events: list[tuple[str, int]] = []
+
+    class Spy(imbalance_losses.PMRLoss):
+        def update_prototypes(self, batches: Any) -> torch.Tensor:
+            batches = list(batches)
+            model = built[-1]
+            assert not torch.is_grad_enabled(), "prototypes must be computed under no_grad"
+            assert not any(m.training for m in model.modules()), "model must be in eval mode"
+            assert len(batches) == 1
+            feats, target = batches[0]
+            assert torch.equal(target, task.train.y)  # the training split, never val / test
+            expected = {m: enc(task.train.inputs[m]) for m, enc in model.encoders.items()}
+            assert feats.keys() == expected.keys()
+            for m in expected:
+                assert torch.allclose(feats[m], expected[m])
+            events.append(("prototypes", self.steps))
+            return super().update_prototypes(batches)
+
+        def set_epoch(self, epoch: int) -> None:
+            events.append(("epoch", epoch))
+            super().set_epoch(epoch)
+
+    monkeypatch.setattr(imbalance_losses, "PMRLoss", Spy)
+    result = benchmark.Runner(task, epochs).train_run("pmr", "sgd", 0, {"alpha": 2.0})
+    steps = -(-len(task.train) // benchmark.BATCH_SIZE)
+    # before epoch e: prototypes from the model as it is after e epochs, then set_epoch(e)
+    assert events == [
+        item for e in range(epochs) for item in (("prototypes", e * steps), ("epoch", e))
+    ]
+    # every training step went through PMR and left its record in the trace
+    assert len(result.trace) == epochs * steps
+    assert all("coefficients/a" in r and "coefficients/b" in r for r in result.trace)
+    assert all(r["coefficients/a"] == 0.0 or r["coefficients/b"] == 0.0 for r in result.trace)
+    assert all(0.0 <= r["coefficients/b"] <= 2.0 for r in result.trace)  # alpha * clip(., 0, 1)
