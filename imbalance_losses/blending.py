@@ -94,10 +94,9 @@ def blending_weights(
     eps = real_param("eps", eps, gt=0.0)
     score = delta_g.clamp_min(0) / (delta_o * delta_o).clamp_min(eps)
     total = score.sum()
-    if fallback is None:
-        fallback = torch.full_like(score, 1.0 / score.shape[0])
+    uniform = torch.full_like(score, 1.0 / score.shape[0])
     weights = score / torch.where(total > 0, total, torch.ones_like(total))
-    return torch.where(total > 0, weights, fallback.to(weights))
+    return torch.where(total > 0, weights, uniform if fallback is None else fallback.to(weights))
 
 
 @dataclass(frozen=True)
@@ -193,16 +192,13 @@ class GradientBlending(nn.Module):
             raise ValueError(f"branches {list(names)} differ from {list(self.branches)}")
         return names
 
-    def _names(self, values: Mapping[str, Any]) -> tuple[str, ...]:
+    def _names(self, values: Mapping[str, Any]) -> tuple[str, ...]:  # bind from a mapping
         if self.branches is None and isinstance(values, Mapping):
             return self._bind((*(m for m in values if m != self.fused), self.fused))
         return self.branches or ()
 
     def set_weights(self, weights: Mapping[str, float | Tensor]) -> None:
-        """Use ``weights`` (every branch, ``>= 0``, normalised to sum 1) from now on.
-
-        For the paper's offline G-Blending (Algorithm 2) or weights estimated elsewhere.
-        """
+        """Use ``weights`` (every branch, ``>= 0``, normalised to sum 1), e.g. offline ones."""
         w = branch_vector(weights, self._names(weights), what="weights")
         _assert_on_device((w >= 0).all() & (w.sum() > 0), f"weights must be >= 0, not all 0: {w}")
         self._weights = (w / w.sum()).float()
@@ -272,8 +268,8 @@ class GradientBlending(nn.Module):
         if start is None or self.branches is None or self._weights is None:
             return None
         delta_g, delta_o = window_changes(*start, train, val)
-        self._weights = blending_weights(delta_g, delta_o, eps=self.eps, fallback=self._weights)
-        self._weights = self._weights.float()
+        weights = blending_weights(delta_g, delta_o, eps=self.eps, fallback=self._weights)
+        self._weights = weights.float()
         self._windows += 1
         self.last = BlendingRecord(
             modalities=self.branches, train_losses=train, val_losses=val, delta_g=delta_g,
