@@ -253,6 +253,8 @@ class Runner:
                 alpha=config["alpha"],  # mu=0.1, entropy_epochs=10, momentum=0.2 (defaults)
             )
         opt = OPTIMIZERS[optimizer][1](params)
+        if boost is not None:  # a head added later starts a fresh optimiser state (Adam)
+            boost.attach_optimizer(opt)
 
         # the object whose `last` record is traced every step
         tracked: Any = {"arl": criterion, "ogm_ge": modulator, "pmr": pmr}.get(method)

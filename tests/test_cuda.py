@@ -65,7 +65,9 @@ def test_modulator_step_has_no_sync() -> None:
 
 def test_boosting_step_has_no_sync() -> None:
     x, y, enc, _ = _data()
-    boost = SustainedBoostingLoss(3, {"audio": 8, "visual": 8}, hidden=8).cuda()
+    boost = SustainedBoostingLoss(
+        3, {"audio": 8, "visual": 8}, hidden=8, check_every="manual"
+    ).cuda()
     boost.add_head("visual")
 
     def step() -> None:
