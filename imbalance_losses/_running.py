@@ -210,18 +210,19 @@ class RunningSums:
         *,
         extra_size: int = 0,
     ) -> None:
-        """Join the :meth:`pool` collective of this call with the failure flag set, and reset.
+        """Join the :meth:`pool` collective of this call with the failure flag set (under DDP).
 
         For a rank whose input failed validation in a call in which the other ranks pool: it
         calls this and then raises its own error, and every other rank's :meth:`pool` raises
-        too, so all ranks fail in the same call. ``size`` and ``extra_size`` must be what the
-        other ranks pool. Without a process group this only resets the pool.
+        too, so all ranks fail in the same call, and every rank's pool is reset (the statistics of
+        the failed call's step are dropped everywhere alike). ``size`` and ``extra_size`` must be
+        what the other ranks pool. Without a process group it does nothing: the bad batch raises
+        and the statistics added before it stay.
         """
         if is_distributed(group):
             extra = torch.zeros(extra_size) if extra_size else None
             self.reset()
             all_reduce_sum(self._payload(size, device, failed=True, extra=extra), group)
-        self.reset()
 
     @contextmanager
     def failing_together(

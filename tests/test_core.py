@@ -60,7 +60,8 @@ def test_failing_together_without_a_group_just_reraises() -> None:
     pool.add(torch.ones(2), 1)
     with pytest.raises(ValueError, match="bad"), pool.failing_together(2, torch.device("cpu")):
         raise ValueError("bad")
-    assert pool.empty  # the failed call's partial statistics are dropped
+    assert not pool.empty  # one process: what was added before the bad batch stays
+    assert pool.pool(2, torch.device("cpu"), missing="-").samples == 1
 
 
 # -- pooling over two ranks -------------------------------------------------------------------
