@@ -233,7 +233,8 @@ class GradientBlending(nn.Module):
         if self.reduction != "mean":
             return loss if self.reduction == "none" else loss.sum()
         mask = counted(target, self.ignore_index)
-        count = loss.new_tensor(float(loss.shape[0])) if mask is None else mask.sum().to(loss)
+        n = torch.full((), float(loss.shape[0]), dtype=loss.dtype, device=loss.device)  # no H2D
+        count = n if mask is None else mask.sum().to(loss)
         return loss.sum() / count.clamp_min(1.0)
 
     def evaluate(self, forward: Any, *loaders: Any, model: Any = None) -> tuple[Any, ...]:

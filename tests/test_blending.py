@@ -472,3 +472,43 @@ def test_ddp_pooled_losses_and_weights_equal_one_process() -> None:
                 torch.testing.assert_close(got.weights, rec.weights, rtol=1e-4, atol=1e-5)
     assert torch.equal(results[0]["records"][2].weights, results[1]["records"][2].weights)
     assert results[0]["raised"] and results[1]["raised"]  # rank-local losses: every rank raises
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_makes_no_host_sync_and_windows_work() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(10, 3).cuda()
+    enc = nn.ModuleDict({"audio": nn.Linear(6, 4), "visual": nn.Linear(5, 6)}).cuda()
+    x = {"audio": torch.randn(7, 6, device="cuda"), "visual": torch.randn(7, 5, device="cuda")}
+    y = torch.randint(0, 3, (7,), device="cuda")
+    blend = GradientBlending(head=head, initial_weights=losses([0.2, 0.3, 0.5]))
+    out: list[Tensor] = []
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            feats = {m: enc[m](v) for m, v in x.items()}
+            logits = head(torch.cat(list(feats.values()), 1))
+            loss = blend(logits, y, features=feats)  # under autocast, like the forward
+        loss.backward()
+        out.append(loss.detach())
+
+    step()  # warm-up: the weights move to the device once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out[-1].dtype == torch.float32 and bool(torch.isfinite(out[-1]))
+    batches = [(x, y)]
+
+    def forward(b: Any) -> Any:
+        feats = {m: enc[m](v) for m, v in b[0].items()}
+        return head(torch.cat(list(feats.values()), 1)), b[1], feats
+
+    t0 = branch_losses(forward, batches, ["audio", "visual"], head=head)
+    assert t0["fused"].device.type == "cuda"
+    blend.update(t0, t0)
+    rec = blend.update({k: v * 0.5 for k, v in t0.items()}, {k: v * 0.9 for k, v in t0.items()})
+    assert rec is not None and rec.weights.device.type == "cuda"
+    assert abs(float(rec.weights.sum()) - 1.0) < 1e-6
+    step()
