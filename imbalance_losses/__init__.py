@@ -18,6 +18,14 @@ from .arl import (
     arl_coefficients,
     inverse_variance_weights,
 )
+from .blending import (
+    BlendingRecord,
+    GradientBlending,
+    blending_weights,
+    branch_losses,
+    overfitting_to_generalization_ratio,
+    window_changes,
+)
 from .boosting import BoostingRecord, SustainedBoostingLoss
 from .diagnostics import StepRecord
 from .modulation import ModalityGradientModulator, ModulationRecord
@@ -36,7 +44,9 @@ __all__ = [
     "ARLCoefficients",
     "ARLLoss",
     "ARLRecord",
+    "BlendingRecord",
     "BoostingRecord",
+    "GradientBlending",
     "Head",
     "ModalityGradientModulator",
     "ModulationRecord",
@@ -45,13 +55,17 @@ __all__ = [
     "StepRecord",
     "SustainedBoostingLoss",
     "arl_coefficients",
+    "blending_weights",
+    "branch_losses",
     "entropy_weights",
     "inverse_variance_weights",
+    "overfitting_to_generalization_ratio",
     "prototype_entropy",
     "prototype_logits",
     "prototypical_cross_entropy",
     "rebalance_coefficients",
     "unimodal_logits",
+    "window_changes",
 ]
 
 __version__ = "0.1.0.dev0"
