@@ -2,7 +2,8 @@
 
 Both methods act on "the parameters of modality m's encoder". The user names them as a mapping
 modality -> ``nn.Module`` or iterable of parameters; :func:`modality_parameters` flattens that to
-one ``(modality index, name, parameter)`` triple per distinct parameter, and
+one ``(modality index, name, parameter)`` triple per distinct parameter (parameters shared
+between modalities are refused, excluded or assigned to one modality, as the caller says), and
 :func:`scale_gradients_` multiplies their gradients by a per-modality factor in one fused op.
 """
 
@@ -13,7 +14,13 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModalityParameter", "modality_parameters", "present_gradients", "scale_gradients_"]
+__all__ = [
+    "ModalityParameter",
+    "SharedPolicy",
+    "modality_parameters",
+    "present_gradients",
+    "scale_gradients_",
+]
 
 ModalityParameter = tuple[int, str, Tensor]
 """``(modality index in mapping order, parameter name or "", parameter)``."""
@@ -43,19 +50,50 @@ def _named(modality: str, source: object, what: str) -> list[tuple[str, Tensor]]
     return out
 
 
+SharedPolicy = str
+"""What :func:`modality_parameters` does with a parameter reachable from several modalities:
+``"error"``, ``"exclude"``, or the name of the modality that owns it."""
+
+_SHARED_KEYWORDS = ("error", "exclude")
+
+
 def modality_parameters(
-    modules: Mapping[str, object], *, what: str = "modules"
+    modules: Mapping[str, object],
+    *,
+    what: str = "modules",
+    shared: SharedPolicy = "error",
+    hint: str | None = None,
 ) -> list[ModalityParameter]:
     """Every distinct parameter of every modality, in mapping order.
 
-    A parameter listed twice within one modality appears once (so it is never scaled twice);
-    a parameter listed under two modalities is an error naming both, since each encoder must
-    reach the loss only through its own modality's features.
+    A parameter listed twice within one modality appears once (so it is never scaled twice).
+    A parameter listed under two or more modalities (a *shared* parameter: one backbone with
+    modality-specific stems, say) is handled by ``shared``:
+
+    * ``"error"`` (default): a ``ValueError`` naming the parameter and both modalities, since
+      each encoder must reach the loss only through its own modality's features;
+    * ``"exclude"``: left out of every modality (it is not returned at all);
+    * a modality name: it belongs to that modality only, under the name it has there; that
+      modality must list it (a parameter shared by ``"a"`` and ``"b"`` cannot be given to
+      ``"c"``).
+
+    Order: modality by modality in mapping order, each modality's parameters in the order its
+    module or iterable yields them (an assigned shared parameter at its place in the owner's
+    list).
+
+    Args:
+        modules: mapping modality -> ``nn.Module`` or iterable of parameters (leaf tensors).
+        what: the argument's name in messages (``modules[...]``, ``encoders[...]``).
+        shared: ``"error"``, ``"exclude"`` or a modality name (see above). The keywords win over
+            a modality of the same name, which is refused as ambiguous.
+        hint: appended to the shared-parameter error (what the caller's user can pass).
 
     Raises:
-        ValueError: fewer than two modalities, a modality without parameters, or a parameter
-            shared between modalities.
-        TypeError: a value that is neither a module nor an iterable of leaf tensors.
+        ValueError: fewer than two modalities, a modality without parameters (after excluding
+            or assigning shared ones), a shared parameter with ``shared="error"``, an unknown or
+            ambiguous ``shared``, or a shared parameter the named modality does not list.
+        TypeError: a value that is neither a module nor an iterable of leaf tensors, or a
+            ``shared`` that is not a string.
     """
     if not isinstance(modules, Mapping) or len(modules) < 2:
         raise ValueError(
@@ -63,24 +101,66 @@ def modality_parameters(
             f"got {type(modules).__name__}"
             + (f" with {len(modules)} modality" if isinstance(modules, Mapping) else "")
         )
-    owner: dict[int, str] = {}
-    out: list[ModalityParameter] = []
-    for m, (modality, source) in enumerate(modules.items()):
+    if not isinstance(shared, str):
+        raise TypeError(f"shared must be 'error', 'exclude' or a modality name, got {shared!r}")
+    if shared in _SHARED_KEYWORDS and shared in modules:
+        raise ValueError(
+            f"shared={shared!r} is ambiguous: {what} has a modality named {shared!r}; rename it"
+        )
+    if shared not in _SHARED_KEYWORDS and shared not in modules:
+        raise ValueError(
+            f"shared must be 'error', 'exclude' or one of the modalities {list(modules)}, got "
+            f"{shared!r}"
+        )
+    # every modality's distinct parameters, and every modality each parameter appears under
+    listed: list[list[tuple[str, Tensor]]] = []
+    owners: dict[int, list[str]] = {}
+    for modality, source in modules.items():
         named = _named(modality, source, what)
         if not named:
             raise ValueError(f"{what}[{modality!r}] has no parameters")
+        seen: set[int] = set()
+        mine: list[tuple[str, Tensor]] = []
         for name, p in named:
-            other = owner.get(id(p))
-            if other == modality:
+            if id(p) in seen:
                 continue
-            if other is not None:
-                raise ValueError(
-                    f"parameter {name or '<unnamed>'} of shape {tuple(p.shape)} belongs to both "
-                    f"{what}[{other!r}] and {what}[{modality!r}]; each parameter must belong to "
-                    "one modality only"
-                )
-            owner[id(p)] = modality
+            seen.add(id(p))
+            mine.append((name, p))
+            owners.setdefault(id(p), []).append(modality)
+        listed.append(mine)
+    out: list[ModalityParameter] = []
+    for m, (modality, mine) in enumerate(zip(modules, listed, strict=True)):
+        kept = 0
+        for name, p in mine:
+            where = owners[id(p)]
+            if len(where) > 1:
+                if shared == "error":
+                    first, second = where[0], where[1]
+                    raise ValueError(
+                        f"parameter {name or '<unnamed>'} of shape {tuple(p.shape)} belongs to "
+                        f"both {what}[{first!r}] and {what}[{second!r}]; each parameter must "
+                        "belong to one modality only" + (f" ({hint})" if hint else "")
+                    )
+                if shared == "exclude" or shared not in where:
+                    if shared != "exclude":
+                        raise ValueError(
+                            f"parameter {name or '<unnamed>'} of shape {tuple(p.shape)} is "
+                            f"shared by {' and '.join(f'{what}[{w!r}]' for w in where)} but "
+                            f"{what}[{shared!r}] (shared={shared!r}) does not list it; "
+                            "assign it to one of the modalities that share it, or pass "
+                            "shared='exclude'"
+                        )
+                    continue
+                if modality != shared:
+                    continue
             out.append((m, name, p))
+            kept += 1
+        if not kept:
+            raise ValueError(
+                f"{what}[{modality!r}] has no parameters of its own: all "
+                f"{len(mine)} are shared with other modalities and shared={shared!r} "
+                "leaves none to it"
+            )
     return out
 
 

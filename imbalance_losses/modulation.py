@@ -28,7 +28,11 @@ Each optimiser step, after ``backward()`` and before ``optimizer.step()``:
    whose score exceeds the mean of the others is damped.
 4. **Modulation** of every selected parameter ``p`` of modality ``m``: ``g <- g * k_m``.
 5. **GE** (``method="ogm_ge"``): ``g <- g * k_m + N(0, std(g)^2)``, ``std`` the unbiased standard
-   deviation of the gradient *before* modulation, noise from the modulator's own generator.
+   deviation of the gradient *before* modulation, noise from the modulator's own generator::
+
+       std(g)^2 = (sum_i g_i^2 - (sum_i g_i)^2 / n) / (n - 1)       (0 when n = 1)
+
+   from one sum and one ``dot(g, g)`` per gradient (no temporary of a gradient's size).
 
 Steps 4-5 happen only inside the window ``start_step <= t < stop_step`` (``t`` counts calls to
 :meth:`ModalityGradientModulator.step`); outside it gradients are untouched.
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,10 +51,16 @@ import torch
 from torch import Tensor, nn
 
 from ._distributed import ProcessGroup
-from ._params import modality_parameters, present_gradients, scale_gradients_
+from ._params import SharedPolicy, modality_parameters, present_gradients, scale_gradients_
 from ._running import RunningSums
-from ._stats import one_vs_rest_ratio, true_class_probability
-from ._validation import check_same_modalities, check_target, check_unimodal_logits
+from ._stats import counted, one_vs_rest_ratio, true_class_probability
+from ._validation import (
+    check_same_modalities,
+    check_target,
+    check_unimodal_logits,
+    int_param,
+    real_param,
+)
 from .diagnostics import StepRecord
 
 __all__ = ["ModalityGradientModulator", "ModulationRecord"]
@@ -70,8 +81,10 @@ class ModulationRecord(StepRecord):
     Attributes:
         scores: ``[M]`` pooled scores ``s_m = sum_b softmax(z_m)[b, y_b]`` over every
             micro-batch and rank of the step (fp32).
-        num_samples: scalar, the number of samples the scores were pooled over.
-        ratios: ``[M]`` discrepancy ratios ``rho_m = s_m / mean_{k != m} s_k``.
+        num_samples: scalar, the number of samples the scores were pooled over (samples whose
+            target is ``ignore_index`` are not counted).
+        ratios: ``[M]`` discrepancy ratios ``rho_m = min(s_m / mean_{k != m} s_k, max_ratio)``
+            (``0 / 0 = 1``).
         coefficients: ``[M]`` the coefficients applied to the gradients: ``k_m`` inside the
             modulation window, ones outside it (gradients untouched).
         active: whether the gradients were modulated on this step (inside the window).
@@ -86,6 +99,20 @@ class ModulationRecord(StepRecord):
     step: int
 
 
+def capped_ratio(scores: Tensor, max_ratio: float) -> Tensor:
+    """Discrepancy ratios ``[M]`` of the scores ``[M]``, capped at ``max_ratio``.
+
+    ``rho_m = min(s_m / mean_{k != m} s_k, R)``, ``R = max_ratio > 1``, with ``0 / 0 = 1``
+    (:func:`~imbalance_losses._stats.one_vs_rest_ratio`). Without the cap a score that underflows
+    to 0 (every true-class probability below ``1e-45`` in fp32) makes the other ratios infinite,
+    and then ``k = 1 - tanh(alpha * inf) = 0`` for every ``alpha > 0``, however small, while
+    ``alpha = 0`` gives ``k = 1``: a jump, and a silent full stop of those encoders. With the cap
+    ``k`` is a continuous function of ``alpha`` with ``k -> 1`` as ``alpha -> 0``, and
+    ``k >= 1 - tanh(alpha (R - 1))`` (paper form), ``k >= 1 - tanh(alpha R)`` (code form).
+    """
+    return one_vs_rest_ratio(scores).clamp(max=max_ratio)
+
+
 def _coefficients(ratios: Tensor, alpha: float, form: str) -> Tensor:
     """Per-modality coefficients ``k_m`` from the ratios ``rho_m`` (same shape, same dtype).
 
@@ -96,14 +123,59 @@ def _coefficients(ratios: Tensor, alpha: float, form: str) -> Tensor:
     * ``"paper"``: ``k = 1 - tanh(alpha * relu(rho - 1))``
     * ``"code"``:  ``k = 1 - tanh(alpha * rho)`` where ``rho > 1``, else ``1``.
     """
-    # alpha = 0 with an infinite ratio (another modality scored 0) would give 0 * inf = NaN;
-    # the limit is x = 0 (no damping), so NaN is mapped to 0.
+    # alpha = 0 with an infinite ratio would give 0 * inf = NaN; the limit is x = 0 (no
+    # damping), so NaN is mapped to 0. (The modulator caps the ratios; this keeps the
+    # function total for direct callers.)
     if form == "paper":
         x = torch.nan_to_num(alpha * torch.relu(ratios - 1.0), nan=0.0, posinf=math.inf)
         return 2.0 * torch.sigmoid(-2.0 * x)
     x = torch.nan_to_num(alpha * ratios, nan=0.0, posinf=math.inf)
     damped = 2.0 * torch.sigmoid(-2.0 * x)
     return torch.where(ratios > 1.0, damped, torch.ones_like(ratios))
+
+
+def _sum_and_square_sum(g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum_i g_i, sum_i g_i^2)`` of one gradient, 0-dim, with no temporary of its size.
+
+    fp32 / fp64 gradients: ``sum`` (cascade summation) and a BLAS ``dot(g, g)``, both in the
+    gradient's dtype; fp16 / bf16 gradients: accumulated in fp32 (``sum(dtype=)``,
+    ``vector_norm(dtype=)``). A non-contiguous gradient is flattened with a copy.
+    """
+    if g.dtype in (torch.float32, torch.float64):
+        flat = g.reshape(-1)
+        return flat.sum(), torch.dot(flat, flat)
+    return g.sum(dtype=torch.float32), torch.linalg.vector_norm(g, dtype=torch.float32).square()
+
+
+def _gradient_stds(
+    grads: list[Tensor], inv_n: Tensor, inv_n1: Tensor, device: torch.device
+) -> Tensor:
+    """Unbiased standard deviation of each gradient, ``[P]`` fp32 on ``device``.
+
+    ::
+
+        var_p = (sum_i g_i^2 - (sum_i g_i)^2 / n_p) / (n_p - 1),   std_p = sqrt(max(var_p, 0))
+
+    ``inv_n = 1 / n_p`` and ``inv_n1 = 1 / (n_p - 1)`` (0 where ``n_p <= 1``: one value has no
+    spread) are ``[P]`` on ``device`` in the combination dtype (fp64; fp32 where the device has
+    no fp64). The two sums are one reading pass each per gradient with no temporary
+    (:func:`_sum_and_square_sum`), in place of a ``torch.std`` (Welford) per gradient; the ``[P]``
+    combination is one small vector expression. The one-pass formula loses relative precision
+    as ``mean^2 / var`` grows: measured against fp64, the std's relative error is below
+    ``3e-5`` for ``|mean| <= 10 std`` and about ``2e-3`` at ``|mean| = 100 std`` (up to 2.4M
+    elements), which is immaterial for a noise scale; an all-zero gradient gets exactly 0. A
+    non-finite gradient gives a non-finite (``inf`` or NaN) std, so it stays non-finite after
+    the noise.
+    """
+    sums = [t for g in grads for t in _sum_and_square_sum(g)]  # [s1_0, s2_0, s1_1, ...]
+    dtype = inv_n.dtype
+    if all(t.dtype == sums[0].dtype and t.device == device for t in sums):
+        both = torch.stack(sums).to(dtype).view(-1, 2)  # one cast for all
+    else:  # mixed dtypes or devices: each moved on its own
+        both = torch.stack([t.to(device=device, dtype=dtype) for t in sums]).view(-1, 2)
+    s1, s2 = both.unbind(1)
+    var = (s2 - s1.square() * inv_n) * inv_n1
+    return var.clamp_min(0.0).sqrt().float()  # clamp_min keeps NaN (a non-finite gradient)
 
 
 def _is_selected(selection: ParameterSelection, name: str, param: Tensor) -> bool:
@@ -113,6 +185,10 @@ def _is_selected(selection: ParameterSelection, name: str, param: Tensor) -> boo
         return True
     assert callable(selection)
     return bool(selection(name, param))
+
+
+def _combination_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 class ModalityGradientModulator:
@@ -134,10 +210,13 @@ class ModalityGradientModulator:
     arguments once, before ``optimizer.step()``: one coefficient per optimiser step, from the
     scores pooled over every micro-batch.
 
+    Each gradient is modulated at most once per backward: a :meth:`step` whose modulated
+    gradients were all left unchanged since the previous step modulated them (no backward, no
+    ``zero_grad`` in between) raises ``RuntimeError`` instead of scaling them by ``k^2``.
+
     Args:
         modules: ordered mapping modality -> its encoder (an ``nn.Module``) or an iterable of its
             parameters; at least two modalities; same names and order as the unimodal logits.
-            A parameter may belong to one modality only.
         alpha: modulation strength ``alpha >= 0`` (0.8 for CREMA-D and 0.1 for VGGSound in the
             papers; it is per dataset). ``alpha = 0`` gives ``k = 1`` (OGM then changes nothing;
             OGM-GE still adds its noise).
@@ -151,18 +230,28 @@ class ModalityGradientModulator:
             every parameter with ``dim >= 2``: conv and linear weights, not biases nor
             normalisation parameters), ``"all"``, or a predicate ``(name, param) -> bool``
             (``name`` is the name inside the module, ``""`` for a bare parameter).
-        start_step: first step (0-based count of :meth:`step` calls) that modulates.
+        shared: what to do with a parameter that two or more modalities share (one backbone
+            with modality-specific stems): ``"error"`` (default, a ``ValueError`` naming it and
+            the modalities), ``"exclude"`` (never modulated), or a modality name (modulated
+            with that modality's coefficient; that modality must list it).
+        start_step: first step (0-based count of counted :meth:`step` calls) that modulates.
         stop_step: first step that no longer modulates (``None``: never stops).
+        max_ratio: cap ``R > 1`` on the ratios ``rho_m`` (default 100): keeps ``k`` continuous
+            in ``alpha`` and at least ``1 - tanh(alpha (R - 1))`` when a score underflows to 0.
+        ignore_index: class-index targets equal to it are left out of the scores and the
+            sample count (default ``-100``, as ``nn.CrossEntropyLoss``; ``None``: none).
         seed: seed of the modulator's own GE noise generator (the same on every rank).
         process_group: the group the scores are all-reduced over (default: the whole world;
             ignored when not distributed).
 
     Raises:
-        ValueError: fewer than two modalities, a parameter in two modalities, a modality with no
-            selected parameter, ``alpha`` negative or not finite, an unknown ``method`` /
-            ``coefficient`` / ``parameters``, or a window with ``stop_step <= start_step``.
-        TypeError: ``modules`` not a mapping, or a modality given something other than a module
-            or parameters (leaf tensors).
+        ValueError: fewer than two modalities, a parameter shared between modalities with
+            ``shared="error"``, a modality with no selected parameter, ``alpha`` negative or not
+            finite, ``max_ratio <= 1``, an unknown ``method`` / ``coefficient`` / ``parameters``
+            / ``shared``, or a window with ``start_step < 0`` or ``stop_step <= start_step``.
+        TypeError: ``modules`` not a mapping, a modality given something other than a module
+            or parameters (leaf tensors), or a numeric argument of the wrong type (``alpha`` not
+            real, ``start_step=1.5``, a bool...).
     """
 
     def __init__(
@@ -173,8 +262,11 @@ class ModalityGradientModulator:
         method: Method = "ogm_ge",
         coefficient: Coefficient = "paper",
         parameters: ParameterSelection = "weights",
+        shared: SharedPolicy = "error",
         start_step: int = 0,
         stop_step: int | None = None,
+        max_ratio: float = 100.0,
+        ignore_index: int | None = -100,
         seed: int = 0,
         process_group: ProcessGroup | None = None,
     ) -> None:
@@ -186,10 +278,19 @@ class ModalityGradientModulator:
             )
         if len(modules) < 2:
             raise ValueError(f"modules needs at least two modalities, got {list(modules)}")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-            raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
-        if not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
+        alpha = real_param("alpha", alpha, ge=0.0)
+        max_ratio = real_param("max_ratio", max_ratio, gt=1.0)
+        start_step = int_param("start_step", start_step, ge=0)
+        if stop_step is not None:
+            stop_step = int_param("stop_step", stop_step)
+            if stop_step <= start_step:
+                raise ValueError(
+                    f"stop_step ({stop_step}) must be greater than start_step ({start_step}) "
+                    "or None"
+                )
+        if ignore_index is not None:
+            ignore_index = int_param("ignore_index", ignore_index)
+        seed = int_param("seed", seed)
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         if coefficient not in _COEFFICIENTS:
@@ -199,14 +300,13 @@ class ModalityGradientModulator:
                 "parameters must be 'weights', 'all' or a predicate (name, param) -> bool, got "
                 f"{parameters!r}"
             )
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
-        if stop_step is not None and stop_step <= start_step:
-            raise ValueError(
-                f"stop_step ({stop_step}) must be greater than start_step ({start_step}) or None"
-            )
 
-        every = modality_parameters(modules)
+        every = modality_parameters(
+            modules,
+            shared=shared,
+            hint="pass shared='exclude' to leave shared parameters unmodulated, or "
+            "shared='<modality>' to modulate them with that modality's coefficient",
+        )
         chosen = [(m, name, p) for m, name, p in every if _is_selected(parameters, name, p)]
         for m, modality in enumerate(modules):
             if not any(i == m for i, _, _ in chosen):
@@ -218,25 +318,37 @@ class ModalityGradientModulator:
                 )
 
         self.modalities: tuple[str, ...] = tuple(modules)
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.method: Method = method
         self.coefficient: Coefficient = coefficient
-        self.start_step = int(start_step)
-        self.stop_step = None if stop_step is None else int(stop_step)
-        self.seed = int(seed)
+        self.shared = shared
+        self.start_step = start_step
+        self.stop_step = stop_step
+        self.max_ratio = max_ratio
+        self.ignore_index = ignore_index
+        self.seed = seed
         self.process_group = process_group
         self._params = chosen
         self._pool = RunningSums()
         self._step = 0
         self._generator: torch.Generator | None = None
         self._pending_generator_state: Tensor | None = None
+        # per modulated parameter: (weak reference to its .grad, that tensor's version) right
+        # after the last modulation; a gradient still matching both was not touched since
+        self._modulated: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+        self._modulated_step = -1
+        # (present parameter positions, device) -> (modality index [P], 1/n [P], 1/(n-1) [P])
+        self._layout: tuple[tuple[tuple[int, ...], torch.device], tuple[Tensor, ...]] | None = None
         self.last: ModulationRecord | None = None
 
     # ------------------------------------------------------------------ properties
 
     @property
     def step_count(self) -> int:
-        """Number of :meth:`step` calls so far (the index of the next step)."""
+        """Number of counted :meth:`step` calls so far (the index of the next step).
+
+        A step whose pooled batch was empty on every rank is not counted.
+        """
         return self._step
 
     @property
@@ -256,17 +368,20 @@ class ModalityGradientModulator:
 
         ``s_m += sum_b softmax(z_m)[b, y_b]`` in fp32 on detached logits (one ``gather`` per
         modality, no loop over the batch); soft targets ``[B, C]`` use
-        ``sum_c softmax(z_b)_c t_bc``.
+        ``sum_c softmax(z_b)_c t_bc``. Samples whose target equals ``ignore_index`` add nothing
+        to the scores nor to the sample count. An empty batch (``B = 0``) adds nothing.
 
         Args:
-            unimodal_logits: mapping modality -> logits ``[B, C]``, the modulator's modalities in
-                the same order (e.g. from :func:`~imbalance_losses.unimodal_logits`).
-            target: class indices ``[B]`` or soft targets ``[B, C]``.
+            unimodal_logits: mapping modality -> floating-point logits ``[B, C]``, the
+                modulator's modalities in the same order (e.g. from
+                :func:`~imbalance_losses.unimodal_logits`).
+            target: class indices ``[B]`` (``ignore_index`` allowed) or soft targets ``[B, C]``.
 
         Raises:
             ValueError: modalities that differ from the modulator's, logits that are not
                 ``[B, C]`` or differ in shape between modalities, batch-size mismatch, targets
                 out of range, non-finite logits.
+            TypeError: logits that are not floating point (integer logits), non-tensor input.
         """
         batch, classes = check_unimodal_logits(unimodal_logits)
         check_same_modalities(
@@ -275,11 +390,15 @@ class ModalityGradientModulator:
             expected_what="the modulator's",
             actual_what="unimodal_logits",
         )
-        check_target(target, batch=batch, num_classes=classes)
+        check_target(target, batch=batch, num_classes=classes, ignore_index=self.ignore_index)
         scores = torch.stack(
-            [true_class_probability(z, target).sum() for z in unimodal_logits.values()]
+            [
+                true_class_probability(z, target, self.ignore_index).sum()
+                for z in unimodal_logits.values()
+            ]
         )
-        self._pool.add(scores, batch)
+        mask = counted(target, self.ignore_index)
+        self._pool.add(scores, batch if mask is None else mask.sum(), rows=batch)
 
     # ------------------------------------------------------------------ the step
 
@@ -294,29 +413,52 @@ class ModalityGradientModulator:
         ranks (one all-reduce), computes ``rho`` and ``k``, then, inside the window, rescales the
         selected gradients in place (``g <- g * k_m``) and for OGM-GE adds
         ``N(0, std(g_before)^2)`` noise per parameter. Parameters without a gradient are
-        skipped. The pool is reset and the step counter advances in every case.
+        skipped, and so is a gradient left unchanged since the previous step modulated it.
+        The pool is reset and the step counter advances.
+
+        A step whose pooled batch is empty on every rank (``B = 0`` everywhere) is a no-op: the
+        gradients, the step counter and :attr:`last` are left as they are and ones are
+        returned. A rank with ``B = 0`` among ranks with samples calls ``step()`` (no
+        arguments) or ``step(empty_logits, empty_target)`` and applies the coefficients the
+        others decided.
+
+        If the input fails validation on one rank, that rank joins this step's all-reduce with
+        a failure flag before raising its error, and every other rank raises ``RuntimeError``
+        in the same call (so no rank waits and the ranks' collectives stay paired). A step that
+        raises discards the scores observed since the last step, on every rank.
 
         Returns:
             the coefficients applied (fp32, ``[M]``, mapping order): ``k_m`` inside the window,
-            ones outside it. The full decision is in :attr:`last`.
+            ones outside it or on an empty step. The full decision is in :attr:`last`.
 
         Raises:
             ValueError: only one of ``unimodal_logits`` / ``target`` given, or bad input (see
                 :meth:`observe`).
-            RuntimeError: nothing was observed since the last step.
+            TypeError: non-floating-point logits (see :meth:`observe`).
+            RuntimeError: nothing was observed since the last step (on every rank); the
+                gradients were already modulated and not recomputed since (a second ``step()``
+                without a ``backward()``); or the input failed validation on another rank.
         """
-        if (unimodal_logits is None) != (target is None):
-            raise ValueError("pass both unimodal_logits and target, or neither")
-        if unimodal_logits is not None and target is not None:
-            self.observe(unimodal_logits, target)
-        scores, count = self._pool.pooled_or_join(  # one all-reduce
-            len(self.modalities),
-            self._params[0][2].device,
+        size = len(self.modalities)
+        device = self._params[0][2].device
+        with self._pool.failing_together(size, device, self.process_group):
+            if (unimodal_logits is None) != (target is None):
+                raise ValueError("pass both unimodal_logits and target, or neither")
+            if self.is_active():
+                self._check_not_modulated_twice()
+            if unimodal_logits is not None and target is not None:
+                self.observe(unimodal_logits, target)
+        pooled = self._pool.pool(  # one all-reduce; resets the pool
+            size,
+            device,
             self.process_group,
-            message="ModalityGradientModulator.step() called with nothing observed: pass "
+            missing="ModalityGradientModulator.step() called with nothing observed: pass "
             "step(unimodal_logits, target) or call observe(...) on each micro-batch first",
         )
-        ratios = one_vs_rest_ratio(scores)
+        if pooled.empty:  # no sample on any rank: nothing to decide, nothing counted
+            return torch.ones(size, device=pooled.sums.device)
+        scores = pooled.sums
+        ratios = capped_ratio(scores, self.max_ratio)
         k = _coefficients(ratios, self.alpha, self.coefficient)
         active = self.is_active()
         if active:
@@ -326,18 +468,44 @@ class ModalityGradientModulator:
         self.last = ModulationRecord(
             modalities=self.modalities,
             scores=scores,
-            num_samples=count,
+            num_samples=pooled.samples,
             ratios=ratios,
             coefficients=k,
             active=active,
             step=self._step,
         )
-        self._pool.reset()
         self._step += 1
         return k
 
+    def _unchanged(self, p: Tensor) -> bool:
+        """Whether ``p.grad`` is the very tensor the last modulation left, not written since."""
+        seen = self._modulated.get(id(p))
+        grad = p.grad
+        return (
+            seen is not None and grad is not None and seen[0]() is grad and seen[1] == grad._version
+        )
+
+    def _check_not_modulated_twice(self) -> None:
+        present = [p for _, _, p in self._params if p.grad is not None]
+        if present and all(self._unchanged(p) for p in present):
+            raise RuntimeError(
+                "ModalityGradientModulator.step() called again on gradients it already "
+                f"modulated (at step {self._modulated_step}) with no backward() in between: "
+                "modulating them again would scale them by k^2 (and add the GE noise twice). "
+                "Call step() once per optimiser step, after loss.backward() and before "
+                "optimizer.step(); under gradient accumulation call observe(...) per "
+                "micro-batch and step() once"
+            )
+
     def _modulate(self, k: Tensor) -> None:
-        grads, index = present_gradients(self._params)  # parameters without a grad are skipped
+        # parameters without a grad are skipped, and so are gradients this modulator already
+        # modulated and nobody wrote since (each gradient is modulated once per backward)
+        todo = [
+            (i, entry)
+            for i, entry in enumerate(self._params)
+            if entry[2].grad is not None and not self._unchanged(entry[2])
+        ]
+        grads, index = present_gradients(entry for _, entry in todo)
         if not grads:
             warnings.warn(
                 "ModalityGradientModulator.step(): no modulated parameter has a gradient, so "
@@ -349,23 +517,75 @@ class ModalityGradientModulator:
             return
         if self.method == "ogm":
             scale_gradients_(grads, index, k)  # g <- g * k_m
-            return
-        # GE: g <- g * k_m + std(g) * z, z ~ N(0, 1) from the modulator's generator, std the
-        # unbiased standard deviation of g before modulation (0 for a one-element parameter:
-        # one value has no spread). A non-finite g gives a NaN std, so the gradient stays
-        # non-finite (never replaced by finite noise) and a GradScaler skips the step.
-        stds = [
-            torch.std(g.float()).to(g.dtype) if g.numel() > 1 else g.new_zeros(()) for g in grads
-        ]
-        numels = [g.numel() for g in grads]
+        else:
+            self._modulate_ge(grads, tuple(i for i, _ in todo), index, k)
+        # entries of skipped (unchanged) gradients stay: they are still modulated values
+        self._modulated_step = self._step
+        self._modulated.update(
+            (id(entry[2]), (weakref.ref(g), g._version))
+            for (_, entry), g in zip(todo, grads, strict=True)
+        )
+
+    def _modulate_ge(
+        self, grads: list[Tensor], positions: tuple[int, ...], index: list[int], k: Tensor
+    ) -> None:
+        """GE: ``g <- g * k_m + std(g) * z``, ``z ~ N(0, 1)`` from the modulator's generator.
+
+        ``std`` is the unbiased standard deviation of ``g`` before modulation
+        (:func:`_gradient_stds`; 0 for a one-element parameter: one value has no spread). One
+        draw of ``sum_p n_p`` normals fills one fp32 buffer, split in parameter order into views
+        (no copy); then two fused updates: ``_foreach_mul_`` by ``k_m`` and ``_foreach_addcmul_``
+        of ``z * std``. A non-finite ``g`` gives a non-finite std, so the gradient stays
+        non-finite (never replaced by finite noise) and a GradScaler skips the step.
+        """
         gen = self._get_generator(grads[0].device)
-        noise = torch.randn(sum(numels), generator=gen, device=gen.device, dtype=torch.float32)
+        device = gen.device
+        modality, inv_n, inv_n1 = self._layout_for(grads, positions, index, device)
+        stds = _gradient_stds(grads, inv_n, inv_n1, device)
+        factors = k.detach().to(device=device, dtype=torch.float32)[modality]
+        numels = [g.numel() for g in grads]
+        noise = torch.randn(sum(numels), generator=gen, device=device, dtype=torch.float32)
         noises = [
-            z.view(g.shape).to(device=g.device, dtype=g.dtype)
+            z.view(g.shape) if g.device == device else z.view(g.shape).to(g.device)
             for z, g in zip(torch.split(noise, numels), grads, strict=True)
         ]
-        scale_gradients_(grads, index, k)
-        torch._foreach_addcmul_(grads, noises, stds)
+        if all(g.device == device for g in grads):
+            scale, spread = list(factors.unbind()), list(stds.unbind())
+        else:
+            scale = [f.to(g.device) for f, g in zip(factors.unbind(), grads, strict=True)]
+            spread = [s.to(g.device) for s, g in zip(stds.unbind(), grads, strict=True)]
+        torch._foreach_mul_(grads, scale)
+        torch._foreach_addcmul_(grads, noises, spread)
+
+    def _layout_for(
+        self,
+        grads: list[Tensor],
+        positions: tuple[int, ...],
+        index: list[int],
+        device: torch.device,
+    ) -> tuple[Tensor, ...]:
+        """Modality index, ``1/n`` and ``1/(n-1)`` per gradient, on ``device``.
+
+        Built once per set of present gradients (a host-to-device copy then, none on later steps
+        with the same set).
+        """
+        key = (positions, device)
+        if self._layout is None or self._layout[0] != key:
+            dtype = _combination_dtype(device)
+            numels = [g.numel() for g in grads]
+            self._layout = (
+                key,
+                (
+                    torch.tensor(index, dtype=torch.long, device=device),
+                    torch.tensor([1.0 / n if n > 0 else 0.0 for n in numels], dtype=dtype).to(
+                        device
+                    ),
+                    torch.tensor([1.0 / (n - 1) if n > 1 else 0.0 for n in numels], dtype=dtype).to(
+                        device
+                    ),
+                ),
+            )
+        return self._layout[1]
 
     def _get_generator(self, device: torch.device) -> torch.Generator:
         """The GE generator, created on first use on the device of the gradients."""
@@ -410,6 +630,7 @@ class ModalityGradientModulator:
         self._pending_generator_state = None if gen_state is None else gen_state.clone()
         self._generator = None
         self._pool.load_state_dict(dict(state["pool"]))
+        self._modulated = {}
         self.last = None
 
     def __repr__(self) -> str:
