@@ -30,6 +30,10 @@ Protocol (the same for every row):
 * PMR: prototypes recomputed at the start of every epoch from the whole training split (eval
   mode, no grad), ``set_epoch`` each epoch; grid ``alpha``; ``mu``, ``entropy_epochs`` and
   ``momentum`` at their documented defaults.
+* G-Blending: branch losses (each modality's logits from the shared head, and the fused
+  logits) on the whole training split and on the validation split (the held-out set; never the
+  test split) by ``GradientBlending.evaluate`` before training and after every window of
+  ``window`` epochs; each window's update sets the weights of the next. Grid ``window``.
 
 How each method plugs into the loop is in :func:`train_run` (a few lines each).
 """
@@ -125,6 +129,13 @@ METHODS: tuple[Method, ...] = (
         grid=({"alpha": 0.5}, {"alpha": 1.0}, {"alpha": 2.0}, {"alpha": 4.0}),
         quick={"alpha": 1.0},  # the official --alpha default
     ),
+    Method(
+        "gblend",
+        "joint + G-Blending",
+        "GradientBlending",
+        grid=({"window": 2.0}, {"window": 5.0}, {"window": 10.0}),  # epochs per super-epoch
+        quick={"window": 2.0},  # a 4-epoch --quick run makes one weight update
+    ),
 )
 
 OPTIMIZERS: dict[str, tuple[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]] = {
@@ -218,6 +229,8 @@ class Runner:
         modulator: Any = None
         boost: Any = None
         pmr: Any = None
+        blend: Any = None
+        window = 0
         params = list(model.parameters())
         if method in ("arl", "arl_no_reweight"):
             criterion = imbalance_losses.ARLLoss(
@@ -252,6 +265,10 @@ class Runner:
                 {m: FEATURE_WIDTH for m in modalities},
                 alpha=config["alpha"],  # mu=0.1, entropy_epochs=10, momentum=0.2 (defaults)
             )
+        elif method == "gblend":
+            # branches: each modality's logits from the shared head, then the fused logits
+            blend = imbalance_losses.GradientBlending(head=model.head, modalities=modalities)
+            window = int(config["window"])
         opt = OPTIMIZERS[optimizer][1](params)
         if boost is not None:  # a head added later starts a fresh optimiser state (Adam)
             boost.attach_optimizer(opt)
@@ -266,7 +283,14 @@ class Runner:
         best: tuple[tuple[float, float], int, FusionModel, Any] = ((-1.0, 0.0), -1, model, boost)
         diverged: int | None = None
         start = time.perf_counter()
+        blend_trace: dict[str, float] = {}
         for epoch in range(self.epochs):
+            if blend is not None and epoch % window == 0:
+                # a window's end (epoch 0: the first one's start): branch losses on the training
+                # split and on the validation split, the held-out set (never the test split)
+                forward = branch_outputs(model)  # eval mode and no grad inside evaluate
+                blend.update(*blend.evaluate(forward, [task.train], [task.val], model=model))
+                blend_trace = {f"weights/{k}": float(w) for k, w in blend.weights.items()}
             if pmr is not None:  # prototypes = class means of the training split, epoch start
                 model.eval()
                 with torch.no_grad():
@@ -286,6 +310,8 @@ class Runner:
                         loss = criterion(model.fuse(feats), batch.y, features=feats)
                     elif pmr is not None:
                         loss = pmr(model.fuse(feats), batch.y, feats)
+                    elif blend is not None:
+                        loss = blend(model.fuse(feats), batch.y, features=feats)
                     else:
                         loss = criterion(model.fuse(feats), batch.y)
                     opt.zero_grad(set_to_none=True)
@@ -297,6 +323,8 @@ class Runner:
                         trace.append(
                             {f"num_heads/{m}": float(n) for m, n in boost.num_heads.items()}
                         )
+                    elif blend is not None:
+                        trace.append(blend_trace)
                     elif tracked is not None and tracked.last is not None:
                         records.append(tracked.last)
             except ValueError as exc:  # the library refuses non-finite features / logits
@@ -383,6 +411,18 @@ class Runner:
             if len(feats) == 1:  # uni-modal model: its own head
                 per_mod = {m: fused for m in feats}
         return fused, per_mod, feats
+
+
+def branch_outputs(
+    model: FusionModel,
+) -> Callable[[Split], tuple[Tensor, Tensor, dict[str, Tensor]]]:
+    """``forward(split) -> (fused logits, target, features)``, what G-Blending's evaluate reads."""
+
+    def forward(split: Split) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        feats = model.features(split.inputs, split.masks)
+        return model.fuse(feats), split.y, feats
+
+    return forward
 
 
 def boost_modality_logits(boost: Any, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:

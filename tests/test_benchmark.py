@@ -329,6 +329,7 @@ def test_quick_benchmark_prints_the_full_table_for_both_tasks(tmp_path: Path) ->
         "ablation: ARL loss, no re-weighting",
         "sustained boosting",
         "joint + PMR",
+        "joint + G-Blending",
         "uni-modal ensemble",
     ]
     tables = re.split(r"^### ", text, flags=re.M)[1:]
@@ -421,3 +422,71 @@ def test_pmr_row_updates_prototypes_from_the_training_split_before_each_epoch(
     assert all("coefficients/a" in r and "coefficients/b" in r for r in result.trace)
     assert all(r["coefficients/a"] == 0.0 or r["coefficients/b"] == 0.0 for r in result.trace)
     assert all(0.0 <= r["coefficients/b"] <= 2.0 for r in result.trace)  # alpha * clip(., 0, 1)
+
+
+def _branch_ce(model: FusionModel, split: data.Split) -> dict[str, float]:
+    """Mean CE of each branch, written out: ``z_m = x_m W_m^T + b / 2``, ``z = [x_a x_b] W^T + b``.
+
+    (``b / M``: the head's bias split evenly, docs/gradient_blending.md.)
+    """
+    with torch.no_grad():
+        xs = {m: enc(split.inputs[m]) for m, enc in model.encoders.items()}
+        w, b = model.head.weight, model.head.bias
+        out, start = {}, 0
+        for m, x in xs.items():
+            z = x @ w[:, start : start + x.shape[1]].T + b / len(xs)
+            out[m] = float(torch.nn.functional.cross_entropy(z, split.y))
+            start += x.shape[1]
+        fused = torch.cat(list(xs.values()), 1) @ w.T + b
+        out["fused"] = float(torch.nn.functional.cross_entropy(fused, split.y))
+    return out
+
+
+@pytest.mark.skipif(
+    not hasattr(importlib.import_module("imbalance_losses"), "GradientBlending"),
+    reason="imbalance_losses.GradientBlending is not exported",
+)
+def test_gblend_row_blends_with_weights_from_train_and_validation_losses_per_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import benchmark
+
+    import imbalance_losses
+
+    task, epochs, window = _tiny_task(1), 5, 2
+    built = _capture_models(monkeypatch, benchmark)
+    updates: list[dict[str, float]] = []
+    losses: list[torch.Tensor] = []
+
+    class Spy(imbalance_losses.GradientBlending):  # type: ignore[misc, name-defined]
+        def update(self, train_losses: Any, val_losses: Any) -> Any:
+            model = built[-1]
+            train, val, test = (_branch_ce(model, s) for s in (task.train, task.val, task.test))
+            for expected, got in ((train, train_losses), (val, val_losses)):
+                assert got.keys() == expected.keys()
+                for k in expected:
+                    assert math.isclose(float(got[k]), expected[k], rel_tol=1e-4), k
+            assert not math.isclose(float(val_losses["fused"]), test["fused"], rel_tol=1e-4)
+            record = super().update(train_losses, val_losses)
+            updates.append({k: float(w) for k, w in self.weights.items()})
+            return record
+
+        def forward(self, logits: Any, target: Any, features: Any = None, **kw: Any) -> Any:
+            assert torch.is_grad_enabled() and features is not None
+            losses.append(super().forward(logits, target, features, **kw))
+            return losses[-1]
+
+    monkeypatch.setattr(imbalance_losses, "GradientBlending", Spy)
+    result = benchmark.Runner(task, epochs).train_run("gblend", "sgd", 0, {"window": window})
+    steps = -(-len(task.train) // benchmark.BATCH_SIZE)
+    # one update before training (the first window's start), then one per completed window
+    assert len(updates) == len(range(0, epochs, window)) == 3
+    assert updates[0] == pytest.approx({"a": 1 / 3, "b": 1 / 3, "fused": 1 / 3})
+    assert len(result.trace) == len(losses) == epochs * steps  # every step is blended
+    assert all(loss.requires_grad for loss in losses)
+    for epoch in range(epochs):  # each step trains with the weights of its window's start
+        used = updates[epoch // window]
+        for step in result.trace[epoch * steps : (epoch + 1) * steps]:
+            assert step == pytest.approx({f"weights/{k}": w for k, w in used.items()})
+    for w in updates:
+        assert math.isclose(sum(w.values()), 1.0, rel_tol=1e-6)

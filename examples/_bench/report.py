@@ -349,7 +349,16 @@ def plots(
     return "(plots: " + ", ".join(str(p) for p in written) + ")"
 
 
-_PREFERRED = ("coefficient", "coefficients", "beta", "num_heads", "heads", "head_counts", "k")
+_PREFERRED = (
+    "coefficient",
+    "coefficients",
+    "beta",
+    "num_heads",
+    "heads",
+    "head_counts",
+    "weights",
+    "k",
+)
 
 
 def _diagnostic_keys(trace: Sequence[dict[str, float]]) -> list[str]:
