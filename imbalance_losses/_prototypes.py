@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ._distributed import ProcessGroup, all_reduce_sum
 from ._running import _count_dtype
-from ._validation import check_features, check_modalities, check_same_modalities, check_target
+from ._validation import check_features, check_modalities, check_target
 
 __all__ = ["ClassMeans", "PrototypeStore", "Prototypes", "blend_prototypes"]
 
@@ -87,14 +87,7 @@ class PrototypeStore:
             TypeError: non-floating features, floating-point (soft) targets.
         """
         size = check_modalities(features, min_ndim=2)
-        check_same_modalities(self.dims, features, expected_what="dims", actual_what="features")
-        for m, x in features.items():
-            if x.dim() != 2 or x.shape[1] != self.dims[m]:
-                raise ValueError(
-                    f"features[{m!r}] has shape {tuple(x.shape)} but [B, {self.dims[m]}] is "
-                    f"expected (its prototypes are [{self.num_classes}, {self.dims[m]}])"
-                )
-        check_features(features, device=device, by=by)
+        check_features(features, widths=self.dims, device=device, finite=True, by=by)
         if target.is_floating_point():
             raise TypeError(
                 f"prototypes need class-index targets [B], got {target.dtype} of shape "

@@ -108,21 +108,36 @@ def autocast_enabled(device_type: str) -> bool:
 def check_features(
     features: Mapping[str, Tensor],
     *,
+    widths: Mapping[str, int] | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
+    finite: bool = False,
     what: str = "features",
     by: str = "the head",
 ) -> None:
-    """Require floating-point features of the consumer's dtype and device.
+    """Require floating-point features of the consumer's widths, dtype and device.
 
-    Every ``features[m]`` must be floating point; when ``dtype`` is given it must be that dtype
-    unless ``torch.autocast`` is on for its device (autocast casts inside the matmul); when
-    ``device`` is given it must live there. ``by`` names the consumer in the messages.
+    With ``widths`` (``{modality: D_m}``, the consumer's ``in_features``) the mapping must have
+    exactly those modalities in that order, each of shape ``[B, D_m]``. Every ``features[m]``
+    must be floating point; when ``dtype`` is given it must be that dtype unless
+    ``torch.autocast`` is on for its device (autocast casts inside the matmul); when ``device``
+    is given it must live there; with ``finite`` every value must be finite (see
+    :func:`check_finite`). ``by`` names the consumer in the messages.
 
     Raises:
         TypeError: integer / bool features, or a dtype other than ``dtype`` outside autocast.
-        ValueError: features on another device than ``device``.
+        ValueError: missing, extra or reordered modalities, a shape other than ``[B, D_m]``,
+            features on another device than ``device``, non-finite values.
     """
+    if widths is not None:
+        check_same_modalities(widths, features, expected_what="in_features", actual_what=what)
+        for name, x in features.items():
+            width = widths[name]
+            if x.dim() != 2 or x.shape[1] != width:
+                raise ValueError(
+                    f"{what}[{name!r}] must have shape [B, {width}] (in_features[{name!r}] = "
+                    f"{width}), got shape {_shape(x)}"
+                )
     for name, x in features.items():
         if not x.is_floating_point():
             raise TypeError(
@@ -144,6 +159,8 @@ def check_features(
                 f"{by} are {dtype}; run the forward under torch.autocast, or cast the features "
                 "or the module"
             )
+        if finite:
+            check_finite(x, name=f"{what}[{name!r}]")
 
 
 def check_modalities(

@@ -55,7 +55,6 @@ from ._running import RunningSums
 from ._stats import counted, one_vs_rest_ratio, true_class_probability
 from ._validation import (
     check_features,
-    check_finite,
     check_modalities,
     check_same_modalities,
     check_target,
@@ -446,20 +445,15 @@ class SustainedBoostingLoss(nn.Module):
     # ------------------------------------------------------------------ forward pieces
     def _check_features(self, features: Mapping[str, Tensor]) -> int:
         batch = check_modalities(features)
-        check_same_modalities(
-            self.modalities, features, expected_what="in_features", actual_what="features"
-        )
-        for name, x in features.items():
-            width = self.in_features[name]
-            if x.dim() != 2 or x.shape[1] != width:
-                raise ValueError(
-                    f"features[{name!r}] must have shape [B, {width}] (in_features[{name!r}] = "
-                    f"{width}), got shape {tuple(x.shape)}"
-                )
         first, _ = self._head_params(0, 0)
-        check_features(features, dtype=first.dtype, device=first.device, by="the boosting heads")
-        for name, x in features.items():
-            check_finite(x, name=f"features[{name!r}]")
+        check_features(
+            features,
+            widths=self.in_features,
+            dtype=first.dtype,
+            device=first.device,
+            finite=True,
+            by="the boosting heads",
+        )
         return batch
 
     def _head_tensors(self, features: Mapping[str, Tensor]) -> list[Tensor]:

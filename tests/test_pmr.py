@@ -352,8 +352,14 @@ def test_empty_batch_is_a_zero_loss_without_state_change() -> None:
 def test_bad_input_gives_clear_errors() -> None:
     pmr, feats, y = ready()
     logits = torch.randn(len(y), 3)
-    with pytest.raises(ValueError, match=r"features\['visual'\] has shape \(24, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"features\['visual'\] must have shape \[B, 4\].*got shape \(24, 5\)"
+    ):
         pmr(logits, y, {"audio": feats["audio"], "visual": torch.randn(24, 5)})
+    bad = feats["visual"].clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"features\['visual'\] contains non-finite"):
+        pmr(logits, y, {"audio": feats["audio"], "visual": bad})
     with pytest.raises(ValueError, match="missing \\['visual'\\]"):
         pmr(logits, y, {"audio": feats["audio"], "text": feats["visual"]})
     with pytest.raises(ValueError, match="batch"):
