@@ -27,23 +27,31 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._distributed import ProcessGroup
 from ._params import ModalityParameter, modality_parameters, present_gradients, scale_gradients_
-from ._running import RunningSums, sample_mean
-from ._stats import as_fp32, entropy_sum
+from ._running import RunningSums
+from ._stats import as_fp32, counted
 from ._validation import (
+    _assert_on_device,
+    check_features,
+    check_finite,
     check_logits,
     check_modalities,
     check_same_modalities,
     check_target,
     check_unimodal_logits,
+    int_param,
+    real_param,
 )
 from .diagnostics import StepRecord
 from .unimodal import Head, unimodal_logits
@@ -58,6 +66,9 @@ __all__ = [
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 EncoderSpec = nn.Module | Iterable[nn.Parameter]
+Reduction = Literal["mean", "sum", "none"]
+_REDUCTIONS = ("mean", "sum", "none")
+_NOTHING_POOLED = "step() called without a training-mode forward since the last step"
 
 
 def inverse_variance_weights(variances: Tensor) -> Tensor:
@@ -77,15 +88,21 @@ def inverse_variance_weights(variances: Tensor) -> Tensor:
         Weights of the same shape, summing to 1 over the last dimension.
 
     Raises:
-        ValueError: fewer than two modalities, or a variance that is not positive and finite.
+        TypeError: ``variances`` is not a tensor.
+        ValueError: fewer than two modalities, or a variance that is not positive and finite
+            (checked on the device: immediately on CPU, asynchronously on an accelerator).
     """
+    if not isinstance(variances, Tensor):
+        raise TypeError(f"variances must be a Tensor, got {type(variances).__name__}")
     if variances.dim() < 1 or variances.shape[-1] < 2:
         raise ValueError(
             f"variances must have shape [..., M] with M >= 2, got {tuple(variances.shape)}"
         )
     v = variances.detach()
-    if v.device.type == "cpu" and not bool((torch.isfinite(v) & (v > 0)).all()):
-        raise ValueError(f"variances must be positive and finite, got {variances.tolist()}")
+    _assert_on_device(
+        (torch.isfinite(v) & (v > 0)).all(),
+        f"variances of shape {tuple(variances.shape)} must be positive and finite",
+    )
     inv = 1.0 / variances
     return inv / inv.sum(-1, keepdim=True)
 
@@ -117,16 +134,32 @@ def _leave_one_out_product(values: Tensor) -> Tensor:
     return torch.where(eye, torch.ones_like(values).expand(m, m), values.expand(m, m)).prod(1)
 
 
+def _coefficients(v: Tensor, c: Tensor, temperature: float, floor: float) -> ARLCoefficients:
+    """Spec steps 2-6 on validated, detached ``[M]`` statistics (no checks: the hot path)."""
+    h = _normalise(v).clamp_min(floor)  # step 2
+    inv = 1.0 / h
+    target = inv / inv.sum()  # step 3
+    current = _normalise(c)  # step 4
+    scores = target * _leave_one_out_product(current)  # step 5
+    # step 6, softmax(T s) written as softmax(T (s - max s)): the same value, and T (s - max s)
+    # lies in [-inf, 0], so no finite temperature gives inf - inf = NaN; T is capped at the
+    # dtype's largest value (fp32: 3.4e38) so that 0 * T is 0, not 0 * inf (the softmax is
+    # already one-hot on the largest scores there)
+    t = min(temperature, torch.finfo(scores.dtype).max)
+    beta = torch.softmax(t * (scores - scores.max()), dim=0)
+    return ARLCoefficients(target, current, scores, beta)
+
+
 def arl_coefficients(
     variances: Tensor, dependence: Tensor, temperature: float, floor: float
 ) -> ARLCoefficients:
     """ARL's target dependence, scores and coefficients (spec steps 2-6), detached.
 
     Args:
-        variances: ``[M]`` variance estimates ``V_m >= 0`` (mean predictive entropy).
+        variances: ``[M]`` variance estimates ``V_m >= 0`` (mean predictive entropy), finite.
         dependence: ``[M]`` current dependence ``c_m >= 0`` (mean L1 size of the unimodal
-            logits); normalised here, so an already normalised ``ĉ`` is accepted too.
-        temperature: ``T >= 0``; ``T = 0`` gives uniform coefficients.
+            logits), finite; normalised here, so an already normalised ``ĉ`` is accepted too.
+        temperature: finite ``T >= 0``; ``T = 0`` gives uniform coefficients.
         floor: ``0 < floor <= 1 / M``, lower bound on the normalised variance ``h_m``.
 
     Returns:
@@ -138,7 +171,16 @@ def arl_coefficients(
 
         Unclamped (every ``V_m / sum V >= floor``) this gives exactly ``w_1 / w_2 = V_2 / V_1``.
         If every ``V_m`` is 0 (or every ``c_m``), the normalised vector is uniform.
+
+    Raises:
+        TypeError: ``temperature`` or ``floor`` not a real number, or a statistic not a tensor.
+        ValueError: shapes other than two ``[M]`` vectors with ``M >= 2``, a negative or
+            non-finite statistic (checked on the device), a non-finite or negative
+            ``temperature``, or ``floor`` outside ``(0, 1/M]``.
     """
+    for name, t in (("variances", variances), ("dependence", dependence)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if variances.dim() != 1 or variances.shape[0] < 2:
         raise ValueError(f"variances must have shape [M] with M >= 2, got {tuple(variances.shape)}")
     if dependence.shape != variances.shape:
@@ -147,19 +189,13 @@ def arl_coefficients(
             f"{tuple(variances.shape)}; both are one value per modality"
         )
     m = variances.shape[0]
-    if not 0.0 < floor <= 1.0 / m:
-        raise ValueError(f"floor must be in (0, 1/M] = (0, {1.0 / m:.4g}] for M = {m}, got {floor}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    v = variances.detach()
-    c = dependence.detach()
-    h = _normalise(v).clamp_min(floor)  # step 2
-    inv = 1.0 / h
-    target = inv / inv.sum()  # step 3
-    current = _normalise(c)  # step 4
-    scores = target * _leave_one_out_product(current)  # step 5
-    beta = torch.softmax(temperature * scores, dim=0)  # step 6
-    return ARLCoefficients(target, current, scores, beta)
+    temperature = real_param("temperature", temperature, ge=0.0)
+    floor = real_param(f"floor (for M = {m} modalities)", floor, gt=0.0, le=1.0 / m)
+    v, c = variances.detach(), dependence.detach()
+    for name, t in (("variances", v), ("dependence", c)):
+        check_finite(t, name=name)
+        _assert_on_device((t >= 0).all(), f"{name} must be >= 0, shape {tuple(t.shape)}")
+    return _coefficients(v, c, temperature, floor)
 
 
 @dataclass(frozen=True)
@@ -178,6 +214,37 @@ class ARLRecord(StepRecord):
     """``beta_m = softmax(T s)_m``; re-weighting factor ``1 + beta_m`` when ``active``."""
     active: bool
     """Whether the re-weighting was applied on this step (training mode, after warm-up)."""
+
+
+def _masked_entropy_sum(logits: Tensor, weight: Tensor | None) -> Tensor:
+    """``sum_b w_b (-sum_c p_bc log p_bc)`` in fp32 (``w = 1`` when ``weight`` is None).
+
+    The core's ``entropy_sum`` with a per-sample weight (0 for ignored samples).
+    """
+    log_p = torch.log_softmax(as_fp32(logits), dim=-1)
+    per = -(log_p.exp() * log_p).sum(-1)
+    return per.sum() if weight is None else (per * weight).sum()
+
+
+class _Scale:
+    """Gradient hook ``g -> g * s`` with a fixed (detached, 0-dim) factor ``s = 1 + beta_m``.
+
+    With ``factor=None`` (warm-up) the gradient is left as it is. ``fired`` records that a
+    backward pass reached the tensor, which ends the step the hook belongs to.
+    """
+
+    def __init__(self, factor: Tensor | None) -> None:
+        self.factor = None if factor is None else factor.detach()
+        self.fired = False
+
+    def __call__(self, grad: Tensor) -> Tensor | None:
+        self.fired = True
+        if self.factor is None:
+            return None
+        return grad * self.factor.to(device=grad.device, dtype=grad.dtype)
+
+
+_HookTable = MutableMapping[Tensor, tuple[_Scale, RemovableHandle]]
 
 
 class ARLLoss(nn.Module):
@@ -199,7 +266,9 @@ class ARLLoss(nn.Module):
     * **hooks (default)**: a gradient hook on each tensor of ``features`` (the very tensors your
       model fused) scales the gradient of *every* loss term reaching that modality's encoder,
       the fused loss included, by ``1 + beta_m`` computed from *this* forward call. The shared
-      head is not touched. Each training-mode ``forward`` is one step.
+      head is not touched. Each training-mode ``forward`` is one step; a second training-mode
+      call on the same feature tensors before their backward (a logging call, then the real
+      one) is the same step: it returns the loss and changes nothing (one factor, one step).
     * **encoders** (exact gradient accumulation): pass ``encoders={"audio": model.audio_net,
       ...}`` and call :meth:`step` after the last ``backward`` of an optimiser step (before
       ``optimizer.step()``). ``forward`` then only accumulates statistics; :meth:`step` pools
@@ -207,16 +276,29 @@ class ARLLoss(nn.Module):
       encoder's ``.grad`` by ``1 + beta_m`` once. Since encoder m reaches the loss only through
       ``x_m``, this equals the hook on one batch made of all the micro-batches.
 
+    A training-mode call with gradients disabled (``torch.no_grad()``, ``inference_mode``) cannot
+    be a training step (nothing can be back-propagated): it warns and acts as evaluation.
+
     Args:
-        criterion: base loss ``(logits, target) -> Tensor``; default ``nn.CrossEntropyLoss()``.
-            Its reduction is kept: with ``reduction="none"`` ARL returns the per-sample sum
-            ``criterion(z, y)_b + gamma * sum_m criterion(z_m, y)_b`` (shape ``[B]``).
+        criterion: base loss ``(logits, target) -> Tensor``. Default: cross-entropy with
+            ``ignore_index=-100`` and the given ``reduction``, computed per sample and reduced
+            here (``"mean"`` divides by the number of samples whose target is not
+            ``ignore_index``, and gives 0, not NaN, when there is none). A criterion of your own
+            is called as it is, once on the fused and once on each unimodal logits; its
+            ``ignore_index`` attribute (if any) is honoured by the target check and the
+            statistics.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[B]``: the per-sample
+            ``l_b = criterion(z, y)_b + gamma * sum_m criterion(z_m, y)_b``). ``None``
+            (default): ``"mean"`` for the default criterion, the criterion's own otherwise.
+            With a criterion of your own it must agree with the criterion's ``reduction``
+            attribute (ARL adds the criterion's outputs; it cannot re-reduce them), and it is
+            refused for a criterion without one.
         head: the model's fusion head, used to compute unimodal logits from ``features`` (not
             registered as a submodule: ARLLoss owns no parameters and no copy of the head).
-        gamma: weight of the unimodal (bias) loss terms, ``>= 0``.
-        temperature: ``T >= 0`` of the coefficient softmax.
-        warmup_steps: number of steps (training-mode forwards; :meth:`step` calls with
-            ``encoders``) before the re-weighting starts.
+        gamma: weight of the unimodal (bias) loss terms, finite, ``>= 0``.
+        temperature: finite ``T >= 0`` of the coefficient softmax.
+        warmup_steps: integer ``>= 0``: number of steps (training-mode forwards; :meth:`step`
+            calls with ``encoders``) before the re-weighting starts.
         floor: lower bound of the normalised variance, in ``(0, 1/M]``; default ``0.6 / M``
             (the official 0.3 for two modalities).
         momentum: optional EMA momentum in ``[0, 1)`` on ``V`` and ``c``:
@@ -224,12 +306,18 @@ class ARLLoss(nn.Module):
         encoders: optional ``{modality: module or parameters}`` for the :meth:`step` mode.
         process_group: group to pool statistics over under ``torch.distributed`` (default: the
             world).
+
+    Raises:
+        TypeError: a hyper-parameter of the wrong kind (``warmup_steps=2.5``, ``gamma="1"``).
+        ValueError: a hyper-parameter that is NaN, infinite or out of range, an unknown
+            ``reduction`` or one that conflicts with the criterion's, bad ``encoders``.
     """
 
     def __init__(
         self,
         criterion: Criterion | None = None,
         *,
+        reduction: Reduction | None = None,
         head: Head | None = None,
         gamma: float = 1.0,
         temperature: float = 8.0,
@@ -240,22 +328,24 @@ class ARLLoss(nn.Module):
         process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if floor is not None and not 0.0 < floor <= 0.5:
-            raise ValueError(f"floor must be in (0, 1/M] (at most 0.5), got {floor}")
-        if momentum is not None and not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.criterion: Criterion = nn.CrossEntropyLoss() if criterion is None else criterion
-        self.gamma = float(gamma)
-        self.temperature = float(temperature)
-        self.warmup_steps = warmup_steps
-        self.floor = floor
-        self.momentum = momentum
+        self.gamma = real_param("gamma", gamma, ge=0.0)
+        self.temperature = real_param("temperature", temperature, ge=0.0)
+        self.warmup_steps = int_param("warmup_steps", warmup_steps, ge=0)
+        self.floor = None if floor is None else real_param("floor", floor, gt=0.0, le=0.5)
+        self.momentum = (
+            None if momentum is None else real_param("momentum", momentum, ge=0.0, lt=1.0)
+        )
+        self.reduction: Reduction | None = self._reduction(criterion, reduction)
+        self._own_criterion = criterion is None
+        self.criterion: Criterion = (
+            nn.CrossEntropyLoss(reduction=self.reduction or "mean")
+            if criterion is None
+            else criterion
+        )
+        ignore = getattr(self.criterion, "ignore_index", None)
+        self.ignore_index: int | None = (
+            ignore if isinstance(ignore, int) and not isinstance(ignore, bool) else None
+        )
         self.process_group = process_group
         # Not registered as submodules: the user's model owns them (no parameters here).
         self.__dict__["_head"] = head
@@ -270,11 +360,38 @@ class ARLLoss(nn.Module):
             }
         self._steps = 0
         self._ema: Tensor | None = None  # [2M]: cat(V, c)
-        self._pending = RunningSums()  # encoders mode: sums over the micro-batches
+        self._ema_seen: Tensor | None = None  # 0-dim bool: the EMA holds a sample
+        self._pending = RunningSums()  # sums since the last decision (encoders: micro-batches)
         self._modalities: tuple[str, ...] | None = None
         self.last: ARLRecord | None = None
+        self._hooks: _HookTable = WeakIdKeyDictionary()  # feature tensor -> its step's hook
 
     # -- construction helpers -------------------------------------------------------------
+
+    @staticmethod
+    def _reduction(criterion: Criterion | None, reduction: object) -> Reduction | None:
+        """The effective reduction: ``reduction`` checked against the criterion's own."""
+        if reduction is not None and reduction not in _REDUCTIONS:
+            raise ValueError(f'reduction must be "mean", "sum", "none" or None, got {reduction!r}')
+        if criterion is None:
+            return "mean" if reduction is None else cast(Reduction, reduction)
+        own = getattr(criterion, "reduction", None)
+        if own not in _REDUCTIONS:
+            if reduction is not None:
+                raise ValueError(
+                    f"reduction={reduction!r} was given with a criterion that has no "
+                    "reduction attribute (" + type(criterion).__name__ + "); ARLLoss adds the "
+                    "criterion's outputs as they are and cannot re-reduce them: reduce inside "
+                    "your criterion and leave reduction=None"
+                )
+            return None
+        if reduction is not None and reduction != own:
+            raise ValueError(
+                f"reduction={reduction!r} conflicts with the criterion's reduction={own!r}; "
+                f"set it on the criterion (e.g. nn.CrossEntropyLoss(reduction={reduction!r})) "
+                "or leave reduction=None"
+            )
+        return cast(Reduction, own)
 
     @staticmethod
     def _check_encoders(
@@ -291,6 +408,16 @@ class ARLLoss(nn.Module):
                 )
         return params
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling / deepcopy: everything but the live hook table (tied to this graph)."""
+        state = self.__dict__.copy()
+        state.pop("_hooks", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._hooks = WeakIdKeyDictionary()
+
     @property
     def head(self) -> Head | None:
         """The fusion head used to compute unimodal logits (``None`` if not given)."""
@@ -305,7 +432,10 @@ class ARLLoss(nn.Module):
 
     @property
     def steps(self) -> int:
-        """Training steps taken so far (training-mode forwards, or :meth:`step` calls)."""
+        """Training steps taken so far (training-mode forwards, or :meth:`step` calls).
+
+        Steps with no sample on any rank (``B = 0`` everywhere) are not counted.
+        """
         return self._steps
 
     # -- forward ----------------------------------------------------------------------------
@@ -321,70 +451,150 @@ class ARLLoss(nn.Module):
         """``criterion(z, y) + gamma * sum_m criterion(z_m, y)``, re-weighting in training mode.
 
         Args:
-            logits: fused logits ``z`` ``[B, C]`` (any float dtype).
-            target: class indices ``[B]`` (or soft targets ``[B, C]`` if the criterion takes
-                them).
+            logits: fused logits ``z`` ``[B, C]`` (floating point).
+            target: class indices ``[B]`` (values in ``[0, C)`` or the criterion's
+                ``ignore_index``), or soft targets ``[B, C]`` if the criterion takes them.
             features: ``{modality: x_m}`` ``[B, D_m]``, the tensors the model fused, in
-                concatenation order. Needed to compute unimodal logits with ``head`` and, in
-                hook mode, to apply the re-weighting.
+                concatenation order, floating point (of the head's dtype, or under
+                ``torch.autocast``, on the head's device). Needed to compute unimodal logits
+                with ``head`` and, in hook mode, to apply the re-weighting.
             unimodal_logits: precomputed ``{modality: z_m}`` ``[B, C]``; used instead of
                 ``head`` when given.
 
         Returns:
-            The loss, of the shape the criterion returns.
+            A scalar for ``"mean"`` / ``"sum"``, ``[B]`` for ``"none"`` (a criterion of your
+            own: what it returns). An **empty batch** (``B = 0``) gives a zero loss that is part
+            of the graph (zero gradients, so ``backward`` and DDP work) and is no step: the step
+            count, the EMA, the pending sums and ``last`` stay as they were. Under DDP in hook
+            mode the empty rank still joins the step's all-reduce, and the step counts on every
+            rank iff some rank had a sample.
 
         Raises:
+            TypeError: non-floating logits or features, features of another dtype than the
+                head outside autocast, a mapping of the wrong type.
             ValueError: fewer than two modalities, mismatched modality keys or batch sizes,
-                targets out of range, non-finite logits, no way to get unimodal logits, or (hook
-                mode, training) no ``features`` to re-weight.
+                targets out of range, non-finite logits, features on another device than the
+                head, no way to get unimodal logits, (hook mode, training) no ``features`` to
+                re-weight, or features of which some, not all, belong to a step whose backward
+                has not run. Under DDP in hook mode every rank raises in the same call: the
+                failing rank its own error, the others a ``RuntimeError`` saying another rank
+                failed (so the ranks' collectives stay paired).
         """
-        zs = self._unimodal(logits, target, features, unimodal_logits)
-        names = tuple(zs)
-        if self.encoders is not None:
-            check_same_modalities(
-                self.encoders, zs, expected_what="encoders", actual_what="unimodal logits"
+        training = self.training
+        if training and not torch.is_grad_enabled():
+            warnings.warn(
+                "ARLLoss is in training mode but gradients are disabled (torch.no_grad or "
+                "inference_mode): nothing can be back-propagated, so this call is evaluated as "
+                "in eval mode (the loss only: no step, no statistics); call criterion.eval() "
+                "for evaluation",
+                RuntimeWarning,
+                stacklevel=4,
             )
-        self._floor(len(names))  # fail before any state changes
-        if self.training and self.encoders is None and features is None:
-            raise ValueError(
-                "ARLLoss needs features= (the tensors the model fused) to re-weight their "
-                "gradients in training mode, or encoders= with step(); only unimodal_logits "
-                "were given"
-            )
-        if self._modalities is not None and self._modalities != names:
-            raise ValueError(
-                f"modalities {list(names)} differ from those of earlier steps "
-                f"{list(self._modalities)}; keep the same modalities in the same order"
-            )
+            training = False
+        hooks = self.encoders is None
+        try:
+            repeat, mixed = training and hooks and self._repeat(features), None
+        except ValueError as err:
+            repeat, mixed = False, err
+        pools = training and hooks and not repeat  # this call all-reduces (hook mode)
+        size = 2 * self._guess_modalities(features, unimodal_logits)
+        device = logits.device if isinstance(logits, Tensor) else self._device()
+        with self._pending.failing_together(size, device, self.process_group, due=pools):
+            if mixed is not None:
+                raise mixed
+            zs, batch = self._unimodal(logits, target, features, unimodal_logits)
+            names = tuple(zs)
+            if self.encoders is not None:
+                check_same_modalities(
+                    self.encoders, zs, expected_what="encoders", actual_what="unimodal logits"
+                )
+            self._floor(len(names))  # fail before any state changes
+            if training and hooks and features is None:
+                raise ValueError(
+                    "ARLLoss needs features= (the tensors the model fused) to re-weight their "
+                    "gradients in training mode, or encoders= with step(); only unimodal_logits "
+                    "were given"
+                )
+            if training and self._modalities is not None and self._modalities != names:
+                raise ValueError(
+                    f"modalities {list(names)} differ from those of earlier steps "
+                    f"{list(self._modalities)}; keep the same modalities in the same order"
+                )
+            mask = counted(target, self.ignore_index)
+            loss = self._loss(logits, target, zs, batch, mask)
 
-        loss = self.criterion(logits, target)
-        for z in zs.values():
-            loss = loss + self.gamma * self.criterion(z, target)
-
-        if not self.training:
-            return loss  # evaluation: loss only, no statistics, no collectives, no state change
+        if not training or repeat:
+            return loss  # evaluation (or a repeated call): no statistics, no collective
         self._modalities = names
-        sums = self._batch_sums(zs)
-        self._pending.add(sums, logits.shape[0])
-        if self.encoders is not None:
+        self._pending.add(
+            self._batch_sums(zs, mask), batch if mask is None else mask.sum(), rows=batch
+        )
+        if not hooks:
             return loss  # encoders mode: step() decides once per optimiser step
 
         active = self._steps >= self.warmup_steps
-        if active and features is not None and not any(x.requires_grad for x in features.values()):
+        record = self._decide(names, active, device)
+        if record is None:
+            return loss  # no sample on any rank: no step
+        assert features is not None
+        if active and batch > 0 and not any(x.requires_grad for x in features.values()):
             warnings.warn(
                 "ARLLoss: no feature requires grad (frozen encoders or detached copies), so the "
                 "re-weighting has no gradient to act on; pass the tensors the model fused",
                 RuntimeWarning,
                 stacklevel=4,
             )
-        record = self._decide(names, active)
-        if active:
-            assert features is not None
-            scale = 1.0 + record.coefficients
-            for i, x in enumerate(features.values()):
-                if x.requires_grad:
-                    x.register_hook(_Scale(scale[i]))  # type: ignore[no-untyped-call]
+        scale = 1.0 + record.coefficients if active else None
+        for i, x in enumerate(features.values()):
+            if x.requires_grad:
+                self._hook(x, None if scale is None else scale[i])
         return loss
+
+    def _repeat(self, features: object) -> bool:
+        """Whether ``features`` are those of a step whose backward has not run yet.
+
+        True when every feature that requires grad carries this loss's hook and no backward
+        pass has reached it; ValueError when only some do (a mix of two steps).
+        """
+        if not isinstance(features, Mapping):
+            return False
+        tracked = [
+            (name, x) for name, x in features.items() if isinstance(x, Tensor) and x.requires_grad
+        ]
+        pending = [name for name, x in tracked if (h := self._hooks.get(x)) and not h[0].fired]
+        if not pending or len(pending) == len(tracked):
+            return bool(pending)
+        fresh = [name for name, _ in tracked if name not in pending]
+        raise ValueError(
+            f"features {pending} were already passed to this ARLLoss in a training-mode call "
+            f"whose backward has not run, but features {fresh} are new tensors; pass the same "
+            "tensors again (a repeated call: the loss only, the same step) or all new ones "
+            "after backward()"
+        )
+
+    def _hook(self, x: Tensor, factor: Tensor | None) -> None:
+        """Register this step's hook on ``x``, replacing an earlier step's (one hook per tensor)."""
+        old = self._hooks.get(x)
+        if old is not None:
+            old[1].remove()
+        hook = _Scale(factor)
+        handle: RemovableHandle = x.register_hook(hook)  # type: ignore[no-untyped-call]
+        self._hooks[x] = (hook, handle)
+
+    def _guess_modalities(self, features: object, given: object) -> int:
+        """M for the failure all-reduce: earlier steps, the encoders, or the mappings."""
+        if self._modalities is not None:
+            return len(self._modalities)
+        if self.encoders is not None:
+            return len(self.encoders)
+        for mapping in (given, features):
+            if isinstance(mapping, Mapping) and len(mapping) >= 2:
+                return len(mapping)
+        return 2
+
+    def _device(self) -> torch.device:
+        """Where statistics live when no tensor says: the encoders' device, else the CPU."""
+        return self._encoder_params[0][2].device if self._encoder_params else torch.device("cpu")
 
     def _unimodal(
         self,
@@ -392,7 +602,7 @@ class ARLLoss(nn.Module):
         target: Tensor,
         features: Mapping[str, Tensor] | None,
         given: Mapping[str, Tensor] | None,
-    ) -> dict[str, Tensor]:
+    ) -> tuple[dict[str, Tensor], int]:
         check_logits(logits, name="logits")
         batch, classes = logits.shape
         if features is not None and check_modalities(features, what="features") != batch:
@@ -407,6 +617,7 @@ class ARLLoss(nn.Module):
                 check_same_modalities(
                     features, given, expected_what="features", actual_what="unimodal_logits"
                 )
+                check_features(features, by="ARLLoss (features are re-weighted)")
             zs = dict(given)
         elif self.head is not None:
             if features is None:
@@ -424,33 +635,73 @@ class ARLLoss(nn.Module):
                 f"{[tuple(z.shape) for z in zs.values()]}) but the fused logits have shape "
                 f"{tuple(logits.shape)}; the class counts must match"
             )
-        check_target(target, batch=batch, num_classes=classes)
-        return zs
+        check_target(target, batch=batch, num_classes=classes, ignore_index=self.ignore_index)
+        return zs, batch
+
+    def _loss(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        zs: Mapping[str, Tensor],
+        batch: int,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """``l = criterion(z, y) + gamma * sum_m criterion(z_m, y)``, reduced (see ``__init__``)."""
+        if self._own_criterion:
+            ignore = -100 if self.ignore_index is None else self.ignore_index
+            per = F.cross_entropy(logits, target, reduction="none", ignore_index=ignore)
+            for z in zs.values():
+                per = per + self.gamma * F.cross_entropy(
+                    z, target, reduction="none", ignore_index=ignore
+                )
+            if self.reduction == "none":
+                return per
+            if self.reduction == "sum":
+                return per.sum()
+            count = max(batch, 1) if mask is None else mask.sum().clamp_min(1).to(per.dtype)
+            return per.sum() / count
+        if batch == 0:  # zero, attached to the graph: a user criterion may give NaN (0 / 0)
+            zero = logits.sum(-1) + sum(z.sum(-1) for z in zs.values())
+            zero = zero * 0
+            return zero if self.reduction == "none" else zero.sum()
+        loss = self.criterion(logits, target)
+        for z in zs.values():
+            loss = loss + self.gamma * self.criterion(z, target)
+        return loss
 
     @staticmethod
-    def _batch_sums(zs: Mapping[str, Tensor]) -> Tensor:
-        """``[2M]``: per-modality sums over the batch of the entropy and of ``sum_c |z_bc|``."""
-        entropy = torch.stack([entropy_sum(z) for z in zs.values()])
-        size = torch.stack([as_fp32(z).abs().sum() for z in zs.values()])
-        return torch.cat([entropy, size])
+    def _batch_sums(zs: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
+        """``[2M]``: per-modality sums over counted samples of the entropy and ``sum_c |z_bc|``."""
+        weight = None if mask is None else mask.float()
+        entropy = torch.stack([_masked_entropy_sum(z, weight) for z in zs.values()])
+        size = [as_fp32(z).abs().sum(-1) for z in zs.values()]
+        sizes = torch.stack([s.sum() if weight is None else (s * weight).sum() for s in size])
+        return torch.cat([entropy, sizes])
 
-    def _decide(self, names: tuple[str, ...], active: bool) -> ARLRecord:
-        """Pool the pending sums (one all-reduce), update the EMA, compute beta, count a step."""
-        # [2M] = cat(V, c), global means; a rank without samples joins with zeros (DDP)
-        sums, count = self._pending.pooled_or_join(
-            2 * len(names),
-            self._encoder_params[0][2].device if self._encoder_params else torch.device("cpu"),
-            self.process_group,
-            message="step() called without a training-mode forward since the last step",
-        )
-        stats = sample_mean(sums, count)
-        self._pending.reset()
-        if self.momentum is not None and self._ema is not None:
-            stats = torch.lerp(stats, self._ema.to(stats), self.momentum)
-        if self.momentum is not None:
-            self._ema = stats
+    def _decide(
+        self, names: tuple[str, ...], active: bool, device: torch.device
+    ) -> ARLRecord | None:
+        """Pool the pending sums (one all-reduce), update the EMA, compute beta, count a step.
+
+        ``None`` (and nothing changes) when no rank had a sample since the last decision.
+        """
         m = len(names)
-        coef = arl_coefficients(stats[:m], stats[m:], self.temperature, self._floor(m))
+        pooled = self._pending.pool(2 * m, device, self.process_group, missing=_NOTHING_POOLED)
+        if pooled.empty:
+            return None
+        stats = pooled.mean()  # [2M] = cat(V, c), global means
+        has = pooled.samples > 0  # every sample ignored on every rank: no statistics
+        if self.momentum is not None:
+            if self._ema is None or self._ema_seen is None:
+                self._ema, self._ema_seen = stats, has
+            else:
+                ema = self._ema.to(stats)
+                seen = self._ema_seen.to(stats.device)
+                blended = torch.lerp(stats, ema, self.momentum * seen.to(stats.dtype))
+                self._ema = torch.where(has, blended, ema)
+                self._ema_seen = seen | has
+            stats = self._ema
+        coef = _coefficients(stats[:m], stats[m:], self.temperature, self._floor(m))
         self._steps += 1
         self.last = ARLRecord(
             modalities=names,
@@ -475,14 +726,22 @@ class ARLLoss(nn.Module):
     # -- encoders mode ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self) -> ARLRecord:
+    def step(self) -> ARLRecord | None:
         """Encoders mode: one coefficient per optimiser step, applied to the encoders' grads.
 
         Call after the last ``backward()`` of the step (after ``GradScaler.unscale_`` when you
-        use one, before gradient clipping and ``optimizer.step()``). Pools the statistics of
-        every training-mode ``forward`` since the previous call (one all-reduce under DDP),
-        computes ``beta`` and, after warm-up, multiplies each encoder's ``.grad`` by
+        use one, before gradient clipping and ``optimizer.step()``), on every rank. Pools the
+        statistics of every training-mode ``forward`` since the previous call (one all-reduce
+        under DDP), computes ``beta`` and, after warm-up, multiplies each encoder's ``.grad`` by
         ``1 + beta_m`` in place. Returns (and stores as ``last``) the record.
+
+        Returns ``None`` and changes nothing (no step counted, no scaling, ``last`` kept) when
+        the forwards since the last call had no sample on any rank (every batch had ``B = 0``).
+        A rank without any forward joins the all-reduce with zeros.
+
+        Raises:
+            RuntimeError: not in encoders mode, or no training-mode forward since the last call
+                (in one process, or on every rank).
         """
         if self.encoders is None:
             raise RuntimeError(
@@ -491,8 +750,8 @@ class ARLLoss(nn.Module):
             )
         names = self._modalities or tuple(self.encoders)
         active = self._steps >= self.warmup_steps
-        record = self._decide(names, active)
-        if active:
+        record = self._decide(names, active, self._device())
+        if record is not None and active:
             grads, index = present_gradients(self._encoder_params)
             scale_gradients_(grads, index, 1.0 + record.coefficients)
         return record
@@ -504,6 +763,7 @@ class ARLLoss(nn.Module):
         return {
             "steps": self._steps,
             "ema": None if self._ema is None else self._ema.clone(),
+            "ema_seen": None if self._ema_seen is None else self._ema_seen.clone(),
             "pending": self._pending.state_dict(),
             "modalities": self._modalities,
             "last": None if self.last is None else dataclasses.asdict(self.last),
@@ -513,6 +773,10 @@ class ARLLoss(nn.Module):
         """Restore what :meth:`get_extra_state` returned (via ``load_state_dict``)."""
         self._steps = int(state["steps"])
         self._ema = state["ema"]
+        seen = state.get("ema_seen")  # older states: an EMA always held a sample
+        if seen is None and self._ema is not None:
+            seen = torch.ones((), dtype=torch.bool, device=self._ema.device)
+        self._ema_seen = seen
         self._pending.load_state_dict(dict(state["pending"]))
         self._modalities = None if state["modalities"] is None else tuple(state["modalities"])
         last = state["last"]
@@ -524,15 +788,6 @@ class ARLLoss(nn.Module):
         return (
             f"gamma={self.gamma}, temperature={self.temperature}, warmup_steps="
             f"{self.warmup_steps}, floor={self.floor}, momentum={self.momentum}, "
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
             f"mode={'encoders' if self.encoders is not None else 'hooks'}"
         )
-
-
-class _Scale:
-    """Gradient hook ``g -> g * s`` with a fixed (detached, 0-dim) factor ``s = 1 + beta_m``."""
-
-    def __init__(self, factor: Tensor) -> None:
-        self.factor = factor.detach()
-
-    def __call__(self, grad: Tensor) -> Tensor:
-        return grad * self.factor.to(device=grad.device, dtype=grad.dtype)

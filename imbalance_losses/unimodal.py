@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import check_modalities
+from ._validation import check_features, check_modalities
 
 __all__ = ["Head", "unimodal_logits"]
 
@@ -88,6 +88,22 @@ def _linear(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor
     return out
 
 
+def _first_parameter(head: object) -> Tensor | None:
+    """The first parameter of a module head (``None`` for plain callables and bare modules)."""
+    if isinstance(head, nn.Module):
+        return next(head.parameters(), None)
+    return None
+
+
+def _check_dtype_device(features: Mapping[str, Tensor], head: object, by: str) -> None:
+    """Floating-point features; of the dtype and on the device of the head's first parameter."""
+    p = _first_parameter(head)
+    if p is None:
+        check_features(features, by=by)
+    else:
+        check_features(features, dtype=p.dtype, device=p.device, by=by)
+
+
 def _per_modality(
     heads: Mapping[str, Callable[[Tensor], Tensor]] | nn.ModuleDict, features: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
@@ -98,6 +114,8 @@ def _per_modality(
             f"the per-modality heads are for modalities {list(heads)} but the features have "
             f"{list(features)} (missing features for {missing}, no head for {extra})"
         )
+    for name, x in features.items():
+        _check_dtype_device({name: x}, heads[name], by=f"heads[{name!r}]")
     return {name: heads[name](x) for name, x in features.items()}
 
 
@@ -158,20 +176,34 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
         ``{modality: logits}`` in the order of ``features``. Gradients flow to the features and
         to the head's parameters as in the fused forward pass.
 
+    Features must be floating point. For a head with parameters (an ``nn.Linear``: its
+    weight; any other module, or each module of a mapping: its first parameter) they must also
+    be of the parameters' dtype, unless ``torch.autocast`` is on, and on their device. A plain
+    callable is only checked for floating-point features.
+
     Raises:
+        TypeError: integer or bool features, or features of another dtype than the head's
+            parameters outside ``torch.autocast`` (the message names the modality, the shape
+            and both dtypes); a head of an unsupported kind; a features argument that is not a
+            mapping.
         ValueError: fewer than two modalities, batch sizes that differ, widths that do not add
             up to the linear head's ``in_features``, modalities missing from (or extra to) a
-            mapping of heads, or outputs of inconsistent shapes. The message names the modality
-            and the expected and actual shapes.
+            mapping of heads, features on another device than the head's parameters, or
+            outputs of inconsistent shapes. The message names the modality and the expected
+            and actual shapes.
     """
     batch = check_modalities(features)
     if isinstance(head, nn.Linear):
         _check_concat(features)
+        check_features(
+            features, dtype=head.weight.dtype, device=head.weight.device, by="the nn.Linear head"
+        )
         out = _linear(head, features)
     elif isinstance(head, Mapping | nn.ModuleDict):
         out = _per_modality(head, features)
     elif callable(head):
         _check_concat(features)
+        _check_dtype_device(features, head, by=f"the head ({type(head).__name__})")
         out = _zero_padded(head, features)
     else:
         raise TypeError(

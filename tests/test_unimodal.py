@@ -198,9 +198,16 @@ def test_generic_head_width_error_names_the_modalities() -> None:
 def test_generic_head_errors_that_are_not_about_widths_propagate_unchanged() -> None:
     mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))  # fp32 head
     feats = {"audio": torch.randn(4, 2, dtype=torch.float64), "visual": torch.randn(4, 4).double()}
-    with pytest.raises(RuntimeError) as info:  # a dtype mismatch, not a width problem
+    # a dtype mismatch is caught before the head runs (first parameter's dtype), not a width
+    # problem and not torch's raw "mat1 and mat2 must have the same dtype"
+    with pytest.raises(TypeError, match=r"features\['audio'\] .* torch.float64 .* torch.float32"):
         unimodal_logits(mlp, feats)
-    assert not isinstance(info.value, ValueError)
+
+    def shape_blind(x: torch.Tensor) -> torch.Tensor:  # a head whose own error is not ours
+        raise RuntimeError("device-side assert: index out of bounds")
+
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        unimodal_logits(shape_blind, {"audio": torch.randn(4, 2), "visual": torch.randn(4, 4)})
 
     def broken(x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("my head is broken")
