@@ -274,7 +274,8 @@ class ARLLoss(nn.Module):
       ``optimizer.step()``). ``forward`` then only accumulates statistics; :meth:`step` pools
       them over the micro-batches (and ranks), computes one ``beta`` and multiplies each
       encoder's ``.grad`` by ``1 + beta_m`` once. Since encoder m reaches the loss only through
-      ``x_m``, this equals the hook on one batch made of all the micro-batches.
+      ``x_m``, this equals the hook on one batch made of all the micro-batches. A second call
+      on the same feature tensors before :meth:`step` returns the loss and adds nothing.
 
     A training-mode call with gradients disabled (``torch.no_grad()``, ``inference_mode``) cannot
     be a training step (nothing can be back-propagated): it warns and acts as evaluation.
@@ -365,6 +366,7 @@ class ARLLoss(nn.Module):
         self._modalities: tuple[str, ...] | None = None
         self.last: ARLRecord | None = None
         self._hooks: _HookTable = WeakIdKeyDictionary()  # feature tensor -> its step's hook
+        self._added: MutableMapping[Tensor, bool] = WeakIdKeyDictionary()  # encoders mode
 
     # -- construction helpers -------------------------------------------------------------
 
@@ -412,11 +414,13 @@ class ARLLoss(nn.Module):
         """Pickling / deepcopy: everything but the live hook table (tied to this graph)."""
         state = self.__dict__.copy()
         state.pop("_hooks", None)
+        state.pop("_added", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         self._hooks = WeakIdKeyDictionary()
+        self._added = WeakIdKeyDictionary()
 
     @property
     def head(self) -> Head | None:
@@ -493,7 +497,7 @@ class ARLLoss(nn.Module):
             training = False
         hooks = self.encoders is None
         try:
-            repeat, mixed = training and hooks and self._repeat(features), None
+            repeat, mixed = training and self._repeat(features, unimodal_logits), None
         except ValueError as err:
             repeat, mixed = False, err
         pools = training and hooks and not repeat  # this call all-reduces (hook mode)
@@ -529,8 +533,11 @@ class ARLLoss(nn.Module):
         self._pending.add(
             self._batch_sums(zs, mask), batch if mask is None else mask.sum(), rows=batch
         )
-        if not hooks:
-            return loss  # encoders mode: step() decides once per optimiser step
+        if not hooks:  # encoders mode: step() decides once per optimiser step
+            source = features if features is not None else zs
+            for x in source.values():
+                self._added[x] = True
+            return loss
 
         active = self._steps >= self.warmup_steps
         record = self._decide(names, active, device)
@@ -550,26 +557,35 @@ class ARLLoss(nn.Module):
                 self._hook(x, None if scale is None else scale[i])
         return loss
 
-    def _repeat(self, features: object) -> bool:
-        """Whether ``features`` are those of a step whose backward has not run yet.
+    def _repeat(self, features: object, given: object) -> bool:
+        """Whether this call repeats one whose step is still open (same tensors again).
 
-        True when every feature that requires grad carries this loss's hook and no backward
-        pass has reached it; ValueError when only some do (a mix of two steps).
+        Hook mode: every feature that requires grad carries this loss's hook and no backward
+        pass has reached it yet. Encoders mode: every tensor of ``features`` (of
+        ``unimodal_logits`` without features) was added since the last :meth:`step`. A
+        ``ValueError`` when only some are (a mix of two calls).
         """
-        if not isinstance(features, Mapping):
+        hooks = self.encoders is None
+        source = features if features is not None or hooks else given
+        if not isinstance(source, Mapping):
             return False
         tracked = [
-            (name, x) for name, x in features.items() if isinstance(x, Tensor) and x.requires_grad
+            (name, x)
+            for name, x in source.items()
+            if isinstance(x, Tensor) and (x.requires_grad or not hooks)
         ]
-        pending = [name for name, x in tracked if (h := self._hooks.get(x)) and not h[0].fired]
+        if hooks:
+            pending = [name for name, x in tracked if (h := self._hooks.get(x)) and not h[0].fired]
+        else:
+            pending = [name for name, x in tracked if x in self._added]
         if not pending or len(pending) == len(tracked):
             return bool(pending)
         fresh = [name for name, _ in tracked if name not in pending]
+        what = "whose backward has not run" if hooks else "since the last step()"
         raise ValueError(
             f"features {pending} were already passed to this ARLLoss in a training-mode call "
-            f"whose backward has not run, but features {fresh} are new tensors; pass the same "
-            "tensors again (a repeated call: the loss only, the same step) or all new ones "
-            "after backward()"
+            f"{what}, but features {fresh} are new tensors; pass the same tensors again (a "
+            "repeated call: the loss only, the same step) or all new ones"
         )
 
     def _hook(self, x: Tensor, factor: Tensor | None) -> None:
@@ -751,6 +767,7 @@ class ARLLoss(nn.Module):
         names = self._modalities or tuple(self.encoders)
         active = self._steps >= self.warmup_steps
         record = self._decide(names, active, self._device())
+        self._added.clear()
         if record is not None and active:
             grads, index = present_gradients(self._encoder_params)
             scale_gradients_(grads, index, 1.0 + record.coefficients)

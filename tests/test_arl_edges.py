@@ -206,6 +206,27 @@ def test_repeat_during_warmup_counts_one_step_and_a_mix_is_refused() -> None:
     assert crit.steps == 1
 
 
+def test_encoders_mode_repeat_adds_the_statistics_once() -> None:
+    model = TwoTower()
+    arl = ARLLoss(head=model.head, encoders=dict(model.enc.items()))
+    ref = ARLLoss(head=model.head, encoders=dict(model.enc.items()))
+    (x1, y1), (x2, y2) = batch_data(4, 1), batch_data(6, 2)
+    for crit, repeat in ((arl, True), (ref, False)):
+        z1, f1 = model(x1)
+        z2, f2 = model(x2)
+        crit(z1, y1, f1)
+        if repeat:
+            crit(z1, y1, f1)  # logging call on the same tensors: not a second micro-batch
+        crit(z2, y2, f2)
+    a, b = arl.step(), ref.step()
+    assert a is not None and b is not None
+    assert torch.equal(a.variances, b.variances) and torch.equal(a.coefficients, b.coefficients)
+    z1, f1 = model(x1)
+    arl(z1, y1, f1)
+    with pytest.raises(ValueError, match=r"\['audio'\] were already passed.*since the last step"):
+        arl(z1, y1, {"audio": f1["audio"], "visual": f1["visual"].clone()})
+
+
 def test_training_forward_without_grad_acts_as_eval_with_a_warning() -> None:
     head, feats, y = make_setup(m=2)
     for encoders in (None, {"audio": nn.Linear(2, 3), "visual": nn.Linear(2, 3)}):
