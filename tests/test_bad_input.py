@@ -1,0 +1,775 @@
+"""Bad input, everywhere: one table over every public entry point and every kind of mistake.
+
+Each row is one call with one mistake and what it must do: raise a clear ``ValueError`` /
+``TypeError`` whose message names the modality (or argument) and the shapes, warn, or follow a
+documented behaviour. Never a raw torch error, a silent NaN or a hang.
+
+``docs/bad_input.md`` is rendered from this table (``python -m tests.test_bad_input``), and a
+test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from imbalance_losses import (
+    ARLLoss,
+    GradientBlending,
+    ModalityGradientModulator,
+    PMRLoss,
+    SustainedBoostingLoss,
+    unimodal_logits,
+)
+
+B, C = 4, 3
+WIDTHS = {"a": 3, "v": 2, "t": 1}
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_input.md"
+
+
+def feats(**change: Any) -> dict[str, Tensor]:
+    """Good features ``{a: [4, 3], v: [4, 2], t: [4, 1]}``, with some entries replaced/removed."""
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, Tensor] = {m: torch.randn(B, d, generator=g) for m, d in WIDTHS.items()}
+    for name, value in change.items():
+        if value is None:
+            out.pop(name)
+        else:
+            out[name] = value
+    return out
+
+
+def logits(**change: Any) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    out = {m: torch.randn(B, C, generator=g) for m in WIDTHS}
+    for name, value in change.items():
+        if value is None:
+            out.pop(name)
+        else:
+            out[name] = value
+    return out
+
+
+def target() -> Tensor:
+    return torch.tensor([0, 1, 2, 1])
+
+
+def nan_at(shape: tuple[int, ...], value: float = float("nan")) -> Tensor:
+    x = torch.randn(*shape)
+    x[-1, -1] = value
+    return x
+
+
+def head() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(sum(WIDTHS.values()), C)
+
+
+def fused(f: dict[str, Tensor]) -> Tensor:
+    return head()(torch.cat(list(f.values()), 1))
+
+
+# -- the entry points, each a function of (features or logits, target) -----------------------
+
+
+def call_unimodal(f: Any, y: Tensor) -> Any:
+    return unimodal_logits(head(), f)
+
+
+def call_arl(f: Any, y: Tensor, *, train: bool = True) -> Tensor:
+    arl = ARLLoss(head=head())
+    arl.train(train)
+    if isinstance(f, dict):  # the tensors a model fused carry gradients
+        f = {m: x.requires_grad_() if x.is_floating_point() else x for m, x in f.items()}
+    z = torch.zeros(y.shape[0] if y.dim() else 0, C)
+    return arl(z, y, f)
+
+
+def call_boost(f: Any, y: Tensor, *, train: bool = True) -> Tensor:
+    boost = SustainedBoostingLoss(C, WIDTHS, hidden=4, check_every=10)
+    boost.train(train)
+    return boost(f, y)
+
+
+def encoders() -> nn.ModuleDict:
+    torch.manual_seed(0)
+    return nn.ModuleDict({m: nn.Linear(2, d) for m, d in WIDTHS.items()})
+
+
+def call_modulator(z: Any, y: Tensor) -> Tensor:
+    enc = encoders()
+    for p in enc.parameters():
+        p.grad = torch.ones_like(p)
+    return ModalityGradientModulator(dict(enc.items()), alpha=0.5, method="ogm").step(z, y)
+
+
+def call_pmr(f: Any, y: Tensor, *, train: bool = True) -> Tensor:
+    pmr = PMRLoss(C, WIDTHS)
+    pmr.update_prototypes([(feats(), target())])
+    pmr.train(train)
+    return pmr(torch.zeros(y.shape[0] if y.dim() else 0, C), y, f)
+
+
+def call_blend(f: Any, y: Tensor) -> Tensor:
+    blend = GradientBlending(head=head(), modalities=list(WIDTHS))
+    return blend(torch.zeros(y.shape[0] if y.dim() else 0, C), y, features=f)
+
+
+def arl_twice_same_features() -> Tensor:
+    arl = ARLLoss(head=head())
+    f = {m: x.requires_grad_() for m, x in feats().items()}
+    arl(fused(f), target(), f)  # a logging call, then the real one: one step, one hook
+    loss = arl(fused(f), target(), f)
+    assert arl.steps == 1
+    return loss
+
+
+def arl_under_no_grad() -> Tensor:
+    with torch.no_grad():
+        return call_arl(feats(), target())
+
+
+def arl_detached_features() -> Tensor:
+    arl = ARLLoss(head=head())
+    return arl(torch.zeros(B, C), target(), feats())
+
+
+def arl_step_twice() -> object:
+    enc = encoders()
+    arl = ARLLoss(head=head(), encoders=dict(enc.items()))
+    f = {m: enc[m](torch.randn(B, 2)) for m in WIDTHS}
+    arl(fused(f), target(), f).backward()
+    arl.step()
+    return arl.step()
+
+
+def modulator_with(enc: nn.ModuleDict, **kwargs: Any) -> ModalityGradientModulator:
+    return ModalityGradientModulator(dict(enc.items()), alpha=0.5, method="ogm", **kwargs)
+
+
+def shared_trunk(**kwargs: Any) -> Tensor:
+    enc = encoders()
+    trunk = nn.Linear(2, 2)
+    modules = nn.ModuleDict({m: nn.Sequential(trunk, enc[m]) for m in WIDTHS})
+    for p in modules.parameters():
+        p.grad = torch.ones_like(p)
+    return modulator_with(modules, **kwargs).step(logits(), target())
+
+
+def modulator_no_grads() -> Tensor:
+    return modulator_with(encoders()).step(logits(), target())
+
+
+def modulator_step_twice() -> Tensor:
+    enc = encoders()
+    for p in enc.parameters():
+        p.grad = torch.ones_like(p)
+    mod = modulator_with(enc)
+    mod.step(logits(), target())
+    return mod.step(logits(), target())
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    entry: str
+    case: str
+    call: Callable[[], object]
+    expect: str  # "ValueError", "TypeError", "RuntimeError", "RuntimeWarning", "ok"
+    match: str = ""  # regex the message must match (raise / warn), or "" for "ok"
+    behaviour: str = ""  # what "ok" means, for the docs
+
+
+def _rows() -> list[Row]:
+    y = target()
+    rows: list[Row] = []
+
+    def add(
+        entry: str,
+        case: str,
+        call: Callable[[], object],
+        expect: str,
+        match: str = "",
+        behaviour: str = "",
+    ) -> None:
+        rows.append(Row(entry, case, call, expect, match, behaviour))
+
+    # unimodal_logits(head, features) with a concat nn.Linear head
+    u = "unimodal_logits"
+    add(
+        u,
+        "wrong width",
+        lambda: call_unimodal(feats(a=torch.randn(B, 4)), y),
+        "ValueError",
+        r"in_features=6.*a: \(4, 4\)",
+    )
+    add(
+        u,
+        "missing modality",
+        lambda: call_unimodal(feats(t=None), y),
+        "ValueError",
+        r"in_features=6.*give 5 \(a: \(4, 3\), v: \(4, 2\)\)",
+    )
+    add(
+        u,
+        "differing batch sizes",
+        lambda: call_unimodal(feats(v=torch.randn(3, 2)), y),
+        "ValueError",
+        r"features\['v'\] has shape \(3, 2\) \(batch 3\)",
+    )
+    add(
+        u,
+        "one modality",
+        lambda: call_unimodal({"a": torch.randn(B, 6)}, y),
+        "ValueError",
+        r"at least two modalities",
+    )
+    add(
+        u,
+        "integer features",
+        lambda: call_unimodal(feats(v=torch.ones(B, 2, dtype=torch.long)), y),
+        "TypeError",
+        r"features\['v'\] of shape \(4, 2\) are torch.int64",
+    )
+    add(
+        u,
+        "float64 features with an fp32 head",
+        lambda: call_unimodal(feats(v=torch.randn(B, 2, dtype=torch.float64)), y),
+        "TypeError",
+        r"features\['v'\] of shape \(4, 2\) are torch.float64 but .* torch.float32",
+    )
+    add(
+        u,
+        "mapping passed as a list",
+        lambda: call_unimodal(list(feats().values()), y),
+        "TypeError",
+        r"must be a mapping",
+    )
+    add(
+        u,
+        "B = 0",
+        lambda: call_unimodal(feats(**{m: torch.zeros(0, d) for m, d in WIDTHS.items()}), y),
+        "ok",
+        behaviour="empty logits `[0, C]` per modality",
+    )
+
+    # ARLLoss(head=...)(logits, target, features)
+    a = "ARLLoss"
+    add(
+        a,
+        "wrong width",
+        lambda: call_arl(feats(a=torch.randn(B, 4)), y),
+        "ValueError",
+        r"in_features=6.*a: \(4, 4\)",
+    )
+    add(
+        a,
+        "differing batch sizes",
+        lambda: call_arl(feats(v=torch.randn(3, 2)), y),
+        "ValueError",
+        r"features\['v'\] has shape \(3, 2\)",
+    )
+    add(
+        a,
+        "one modality",
+        lambda: call_arl({"a": torch.randn(B, 6)}, y),
+        "ValueError",
+        r"at least two modalities",
+    )
+    add(
+        a,
+        "NaN features",
+        lambda: call_arl(feats(v=nan_at((B, 2))), y),
+        "ValueError",
+        r"\['v'\].*non-finite",
+    )
+    add(
+        a,
+        "inf features",
+        lambda: call_arl(feats(v=nan_at((B, 2), float("inf"))), y),
+        "ValueError",
+        r"\['v'\].*non-finite",
+    )
+    add(a, "float class indices", lambda: call_arl(feats(), y.float()), "ValueError", r"\.long\(\)")
+    add(
+        a,
+        "out-of-range target",
+        lambda: call_arl(feats(), torch.tensor([0, 1, 2, 3])),
+        "ValueError",
+        r"outside \[0, 3\)",
+    )
+    add(
+        a,
+        "negative target",
+        lambda: call_arl(feats(), torch.tensor([0, 1, -1, 1])),
+        "ValueError",
+        r"outside \[0, 3\)",
+    )
+    add(
+        a,
+        "target = ignore_index (-100)",
+        lambda: call_arl(feats(), torch.tensor([0, -100, 2, 1])),
+        "ok",
+        behaviour="accepted; skipped by the loss and left out of the statistics",
+    )
+    add(
+        a,
+        "integer features",
+        lambda: call_arl(feats(v=torch.ones(B, 2, dtype=torch.long)), y),
+        "TypeError",
+        r"features\['v'\] of shape \(4, 2\) are torch.int64",
+    )
+    add(
+        a,
+        "3-D features",
+        lambda: call_arl(
+            feats(a=torch.randn(B, 2, 3), v=torch.randn(B, 2, 2), t=torch.randn(B, 2, 1)), y
+        ),
+        "ValueError",
+        r"shape \[B, C\]",
+    )
+    add(
+        a,
+        "mapping passed as a list",
+        lambda: call_arl(list(feats().values()), y),
+        "TypeError",
+        r"must be a mapping",
+    )
+    add(
+        a,
+        "eval mode",
+        lambda: call_arl(feats(), y, train=False),
+        "ok",
+        behaviour="the loss only: no statistics, no collective, no state change",
+    )
+
+    # SustainedBoostingLoss(...)(features, target)
+    s = "SustainedBoostingLoss"
+    add(
+        s,
+        "wrong width",
+        lambda: call_boost(feats(a=torch.randn(B, 4)), y),
+        "ValueError",
+        r"features\['a'\] must have shape \[B, 3\].*\(4, 4\)",
+    )
+    add(
+        s,
+        "missing modality",
+        lambda: call_boost(feats(t=None), y),
+        "ValueError",
+        r"missing \['t'\]",
+    )
+    add(
+        s,
+        "extra modality",
+        lambda: call_boost(feats(x=torch.randn(B, 1)), y),
+        "ValueError",
+        r"unexpected \['x'\]",
+    )
+    add(
+        s,
+        "reordered modalities",
+        lambda: call_boost(dict(reversed(list(feats().items()))), y),
+        "ValueError",
+        r"different order",
+    )
+    add(
+        s,
+        "NaN features",
+        lambda: call_boost(feats(v=nan_at((B, 2))), y),
+        "ValueError",
+        r"features\['v'\] contains non-finite",
+    )
+    add(
+        s,
+        "one-hot float targets",
+        lambda: call_boost(feats(), torch.nn.functional.one_hot(y, C).float()),
+        "ok",
+        behaviour="soft targets `[B, C]`: accepted",
+    )
+    add(
+        s,
+        "one-hot integer targets",
+        lambda: call_boost(feats(), torch.nn.functional.one_hot(y, C)),
+        "ValueError",
+        r"class indices of shape \[B\]",
+    )
+    add(
+        s,
+        "soft targets not summing to 1",
+        lambda: call_boost(feats(), torch.full((B, C), 0.5)),
+        "ValueError",
+        r"sum to 1",
+    )
+    add(
+        s,
+        "float64 features",
+        lambda: call_boost(feats(v=torch.randn(B, 2).double()), y),
+        "TypeError",
+        r"features\['v'\].*torch.float64 but .*torch.float32",
+    )
+    add(
+        s,
+        "mapping passed as a list",
+        lambda: call_boost(list(feats().values()), y),
+        "TypeError",
+        r"must be a mapping",
+    )
+
+    # ModalityGradientModulator(...).step(unimodal_logits, target)
+    g = "ModalityGradientModulator.step"
+    add(
+        g,
+        "missing modality",
+        lambda: call_modulator(logits(t=None), y),
+        "ValueError",
+        r"missing \['t'\]",
+    )
+    add(
+        g,
+        "reordered modalities",
+        lambda: call_modulator(dict(reversed(list(logits().items()))), y),
+        "ValueError",
+        r"different order",
+    )
+    add(
+        g,
+        "differing class counts",
+        lambda: call_modulator(logits(v=torch.randn(B, 4)), y),
+        "ValueError",
+        r"\['v'\] has shape \(4, 4\)",
+    )
+    add(
+        g,
+        "NaN logits",
+        lambda: call_modulator(logits(v=nan_at((B, C))), y),
+        "ValueError",
+        r"\['v'\] contains non-finite",
+    )
+    add(
+        g,
+        "integer logits",
+        lambda: call_modulator(logits(v=torch.ones(B, C, dtype=torch.long)), y),
+        "TypeError",
+        r"\['v'\] of shape \(4, 3\) are torch.int64",
+    )
+    add(
+        g,
+        "target batch mismatch",
+        lambda: call_modulator(logits(), y[:3]),
+        "ValueError",
+        r"target has shape \(3,\)",
+    )
+
+    # PMRLoss(C, widths)(logits, target, features), prototypes computed
+    p = "PMRLoss"
+    add(
+        p,
+        "wrong width",
+        lambda: call_pmr(feats(a=torch.randn(B, 4)), y),
+        "ValueError",
+        r"features\['a'\] must have shape \[B, 3\].*\(4, 4\)",
+    )
+    add(p, "missing modality", lambda: call_pmr(feats(t=None), y), "ValueError", r"missing \['t'\]")
+    add(
+        p,
+        "differing batch sizes",
+        lambda: call_pmr(feats(v=torch.randn(3, 2)), y),
+        "ValueError",
+        r"features\['v'\] has shape \(3, 2\)",
+    )
+    add(
+        p,
+        "NaN features",
+        lambda: call_pmr(feats(v=nan_at((B, 2))), y),
+        "ValueError",
+        r"features\['v'\].*non-finite",
+    )
+    add(
+        p,
+        "integer features",
+        lambda: call_pmr(feats(v=torch.ones(B, 2, dtype=torch.long)), y),
+        "TypeError",
+        r"features\['v'\] of shape \(4, 2\) are torch.int64",
+    )
+    add(
+        p,
+        "soft targets",
+        lambda: call_pmr(feats(), torch.full((B, C), 1 / C)),
+        "TypeError",
+        r"class-index targets \[B\], got torch.float32 of shape \(4, 3\)",
+    )
+    add(
+        p,
+        "out-of-range target",
+        lambda: call_pmr(feats(), torch.tensor([0, 1, 2, 3])),
+        "ValueError",
+        r"outside \[0, 3\)",
+    )
+    add(
+        p,
+        "target = ignore_index (-100)",
+        lambda: call_pmr(feats(), torch.tensor([0, -100, 2, 1])),
+        "ok",
+        behaviour="accepted; left out of the prototypes, the losses and the statistics",
+    )
+    add(
+        p,
+        "B = 0",
+        lambda: call_pmr(
+            {m: torch.zeros(0, d) for m, d in WIDTHS.items()}, torch.zeros(0, dtype=torch.long)
+        ),
+        "ok",
+        behaviour="a zero loss; no step, no statistics",
+    )
+    add(
+        p,
+        "eval mode",
+        lambda: call_pmr(feats(), y, train=False),
+        "ok",
+        behaviour="the fused criterion only",
+    )
+
+    # GradientBlending(head=..., modalities=...)(logits, target, features=...)
+    b = "GradientBlending"
+    add(
+        b,
+        "wrong width",
+        lambda: call_blend(feats(a=torch.randn(B, 4)), y),
+        "ValueError",
+        r"in_features=6.*a: \(4, 4\)",
+    )
+    add(
+        b,
+        "missing modality",
+        lambda: call_blend(feats(t=None), y),
+        "ValueError",
+        r"in_features=6.*give 5 \(a: \(4, 3\), v: \(4, 2\)\)",
+    )
+    add(
+        b,
+        "differing batch sizes",
+        lambda: call_blend(feats(v=torch.randn(3, 2)), y),
+        "ValueError",
+        r"features\['v'\] has shape \(3, 2\)",
+    )
+    add(
+        b,
+        "NaN features",
+        lambda: call_blend(feats(v=nan_at((B, 2))), y),
+        "ValueError",
+        r"\['v'\].*non-finite",
+    )
+    add(
+        b,
+        "out-of-range target",
+        lambda: call_blend(feats(), torch.tensor([0, 1, 2, 3])),
+        "ValueError",
+        r"outside \[0, 3\)",
+    )
+    add(
+        b,
+        "target = ignore_index (-100)",
+        lambda: call_blend(feats(), torch.tensor([0, -100, 2, 1])),
+        "ok",
+        behaviour="accepted; skipped by every branch loss",
+    )
+    add(
+        b,
+        "B = 0",
+        lambda: call_blend(
+            {m: torch.zeros(0, d) for m, d in WIDTHS.items()}, torch.zeros(0, dtype=torch.long)
+        ),
+        "ok",
+        behaviour="a zero loss",
+    )
+    # the defined behaviours and guards of every module, beyond shapes and dtypes
+    empty = {m: torch.zeros(0, d) for m, d in WIDTHS.items()}
+    no_target = torch.zeros(0, dtype=torch.long)
+    add(
+        a,
+        "B = 0",
+        lambda: call_arl(dict(empty), no_target),
+        "ok",
+        behaviour="a zero loss with zero gradients; no step counted, no statistics",
+    )
+    add(
+        a,
+        "the same features passed twice (a logging call, then the real one)",
+        arl_twice_same_features,
+        "ok",
+        behaviour="one step and one gradient hook, not two",
+    )
+    add(
+        a,
+        "training-mode forward under torch.no_grad()",
+        arl_under_no_grad,
+        "RuntimeWarning",
+        r"no_grad",
+    )
+    add(
+        a,
+        "detached features (frozen encoders)",
+        arl_detached_features,
+        "RuntimeWarning",
+        r"no feature requires grad",
+    )
+    add(
+        a,
+        "step() twice without a forward (encoders mode)",
+        arl_step_twice,
+        "RuntimeError",
+        r"without a training-mode forward",
+    )
+    add(
+        s,
+        "B = 0",
+        lambda: call_boost(dict(empty), no_target),
+        "ok",
+        behaviour="a zero loss with zero gradients; not a step (one process)",
+    )
+    add(
+        s,
+        "eval mode",
+        lambda: call_boost(feats(), y, train=False),
+        "ok",
+        behaviour="the loss; no scores pooled, no check",
+    )
+    add(
+        s,
+        "no check schedule chosen",
+        lambda: SustainedBoostingLoss(C, WIDTHS),
+        "TypeError",
+        r"check_every",
+    )
+    add(
+        g,
+        "mapping passed as a list",
+        lambda: call_modulator(list(logits().values()), y),
+        "TypeError",
+        r"must be a mapping",
+    )
+    add(
+        g,
+        "B = 0",
+        lambda: call_modulator({m: torch.zeros(0, C) for m in WIDTHS}, no_target),
+        "ok",
+        behaviour="a no-op step: gradients untouched, coefficients ones, not counted",
+    )
+    add(
+        g,
+        "target = ignore_index (-100)",
+        lambda: call_modulator(logits(), torch.tensor([0, -100, 2, 1])),
+        "ok",
+        behaviour="accepted; left out of the scores and the sample count",
+    )
+    add(
+        g,
+        "frozen encoders (no gradients)",
+        modulator_no_grads,
+        "RuntimeWarning",
+        r"no modulated parameter has a gradient",
+    )
+    add(
+        g,
+        "step() twice without a backward",
+        modulator_step_twice,
+        "RuntimeError",
+        r"no backward\(\) in between",
+    )
+    add(
+        "ModalityGradientModulator",
+        "parameters shared between modalities",
+        shared_trunk,
+        "ValueError",
+        r"shared",
+    )
+    add(
+        "ModalityGradientModulator",
+        "shared parameters with shared='exclude'",
+        lambda: shared_trunk(shared="exclude"),
+        "ok",
+        behaviour="the shared trunk is left unmodulated",
+    )
+    add(
+        u,
+        "reordered modalities (widths still add up)",
+        lambda: call_unimodal(dict(reversed(list(feats().items()))), y),
+        "ok",
+        behaviour="not detectable from one call: the mapping order is the concatenation order "
+        "(documented); the methods that keep state (ARL, boosting, the modulator, PMR) refuse "
+        "a change of order",
+    )
+    return rows
+
+
+ROWS = _rows()
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[f"{r.entry}: {r.case}" for r in ROWS])
+def test_bad_input_row(row: Row) -> None:
+    errors = {"ValueError": ValueError, "TypeError": TypeError, "RuntimeError": RuntimeError}
+    if row.expect in errors:
+        with pytest.raises(errors[row.expect], match=row.match):
+            row.call()
+    elif row.expect == "RuntimeWarning":
+        with pytest.warns(RuntimeWarning, match=row.match):
+            row.call()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "ok" rows neither raise nor warn
+            out = row.call()
+        values = out.values() if isinstance(out, dict) else [out]
+        for v in values:
+            assert isinstance(v, Tensor) and torch.isfinite(v).all()
+
+
+def _message(row: Row) -> str:
+    """The message the row's call raises or warns with (what a user reads)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            row.call()
+        except Exception as err:
+            return str(err)
+    return str(caught[-1].message)
+
+
+def markdown() -> str:
+    lines = [
+        "# Bad input: what every entry point does",
+        "",
+        "Rendered from `tests/test_bad_input.py` (`python -m tests.test_bad_input > "
+        "docs/bad_input.md`), where every row is a test. Fixtures: features "
+        "`{a: [4, 3], v: [4, 2], t: [4, 1]}`, a concat `nn.Linear(6, 3)` head, targets `[4]`.",
+        "",
+        "| entry point | input | what the user gets |",
+        "| --- | --- | --- |",
+    ]
+    entries = list(dict.fromkeys(r.entry for r in ROWS))
+    for r in sorted(ROWS, key=lambda r: entries.index(r.entry)):  # grouped, stable
+        if r.expect == "ok":
+            result = f"defined: {r.behaviour}"
+        else:
+            message = _message(r).replace("|", "\\|")
+            result = f"`{r.expect}`: {message}"
+        lines.append(f"| `{r.entry}` | {r.case} | {result} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_docs_table_is_current() -> None:
+    assert DOC.read_text() == markdown(), "run: python -m tests.test_bad_input > docs/bad_input.md"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())
