@@ -36,3 +36,7 @@ def test_overhead_quick_prints_every_row(capsys: pytest.CaptureFixture[str]) -> 
         # no host read outside the input checks in any module's training step
         assert cells[-1].endswith("/ 0"), line
     assert "Host reads outside the input checks" not in out
+    # OGM-GE against its floor, the draw alone: (a), (b) and their ratio are printed
+    floor = next(x for x in out.splitlines() if x.startswith("OGM-GE against its floor"))
+    assert re.search(r"\(a\) torch\.randn alone \d+\.\d+ ms", floor), floor
+    assert re.search(r"\(b\) modulator\.step \d+\.\d+ ms, ratio \(b\)/\(a\) \d+\.\d{3}", floor)
