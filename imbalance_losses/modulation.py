@@ -35,7 +35,10 @@ Each optimiser step, after ``backward()`` and before ``optimizer.step()``:
    from one sum and one ``dot(g, g)`` per gradient (no temporary of a gradient's size).
 
 Steps 4-5 happen only inside the window ``start_step <= t < stop_step`` (``t`` counts calls to
-:meth:`ModalityGradientModulator.step`); outside it gradients are untouched.
+:meth:`ModalityGradientModulator.step` that saw at least one sample on some rank); outside it
+gradients are untouched. Each gradient is modulated at most once per backward (a second
+``step()`` with no backward in between raises), a step with no sample on any rank is a no-op,
+and a rank whose input fails validation makes every rank raise in the same call.
 """
 
 from __future__ import annotations

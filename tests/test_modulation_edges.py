@@ -352,9 +352,14 @@ def test_ge_noise_is_the_seeded_draw_times_the_unbiased_std() -> None:
     """g_new = k_m g + std(g) z_p, z the seed's generator's one draw split in parameter order."""
     g = torch.Generator().manual_seed(3)
     shapes = [(5, 7), (1, 1), (4, 3, 2), (6, 1)]
-    params = [nn.Parameter(torch.zeros(s)) for s in shapes]
-    grads = [torch.randn(s, generator=g) * (i + 1) + i for i, s in enumerate(shapes)]
+    dtypes = [torch.float32, torch.float32, torch.float64, torch.float32]  # mixed dtypes
+    params = [nn.Parameter(torch.zeros(s, dtype=d)) for s, d in zip(shapes, dtypes, strict=True)]
+    grads = [
+        (torch.randn(s, generator=g) * (i + 1) + i).to(d)
+        for i, (s, d) in enumerate(zip(shapes, dtypes, strict=True))
+    ]
     grads[3] = torch.zeros(6, 1)  # an all-zero gradient: no noise
+    grads[0] = grads[0].t().contiguous().t()  # a non-contiguous gradient
     for p, gr in zip(params, grads, strict=True):
         p.grad = gr.clone()
     mod = ModalityGradientModulator({"a": params[:2], "v": params[2:]}, 1.0, seed=21)
@@ -370,6 +375,7 @@ def test_ge_noise_is_the_seeded_draw_times_the_unbiased_std() -> None:
         want = k[0 if i < 2 else 1] * gr.double() + std * z[start : start + n].double().view(
             gr.shape
         )
+        assert p.grad.dtype == gr.dtype
         torch.testing.assert_close(p.grad.double(), want, rtol=1e-5, atol=1e-6)
         start += n
     assert torch.equal(params[3].grad, torch.zeros(6, 1))
