@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._validation import (
     _assert_on_device,
+    check_features,
     check_logits,
     check_modalities,
     check_same_modalities,
@@ -32,6 +33,7 @@ __all__ = [
     "branch_names",
     "branch_vector",
     "per_sample_cross_entropy",
+    "unimodal_branches",
 ]
 
 FUSED = "fused"
@@ -55,7 +57,7 @@ def branch_names(modalities: object, fused: str = FUSED) -> tuple[str, ...]:
     return (*names, fused)
 
 
-def branch_logits(
+def unimodal_branches(
     logits: Tensor,
     target: Tensor,
     features: Mapping[str, Tensor] | None = None,
@@ -63,19 +65,20 @@ def branch_logits(
     *,
     head: Head | None = None,
     ignore_index: int | None = None,
-    fused: str = FUSED,
     who: str = "this method",
 ) -> dict[str, Tensor]:
-    """``{modality: z_m, ..., fused: z}`` in mapping order, every tensor checked.
+    """``{modality: z_m}`` in mapping order, checked against the fused logits and the target.
 
-    The unimodal logits are ``given`` when passed, else ``unimodal_logits(head, features)``.
+    The unimodal logits are ``given`` when passed (the features, if passed too, must then be
+    floating point and have the same modalities), else ``unimodal_logits(head, features)``.
 
     Raises:
         ValueError: fewer than two modalities, batch sizes or class counts that differ between
-            the fused logits, the unimodal logits, the features and the target; a modality named
-            like the fused branch; targets out of range; non-finite logits; no way to get
-            unimodal logits. The message names the branch and the shapes.
-        TypeError: non-tensor or non-floating logits, a features object that is not a mapping.
+            the fused logits, the unimodal logits, the features and the target; targets out of
+            range; non-finite logits; no way to get unimodal logits. The message names the
+            modality and the shapes.
+        TypeError: non-tensor or non-floating logits or features, a features object that is
+            not a mapping.
     """
     check_logits(logits, name="logits")
     batch, classes = logits.shape
@@ -91,8 +94,11 @@ def branch_logits(
             check_same_modalities(
                 features, given, expected_what="features", actual_what="unimodal_logits"
             )
+            check_features(features, by=who)
         zs = dict(given)
-    elif head is not None and features is not None:
+    elif head is not None:
+        if features is None:
+            raise ValueError(f"{who} was given a head but no features= to apply it to")
         zs = unimodal_logits(head, features)
     else:
         raise ValueError(
@@ -106,12 +112,35 @@ def branch_logits(
             f"{[tuple(z.shape) for z in zs.values()]}) but the fused logits have shape "
             f"{tuple(logits.shape)}; the class counts must match"
         )
+    check_target(target, batch=batch, num_classes=classes, ignore_index=ignore_index)
+    return zs
+
+
+def branch_logits(
+    logits: Tensor,
+    target: Tensor,
+    features: Mapping[str, Tensor] | None = None,
+    given: Mapping[str, Tensor] | None = None,
+    *,
+    head: Head | None = None,
+    ignore_index: int | None = None,
+    fused: str = FUSED,
+    who: str = "this method",
+) -> dict[str, Tensor]:
+    """``{modality: z_m, ..., fused: z}``: :func:`unimodal_branches` plus the fused branch.
+
+    Raises:
+        ValueError: as :func:`unimodal_branches`, and a modality named like the fused branch.
+        TypeError: as :func:`unimodal_branches`.
+    """
+    zs = unimodal_branches(
+        logits, target, features, given, head=head, ignore_index=ignore_index, who=who
+    )
     if fused in zs:
         raise ValueError(
             f"a modality is named {fused!r}, the name of the fused branch; rename the modality "
             "or pass another fused= name"
         )
-    check_target(target, batch=batch, num_classes=classes, ignore_index=ignore_index)
     return {**zs, fused: logits}
 
 

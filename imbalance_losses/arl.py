@@ -37,24 +37,20 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._branches import unimodal_branches
 from ._distributed import ProcessGroup
 from ._params import ModalityParameter, modality_parameters, present_gradients, scale_gradients_
 from ._running import RunningSums
 from ._stats import as_fp32, counted
 from ._validation import (
     _assert_on_device,
-    check_features,
     check_finite,
-    check_logits,
-    check_modalities,
     check_same_modalities,
-    check_target,
-    check_unimodal_logits,
     int_param,
     real_param,
 )
 from .diagnostics import StepRecord
-from .unimodal import Head, unimodal_logits
+from .unimodal import Head
 
 __all__ = [
     "ARLCoefficients",
@@ -619,40 +615,16 @@ class ARLLoss(nn.Module):
         features: Mapping[str, Tensor] | None,
         given: Mapping[str, Tensor] | None,
     ) -> tuple[dict[str, Tensor], int]:
-        check_logits(logits, name="logits")
-        batch, classes = logits.shape
-        if features is not None and check_modalities(features, what="features") != batch:
-            first, x = next(iter(features.items()))
-            raise ValueError(
-                f"features[{first!r}] has batch {x.shape[0]} (shape {tuple(x.shape)}) but "
-                f"the logits have batch {batch} (shape {tuple(logits.shape)})"
-            )
-        if given is not None:
-            check_modalities(given, what="unimodal_logits")
-            if features is not None:
-                check_same_modalities(
-                    features, given, expected_what="features", actual_what="unimodal_logits"
-                )
-                check_features(features, by="ARLLoss (features are re-weighted)")
-            zs = dict(given)
-        elif self.head is not None:
-            if features is None:
-                raise ValueError("ARLLoss was given a head but no features= to apply it to")
-            zs = unimodal_logits(self.head, features)
-        else:
-            raise ValueError(
-                "ARLLoss needs unimodal logits: construct it with head=model.fusion_head and "
-                "pass features=, or pass unimodal_logits="
-            )
-        _, uni_classes = check_unimodal_logits(zs, batch=batch)
-        if uni_classes != classes:
-            raise ValueError(
-                f"unimodal logits have {uni_classes} classes (shapes "
-                f"{[tuple(z.shape) for z in zs.values()]}) but the fused logits have shape "
-                f"{tuple(logits.shape)}; the class counts must match"
-            )
-        check_target(target, batch=batch, num_classes=classes, ignore_index=self.ignore_index)
-        return zs, batch
+        zs = unimodal_branches(
+            logits,
+            target,
+            features,
+            given,
+            head=self.head,
+            ignore_index=self.ignore_index,
+            who="ARLLoss",
+        )
+        return zs, logits.shape[0]
 
     def _loss(
         self,
