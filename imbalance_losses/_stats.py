@@ -57,14 +57,16 @@ def true_class_probability(
     return p if mask is None else p * mask
 
 
-def entropy_sum(logits: Tensor) -> Tensor:
+def entropy_sum(logits: Tensor, weight: Tensor | None = None) -> Tensor:
     """Sum over the batch of the predictive entropy ``-sum_c p_bc log p_bc`` (fp32 scalar).
 
+    With ``weight`` ``[B]`` (e.g. the 0/1 mask of :func:`counted`): ``sum_b w_b H_b``.
     Returned as a *sum* so that it can be pooled across micro-batches and ranks before dividing
     by the pooled count; ``log_softmax`` keeps it finite for saturated logits.
     """
     log_p = torch.log_softmax(as_fp32(logits), dim=-1)
-    return -(log_p.exp() * log_p).sum()
+    per_sample = -(log_p.exp() * log_p).sum(-1)
+    return per_sample.sum() if weight is None else (per_sample * weight).sum()
 
 
 def one_vs_rest_ratio(scores: Tensor) -> Tensor:

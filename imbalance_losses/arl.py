@@ -41,7 +41,7 @@ from ._branches import unimodal_branches
 from ._distributed import ProcessGroup
 from ._params import ModalityParameter, modality_parameters, present_gradients, scale_gradients_
 from ._running import RunningSums
-from ._stats import as_fp32, counted
+from ._stats import as_fp32, counted, entropy_sum
 from ._validation import (
     _assert_on_device,
     check_finite,
@@ -210,16 +210,6 @@ class ARLRecord(StepRecord):
     """``beta_m = softmax(T s)_m``; re-weighting factor ``1 + beta_m`` when ``active``."""
     active: bool
     """Whether the re-weighting was applied on this step (training mode, after warm-up)."""
-
-
-def _masked_entropy_sum(logits: Tensor, weight: Tensor | None) -> Tensor:
-    """``sum_b w_b (-sum_c p_bc log p_bc)`` in fp32 (``w = 1`` when ``weight`` is None).
-
-    The core's ``entropy_sum`` with a per-sample weight (0 for ignored samples).
-    """
-    log_p = torch.log_softmax(as_fp32(logits), dim=-1)
-    per = -(log_p.exp() * log_p).sum(-1)
-    return per.sum() if weight is None else (per * weight).sum()
 
 
 class _Scale:
@@ -661,7 +651,7 @@ class ARLLoss(nn.Module):
     def _batch_sums(zs: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
         """``[2M]``: per-modality sums over counted samples of the entropy and ``sum_c |z_bc|``."""
         weight = None if mask is None else mask.float()
-        entropy = torch.stack([_masked_entropy_sum(z, weight) for z in zs.values()])
+        entropy = torch.stack([entropy_sum(z, weight) for z in zs.values()])
         size = [as_fp32(z).abs().sum(-1) for z in zs.values()]
         sizes = torch.stack([s.sum() if weight is None else (s * weight).sum() for s in size])
         return torch.cat([entropy, sizes])
