@@ -6,9 +6,11 @@ fusion with a linear head) with SGD; the reference row is plain cross-entropy. R
 speed hits every row alike, and each row's cost is reported as the median of its per-round
 ratio to the reference, with the interquartile range of those ratios.
 
-Peak memory is the peak resident set size of a fresh subprocess that runs the row for a few
-steps (CPU has no allocator statistics), reported as the increase over a subprocess that only
-builds the model and data.
+Peak memory on CPU is the peak resident set size of a fresh subprocess that runs the row for a
+few steps (CPU has no allocator statistics), reported as the increase over a subprocess that
+only builds the model and data; on CUDA (``--device cuda``) it is the allocator's peak during a
+few steps of the row over what was allocated before them. On CUDA every timed step ends with
+``torch.cuda.synchronize()``.
 
 Host reads are counted with a ``TorchFunctionMode`` during one training step: every
 ``bool(t)``, ``t.item()``, ``float(t)``, ``t.tolist()``, ``t.cpu()`` made from the package.
@@ -21,7 +23,7 @@ value per modulated gradient element (``torch.randn`` of that many values with a
 (a) the draw alone, (b) ``ModalityGradientModulator.step`` with ``method="ogm_ge"``, and (b)/(a).
 
 Run: ``python examples/overhead.py`` (about 5 minutes on 2 cores) or ``--quick`` (under a
-minute). ``--large`` adds the three-modality setting.
+minute). ``--large`` adds the three-modality setting, ``--device cuda`` runs on a GPU.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ from torch.overrides import TorchFunctionMode
 
 from imbalance_losses import (
     ARLLoss,
+    GradientBlending,
     ModalityGradientModulator,
+    PMRLoss,
     SustainedBoostingLoss,
     unimodal_logits,
 )
@@ -96,23 +100,26 @@ SMALL = Setting("2 modalities, ~1M params", {"audio": 1, "visual": 3}, 40, 32)
 LARGE = Setting("3 modalities, ~1.6M params", {"audio": 1, "visual": 3, "depth": 1}, 40, 32)
 
 
-def make_data(setting: Setting, seed: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+def make_data(
+    setting: Setting, seed: int = 0, device: str = "cpu"
+) -> tuple[dict[str, Tensor], Tensor]:
     g = torch.Generator().manual_seed(seed)
     inputs = {
-        m: torch.randn(BATCH, c, setting.size, setting.size, generator=g)
+        m: torch.randn(BATCH, c, setting.size, setting.size, generator=g).to(device)
         for m, c in setting.channels.items()
     }
-    return inputs, torch.randint(CLASSES, (BATCH,), generator=g)
+    return inputs, torch.randint(CLASSES, (BATCH,), generator=g).to(device)
 
 
 Step = Callable[[], None]
 
 
-def build_rows(setting: Setting, only: str | None = None) -> dict[str, Step]:
+def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -> dict[str, Step]:
     """One closure per row, each owning its model copy, optimiser and method object."""
     torch.manual_seed(0)
-    base = Model(setting.channels, setting.width)
-    inputs, target = make_data(setting)
+    base = Model(setting.channels, setting.width).to(device)
+    inputs, target = make_data(setting, device=device)
+    widths = dict.fromkeys(setting.channels, FEATURE)
     ce = nn.CrossEntropyLoss()
     rows: dict[str, Step] = {}
 
@@ -168,10 +175,10 @@ def build_rows(setting: Setting, only: str | None = None) -> dict[str, Step]:
             model = copy.deepcopy(base)
             boost = SustainedBoostingLoss(
                 num_classes=CLASSES,
-                in_features=dict.fromkeys(setting.channels, FEATURE),
+                in_features=widths,
                 max_heads=max(heads, 1),
                 check_every="manual",  # heads are added here, not by the schedule
-            )
+            ).to(device)
             for m in setting.channels:
                 for _ in range(heads - 1):
                     boost.add_head(m)
@@ -186,6 +193,34 @@ def build_rows(setting: Setting, only: str | None = None) -> dict[str, Step]:
 
         return build
 
+    def pmr() -> Step:
+        model = copy.deepcopy(base)
+        opt = sgd(model.parameters())
+        loss_fn = PMRLoss(CLASSES, widths).to(device)
+        with torch.no_grad():  # the prototypes, computed once per epoch in real training
+            loss_fn.update_prototypes([(model.features(inputs), target)])
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            logits, feats = model(inputs)
+            loss_fn(logits, target, feats).backward()
+            opt.step()
+
+        return step
+
+    def blending() -> Step:
+        model = copy.deepcopy(base)
+        opt = sgd(model.parameters())
+        blend = GradientBlending(head=model.head, modalities=list(setting.channels))
+
+        def step() -> None:  # the per-step cost; the weights are updated once per window
+            opt.zero_grad(set_to_none=True)
+            logits, feats = model(inputs)
+            blend(logits, target, features=feats).backward()
+            opt.step()
+
+        return step
+
     builders: dict[str, Callable[[], Step]] = {
         "plain cross-entropy (reference)": plain,
         "ARLLoss": arl,
@@ -194,6 +229,8 @@ def build_rows(setting: Setting, only: str | None = None) -> dict[str, Step]:
         "SustainedBoostingLoss, 1 head": boosting(1),
         "SustainedBoostingLoss, 2 heads": boosting(2),
         "SustainedBoostingLoss, 8 heads": boosting(8),
+        "PMRLoss": pmr,
+        "GradientBlending": blending,
     }
     for name, build in builders.items():
         if only is None or name == only:
@@ -208,17 +245,37 @@ TARGETS = {
 }
 
 
-def time_rows(rows: dict[str, Step], warmup: int, rounds: int) -> dict[str, list[float]]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_rows(
+    rows: dict[str, Step], warmup: int, rounds: int, device: str = "cpu"
+) -> dict[str, list[float]]:
     for step in rows.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(rounds):
         for name, step in rows.items():
+            _sync(device)
             t0 = time.perf_counter()
             step()
+            _sync(device)
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def cuda_peak_mib(step: Step, steps: int) -> float:
+    """The CUDA allocator's peak over ``steps`` steps, above what was allocated before them."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 _HOST_READS = {"__bool__", "item", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"}
@@ -302,7 +359,7 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(values), q[2]
 
 
-def ge_against_draw(setting: Setting, warmup: int, rounds: int) -> str:
+def ge_against_draw(setting: Setting, warmup: int, rounds: int, device: str = "cpu") -> str:
     """OGM-GE's own work against its floor: the normal draw of one value per modulated element.
 
     (a) ``torch.randn(N)`` with a ``torch.Generator`` on the gradients' device, ``N`` the number
@@ -314,8 +371,8 @@ def ge_against_draw(setting: Setting, warmup: int, rounds: int) -> str:
     of the fastest rounds, the least disturbed by other load on the machine).
     """
     torch.manual_seed(0)
-    model = Model(setting.channels, setting.width)
-    inputs, target = make_data(setting)
+    model = Model(setting.channels, setting.width).to(device)
+    inputs, target = make_data(setting, device=device)
     logits, feats = model(inputs)
     nn.CrossEntropyLoss()(logits, target).backward()
     with torch.no_grad():
@@ -341,8 +398,10 @@ def ge_against_draw(setting: Setting, warmup: int, rounds: int) -> str:
     for r in range(warmup + rounds):
         for name, fn in (("draw", draw), ("ge", ge)):
             restore()
+            _sync(device)
             t0 = time.perf_counter()
             fn()
+            _sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     a, b = statistics.median(times["draw"]), statistics.median(times["ge"])
@@ -356,20 +415,24 @@ def ge_against_draw(setting: Setting, warmup: int, rounds: int) -> str:
     )
 
 
-def report(setting: Setting, warmup: int, rounds: int, memory_steps: int) -> str:
-    rows = build_rows(setting)
+def report(
+    setting: Setting, warmup: int, rounds: int, memory_steps: int, device: str = "cpu"
+) -> str:
+    rows = build_rows(setting, device=device)
     params = sum(p.numel() for p in Model(setting.channels, setting.width).parameters())
-    times = time_rows(rows, warmup, rounds)
+    times = time_rows(rows, warmup, rounds, device)
     ref_name = next(iter(rows))
     ref = times[ref_name]
     syncs: list[str] = []
-    base_rss = peak_rss_mib(setting.name, None, 0) if memory_steps else float("nan")
+    cuda = device.startswith("cuda")
+    base_rss = peak_rss_mib(setting.name, None, 0) if memory_steps and not cuda else float("nan")
+    memory = "peak CUDA memory of a step (MiB)" if cuda else "peak RSS over model+data (MiB)"
     lines = [
         f"### {setting.name} ({params / 1e6:.2f}M parameters, batch {BATCH}, "
         f"{setting.size}x{setting.size} inputs)",
         "",
         "| row | median step (ms) | ratio to plain | ratio IQR | target "
-        "| peak RSS over model+data (MiB) | host reads: validation / other |",
+        f"| {memory} | host reads: validation / other |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, ts in times.items():
@@ -379,11 +442,12 @@ def report(setting: Setting, warmup: int, rounds: int, memory_steps: int) -> str
         flag = (
             "" if target is None else (f"<= {target:.2f}" + (" ok" if mid <= target else " OVER"))
         )
-        rss = (
-            (peak_rss_mib(setting.name, name, memory_steps) - base_rss)
-            if memory_steps
-            else float("nan")
-        )
+        if not memory_steps:
+            rss = float("nan")
+        elif cuda:
+            rss = cuda_peak_mib(rows[name], memory_steps)
+        else:
+            rss = peak_rss_mib(setting.name, name, memory_steps) - base_rss
         val_reads, other_reads = host_reads(rows[name])
         lines.append(
             f"| {name} | {statistics.median(ts) * 1e3:.1f} | {mid:.3f} | {lo:.3f}-{hi:.3f} | "
@@ -402,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large", action="store_true", help="also the three-modality setting")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory:
@@ -419,10 +484,12 @@ def main(argv: list[str] | None = None) -> None:
         f"command: python examples/overhead.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
         f"{rounds} interleaved rounds after {warmup} warm-up steps; SGD(lr=1e-3, momentum=0.9)\n"
     )
+    if args.device.startswith("cuda"):
+        print(f"device: {torch.cuda.get_device_name()}\n")
     for setting in settings:
-        print(report(setting, warmup, rounds, memory_steps))
+        print(report(setting, warmup, rounds, memory_steps, args.device))
         print()
-        print(ge_against_draw(setting, warmup, rounds * 4))
+        print(ge_against_draw(setting, warmup, rounds * 4, args.device))
         print()
 
 
