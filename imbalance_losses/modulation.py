@@ -34,6 +34,8 @@ Each optimiser step, after ``backward()`` and before ``optimizer.step()``:
 
    from one sum and one ``dot(g, g)`` per gradient (no temporary of a gradient's size).
 
+Steps 1-2 are :class:`ModalityScorer`, shared with OPM
+(:class:`~imbalance_losses.opm.ModalityPredictionModulator`): one measurement, two actions.
 Steps 4-5 happen only inside the window ``start_step <= t < stop_step`` (``t`` counts calls to
 :meth:`ModalityGradientModulator.step` that saw at least one sample on some rank); outside it
 gradients are untouched. Each gradient is modulated at most once per backward (a second
@@ -47,8 +49,9 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +69,7 @@ from ._validation import (
 )
 from .diagnostics import StepRecord
 
-__all__ = ["ModalityGradientModulator", "ModulationRecord"]
+__all__ = ["Discrepancy", "ModalityGradientModulator", "ModalityScorer", "ModulationRecord"]
 
 Method = Literal["ogm_ge", "ogm"]
 Coefficient = Literal["paper", "code"]
@@ -114,6 +117,119 @@ def capped_ratio(scores: Tensor, max_ratio: float) -> Tensor:
     ``k >= 1 - tanh(alpha (R - 1))`` (paper form), ``k >= 1 - tanh(alpha R)`` (code form).
     """
     return one_vs_rest_ratio(scores).clamp(max=max_ratio)
+
+
+class Discrepancy(NamedTuple):
+    """One step's pooled scores and ratios (what :meth:`ModalityScorer.decide` returns)."""
+
+    scores: Tensor
+    """``[M]`` fp32, ``s_m = sum_b softmax(z_m)[b, y_b]`` over every micro-batch and rank."""
+    num_samples: Tensor
+    """0-dim, the number of samples counted (``ignore_index`` targets left out)."""
+    ratios: Tensor
+    """``[M]`` fp32, ``rho_m = min(s_m / mean_{k != m} s_k, max_ratio)`` (:func:`capped_ratio`)."""
+
+
+class ModalityScorer:
+    """The discrepancy measurement OGM and OPM share: observe, pool, capped ratio.
+
+    One computation, two actions: :class:`ModalityGradientModulator` scales gradients with it,
+    :class:`~imbalance_losses.opm.ModalityPredictionModulator` drops features with it. Both
+    hold one scorer and call the same three methods, so their scores and ratios on the same
+    input are the same tensors' values bit for bit.
+
+    * :meth:`observe` adds ``s_m += sum_b softmax(z_m)[b, y_b]`` (fp32, detached, one
+      ``gather`` per modality) and the counted samples of one (micro-)batch to a
+      :class:`~imbalance_losses._running.RunningSums`;
+    * :meth:`decide` pools them over the process group (one all-reduce, which also carries the
+      empty-step and failure flags), resets the pool and returns :class:`Discrepancy`, or
+      ``None`` when no rank had a single row (an empty step: the caller makes it a no-op);
+    * :meth:`failing_together` wraps the caller's input checks, so a rank whose input fails
+      joins :meth:`decide`'s collective with a failure flag and every rank raises in the same
+      call.
+
+    Args:
+        modalities: the modality names, in mapping order (at least two).
+        max_ratio: cap ``R > 1`` of the ratios (see :func:`capped_ratio`).
+        ignore_index: class-index targets equal to it are left out of the scores and the count.
+        process_group: the group the scores are all-reduced over (``None``: the world).
+        owner: how the messages name the owner's modalities (``"the modulator's"``).
+    """
+
+    def __init__(
+        self,
+        modalities: tuple[str, ...],
+        *,
+        max_ratio: float,
+        ignore_index: int | None,
+        process_group: ProcessGroup | None,
+        owner: str,
+    ) -> None:
+        self.modalities = modalities
+        self.max_ratio = max_ratio
+        self.ignore_index = ignore_index
+        self.process_group = process_group
+        self.owner = owner
+        self._pool = RunningSums()
+
+    def observe(self, unimodal_logits: Mapping[str, Tensor], target: Tensor) -> None:
+        """Validate one (micro-)batch and add its scores and counted samples to the pool.
+
+        An empty batch (``B = 0``) adds no score but counts as observed (zero rows).
+
+        Raises:
+            ValueError: modalities that differ from the owner's, logits that are not ``[B, C]``
+                or differ in shape between modalities, batch-size mismatch, targets out of
+                range, non-finite logits.
+            TypeError: non-floating-point logits, non-tensor input.
+        """
+        batch, classes = check_unimodal_logits(unimodal_logits)
+        check_same_modalities(
+            self.modalities,
+            unimodal_logits,
+            expected_what=self.owner,
+            actual_what="unimodal_logits",
+        )
+        check_target(target, batch=batch, num_classes=classes, ignore_index=self.ignore_index)
+        scores = torch.stack(
+            [
+                true_class_probability(z, target, self.ignore_index).sum()
+                for z in unimodal_logits.values()
+            ]
+        )
+        mask = counted(target, self.ignore_index)
+        self._pool.add(scores, batch if mask is None else mask.sum(), rows=batch)
+
+    def failing_together(self, device: torch.device) -> AbstractContextManager[None]:
+        """``with scorer.failing_together(device): <checks>``: a failure joins the collective."""
+        return self._pool.failing_together(len(self.modalities), device, self.process_group)
+
+    def decide(self, device: torch.device, *, missing: str) -> Discrepancy | None:
+        """Pool what was observed since the last call (one all-reduce) and reset.
+
+        Returns the pooled scores, sample count and capped ratios, or ``None`` when the global
+        step had no row on any rank.
+
+        Raises:
+            RuntimeError: ``missing`` when nothing was observed (on every rank), or the input
+                failed validation on another rank in this same call.
+        """
+        pooled = self._pool.pool(len(self.modalities), device, self.process_group, missing=missing)
+        if pooled.empty:
+            return None
+        return Discrepancy(
+            scores=pooled.sums,
+            num_samples=pooled.samples,
+            ratios=capped_ratio(pooled.sums, self.max_ratio),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scores observed but not yet decided (local to this rank)."""
+        return self._pool.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._pool.load_state_dict(state)
 
 
 def _coefficients(ratios: Tensor, alpha: float, form: str) -> Tensor:
@@ -332,7 +448,13 @@ class ModalityGradientModulator:
         self.seed = seed
         self.process_group = process_group
         self._params = chosen
-        self._pool = RunningSums()
+        self._scorer = ModalityScorer(
+            self.modalities,
+            max_ratio=max_ratio,
+            ignore_index=ignore_index,
+            process_group=process_group,
+            owner="the modulator's",
+        )
         self._step = 0
         self._generator: torch.Generator | None = None
         self._pending_generator_state: Tensor | None = None
@@ -386,22 +508,7 @@ class ModalityGradientModulator:
                 out of range, non-finite logits.
             TypeError: logits that are not floating point (integer logits), non-tensor input.
         """
-        batch, classes = check_unimodal_logits(unimodal_logits)
-        check_same_modalities(
-            self.modalities,
-            unimodal_logits,
-            expected_what="the modulator's",
-            actual_what="unimodal_logits",
-        )
-        check_target(target, batch=batch, num_classes=classes, ignore_index=self.ignore_index)
-        scores = torch.stack(
-            [
-                true_class_probability(z, target, self.ignore_index).sum()
-                for z in unimodal_logits.values()
-            ]
-        )
-        mask = counted(target, self.ignore_index)
-        self._pool.add(scores, batch if mask is None else mask.sum(), rows=batch)
+        self._scorer.observe(unimodal_logits, target)
 
     # ------------------------------------------------------------------ the step
 
@@ -444,24 +551,21 @@ class ModalityGradientModulator:
         """
         size = len(self.modalities)
         device = self._params[0][2].device
-        with self._pool.failing_together(size, device, self.process_group):
+        with self._scorer.failing_together(device):
             if (unimodal_logits is None) != (target is None):
                 raise ValueError("pass both unimodal_logits and target, or neither")
             if self.is_active():
                 self._check_not_modulated_twice()
             if unimodal_logits is not None and target is not None:
                 self.observe(unimodal_logits, target)
-        pooled = self._pool.pool(  # one all-reduce; resets the pool
-            size,
+        found = self._scorer.decide(  # one all-reduce; resets the pool
             device,
-            self.process_group,
             missing="ModalityGradientModulator.step() called with nothing observed: pass "
             "step(unimodal_logits, target) or call observe(...) on each micro-batch first",
         )
-        if pooled.empty:  # no sample on any rank: nothing to decide, nothing counted
-            return torch.ones(size, device=pooled.sums.device)
-        scores = pooled.sums
-        ratios = capped_ratio(scores, self.max_ratio)
+        if found is None:  # no sample on any rank: nothing to decide, nothing counted
+            return torch.ones(size, device=device)
+        scores, ratios = found.scores, found.ratios
         k = _coefficients(ratios, self.alpha, self.coefficient)
         active = self.is_active()
         if active:
@@ -471,7 +575,7 @@ class ModalityGradientModulator:
         self.last = ModulationRecord(
             modalities=self.modalities,
             scores=scores,
-            num_samples=pooled.samples,
+            num_samples=found.num_samples,
             ratios=ratios,
             coefficients=k,
             active=active,
@@ -619,7 +723,7 @@ class ModalityGradientModulator:
             "step": self._step,
             "seed": self.seed,
             "generator": gen_state,
-            "pool": self._pool.state_dict(),
+            "pool": self._scorer.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -632,7 +736,7 @@ class ModalityGradientModulator:
         gen_state = state["generator"]
         self._pending_generator_state = None if gen_state is None else gen_state.clone()
         self._generator = None
-        self._pool.load_state_dict(dict(state["pool"]))
+        self._scorer.load_state_dict(dict(state["pool"]))
         self._modulated = {}
         self.last = None
 
