@@ -1,0 +1,299 @@
+"""AGM: Adaptive Gradient Modulation (Li, Li, Hu, Lei, Li, Zhou; ICCV 2023, arXiv 2308.07686).
+
+Each training step (statistics fp32, detached, pooled over micro-batches and DDP ranks):
+
+1. ``v(S) = head(x_S)`` for every subset ``S`` of the ``M`` modalities (the others zeroed; one
+   head call on ``2^M`` stacked copies, :mod:`._masking`), and the mono-modal response
+   ``phi_m = Shapley_m(v) + v(empty) / M``, so that ``sum_m phi_m = head(x)``;
+2. ``s_m = mean_b -log max(softmax(phi_m)_b[y_b], 1e-8)``           (mono-modal cross-entropy)
+3. ``r_m = exp(mean_{k != m} s_k - s_m)``                          (discrepancy ratio)
+4. ``rbar_m = exp(mean_{k != m} S_k - S_m)`` from the running means ``S`` of ``s`` *before*
+   this step (``S = 0`` at the start: ``rbar = 1``), then ``S <- beta S + (1 - beta) s`` with
+   ``beta = t / (t + 1)`` at step ``t`` (the cumulative mean) or a fixed ``momentum``;
+5. ``k_m = exp(alpha * min(rbar_m - r_m, cap))``                   (modulation coefficient)
+6. the gradient flowing into modality m's features is multiplied by ``k_m``.
+
+Behind its running level (``r_m < rbar_m``): ``k_m > 1``; ahead: ``k_m < 1``. See docs/agm.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from ._distributed import ProcessGroup
+from ._hooks import scale_grad
+from ._masking import masked_outputs, shapley_values
+from ._params import modality_parameters, present_gradients, scale_gradients_
+from ._running import RunningSums
+from ._stats import as_fp32, counted
+from ._validation import check_finite, check_modalities, check_target, int_param, real_param
+from .diagnostics import StepRecord
+from .unimodal import Head
+
+__all__ = [
+    "AGMRecord",
+    "AdaptiveGradientModulator",
+    "agm_coefficients",
+    "discrepancy_ratios",
+    "mono_modal_cross_entropy",
+    "mono_modal_responses",
+]
+
+_FLOOR = math.log(1e-8)  # the official probability floor: s_b <= -log(1e-8) = 18.42
+_MISSING = "step() called without a training-mode call since the last step"
+
+
+def mono_modal_responses(values: Tensor) -> Tensor:
+    """``phi_m = sum_S w(|S|) (v(S + {m}) - v(S)) + v(empty) / M`` from ``values`` ``[2^M, ...]``.
+
+    ``w(k) = k! (M - k - 1)! / M!``; ``values[s]`` is the head's output with the modalities
+    of subset ``s`` kept (:func:`~imbalance_losses._masking.masked_outputs`). The exact Shapley
+    values sum to ``v(all) - v(empty)``; sharing ``v(empty)`` equally makes the responses sum
+    to the fused output ``v(all)``. Returns ``[M, ...]`` in the dtype of ``values``.
+    """
+    m = values.shape[0].bit_length() - 1
+    return shapley_values(values) + values[0] / m
+
+
+def mono_modal_cross_entropy(
+    responses: Tensor, target: Tensor, ignore_index: int | None = None
+) -> Tensor:
+    """Per-sample ``-log max(softmax(phi_m)_b[y_b], 1e-8)``, ``[M, B]`` fp32.
+
+    ``responses`` ``[M, B, C]``; ``target`` class indices ``[B]`` (entries equal to
+    ``ignore_index`` give 0) or soft targets ``[B, C]`` (``-sum_c t_bc log max(p_bc, 1e-8)``).
+    """
+    logp = torch.log_softmax(as_fp32(responses), dim=-1).clamp_min(_FLOOR)
+    if target.is_floating_point():
+        return -(logp * as_fp32(target)).sum(-1)
+    mask = counted(target, ignore_index)
+    index = target.long() if mask is None else torch.where(mask, target, 0).long()
+    ce = -logp.gather(-1, index.expand(logp.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+    return ce if mask is None else ce * mask
+
+
+def discrepancy_ratios(scores: Tensor) -> Tensor:
+    """``r_m = exp(mean_{k != m} s_k - s_m)`` for scores ``[M]`` (M = 2: ``exp(s_2 - s_1)``)."""
+    m = scores.shape[-1]
+    rest = (scores.sum(-1, keepdim=True) - scores) / (m - 1) if m > 2 else scores.flip(-1)
+    return torch.exp(rest - scores)
+
+
+def agm_coefficients(ratios: Tensor, running_ratios: Tensor, alpha: float, cap: float) -> Tensor:
+    """``k_m = exp(alpha * min(rbar_m - r_m, cap))`` (``cap`` bounds the exponent)."""
+    return torch.exp(alpha * (running_ratios - ratios).clamp_max(cap))
+
+
+@dataclass(frozen=True)
+class AGMRecord(StepRecord):
+    """What :class:`AdaptiveGradientModulator` decided on its last step (tensors ``[M]``).
+
+    Positional order: modalities, scores, ratios, running_ratios, running_scores,
+    coefficients, active.
+    """
+
+    scores: Tensor
+    """``s_m``: mean mono-modal cross-entropy of the Shapley responses on this step."""
+    ratios: Tensor
+    """``r_m = exp(mean_{k != m} s_k - s_m)``."""
+    running_ratios: Tensor
+    """``rbar_m``, from the running means before this step (the reference ``r_m`` is held to)."""
+    running_scores: Tensor
+    """``S_m`` after this step's update."""
+    coefficients: Tensor
+    """``k_m = exp(alpha * min(rbar_m - r_m, cap))`` (applied when ``active``)."""
+    active: bool
+    """Whether the modulation was applied (training mode, after warm-up)."""
+
+
+class AdaptiveGradientModulator(nn.Module):
+    """AGM: scales each modality's feature gradient by ``k_m`` from Shapley responses.
+
+    Usage: ``feats = agm({"audio": a, "visual": v}, target)`` before the head (one step per
+    call), then the head on ``feats``, the loss and ``loss.backward()`` as usual.
+    The returned tensors equal the inputs; backward through them multiplies the gradient
+    by ``k_m`` (once per backward). The head's gradient is unchanged. With ``encoders=``
+    (exact gradient accumulation) the call only adds statistics and returns the features as
+    they are; :meth:`step` after the last ``backward`` scales each encoder's ``.grad`` once.
+    Eval mode (or gradients disabled, with a warning): features returned, nothing recorded.
+
+    Args:
+        head: the fusion head: a callable over the concatenated features (any head; masked
+            copies evaluated in one call, module heads in eval mode), or a mapping of
+            per-modality heads of a sum-fusion model. Not registered (no parameters here).
+        alpha: ``alpha >= 0`` (official runs: 0.1 to 2.5; ``0`` disables the modulation).
+        momentum: ``None`` (default): ``S`` is the cumulative mean over every step (official);
+            a value in ``[0, 1)``: an EMA ``S <- momentum S + (1 - momentum) s``.
+        warmup_steps: steps (with samples) that update ``S`` before the modulation starts.
+        cap: upper bound of the exponent ``rbar_m - r_m`` before ``alpha`` (official: 10).
+        ignore_index: class index left out of the statistics (default -100, as torch's CE).
+        encoders: optional ``{modality: module or parameters}`` for the :meth:`step` mode.
+        process_group: statistics are all-reduced over it under DDP (default: the world).
+    """
+
+    def __init__(
+        self,
+        head: Head,
+        *,
+        alpha: float = 1.0,
+        momentum: float | None = None,
+        warmup_steps: int = 0,
+        cap: float = 10.0,
+        ignore_index: int | None = -100,
+        encoders: Mapping[str, nn.Module | Iterable[nn.Parameter]] | None = None,
+        process_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(head) and not isinstance(head, Mapping):
+            raise TypeError(f"head must be a callable or a mapping of heads, got {type(head)}")
+        self.alpha = real_param("alpha", alpha, ge=0.0)
+        self.momentum = None if momentum is None else real_param("momentum", momentum, ge=0, lt=1)
+        self.warmup_steps = int_param("warmup_steps", warmup_steps, ge=0)
+        self.cap = real_param("cap", cap, gt=0.0)
+        self.ignore_index = (
+            None if ignore_index is None else int_param("ignore_index", ignore_index)
+        )
+        self.process_group = process_group
+        self.__dict__["_head"] = head
+        self._params = [] if encoders is None else modality_parameters(encoders, what="encoders")
+        self._encoder_names = () if encoders is None else tuple(encoders)
+        self.has_encoders = encoders is not None
+        self._pool = RunningSums()
+        self._steps = 0
+        self._running: Tensor | None = None  # [M] S, fp32
+        self._seen: Tensor | None = None  # 0-dim: steps whose statistics entered S
+        self._modalities: tuple[str, ...] | None = None
+        self.last: AGMRecord | None = None
+
+    @property
+    def head(self) -> Head:
+        """The fusion head the masked copies go through (not a submodule)."""
+        return cast(Head, self.__dict__["_head"])
+
+    steps = property(lambda self: self._steps, doc="Steps taken (empty steps not counted).")
+
+    def forward(self, features: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+        """Add this batch's statistics; hook mode: decide ``k``, return gradient-scaled features.
+        Args:
+            features: ordered ``{modality: [B, D_m]}``, the tensors the head fuses.
+            target: class indices ``[B]`` (or ``ignore_index``) or soft targets ``[B, C]``.
+
+        Raises:
+            TypeError / ValueError: bad features, head outputs or targets (naming the modality
+                and shapes), non-finite head outputs, modalities that change between steps.
+                Under DDP (hook mode) every rank raises in the same call.
+        """
+        training = self.training and torch.is_grad_enabled()
+        if self.training and not training:
+            warnings.warn("AGM: gradients disabled in training mode: eval", RuntimeWarning, 2)
+        if not training:
+            return dict(features)
+        size = len(features) if isinstance(features, Mapping) and len(features) > 1 else 2
+        first = next(iter(features.values()), None) if isinstance(features, Mapping) else None
+        device = first.device if isinstance(first, Tensor) else torch.device("cpu")
+        with self._pool.failing_together(
+            size, device, self.process_group, due=not self.has_encoders
+        ):
+            batch = check_modalities(features)
+            names = tuple(features)
+            if self._modalities is not None and names != self._modalities:
+                raise ValueError(
+                    f"modalities {list(names)} differ from those of earlier steps "
+                    f"{list(self._modalities)}; keep the same modalities in the same order"
+                )
+            with torch.no_grad():
+                values = masked_outputs(self.head, {n: x.detach() for n, x in features.items()})
+            if values.dim() != 3:
+                raise ValueError(f"the head must return [B, C] logits, got {values.shape[1:]}")
+            check_finite(values, name="the head's outputs on the masked features")
+            check_target(
+                target, batch=batch, num_classes=values.shape[-1], ignore_index=self.ignore_index
+            )
+        self._modalities = names
+        ce = mono_modal_cross_entropy(
+            mono_modal_responses(as_fp32(values)), target, self.ignore_index
+        )
+        mask = counted(target, self.ignore_index)
+        self._pool.add(ce.sum(1), batch if mask is None else mask.sum(), rows=batch)
+        if self.has_encoders:
+            return dict(features)
+        record = self._decide(names, device)
+        if record is None or not record.active:
+            return dict(features)
+        k = record.coefficients.unbind()
+        return {
+            n: scale_grad(x, k[i]) if x.requires_grad else x
+            for i, (n, x) in enumerate(features.items())
+        }
+
+    def _decide(self, names: tuple[str, ...], device: torch.device) -> AGMRecord | None:
+        m = len(names)
+        pooled = self._pool.pool(m, device, self.process_group, missing=_MISSING)
+        if pooled.empty:
+            return None
+        scores, has = pooled.mean(), pooled.samples > 0
+        running = torch.zeros_like(scores) if self._running is None else self._running.to(scores)
+        seen = torch.zeros_like(scores[0]) if self._seen is None else self._seen.to(scores)
+        ratios, running_ratios = discrepancy_ratios(scores), discrepancy_ratios(running)
+        k = agm_coefficients(ratios, running_ratios, self.alpha, self.cap)
+        k = torch.where(has, k, torch.ones_like(k))  # every sample ignored: no information
+        beta = seen / (seen + 1) if self.momentum is None else (seen > 0) * self.momentum
+        self._running = torch.where(has, torch.lerp(scores, running, beta), running)
+        self._seen = seen + has
+        active = self._steps >= self.warmup_steps
+        self._steps += 1
+        self.last = AGMRecord(names, scores, ratios, running_ratios, self._running, k, active)
+        return self.last
+
+    @torch.no_grad()
+    def step(self) -> AGMRecord | None:
+        """Encoders mode: pool every call since the last step, scale each encoder's ``.grad``.
+
+        Call on every rank after the last ``backward`` (after ``GradScaler.unscale_``), before
+        ``optimizer.step()``. ``None`` and no change when no rank had a sample.
+
+        Raises:
+            RuntimeError: not in encoders mode, or no training-mode call since the last step.
+        """
+        if not self.has_encoders:
+            raise RuntimeError("step() needs encoders=; without them AGM scales by hooks")
+        names = self._modalities or self._encoder_names
+        device = self._params[0][2].device if self._params else torch.device("cpu")
+        record = self._decide(names, device)
+        if record is not None and record.active:
+            grads, index = present_gradients(self._params)
+            scale_gradients_(grads, index, record.coefficients)
+        return record
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Steps, running means, pending sums and the last record: part of ``state_dict()``."""
+        return {
+            "steps": self._steps,
+            "running": self._running,  # never changed in place: no copy needed
+            "seen": self._seen,
+            "pending": self._pool.state_dict(),
+            "modalities": self._modalities,
+            "last": None if self.last is None else dataclasses.asdict(self.last),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` returned (via ``load_state_dict``)."""
+        self._steps = int(state["steps"])
+        self._running, self._seen = state["running"], state["seen"]
+        self._pool.load_state_dict(dict(state["pending"]))
+        mods, last = state["modalities"], state["last"]
+        self._modalities = None if mods is None else tuple(mods)
+        self.last = (
+            None if last is None else AGMRecord(**{**last, "modalities": tuple(last["modalities"])})
+        )
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, momentum={self.momentum}, warmup_steps={self.warmup_steps}"
