@@ -1,0 +1,192 @@
+"""Per-objective gradients and their geometry, for methods that combine several losses' gradients.
+
+A multi-objective gradient method (MMPareto, and any MGDA / PCGrad-style method after it) needs
+each loss's gradient on a set of parameters *separately*, their dot products and norms, and a way
+to average them over DDP ranks before it combines them. This module has those pieces:
+
+* :func:`objective_gradients`: one ``torch.autograd.grad`` pass per loss over a parameter list
+  (``allow_unused``: a parameter a loss does not reach gets ``None``), nothing written to
+  ``.grad``;
+* :func:`reached_leaves`: the leaf tensors (parameters) a set of losses reaches, found by walking
+  the autograd graph, so a caller can also produce the gradient of the parameters it was not
+  told about (a fusion head);
+* :func:`norms`, :func:`dots`: per-tensor norms (one ``torch._foreach_norm``) and dot products
+  (one ``torch.dot`` per tensor), fp32 accumulation whatever the gradient dtype, as ``[P]``
+  tensors on the device, no host sync;
+* :func:`segment_sum`: per-tensor values ``[P]`` summed per group ``[G]`` (a modality), so the
+  flattened dot product of a group is the sum of its tensors' dot products:
+  ``<flat(a), flat(b)> = sum_p <a_p, b_p>``, ``||flat(a)||^2 = sum_p ||a_p||^2``;
+* :func:`min_norm_weight`: the two-vector min-norm (MGDA) weight in closed form;
+* :func:`average_over_ranks_`: every gradient of a list averaged over the ranks of a process
+  group, one all-reduce per dtype (gradients flattened into one buffer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._distributed import ProcessGroup, all_reduce_sum, is_distributed, world_size
+
+__all__ = [
+    "accumulation_dtype",
+    "average_over_ranks_",
+    "dots",
+    "min_norm_weight",
+    "norms",
+    "objective_gradients",
+    "reached_leaves",
+    "segment_sum",
+]
+
+
+def objective_gradients(
+    losses: Sequence[Tensor],
+    params: Sequence[Sequence[Tensor]],
+    *,
+    retain_graph: bool = False,
+) -> list[list[Tensor | None]]:
+    """``grads[j][i] = d losses[j] / d params[j][i]``, one backward pass per loss.
+
+    Each loss ``j`` is differentiated with ``torch.autograd.grad`` with respect to its own list
+    ``params[j]`` (autograd runs only the part of the graph between the loss and those
+    parameters). Nothing is written to ``.grad``. A parameter the loss does not reach gets
+    ``None`` (``allow_unused=True``); the caller decides whether that is zero or an error.
+
+    Args:
+        losses: scalar losses sharing one graph.
+        params: one list of leaf tensors that require grad per loss (may be empty: no pass).
+        retain_graph: keep the graph after the last pass (the earlier passes always keep it).
+
+    Returns:
+        One list per loss, aligned with ``params[j]``.
+    """
+    if len(losses) != len(params):
+        raise ValueError(f"{len(losses)} losses but {len(params)} parameter lists")
+    out: list[list[Tensor | None]] = []
+    last = max((j for j, p in enumerate(params) if p), default=-1)
+    for j, (loss, inputs) in enumerate(zip(losses, params, strict=True)):
+        if not inputs:
+            out.append([])
+            continue
+        grads = torch.autograd.grad(
+            loss, list(inputs), retain_graph=retain_graph or j < last, allow_unused=True
+        )
+        out.append(list(grads))
+    return out
+
+
+def reached_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
+    """Every leaf tensor that requires grad and that some root's graph reaches, once each.
+
+    Walks ``grad_fn.next_functions`` from the roots (a Python loop over the graph's nodes, not
+    over data: no host sync); a leaf is an ``AccumulateGrad`` node's ``variable``. Order: first
+    reached first (deterministic for a given graph).
+    """
+    seen: set[int] = set()
+    leaves: list[Tensor] = []
+    found: set[int] = set()
+    stack = [r.grad_fn for r in reversed(roots) if r.grad_fn is not None]
+    for r in roots:  # a root that is itself a leaf parameter
+        if r.grad_fn is None and r.requires_grad and id(r) not in found:
+            found.add(id(r))
+            leaves.append(r)
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            if id(variable) not in found:
+                found.add(id(variable))
+                leaves.append(variable)
+            continue
+        for child, _ in reversed(node.next_functions):
+            if child is not None and id(child) not in seen:
+                stack.append(child)
+    return leaves
+
+
+def accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """fp64 when any tensor is fp64, else fp32: the dtype :func:`norms` and :func:`dots` return."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def norms(tensors: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[P]``: ``||t_p||_2`` of each tensor, accumulated in ``dtype``: one ``torch._foreach_norm``.
+
+    ``dtype`` must not narrow any tensor (use :func:`accumulation_dtype`); fp16 / bf16 gradients
+    are accumulated in fp32, so their square sums cannot overflow. No host sync.
+    """
+    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=dtype))
+
+
+def dots(a: Sequence[Tensor], b: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[P]``: ``<a_p, b_p>`` (flattened) of each pair in ``dtype``, one ``torch.dot`` per pair.
+
+    Pairs not already in ``dtype`` are cast to it first (fp16 / bf16 products would overflow).
+    No temporary of a gradient's size when the gradients are in ``dtype``; no host sync.
+    """
+    out = [
+        torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype))
+        for x, y in zip(a, b, strict=True)
+    ]
+    return torch.stack(out)
+
+
+def segment_sum(values: Tensor, counts: Sequence[int]) -> Tensor:
+    """``[G]``: sums of consecutive runs of ``values`` ``[P]`` of lengths ``counts`` (host ints).
+
+    With the tensors of each group (modality) stored one group after the other, this is the
+    group's flattened value: ``<flat(a), flat(b)>_g = sum_{p in g} <a_p, b_p>``. No index tensor
+    (no host-to-device copy), no host sync.
+    """
+    return torch.stack([run.sum() for run in torch.split(values, list(counts))])
+
+
+def min_norm_weight(aa: Tensor, ab: Tensor, bb: Tensor) -> Tensor:
+    """The weight ``k`` on ``a`` of the minimum-norm point of the segment ``[b, a]``.
+
+    ::
+
+        k* = argmin_{k in [0, 1]} ||k a + (1 - k) b||^2
+           = clip( (<b, b> - <a, b>) / ||a - b||^2, 0, 1 ),   ||a - b||^2 = <a,a> + <b,b> - 2<a,b>
+
+    (the two-objective MGDA / Frank-Wolfe solution, exact in closed form). Elementwise over
+    tensors of Gram entries ``aa = <a, a>``, ``ab = <a, b>``, ``bb = <b, b>``. When ``a = b``
+    (a zero denominator) every ``k`` is a minimiser and ``k = 1/2`` is returned. Non-finite
+    entries give a NaN weight (propagated, never hidden).
+    """
+    den = aa + bb - 2.0 * ab
+    num = bb - ab
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    k = torch.where(den > 0, num / safe, torch.full_like(den, 0.5))
+    k = torch.where(torch.isnan(den), den, k)  # a non-finite Gram stays non-finite
+    return torch.minimum(torch.maximum(k, torch.zeros_like(k)), torch.ones_like(k))
+
+
+def average_over_ranks_(grads: list[Tensor], group: ProcessGroup | None = None) -> None:
+    """Replace each gradient by its mean over the ranks of ``group``, in place.
+
+    Gradients of one dtype are flattened into one buffer and all-reduced together (one
+    collective per dtype; the buffer is a copy of their total size). Without a process group it
+    does nothing.
+    """
+    if not grads or not is_distributed(group):
+        return
+    size = world_size(group)
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault((g.dtype, g.device), []).append(g)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same])
+        total = all_reduce_sum(flat, group)
+        total.div_(size)
+        offset = 0
+        for g in same:
+            n = g.numel()
+            g.copy_(total[offset : offset + n].view_as(g))
+            offset += n

@@ -1,0 +1,299 @@
+"""MMPareto (Wei & Hu, ICML 2024, arXiv 2405.17730): innocent unimodal assistance, N modalities.
+
+The model is trained on the fused loss ``L_mm`` plus one unimodal loss ``L_m`` per modality. On
+the encoder parameters ``theta_m`` of modality ``m`` the two gradients
+``a = dL_mm/dtheta_m`` and ``b = dL_m/dtheta_m`` are combined per step (``<.,.>``, ``||.||`` over
+the whole flattened encoder)::
+
+    agreement (<a, b> > 0):  k_mm = k_m = 1/2
+    conflict  (<a, b> <= 0): k_mm = clip(<b - a, b> / ||a - b||^2, 0, 1),  k_m = 1 - k_mm
+                             (the min-norm point of the segment [a, b]: two-objective MGDA)
+    d = 2 (k_mm a + k_m b)                               (= a + b under agreement)
+    rescale="paper": g = gamma * (||a + b|| / ||d||) * d                 (one factor per encoder)
+    rescale="code":  g_p = gamma * max(||a_p + b_p|| / ||d_p||, 1) * d_p  (per parameter tensor)
+
+with ``gamma = 1.5``; a zero ``d`` (or ``d_p``) gets factor 1 (a zero gradient). Every other
+parameter the losses reach (the fusion head, unimodal heads) gets the plain summed gradient
+``d(L_mm + sum_m L_m)/dp``. ``d`` never conflicts with either objective:
+``<d, a> >= 0`` and ``<d, b> >= 0``. See ``docs/mmpareto.md`` (official-code differences,
+accumulation, DDP, AMP, cost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ._distributed import ProcessGroup
+from ._gradients import (
+    accumulation_dtype,
+    average_over_ranks_,
+    dots,
+    min_norm_weight,
+    norms,
+    objective_gradients,
+    reached_leaves,
+    segment_sum,
+)
+from ._params import SharedPolicy, modality_parameters
+from ._validation import check_same_modalities, real_param
+from .diagnostics import StepRecord
+
+__all__ = ["MMPareto", "MMParetoRecord", "combine", "magnitude_factors", "pareto_weights"]
+
+Rescale = Literal["paper", "code"]
+
+
+@dataclass(frozen=True)
+class MMParetoRecord(StepRecord):
+    """What the last :meth:`MMPareto.backward` decided, one entry per modality (``[M]``).
+
+    Attributes:
+        cosine: ``<a, b> / (||a|| ||b||)`` of the fused and unimodal gradients on the encoder
+            (0 when either is zero).
+        conflict: bool, ``<a, b> <= 0`` (the min-norm weights were used).
+        k_mm, k_m: the weights on ``a`` and ``b`` (``k_mm + k_m = 1``).
+        rescale: ``||a + b|| / ||d||`` (``"paper"``), or the encoder's mean over tensors of
+            ``max(||a_p + b_p|| / ||d_p||, 1)`` (``"code"``); gamma not included.
+        step: 0-based index of the :meth:`MMPareto.backward` call this record describes.
+    """
+
+    cosine: Tensor
+    conflict: Tensor
+    k_mm: Tensor
+    k_m: Tensor
+    rescale: Tensor
+    step: int
+
+
+def pareto_weights(aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(k_mm, k_m, conflict)`` from the Gram entries ``<a,a>``, ``<a,b>``, ``<b,b>`` (any shape).
+
+    ``k_mm = 1/2`` where ``<a, b> > 0``; elsewhere the min-norm weight
+    ``clip((<b,b> - <a,b>) / (<a,a> + <b,b> - 2<a,b>), 0, 1)`` (:func:`min_norm_weight`);
+    ``k_m = 1 - k_mm``. Chosen with ``torch.where`` (no host sync); a NaN Gram entry (a
+    non-finite gradient) gives NaN weights.
+    """
+    agree = ab > 0
+    k = torch.where(agree, torch.full_like(ab, 0.5), min_norm_weight(aa, ab, bb))
+    return k, 1.0 - k, ~agree
+
+
+def combine(
+    a: list[Tensor], b: list[Tensor], k_mm: list[Tensor], k_m: list[Tensor]
+) -> list[Tensor]:
+    """``d_p = 2 k_mm a_p + 2 k_m b_p`` for every tensor ``p`` (``k`` 0-dim, one per tensor).
+
+    Written into ``a`` in place (``torch._foreach_mul_`` / ``_foreach_add_``; ``b`` is scaled in
+    place too) and returned: the caller gives up both lists.
+    """
+    torch._foreach_mul_(a, [2.0 * k.to(x.dtype) for k, x in zip(k_mm, a, strict=True)])
+    torch._foreach_mul_(b, [2.0 * k.to(x.dtype) for k, x in zip(k_m, b, strict=True)])
+    torch._foreach_add_(a, b)
+    return a
+
+
+def magnitude_factors(summed: Tensor, combined: Tensor, *, floor_one: bool) -> Tensor:
+    """``r = ||a + b|| / ||d||`` elementwise (norms given), 1 where ``||d|| = 0``.
+
+    ``floor_one`` (the official code's per-tensor rule) gives ``max(r, 1)``: never shrink. A NaN
+    ratio gives 1 with ``floor_one`` (as the code's ``r > 1`` test), NaN without; either way a
+    non-finite ``d`` stays non-finite after scaling.
+    """
+    safe = torch.where(combined > 0, combined, torch.ones_like(combined))
+    r = torch.where(combined > 0, summed / safe, torch.ones_like(combined))
+    return torch.where(r > 1, r, torch.ones_like(r)) if floor_one else r
+
+
+def _own(g: Tensor | None, like: Tensor) -> Tensor:
+    """A gradient safe to modify in place: zeros for ``None``, a copy of an expanded one."""
+    if g is None:
+        return torch.zeros_like(like)
+    return g.clone() if 0 in g.stride() and g.numel() > 1 else g
+
+
+class MMPareto:
+    """MMPareto's gradient combination in place of ``loss.backward()``.
+
+    ::
+
+        mmpareto = MMPareto({"audio": model.audio_net, "visual": model.visual_net})
+        fused, feats = model(batch)
+        zs = unimodal_logits(model.fusion_head, feats)        # or the model's own unimodal heads
+        mmpareto.backward(ce(fused, y), {m: ce(z, y) for m, z in zs.items()})
+        optimizer.step()
+
+    Each call adds to ``.grad`` (as ``backward()`` does) the combined gradient of *this call's*
+    losses on the encoders and their plain summed gradient on every other parameter they reach.
+    Cost: one backward pass per loss (``M + 1``), none for the sum.
+
+    Args:
+        modules: ordered mapping modality -> encoder (``nn.Module`` or iterable of parameters),
+            at least two; frozen parameters (``requires_grad=False``) are skipped.
+        gamma: magnitude factor ``> 0`` (1.5, the official value).
+        rescale: ``"paper"`` (one factor per encoder) or ``"code"`` (per tensor, never below 1).
+        shared: a parameter listed under several modalities: ``"error"``, ``"exclude"`` (it then
+            gets the plain summed gradient) or the modality that owns it.
+        process_group: under DDP, each loss's gradients are averaged over this group before the
+            combination (default: the whole world). Run the step under ``ddp_model.no_sync()``
+            (or without DDP): the result must not be all-reduced again.
+
+    Raises:
+        ValueError, TypeError: bad modules, gamma or rescale (see :meth:`backward` for inputs).
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, object],
+        *,
+        gamma: float = 1.5,
+        rescale: Rescale = "paper",
+        shared: SharedPolicy = "error",
+        process_group: ProcessGroup | None = None,
+    ) -> None:
+        self.gamma = real_param("gamma", gamma, gt=0.0)
+        if rescale not in ("paper", "code"):
+            raise ValueError(f"rescale must be 'paper' or 'code', got {rescale!r}")
+        self.rescale: Rescale = rescale
+        self.modalities = tuple(modules)
+        self._params = modality_parameters(modules, what="modules", shared=shared)
+        self.process_group = process_group
+        self.steps = 0
+        self.last: MMParetoRecord | None = None
+
+    def _check(self, fused: object, unimodal: object) -> list[Tensor]:
+        if not isinstance(unimodal, Mapping):
+            raise TypeError(
+                f"unimodal_losses must be a mapping modality -> scalar loss, got "
+                f"{type(unimodal).__name__}"
+            )
+        if set(unimodal) != set(self.modalities) or len(unimodal) != len(self.modalities):
+            check_same_modalities(
+                self.modalities, unimodal, expected_what="modules", actual_what="unimodal_losses"
+            )
+        out, named = [], {f"unimodal_losses[{m!r}]": unimodal[m] for m in self.modalities}
+        for name, loss in {"fused_loss": fused, **named}.items():
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"{name} must be a Tensor, got {type(loss).__name__}")
+            if loss.numel() != 1 or not loss.is_floating_point():
+                raise ValueError(
+                    f"{name} must be a floating-point scalar (reduce it, e.g. .mean()), got "
+                    f"shape {tuple(loss.shape)} of {loss.dtype}"
+                )
+            if not loss.requires_grad:
+                raise ValueError(f"{name} does not require grad (computed under no_grad?)")
+            out.append(loss)
+        return out
+
+    def backward(
+        self,
+        fused_loss: Tensor,
+        unimodal_losses: Mapping[str, Tensor],
+        *,
+        retain_graph: bool = False,
+    ) -> MMParetoRecord:
+        """Add MMPareto's gradients to ``.grad`` (see the module docstring) and return the record.
+
+        Args:
+            fused_loss: scalar multimodal loss ``L_mm`` (scaled by a ``GradScaler`` or not).
+            unimodal_losses: mapping modality -> scalar ``L_m``, the modules' modalities.
+            retain_graph: keep the graph after the last pass.
+
+        Raises:
+            TypeError / ValueError: keys that differ from the modules' modalities, a loss that is
+                not a floating scalar requiring grad, or a modality whose encoder the fused loss
+                or its own unimodal loss does not reach (named in the message).
+        """
+        losses = self._check(fused_loss, unimodal_losses)
+        mods = range(len(self.modalities))
+        own = [[p for i, _, p in self._params if i == m and p.requires_grad] for m in mods]
+        if not all(own):
+            raise ValueError(
+                f"modules[{self.modalities[own.index([])]!r}] has no trainable parameter"
+            )
+        enc = [p for ps in own for p in ps]
+        ids = {id(p) for p in enc}
+        others = [p for p in reached_leaves(losses) if id(p) not in ids]
+        raw = objective_gradients(losses, [enc + others] + [ps + others for ps in own],
+                                  retain_graph=retain_graph)  # fmt: skip
+        n, counts = len(enc), [len(ps) for ps in own]
+        a_raw = raw[0][:n]
+        b_raw = [g for j in mods for g in raw[j + 1][: counts[j]]]
+        for m, name in enumerate(self.modalities):
+            run = slice(sum(counts[:m]), sum(counts[: m + 1]))
+            for what, gs in (("fused_loss", a_raw), (f"unimodal_losses[{name!r}]", b_raw)):
+                if all(g is None for g in gs[run]):
+                    raise ValueError(
+                        f"{what} does not reach any parameter of modules[{name!r}]: its "
+                        "gradient there is zero; compute it from that encoder's features"
+                    )
+        touched = [x is not None or y is not None for x, y in zip(a_raw, b_raw, strict=True)]
+        a = [_own(g, p) for g, p in zip(a_raw, enc, strict=True)]
+        b = [_own(g, p) for g, p in zip(b_raw, enc, strict=True)]
+        head: list[Tensor | None] = [None] * len(others)
+        for j, grads in enumerate(raw):
+            for i, g in enumerate(grads[n if j == 0 else counts[j - 1] :]):
+                h = head[i]
+                head[i] = h if g is None else _own(g, g) if h is None else h + g
+        head_grads = [(p, g) for p, g in zip(others, head, strict=True) if g is not None]
+        average_over_ranks_(a + b + [g for _, g in head_grads], self.process_group)
+        self._apply(enc, a, b, counts, touched)
+        for p, g in head_grads:
+            p.grad = g if p.grad is None else p.grad.add_(g)
+        assert self.last is not None
+        return self.last
+
+    def _apply(
+        self, enc: list[Tensor], a: list[Tensor], b: list[Tensor], counts: list[int],
+        touched: list[bool],
+    ) -> None:  # fmt: skip
+        dtype = accumulation_dtype(a)
+        index = [m for m, c in enumerate(counts) for _ in range(c)]
+        na, nb = norms(a, dtype), norms(b, dtype)
+        ns = norms(torch._foreach_add(a, b), dtype)  # ||a_p + b_p||, temporaries freed here
+        aa, bb = segment_sum(na.square(), counts), segment_sum(nb.square(), counts)
+        ab = segment_sum(dots(a, b, dtype), counts)
+        k_mm, k_m, conflict = pareto_weights(aa, ab, bb)
+        km, kn = k_mm.unbind(), k_m.unbind()
+        d = combine(a, b, [km[i] for i in index], [kn[i] for i in index])
+        nd = norms(d, dtype)
+        if self.rescale == "paper":
+            s_enc = segment_sum(ns.square(), counts).sqrt()
+            r = magnitude_factors(s_enc, segment_sum(nd.square(), counts).sqrt(), floor_one=False)
+            mean_r, per = r, r.unbind()
+            factors = [per[i] for i in index]
+        else:
+            r_p = magnitude_factors(ns, nd, floor_one=True)
+            mean_r = torch.stack([run.mean() for run in torch.split(r_p, counts)])
+            factors = list(r_p.unbind())
+        torch._foreach_mul_(
+            d, [(self.gamma * f).to(x.dtype) for f, x in zip(factors, d, strict=True)]
+        )
+        for p, g, t in zip(enc, d, touched, strict=True):
+            if t:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        cosine = ab / (aa * bb).sqrt().clamp_min(torch.finfo(dtype).tiny)
+        self.last = MMParetoRecord(
+            modalities=self.modalities, cosine=cosine.float(), conflict=conflict, k_mm=k_mm.float(),
+            k_m=k_m.float(), rescale=mean_r.float(), step=self.steps,
+        )  # fmt: skip
+        self.steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"gamma", "rescale", "steps", "modalities"}`` (MMPareto keeps no running statistic)."""
+        return {"gamma": self.gamma, "rescale": self.rescale, "steps": self.steps,
+                "modalities": list(self.modalities)}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the modalities must be the same, in the same order."""
+        check_same_modalities(self.modalities, dict.fromkeys(state["modalities"]),
+                              expected_what="modules", actual_what="the state's")  # fmt: skip
+        self.gamma = real_param("gamma", state["gamma"], gt=0.0)
+        if state["rescale"] not in ("paper", "code"):
+            raise ValueError(f"rescale must be 'paper' or 'code', got {state['rescale']!r}")
+        self.rescale = state["rescale"]
+        self.steps = int(state["steps"])
