@@ -11,6 +11,14 @@ Conventions shared by every module (see ``docs/index.md``):
   record.
 """
 
+from .agm import (
+    AdaptiveGradientModulator,
+    AGMRecord,
+    agm_coefficients,
+    discrepancy_ratios,
+    mono_modal_cross_entropy,
+    mono_modal_responses,
+)
 from .arl import (
     ARLCoefficients,
     ARLLoss,
@@ -41,9 +49,11 @@ from .pmr import (
 from .unimodal import Head, unimodal_logits
 
 __all__ = [
+    "AGMRecord",
     "ARLCoefficients",
     "ARLLoss",
     "ARLRecord",
+    "AdaptiveGradientModulator",
     "BlendingRecord",
     "BoostingRecord",
     "GradientBlending",
@@ -54,11 +64,15 @@ __all__ = [
     "PMRRecord",
     "StepRecord",
     "SustainedBoostingLoss",
+    "agm_coefficients",
     "arl_coefficients",
     "blending_weights",
     "branch_losses",
+    "discrepancy_ratios",
     "entropy_weights",
     "inverse_variance_weights",
+    "mono_modal_cross_entropy",
+    "mono_modal_responses",
     "overfitting_to_generalization_ratio",
     "prototype_entropy",
     "prototype_logits",
