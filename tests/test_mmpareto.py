@@ -1,0 +1,369 @@
+"""MMPareto: min-norm weights, the combination, the rescale, heads, N modalities, accumulation,
+AMP scale equivariance, state, bad input and DDP, against formulas written out here."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from imbalance_losses._gradients import min_norm_weight
+from imbalance_losses.mmpareto import MMPareto, MMParetoRecord, pareto_weights
+from tests.ddp import run_distributed
+
+NAMES = ["audio", "visual", "text"]
+
+# ----------------------------------------------------------------------------------------------
+# a small model and the reference algorithm (plain fp64 vectors, written from the paper/spec)
+
+
+class Net(nn.Module):
+    def __init__(self, m: int = 2, seed: int = 0, own_heads: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        dims = [5, 3, 4][:m]
+        self.enc = nn.ModuleDict(
+            {
+                n: nn.Sequential(nn.Linear(d, 6), nn.Tanh(), nn.Linear(6, 4))
+                for n, d in zip(NAMES[:m], dims, strict=True)
+            }
+        )
+        self.head = nn.Linear(4 * m, 3)
+        self.uni = nn.ModuleDict({n: nn.Linear(4, 3) for n in NAMES[:m]}) if own_heads else None
+        self.double()
+
+    def losses(
+        self, x: dict[str, Tensor], y: Tensor, flip: float
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fused CE and unimodal CEs; ``flip`` mixes in CE on shifted targets (makes conflicts)."""
+        f = {n: self.enc[n](v) for n, v in x.items()}
+        fused = F.cross_entropy(self.head(torch.cat(list(f.values()), 1)), y)
+        uni = {}
+        for i, (n, v) in enumerate(f.items()):
+            if self.uni is not None:
+                z = self.uni[n](v)
+            else:  # the exact split of the concat head: z_m = x_m W_m^T + b / M
+                w = self.head.weight[:, 4 * i : 4 * i + 4]
+                z = v @ w.T + self.head.bias / len(f)
+            uni[n] = (1 - flip) * F.cross_entropy(z, y) + flip * F.cross_entropy(z, (y + 1) % 3)
+        return fused, uni
+
+
+def data(m: int, b: int, seed: int) -> tuple[dict[str, Tensor], Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = {
+        n: torch.randn(b, d, generator=g, dtype=torch.float64)
+        for n, d in zip(NAMES[:m], [5, 3, 4][:m], strict=True)
+    }
+    return x, torch.randint(0, 3, (b,), generator=g)
+
+
+def reference(
+    net: Net,
+    x: dict[str, Tensor],
+    y: Tensor,
+    flip: float,
+    gamma: float,
+    mode: str,
+    scale: float = 1.0,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Expected gradient of every parameter, and the expected per-modality decisions."""
+    fused, uni = net.losses(x, y, flip)
+    fused, uni = fused * scale, {k: v * scale for k, v in uni.items()}
+    params = dict(net.named_parameters())
+    total = fused + sum(uni.values())
+    summed = dict(
+        zip(
+            params,
+            torch.autograd.grad(total, list(params.values()), retain_graph=True, allow_unused=True),
+            strict=True,
+        )
+    )
+    out = {k: g for k, g in summed.items() if not k.startswith("enc.") and g is not None}
+    info: dict[str, Any] = {"conflict": [], "k_mm": []}
+    for n in uni:
+        names = [k for k in params if k.startswith(f"enc.{n}.")]
+        ps = [params[k] for k in names]
+        ga = torch.autograd.grad(fused, ps, retain_graph=True)
+        gb = torch.autograd.grad(uni[n], ps, retain_graph=True)
+        a, b = torch.cat([t.reshape(-1) for t in ga]), torch.cat([t.reshape(-1) for t in gb])
+        if float(a @ b) > 0:
+            k = 0.5
+        else:  # brute force over a fine grid, then the exact vertex of the parabola
+            aa, ab, bb = float(a @ a), float(a @ b), float(b @ b)
+            k = min(max((bb - ab) / (aa + bb - 2 * ab), 0.0), 1.0)
+        info["conflict"].append(float(a @ b) <= 0)
+        info["k_mm"].append(k)
+        ds = [2 * k * u + 2 * (1 - k) * v for u, v in zip(ga, gb, strict=True)]
+        if mode == "paper":
+            dn = math.sqrt(sum(float(t.pow(2).sum()) for t in ds))
+            sn = math.sqrt(sum(float((u + v).pow(2).sum()) for u, v in zip(ga, gb, strict=True)))
+            facs = [sn / dn if dn > 0 else 1.0] * len(ds)
+        else:
+            facs = []
+            for u, v, t in zip(ga, gb, ds, strict=True):
+                r = float((u + v).norm()) / float(t.norm()) if float(t.norm()) > 0 else 1.0
+                facs.append(r if r > 1 else 1.0)
+        for name, t, f in zip(names, ds, facs, strict=True):
+            out[name] = gamma * f * t
+    return out, info
+
+
+def grads(net: nn.Module) -> dict[str, Tensor]:
+    return {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+
+
+def run(net: Net, x: dict[str, Tensor], y: Tensor, flip: float, **kw: Any) -> MMParetoRecord:
+    mm = MMPareto({n: net.enc[n] for n in x}, **kw)
+    fused, uni = net.losses(x, y, flip)
+    return mm.backward(fused, uni)
+
+
+def assert_grads(got: dict[str, Tensor], want: dict[str, Tensor], **tol: float) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=k, **tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# the formulas
+
+
+vec = st.integers(1, 6).flatmap(
+    lambda n: st.tuples(*[st.lists(st.floats(-10, 10), min_size=n, max_size=n)] * 2)
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(vec)
+def test_min_norm_weight_is_the_brute_force_minimiser(ab: tuple[list[float], list[float]]) -> None:
+    a, b = (torch.tensor(v, dtype=torch.float64) for v in ab)
+    k = float(min_norm_weight(a @ a, a @ b, b @ b))
+    assert 0.0 <= k <= 1.0
+    grid = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    brute = ((grid[:, None] * a + (1 - grid[:, None]) * b) ** 2).sum(1).min()
+    best = float(((k * a + (1 - k) * b) ** 2).sum())
+    assert best <= float(brute) + 1e-9 * (1 + float(a @ a + b @ b))
+
+
+@settings(max_examples=200, deadline=None)
+@given(vec)
+def test_combined_direction_never_conflicts(ab: tuple[list[float], list[float]]) -> None:
+    a, b = (torch.tensor(v, dtype=torch.float64) for v in ab)
+    k_mm, k_m, conflict = pareto_weights(a @ a, a @ b, b @ b)
+    assert float(k_mm + k_m) == 1.0 and bool(conflict) == (float(a @ b) <= 0)
+    d = 2 * k_mm * a + 2 * k_m * b
+    tol = 1e-9 * float(a @ a + b @ b + 1)
+    assert float(d @ a) >= -tol and float(d @ b) >= -tol
+    if float(a @ b) > 0:  # agreement: the plain sum
+        torch.testing.assert_close(d, a + b)
+
+
+def test_non_finite_gram_gives_nan_weights() -> None:
+    inf = torch.tensor(math.inf, dtype=torch.float64)
+    k_mm, _, _ = pareto_weights(inf, -inf, torch.tensor(1.0, dtype=torch.float64))
+    assert math.isnan(float(k_mm))
+
+
+# ----------------------------------------------------------------------------------------------
+# the backward on a model
+
+
+@pytest.mark.parametrize("mode", ["paper", "code"])
+@pytest.mark.parametrize("m,own_heads", [(2, False), (3, False), (3, True)])
+def test_gradients_match_the_reference(mode: str, m: int, own_heads: bool) -> None:
+    seen = set()
+    for seed, flip in [(0, 0.0), (1, 0.9), (2, 1.0), (3, 0.7)]:
+        net = Net(m, seed, own_heads)
+        x, y = data(m, 12, seed)
+        want, info = reference(net, x, y, flip, 1.5, mode)
+        rec = run(net, x, y, flip, rescale=mode)
+        assert_grads(grads(net), want)
+        assert rec.conflict.tolist() == info["conflict"]
+        torch.testing.assert_close(
+            rec.k_mm.double(), torch.tensor(info["k_mm"], dtype=torch.float64)
+        )
+        seen.update(info["conflict"])
+    assert seen == {True, False}  # both branches were exercised
+
+
+def test_agreement_is_gamma_times_the_plain_sum_and_heads_get_the_plain_sum() -> None:
+    net = Net(2, 0)
+    x, y = data(2, 12, 0)
+    fused, uni = net.losses(x, y, 0.0)
+    total = fused + sum(uni.values())
+    plain = dict(
+        zip(
+            dict(net.named_parameters()),
+            torch.autograd.grad(total, list(net.parameters()), retain_graph=True),
+            strict=True,
+        )
+    )
+    for mode in ("paper", "code"):
+        net.zero_grad(set_to_none=True)
+        rec = run(net, x, y, 0.0, rescale=mode, gamma=2.0)
+        assert not rec.conflict.any()
+        for k, g in grads(net).items():
+            torch.testing.assert_close(g, (2.0 if k.startswith("enc.") else 1.0) * plain[k])
+
+
+def test_per_tensor_rescale_never_shrinks_and_paper_rescale_is_one_factor() -> None:
+    net = Net(2, 2)
+    x, y = data(2, 12, 2)
+    want_code, info = reference(net, x, y, 1.0, 1.0, "code")
+    want_paper, _ = reference(net, x, y, 1.0, 1.0, "paper")
+    assert any(info["conflict"])
+    # paper: every tensor of an encoder scaled by the same factor; code: per-tensor factors >= 1
+    rec = run(net, x, y, 1.0, rescale="code", gamma=1.0)
+    assert (rec.rescale >= 1).all()
+    n = ["audio", "visual"][info["conflict"].index(True)]
+    ratios = [
+        float(want_paper[k].norm() / want_code[k].norm()) for k in want_code if f"enc.{n}" in k
+    ]
+    assert max(ratios) - min(ratios) > 1e-6  # the two rules differ on a conflicting step
+
+
+def test_accumulation_adds_each_micro_batch_combination() -> None:
+    net = Net(2, 1)
+    (x1, y1), (x2, y2) = data(2, 8, 10), data(2, 8, 11)
+    w1, _ = reference(net, x1, y1, 0.8, 1.5, "paper")
+    w2, _ = reference(net, x2, y2, 0.8, 1.5, "paper")
+    mm = MMPareto(dict(net.enc.items()))
+    for x, y in ((x1, y1), (x2, y2)):
+        mm.backward(*net.losses(x, y, 0.8))
+    assert_grads(grads(net), {k: w1[k] + w2[k] for k in w1})
+    assert mm.steps == 2 and mm.last is not None and mm.last.step == 1
+
+
+def test_amp_scaled_losses_give_scaled_gradients_and_overflow_stays_non_finite() -> None:
+    net = Net(2, 3)
+    x, y = data(2, 12, 3)
+    want, _ = reference(net, x, y, 0.9, 1.5, "paper")
+    mm = MMPareto(dict(net.enc.items()))
+    fused, uni = net.losses(x, y, 0.9)
+    s = 2.0**16
+    rec = mm.backward(fused * s, {k: v * s for k, v in uni.items()})
+    assert_grads(grads(net), {k: s * v for k, v in want.items()})
+    torch.testing.assert_close(rec.rescale, run(Net(2, 3), x, y, 0.9).rescale)
+    net.zero_grad(set_to_none=True)
+    fused, uni = net.losses(x, y, 0.9)
+    mm.backward(fused * math.inf, uni)
+    g = grads(net)
+    assert not torch.isfinite(g["head.weight"]).all()
+    for n in ("audio", "visual"):
+        assert not all(torch.isfinite(v).all() for k, v in g.items() if k.startswith(f"enc.{n}"))
+
+
+def test_frozen_and_unreached_parameters_are_left_alone() -> None:
+    net = Net(2, 0, own_heads=True)
+    net.enc["audio"][0].bias.requires_grad_(False)
+    extra = nn.Linear(2, 2).double()  # in the encoder's list, never used
+    x, y = data(2, 8, 0)
+    mm = MMPareto(
+        {"audio": [*net.enc["audio"].parameters(), extra.weight], "visual": net.enc["visual"]}
+    )
+    mm.backward(*net.losses(x, y, 0.5))
+    assert net.enc["audio"][0].bias.grad is None and extra.weight.grad is None
+    assert net.uni is not None and net.uni["audio"].weight.grad is not None
+
+
+def test_state_round_trip() -> None:
+    net = Net(2, 0)
+    mm = MMPareto(dict(net.enc.items()), gamma=2.5, rescale="code")
+    x, y = data(2, 8, 0)
+    mm.backward(*net.losses(x, y, 0.5))
+    other = MMPareto(dict(net.enc.items()))
+    other.load_state_dict(mm.state_dict())
+    assert (
+        other.state_dict()
+        == mm.state_dict()
+        == {"gamma": 2.5, "rescale": "code", "steps": 1, "modalities": ["audio", "visual"]}
+    )
+    with pytest.raises(ValueError, match="modalities"):
+        MMPareto({"a": net.enc["audio"], "b": net.enc["visual"]}).load_state_dict(mm.state_dict())
+
+
+def test_bad_input_raises_clear_errors() -> None:
+    net = Net(2, 0)
+    x, y = data(2, 8, 0)
+    mm = MMPareto(dict(net.enc.items()))
+    fused, uni = net.losses(x, y, 0.0)
+    with pytest.raises(ValueError, match=r"missing \['visual'\]"):
+        mm.backward(fused, {"audio": uni["audio"]})
+    with pytest.raises(ValueError, match=r"unexpected \['depth'\]"):
+        mm.backward(fused, {**uni, "depth": uni["audio"]})
+    with pytest.raises(
+        ValueError,
+        match=r"unimodal_losses\['visual'\] must be a floating-point scalar.*"
+        r"\(3,\)",
+    ):
+        mm.backward(fused, {"audio": uni["audio"], "visual": uni["visual"].expand(3)})
+    with pytest.raises(TypeError, match="fused_loss must be a Tensor"):
+        mm.backward(1.0, uni)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="mapping"):
+        mm.backward(fused, [uni["audio"]])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"unimodal_losses\['audio'\] does not require grad"):
+        mm.backward(fused, {"audio": uni["audio"].detach(), "visual": uni["visual"]})
+    with pytest.raises(
+        ValueError,
+        match=r"unimodal_losses\['audio'\] does not reach any parameter of "
+        r"modules\['audio'\]",
+    ):
+        mm.backward(fused, {"audio": uni["visual"] * 2, "visual": uni["visual"]})
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        MMPareto(dict(net.enc.items()), gamma=0.0)
+    with pytest.raises(ValueError, match="rescale"):
+        MMPareto(dict(net.enc.items()), rescale="both")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least two"):
+        MMPareto({"audio": net.enc["audio"]})
+    assert all(p.grad is None for p in net.parameters())  # nothing was written
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP: two gloo processes equal one process on the global batch
+
+
+def _ddp_body(
+    rank: int, world: int, state: dict[str, Tensor], x: dict[str, Tensor], y: Tensor
+) -> Any:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for wrapped in (False, True):
+        net = Net(2, 0)
+        net.load_state_dict(state)
+        xs, ys = {k: v.chunk(world)[rank] for k, v in x.items()}, y.chunk(world)[rank]
+        mm = MMPareto(dict(net.enc.items()))
+        if wrapped:  # DDP for the broadcast; the step under no_sync so DDP adds no all-reduce
+            ddp = DDP(net)
+            with ddp.no_sync():
+                rec = mm.backward(*ddp.module.losses(xs, ys, 0.9))
+        else:
+            rec = mm.backward(*net.losses(xs, ys, 0.9))
+        out[wrapped] = (grads(net), rec.k_mm, rec.conflict)
+    return out
+
+
+def test_ddp_combined_gradient_equals_one_process_on_the_global_batch() -> None:
+    net = Net(2, 0)
+    x, y = data(2, 16, 4)
+    want, info = reference(net, x, y, 0.9, 1.5, "paper")
+    assert any(info["conflict"])
+    results = run_distributed(_ddp_body, net.state_dict(), x, y)
+    # each rank alone would decide differently: the averaging is what makes them equal
+    alone, _ = reference(net, {k: v[:8] for k, v in x.items()}, y[:8], 0.9, 1.5, "paper")
+    assert any(not torch.allclose(alone[k], want[k]) for k in want)
+    for r in results:
+        for wrapped in (False, True):
+            g, k_mm, conflict = r[wrapped]
+            assert_grads(g, want)
+            assert conflict.tolist() == info["conflict"]
+            torch.testing.assert_close(
+                k_mm.double(), torch.tensor(info["k_mm"], dtype=torch.float64)
+            )
