@@ -8,10 +8,11 @@ single-process use needs no setup.
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ProcessGroup", "all_reduce_sum", "is_distributed", "world_size"]
+__all__ = ["ProcessGroup", "all_reduce_sum", "is_distributed", "same_on_all_ranks", "world_size"]
 
 ProcessGroup = dist.ProcessGroup
 """The type of the optional ``process_group`` argument every module accepts."""
@@ -29,6 +30,22 @@ def world_size(group: ProcessGroup | None = None) -> int:
     return int(dist.get_world_size(group))
 
 
+def _all_reduce(tensor: Tensor, group: ProcessGroup | None, op: dist.ReduceOp.RedOpType) -> Tensor:
+    if not is_distributed(group):
+        return tensor.detach()
+    out = tensor.detach().clone()
+    try:
+        dist.all_reduce(out, op=op, group=group)
+    except RuntimeError as err:  # DistBackendError and gloo's transport errors are RuntimeErrors
+        rank = dist.get_rank()
+        raise RuntimeError(
+            f"imbalance_losses: the all-reduce of {tuple(tensor.shape)} statistics failed on rank "
+            f"{rank}; another rank most likely raised an error or exited before reaching the "
+            f"same call (look at the other ranks' tracebacks). The backend said: {err}"
+        ) from err
+    return out
+
+
 def all_reduce_sum(tensor: Tensor, group: ProcessGroup | None = None) -> Tensor:
     """Sum ``tensor`` over the processes of ``group`` and return the result.
 
@@ -40,16 +57,19 @@ def all_reduce_sum(tensor: Tensor, group: ProcessGroup | None = None) -> Tensor:
         RuntimeError: the collective failed (typically another rank died: gloo's "connection
             reset by peer"); the message says so and chains the backend's error.
     """
+    return _all_reduce(tensor, group, dist.ReduceOp.SUM)
+
+
+def same_on_all_ranks(values: Tensor, group: ProcessGroup | None = None) -> bool:
+    """Whether every rank of ``group`` holds exactly ``values`` (``True`` without DDP).
+
+    One all-reduce (maximum) of ``[v, -v]``: the values agree iff ``max_r v == min_r v``
+    elementwise, exactly, whatever their magnitude. Every rank reads the same pooled result, so
+    every rank gets the same answer. A host read: for decisions taken once per check or window,
+    not per step.
+    """
     if not is_distributed(group):
-        return tensor.detach()
-    out = tensor.detach().clone()
-    try:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    except RuntimeError as err:  # DistBackendError and gloo's transport errors are RuntimeErrors
-        rank = dist.get_rank()
-        raise RuntimeError(
-            f"imbalance_losses: the all-reduce of {tuple(tensor.shape)} statistics failed on rank "
-            f"{rank}; another rank most likely raised an error or exited before reaching the "
-            f"same call (look at the other ranks' tracebacks). The backend said: {err}"
-        ) from err
-    return out
+        return True
+    v = values.detach().double().reshape(-1)
+    both = _all_reduce(torch.cat([v, -v]), group, dist.ReduceOp.MAX)
+    return bool(torch.equal(both[: v.shape[0]], -both[v.shape[0] :]))

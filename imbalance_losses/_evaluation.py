@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ._branches import FUSED, branch_logits, branch_names, per_sample_cross_entropy
-from ._distributed import ProcessGroup, all_reduce_sum, is_distributed, world_size
+from ._distributed import ProcessGroup, same_on_all_ranks
 from ._running import RunningSums
 from ._stats import counted
 from ._validation import check_same_modalities
@@ -141,14 +141,9 @@ def branch_losses(
 def check_same_on_ranks(values: Tensor, group: ProcessGroup | None, *, message: str) -> None:
     """Under DDP, raise ``ValueError(message)`` on every rank unless all ranks hold ``values``.
 
-    One all-reduce of ``[v, v^2]``: the values agree exactly when their variance over the ranks
-    is zero, and every rank decides from the same pooled sums, so all raise or none does (a
-    relative tolerance of ``1e-9`` absorbs the rounding of the sum). A no-op without DDP.
+    Exact (:func:`~imbalance_losses._distributed.same_on_all_ranks`: one all-reduce of the
+    maximum of ``[v, -v]``); every rank decides from the same result, so all raise or none does.
+    A no-op without DDP.
     """
-    if not is_distributed(group):
-        return
-    n, size = world_size(group), values.shape[0]
-    total = all_reduce_sum(torch.cat([values, values * values]), group)
-    mean, square = total[:size] / n, total[size:] / n
-    if bool(((square - mean * mean).abs() > 1e-9 * (1.0 + mean * mean)).any()):
+    if not same_on_all_ranks(values, group):
         raise ValueError(message)

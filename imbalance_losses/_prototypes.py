@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._distributed import ProcessGroup, all_reduce_sum
-from ._running import _count_dtype
+from ._distributed import ProcessGroup, all_reduce_sum, is_distributed
+from ._running import OTHER_RANK_FAILED, _count_dtype
 from ._validation import check_features, check_modalities, check_target
 
 __all__ = ["ClassMeans", "PrototypeStore", "Prototypes", "blend_prototypes"]
@@ -55,6 +55,7 @@ class PrototypeStore:
         self.dims = dict(dims)
         self._sums: dict[str, Tensor] | None = None
         self._counts: Tensor | None = None
+        self.failed = False  # a batch failed validation on this rank since the last pool
 
     @property
     def empty(self) -> bool:
@@ -122,14 +123,31 @@ class PrototypeStore:
         """Class means over everything added on every rank of ``group`` (one all-reduce); reset.
 
         A rank that added nothing joins with zeros on ``device`` (where the other ranks pool).
+        Under DDP the all-reduce also carries :attr:`failed`: if a batch failed validation on any
+        rank since the last pool, every rank raises here (nothing is computed anywhere).
+
+        Raises:
+            RuntimeError: under DDP, a batch failed validation on some rank since the last pool.
         """
         if self._sums is None or self._counts is None:
             sums, counts = self._zeros(device)
         else:
             sums, counts = self._sums, self._counts
-        flat = torch.cat([*(s.reshape(-1) for s in sums.values()), counts])
+        flag = counts.new_zeros(1)
+        if self.failed:
+            flag.fill_(1.0)
+        flat = torch.cat([*(s.reshape(-1) for s in sums.values()), counts, flag])
         flat = all_reduce_sum(flat, group)
+        failed_here = self.failed
         self.reset()
+        if is_distributed(group) and float(flat[-1]) > 0:  # once per computation, not per step
+            raise RuntimeError(
+                "a prototype batch failed validation on this rank since the last computation; "
+                "no prototype was computed on any rank"
+                if failed_here
+                else OTHER_RANK_FAILED + " (a prototype batch since the last computation)"
+            )
+        flat = flat[:-1]
         counts = flat[-self.num_classes :]
         means, offset = {}, 0
         for m, d in self.dims.items():
@@ -141,6 +159,7 @@ class PrototypeStore:
     def reset(self) -> None:
         """Forget everything added so far."""
         self._sums = self._counts = None
+        self.failed = False
 
     def state_dict(self) -> dict[str, Any]:
         """Copies of the local (not yet pooled) class sums and counts."""
@@ -210,8 +229,16 @@ class Prototypes(nn.Module):
     def add(
         self, features: Mapping[str, Tensor], target: Tensor, by: str = "the prototypes"
     ) -> None:
-        """Validate and add one batch's class sums (``ignore_index`` targets left out)."""
-        self.check(features, target, by)
+        """Validate and add one batch's class sums (``ignore_index`` targets left out).
+
+        A batch that fails validation raises here and marks the store, so that under DDP the
+        next :meth:`compute` raises on every rank (call it on every rank all the same).
+        """
+        try:
+            self.check(features, target, by)
+        except Exception:
+            self.store.failed = True
+            raise
         mask = None if self.ignore_index is None else target != self.ignore_index
         self.store.add(features, target, mask)
 
@@ -235,10 +262,22 @@ class Prototypes(nn.Module):
     def update(
         self, batches: Iterable[tuple[Mapping[str, Tensor], Tensor]], group: ProcessGroup | None
     ) -> Tensor:
-        """:meth:`add` every ``(features, target)`` batch (no grad), then :meth:`compute`."""
-        with torch.no_grad():
-            for features, target in batches:
-                self.add(features, target)
+        """:meth:`add` every ``(features, target)`` batch (no grad), then :meth:`compute`.
+
+        If a batch fails validation, this rank still joins the computation's all-reduce (with
+        its failure flag) before raising, so under DDP every rank raises in the same call.
+        """
+        try:
+            with torch.no_grad():
+                for features, target in batches:
+                    self.add(features, target)
+        except Exception:
+            if is_distributed(group):
+                try:
+                    self.store.pool(self.known.device, group)
+                except RuntimeError:
+                    pass  # the failure flag we sent; raise the batch's own error below
+            raise
         return self.compute(group)
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -578,7 +578,7 @@ class SustainedBoostingLoss(nn.Module):
         joins = due and distributed
         try:
             with self._pool.failing_together(
-                m, device, self.process_group, extra_size=m + 1, due=joins
+                m, device, self.process_group, extra_size=2 * (m + 1), due=joins
             ):
                 batch = self._check_features(features)
                 check_target(
@@ -670,15 +670,24 @@ class SustainedBoostingLoss(nn.Module):
         fingerprint = torch.tensor(
             [float(self.seed % 65536), *map(float, self._counts)], dtype=torch.float64
         )
+        # [fp, fp^2] summed over n ranks: every rank holds the same fp iff n * sum(fp^2) ==
+        # sum(fp)^2 (equality in Cauchy-Schwarz); exact in fp64 for these small integers, and
+        # every rank decides from the same sums, so all ranks raise or none does
         pooled = self._pool.pool(
-            m, device, self.process_group, missing=_NO_SAMPLES, extra=fingerprint.to(device)
+            m,
+            device,
+            self.process_group,
+            missing=_NO_SAMPLES,
+            extra=torch.cat([fingerprint, fingerprint * fingerprint]).to(device),
         )
         assert pooled.extra is not None
         host = torch.cat(
             [pooled.sums.double(), pooled.samples.reshape(1).double(), pooled.extra.double()]
         ).cpu()  # the one host read of a check
         ranks = world_size(self.process_group) if is_distributed(self.process_group) else 1
-        if not torch.equal(host[m + 1 :], ranks * fingerprint):
+        k = fingerprint.shape[0]
+        total, squares = host[m + 1 : m + 1 + k], host[m + 1 + k :]
+        if not torch.equal(ranks * squares, total * total):
             raise RuntimeError(
                 "SustainedBoostingLoss differs across ranks (head counts "
                 f"{self.num_heads} or seed {self.seed} on this rank are not those of every "

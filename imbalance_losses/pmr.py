@@ -263,7 +263,7 @@ class PMRLoss(nn.Module):
         if not on:
             return loss
         mask = counted(target, self.ignore_index)
-        index = target.clamp_min(0).long()
+        index = (target if mask is None else torch.where(mask, target, 0)).long()
         mask = self.known[index] if mask is None else mask & self.known[index]
         zs = [
             prototype_logits(x, c, self.known)

@@ -214,3 +214,66 @@ def test_a_rank_that_dies_gives_the_others_a_clear_error(tmp_path: object) -> No
     with open(out) as f:
         message = f.read()
     assert "another rank most likely raised an error or exited" in message
+
+
+# -- rank consistency with three ranks, and a failing prototype batch -------------------------
+
+
+def _three_ranks_body(rank: int, size: int) -> dict[str, object]:
+    from imbalance_losses import SustainedBoostingLoss
+    from imbalance_losses._distributed import same_on_all_ranks
+
+    out: dict[str, object] = {
+        "same": same_on_all_ranks(torch.tensor([1.5, -2.0, 1e300])),
+        # [2, 1, 3]: the sum equals 3 x 2, as a sum test would accept on rank 0
+        "differ": same_on_all_ranks(torch.tensor([float(rank in (0, 2)) + rank])),
+    }
+    boost = SustainedBoostingLoss(3, {"a": 2, "v": 2}, hidden=4, check_every="manual")
+    for _ in range(rank):  # head counts 1, 2, 3 on the three ranks
+        if boost.num_heads["a"] < 3:
+            boost.add_head("a")
+    if rank == 0:
+        boost.add_head("a")  # counts 2, 2, 3 -> still unequal; 1 + 2 + 3 = 3 x 2 before this
+    g = torch.Generator().manual_seed(rank)
+    boost(
+        {"a": torch.randn(4, 2, generator=g), "v": torch.randn(4, 2, generator=g)},
+        torch.tensor([0, 1, 2, 0]),
+    )
+    try:
+        boost.check()
+        out["check"] = "passed"
+    except RuntimeError as err:
+        out["check"] = str(err)
+    return out
+
+
+def test_rank_consistency_is_exact_on_three_ranks() -> None:
+    results = run_distributed(_three_ranks_body, world_size=3)
+    for r in results:
+        assert r["same"] is True and r["differ"] is False
+        assert "differs across ranks" in str(r["check"])  # every rank raises, none goes on
+
+
+def _prototype_failure_body(rank: int, size: int) -> dict[str, object]:
+    from imbalance_losses import PMRLoss
+
+    pmr = PMRLoss(3, {"a": 2, "v": 2})
+    good = {"a": torch.randn(6, 2), "v": torch.randn(6, 2)}
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    bad = {"a": good["a"].clone(), "v": good["v"]}
+    bad["a"][0, 0] = float("nan")
+    out: dict[str, object] = {}
+    try:
+        pmr.update_prototypes([(good, y), (bad if rank == 1 else good, y)])
+    except (RuntimeError, ValueError) as err:
+        out["first"] = f"{type(err).__name__}: {err}"
+    present = pmr.update_prototypes([(good, y)])  # the ranks are still paired
+    out["second"] = (bool(present.all()), pmr.updates)
+    return out
+
+
+def test_a_bad_prototype_batch_on_one_rank_fails_every_rank_in_the_same_call() -> None:
+    r0, r1 = run_distributed(_prototype_failure_body)
+    assert str(r1["first"]).startswith("ValueError: features['a'] contains non-finite")
+    assert str(r0["first"]).startswith(f"RuntimeError: {OTHER_RANK_FAILED}")
+    assert r0["second"] == r1["second"] == (True, 1)

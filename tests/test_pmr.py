@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import Tensor
+from torch import Tensor, nn
 
 from imbalance_losses.pmr import (
     PMRLoss,
@@ -271,6 +271,21 @@ def test_ignore_index_and_unknown_classes_are_left_out() -> None:
     want = ref_step({m: t[keep] for m, t in feats.items()}, protos, y[keep], 1.0, 0.1)
     close(pmr.last.scores, want["scores"])  # type: ignore[union-attr]
     close(pmr.last.prototype_losses, want["pce"])  # type: ignore[union-attr]
+
+
+def test_an_ignore_index_beyond_the_classes_is_left_out_too() -> None:
+    """E.g. ``CrossEntropyLoss(ignore_index=255)``: 255 must never be used as a class index."""
+    feats, y = make(classes=3, n=30)
+    pmr = PMRLoss(
+        3, {"audio": 4, "visual": 4}, nn.CrossEntropyLoss(ignore_index=255), ignore_index=255
+    )
+    pmr.update_prototypes([(feats, y)])
+    y_ign = y.masked_fill(torch.arange(30) < 4, 255)
+    loss = pmr(torch.randn(30, 3), y_ign, feats)
+    assert torch.isfinite(loss)
+    keep = y_ign != 255
+    want = ref_step({m: t[keep] for m, t in feats.items()}, pmr.prototypes, y[keep], 1.0, 0.1)
+    close(pmr.last.scores, want["scores"])  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------------------------------
