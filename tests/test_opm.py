@@ -183,7 +183,7 @@ def test_empirical_drop_rate_matches_q_within_5_sigma() -> None:
 
 
 def test_execute_rate_matches_p_exe() -> None:
-    p_exe, calls = 0.7, 3000
+    p_exe, calls = 0.7, 1200
     z, y = dominant_logits(2, (0.9, 0.2))
     opm = make(p_exe=p_exe, seed=5)
     x = feats(2)
