@@ -6,14 +6,23 @@ accurate whatever precision the forward pass ran in (``torch.autocast`` included
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
+Reduction = Literal["mean", "sum", "none"]
+"""A loss's ``reduction``, as in ``torch.nn`` losses."""
+REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum", "none")
+
 __all__ = [
+    "REDUCTIONS",
+    "Reduction",
     "as_fp32",
     "counted",
     "entropy_sum",
     "one_vs_rest_ratio",
+    "reduce_loss",
     "true_class_probability",
 ]
 
@@ -84,3 +93,21 @@ def one_vs_rest_ratio(scores: Tensor) -> Tensor:
         rest = (scores.sum(-1, keepdim=True) - scores) / (m - 1)
     ratio = scores / rest
     return torch.where((scores == 0) & (rest == 0), torch.ones_like(ratio), ratio)
+
+
+def reduce_loss(per_sample: Tensor, reduction: Reduction, mask: Tensor | None = None) -> Tensor:
+    """Reduce a per-sample loss ``l`` ``[B]`` as ``torch.nn`` losses do.
+
+    ``"none"``: ``l``; ``"sum"``: ``sum_b l_b``; ``"mean"``: ``sum_b l_b / n`` with ``n`` the
+    number of counted samples (``mask.sum()``, all ``B`` when ``mask`` is ``None``), and 0, not
+    ``0 / 0``, when ``n = 0``. Samples left out by ``mask`` must already be 0 in ``l`` (as
+    ``F.cross_entropy(..., reduction="none", ignore_index=...)`` gives). No host sync.
+    """
+    if reduction == "none":
+        return per_sample
+    total = per_sample.sum()
+    if reduction == "sum":
+        return total
+    if mask is None:
+        return total / max(per_sample.shape[0], 1)
+    return total / mask.sum().clamp_min(1).to(total.dtype)

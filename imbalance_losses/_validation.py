@@ -28,6 +28,7 @@ __all__ = [
     "check_unimodal_logits",
     "int_param",
     "real_param",
+    "reduction_param",
 ]
 
 
@@ -78,6 +79,13 @@ def real_param(
     if failed:
         raise ValueError(f"{name} must be {failed}, got {value!r}")
     return x
+
+
+def reduction_param(value: object, *, name: str = "reduction") -> str:
+    """``value`` if it is ``"mean"``, ``"sum"`` or ``"none"``, else ``ValueError``."""
+    if value not in ("mean", "sum", "none"):
+        raise ValueError(f'{name} must be "mean", "sum" or "none", got {value!r}')
+    return str(value)
 
 
 def int_param(name: str, value: object, *, ge: int | None = None) -> int:

@@ -29,7 +29,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from ._branches import unimodal_branches
 from ._distributed import ProcessGroup
 from ._params import ModalityParameter, modality_parameters, present_gradients, scale_gradients_
 from ._running import RunningSums
-from ._stats import as_fp32, counted, entropy_sum
+from ._stats import REDUCTIONS, Reduction, as_fp32, counted, entropy_sum, reduce_loss
 from ._validation import (
     _assert_on_device,
     check_finite,
@@ -62,8 +62,6 @@ __all__ = [
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 EncoderSpec = nn.Module | Iterable[nn.Parameter]
-Reduction = Literal["mean", "sum", "none"]
-_REDUCTIONS = ("mean", "sum", "none")
 _NOTHING_POOLED = "step() called without a training-mode forward since the last step"
 
 
@@ -359,12 +357,12 @@ class ARLLoss(nn.Module):
     @staticmethod
     def _reduction(criterion: Criterion | None, reduction: object) -> Reduction | None:
         """The effective reduction: ``reduction`` checked against the criterion's own."""
-        if reduction is not None and reduction not in _REDUCTIONS:
+        if reduction is not None and reduction not in REDUCTIONS:
             raise ValueError(f'reduction must be "mean", "sum", "none" or None, got {reduction!r}')
         if criterion is None:
-            return "mean" if reduction is None else cast(Reduction, reduction)
+            return "mean" if reduction is None else reduction
         own = getattr(criterion, "reduction", None)
-        if own not in _REDUCTIONS:
+        if own not in REDUCTIONS:
             if reduction is not None:
                 raise ValueError(
                     f"reduction={reduction!r} was given with a criterion that has no "
@@ -632,12 +630,7 @@ class ARLLoss(nn.Module):
                 per = per + self.gamma * F.cross_entropy(
                     z, target, reduction="none", ignore_index=ignore
                 )
-            if self.reduction == "none":
-                return per
-            if self.reduction == "sum":
-                return per.sum()
-            count = max(batch, 1) if mask is None else mask.sum().clamp_min(1).to(per.dtype)
-            return per.sum() / count
+            return reduce_loss(per, cast(Reduction, self.reduction), mask)
         if batch == 0:  # zero, attached to the graph: a user criterion may give NaN (0 / 0)
             zero = logits.sum(-1) + sum(z.sum(-1) for z in zs.values())
             zero = zero * 0

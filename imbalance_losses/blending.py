@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from ._branches import FUSED, branch_logits, branch_names, branch_vector, per_sample_cross_entropy
 from ._distributed import ProcessGroup
 from ._evaluation import branch_losses, check_same_on_ranks
-from ._stats import counted
-from ._validation import _assert_on_device, real_param
+from ._stats import Reduction, counted, reduce_loss
+from ._validation import _assert_on_device, check_same_modalities, real_param, reduction_param
 from .diagnostics import StepRecord
 from .unimodal import Head
 
@@ -42,7 +42,6 @@ __all__ = [
     "window_changes",
 ]
 
-_REDUCTIONS = ("mean", "sum", "none")
 _NOT_POOLED = (
     "GradientBlending.update got different losses on different ranks; pass losses pooled over "
     "the ranks (branch_losses and GradientBlending.evaluate do that)"
@@ -152,17 +151,16 @@ class GradientBlending(nn.Module):
         initial_weights: Mapping[str, float | Tensor] | None = None,
         fused: str = FUSED,
         eps: float = 1e-8,
-        reduction: str = "mean",
+        reduction: Reduction = "mean",
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
         process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.eps = real_param("eps", eps, gt=0.0)
         self.label_smoothing = real_param("label_smoothing", label_smoothing, ge=0.0, le=1.0)
-        self.reduction, self.ignore_index, self.fused = reduction, ignore_index, fused
+        self.reduction = cast(Reduction, reduction_param(reduction))
+        self.ignore_index, self.fused = ignore_index, fused
         self.process_group = process_group
         self.__dict__["head"] = head  # the user's model owns it: not registered, not copied
         self.branches: tuple[str, ...] | None = None
@@ -172,7 +170,7 @@ class GradientBlending(nn.Module):
         self._windows = 0
         self.last: BlendingRecord | None = None
         if modalities is not None:
-            self._bind((*modalities, fused))
+            self._bind(branch_names(modalities, fused))
         if initial_weights is not None:
             self.set_weights(initial_weights)
 
@@ -189,7 +187,12 @@ class GradientBlending(nn.Module):
             self.branches = branch_names(names[:-1], self.fused)
             self._weights = torch.full((len(names),), 1.0 / len(names))
         elif names != self.branches:
-            raise ValueError(f"branches {list(names)} differ from {list(self.branches)}")
+            check_same_modalities(
+                self.branches,
+                dict.fromkeys(names),
+                expected_what="GradientBlending's",
+                actual_what="the given",
+            )
         return names
 
     def _names(self, values: Mapping[str, Any]) -> tuple[str, ...]:  # bind from a mapping
@@ -230,12 +233,7 @@ class GradientBlending(nn.Module):
         if self._weights.device != per_sample.device:  # once: later steps copy nothing
             self._weights = self._weights.to(per_sample.device)
         loss = (self._weights.to(per_sample.dtype)[:, None] * per_sample).sum(0)
-        if self.reduction != "mean":
-            return loss if self.reduction == "none" else loss.sum()
-        mask = counted(target, self.ignore_index)
-        n = torch.full((), float(loss.shape[0]), dtype=loss.dtype, device=loss.device)  # no H2D
-        count = n if mask is None else mask.sum().to(loss)
-        return loss.sum() / count.clamp_min(1.0)
+        return reduce_loss(loss, self.reduction, counted(target, self.ignore_index))
 
     def evaluate(self, forward: Any, *loaders: Any, model: Any = None) -> tuple[Any, ...]:
         """:func:`branch_losses` over each loader, with this object's head and settings."""

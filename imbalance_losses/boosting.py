@@ -44,7 +44,7 @@ import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from ._distributed import ProcessGroup, is_distributed, world_size
 from ._running import RunningSums
-from ._stats import counted, one_vs_rest_ratio, true_class_probability
+from ._stats import Reduction, counted, one_vs_rest_ratio, reduce_loss, true_class_probability
 from ._validation import (
     check_features,
     check_modalities,
@@ -60,12 +60,12 @@ from ._validation import (
     check_target,
     int_param,
     real_param,
+    reduction_param,
 )
 from .diagnostics import StepRecord
 
 __all__ = ["BoostingRecord", "SustainedBoostingLoss"]
 
-Reduction = Literal["mean", "sum", "none"]
 
 _NO_SAMPLES = (
     "check() needs at least one training-mode forward with samples since the last check; none "
@@ -230,9 +230,7 @@ class SustainedBoostingLoss(nn.Module):
         self.sigma = real_param("sigma", sigma, gt=0.0)
         self.tau = real_param("tau", tau, ge=0.0)
         self.max_heads = int_param("max_heads", max_heads, ge=1)
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f'reduction must be "mean", "sum" or "none", got {reduction!r}')
-        self.reduction: Reduction = reduction
+        self.reduction = cast(Reduction, reduction_param(reduction))
         self.ignore_index = (
             None if ignore_index is None else int_param("ignore_index", ignore_index)
         )
@@ -597,14 +595,7 @@ class SustainedBoostingLoss(nn.Module):
         logits = self._head_tensors(features)
         per = torch.stack([self._per_sample(z, target) for z in logits]).sum(0)  # [B]
         mask = counted(target, self.ignore_index)
-        loss: Tensor
-        if self.reduction == "none":
-            loss = per
-        elif self.reduction == "sum":
-            loss = per.sum()
-        else:
-            denominator = max(batch, 1) if mask is None else mask.sum().clamp_min(1).to(per.dtype)
-            loss = per.sum() / denominator
+        loss = reduce_loss(per, self.reduction, mask)
         zero = self._inactive_zero()
         if zero is not None:
             loss = loss + zero.to(loss.dtype)

@@ -72,13 +72,33 @@ def _worker(
         raise
 
 
+_PORT_TAKEN = ("Address already in use", "EADDRINUSE", "address already in use")
+
+
 def run_distributed(
     fn: Callable[..., Any],
     *args: Any,
     world_size: int = 2,
     timeout: float = 120.0,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; return results."""
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; return results.
+
+    The free port is only free when it is chosen: if another process takes it before the
+    group starts (parallel test runs on one machine), the launch is retried on a new port, at
+    most twice. Any other failure is reported at once.
+    """
+    for attempt in range(3):
+        try:
+            return _run_once(fn, args, world_size, timeout)
+        except RuntimeError as err:
+            if attempt == 2 or not any(text in str(err) for text in _PORT_TAKEN):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(
+    fn: Callable[..., Any], args: tuple[Any, ...], world_size: int, timeout: float
+) -> list[Any]:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
