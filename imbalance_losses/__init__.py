@@ -36,6 +36,7 @@ from .blending import (
 )
 from .boosting import BoostingRecord, SustainedBoostingLoss
 from .diagnostics import StepRecord
+from .mmpareto import MMPareto, MMParetoRecord, pareto_weights
 from .modulation import ModalityGradientModulator, ModulationRecord
 from .pmr import (
     PMRLoss,
@@ -58,6 +59,8 @@ __all__ = [
     "BoostingRecord",
     "GradientBlending",
     "Head",
+    "MMPareto",
+    "MMParetoRecord",
     "ModalityGradientModulator",
     "ModulationRecord",
     "PMRLoss",
@@ -74,6 +77,7 @@ __all__ = [
     "mono_modal_cross_entropy",
     "mono_modal_responses",
     "overfitting_to_generalization_ratio",
+    "pareto_weights",
     "prototype_entropy",
     "prototype_logits",
     "prototypical_cross_entropy",
