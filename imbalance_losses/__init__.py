@@ -38,6 +38,14 @@ from .boosting import BoostingRecord, SustainedBoostingLoss
 from .diagnostics import StepRecord
 from .mmpareto import MMPareto, MMParetoRecord, pareto_weights
 from .modulation import ModalityGradientModulator, ModulationRecord
+from .opm import (
+    ModalityPredictionModulator,
+    OPMOutput,
+    OPMRecord,
+    drop_probabilities,
+    kept_mean,
+    rescale_factor,
+)
 from .pmr import (
     PMRLoss,
     PMRRecord,
@@ -62,7 +70,10 @@ __all__ = [
     "MMPareto",
     "MMParetoRecord",
     "ModalityGradientModulator",
+    "ModalityPredictionModulator",
     "ModulationRecord",
+    "OPMOutput",
+    "OPMRecord",
     "PMRLoss",
     "PMRRecord",
     "StepRecord",
@@ -72,8 +83,10 @@ __all__ = [
     "blending_weights",
     "branch_losses",
     "discrepancy_ratios",
+    "drop_probabilities",
     "entropy_weights",
     "inverse_variance_weights",
+    "kept_mean",
     "mono_modal_cross_entropy",
     "mono_modal_responses",
     "overfitting_to_generalization_ratio",
@@ -82,6 +95,7 @@ __all__ = [
     "prototype_logits",
     "prototypical_cross_entropy",
     "rebalance_coefficients",
+    "rescale_factor",
     "unimodal_logits",
     "window_changes",
 ]
