@@ -49,11 +49,15 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from imbalance_losses import (
+    AdaptiveGradientModulator,
     ARLLoss,
     GradientBlending,
+    MMPareto,
     ModalityGradientModulator,
+    ModalityPredictionModulator,
     PMRLoss,
     SustainedBoostingLoss,
+    kept_mean,
     unimodal_logits,
 )
 
@@ -221,6 +225,49 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
 
         return step
 
+    def agm() -> Step:
+        model = copy.deepcopy(base)
+        opt = sgd(model.parameters())
+        modulator = AdaptiveGradientModulator(model.head)
+
+        def step() -> None:  # 2^M masked head evaluations per step, forward only
+            opt.zero_grad(set_to_none=True)
+            feats = modulator(model.features(inputs), target)
+            ce(model.head(torch.cat(list(feats.values()), dim=1)), target).backward()
+            opt.step()
+
+        return step
+
+    def mmpareto() -> Step:
+        model = copy.deepcopy(base)
+        opt = sgd(model.parameters())
+        pareto = MMPareto(dict(model.encoders.items()))
+
+        def step() -> None:  # one backward per objective: the fused loss and each modality's
+            opt.zero_grad(set_to_none=True)
+            logits, feats = model(inputs)
+            uni = unimodal_logits(model.head, feats)
+            pareto.backward(ce(logits, target), {m: ce(z, target) for m, z in uni.items()})
+            opt.step()
+
+        return step
+
+    def opm() -> Step:
+        model = copy.deepcopy(base)
+        opt = sgd(model.parameters())
+        dropper = ModalityPredictionModulator(list(setting.channels), head=model.head)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            out = dropper(model.features(inputs), target)
+            logits = model.head(torch.cat(list(out.features.values()), dim=1))
+            kept_mean(
+                nn.functional.cross_entropy(logits, target, reduction="none"), out.keep
+            ).backward()
+            opt.step()
+
+        return step
+
     builders: dict[str, Callable[[], Step]] = {
         "plain cross-entropy (reference)": plain,
         "ARLLoss": arl,
@@ -231,6 +278,9 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
         "SustainedBoostingLoss, 8 heads": boosting(8),
         "PMRLoss": pmr,
         "GradientBlending": blending,
+        "AdaptiveGradientModulator (AGM)": agm,
+        "MMPareto": mmpareto,
+        "ModalityPredictionModulator (OPM)": opm,
     }
     for name, build in builders.items():
         if only is None or name == only:
