@@ -55,6 +55,7 @@ from imbalance_losses import (
     MMPareto,
     ModalityGradientModulator,
     ModalityPredictionModulator,
+    OPMOutput,
     PMRLoss,
     SustainedBoostingLoss,
     kept_mean,
@@ -125,6 +126,7 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
     inputs, target = make_data(setting, device=device)
     widths = dict.fromkeys(setting.channels, FEATURE)
     ce = nn.CrossEntropyLoss()
+    ce_none = nn.CrossEntropyLoss(reduction="none")
     rows: dict[str, Step] = {}
 
     def sgd(params: object) -> torch.optim.Optimizer:
@@ -259,11 +261,10 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
-            out = dropper(model.features(inputs), target)
+            out: OPMOutput = dropper(model.features(inputs), target)
             logits = model.head(torch.cat(list(out.features.values()), dim=1))
-            kept_mean(
-                nn.functional.cross_entropy(logits, target, reduction="none"), out.keep
-            ).backward()
+            loss: Tensor = kept_mean(ce_none(logits, target), out.keep)
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
 
         return step
