@@ -34,7 +34,14 @@ from ._masking import masked_outputs, shapley_values
 from ._params import modality_parameters, present_gradients, scale_gradients_
 from ._running import RunningSums
 from ._stats import as_fp32, counted
-from ._validation import check_finite, check_modalities, check_target, int_param, real_param
+from ._validation import (
+    check_features,
+    check_finite,
+    check_modalities,
+    check_target,
+    int_param,
+    real_param,
+)
 from .diagnostics import StepRecord
 from .unimodal import Head
 
@@ -203,6 +210,7 @@ class AdaptiveGradientModulator(nn.Module):
             size, device, self.process_group, due=not self.has_encoders
         ):
             batch = check_modalities(features)
+            check_features(features, finite=True, by="the fusion head")
             names = tuple(features)
             if self._modalities is not None and names != self._modalities:
                 raise ValueError(

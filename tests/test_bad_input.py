@@ -22,9 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from imbalance_losses import (
+    AdaptiveGradientModulator,
     ARLLoss,
     GradientBlending,
+    MMPareto,
     ModalityGradientModulator,
+    ModalityPredictionModulator,
     PMRLoss,
     SustainedBoostingLoss,
     unimodal_logits,
@@ -175,6 +178,31 @@ def modulator_step_twice() -> Tensor:
     mod = modulator_with(enc)
     mod.step(logits(), target())
     return mod.step(logits(), target())
+
+
+def call_agm(f: Any, y: Tensor, *, train: bool = True) -> Any:
+    agm = AdaptiveGradientModulator(head())
+    agm.train(train)
+    return agm(f, y)
+
+
+def call_opm(f: Any, y: Tensor, *, train: bool = True) -> Any:
+    opm = ModalityPredictionModulator(list(WIDTHS), head=head())
+    opm.train(train)
+    return opm(f, y).features
+
+
+def call_mmpareto(losses: Any) -> object:
+    enc = encoders()
+    f = {m: enc[m](torch.randn(B, 2)) for m in WIDTHS}
+    fused_loss = nn.functional.cross_entropy(fused(f), target())
+    return MMPareto(dict(enc.items())).backward(fused_loss, losses(f))
+
+
+def blend_reordered() -> Tensor:
+    blend = GradientBlending(head=head(), modalities=list(WIDTHS))
+    f = dict(reversed(list(feats().items())))
+    return blend(torch.zeros(B, C), target(), features=f)
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -709,6 +737,101 @@ def _rows() -> list[Row]:
         behaviour="not detectable from one call: the mapping order is the concatenation order "
         "(documented); the methods that keep state (ARL, boosting, the modulator, PMR) refuse "
         "a change of order",
+    )
+    b, ag, op, mp = (
+        "GradientBlending",
+        "AdaptiveGradientModulator",
+        "ModalityPredictionModulator",
+        "MMPareto.backward",
+    )
+    add(
+        b,
+        "mapping passed as a list",
+        lambda: call_blend(list(feats().values()), y),
+        "TypeError",
+        r"must be a mapping",
+    )
+    add(
+        b,
+        "modalities= given as a string",
+        lambda: GradientBlending(modalities="audio"),
+        "TypeError",
+        r"sequence of modality names",
+    )
+    add(b, "reordered modalities", blend_reordered, "ValueError", r"different order")
+    add(
+        ag,
+        "wrong width",
+        lambda: call_agm(feats(a=torch.randn(B, 4)), y),
+        "ValueError",
+        r"a: \(4, 4\)",
+    )
+    add(
+        ag,
+        "NaN features",
+        lambda: call_agm(feats(v=nan_at((B, 2))), y),
+        "ValueError",
+        r"\['v'\].*non-finite",
+    )
+    add(
+        ag,
+        "mapping passed as a list",
+        lambda: call_agm(list(feats().values()), y),
+        "TypeError",
+        r"must be a mapping",
+    )
+    add(
+        ag,
+        "B = 0",
+        lambda: call_agm(dict(empty), no_target),
+        "ok",
+        behaviour="features returned as they are; no step, no statistics",
+    )
+    add(
+        ag,
+        "eval mode",
+        lambda: call_agm(feats(), y, train=False),
+        "ok",
+        behaviour="the identity: features returned, nothing recorded",
+    )
+    add(
+        op, "missing modality", lambda: call_opm(feats(t=None), y), "ValueError", r"missing \['t'\]"
+    )
+    add(
+        op,
+        "NaN features",
+        lambda: call_opm(feats(v=nan_at((B, 2))), y),
+        "ValueError",
+        r"\['v'\].*non-finite",
+    )
+    add(
+        op,
+        "mapping passed as a list",
+        lambda: call_opm(list(feats().values()), y),
+        "TypeError",
+        r"must be a mapping",
+    )
+    add(
+        op,
+        "B = 0",
+        lambda: call_opm(dict(empty), no_target),
+        "ok",
+        behaviour="features returned as they are; no step, no draw",
+    )
+    add(op, "eval mode", lambda: call_opm(feats(), y, train=False), "ok", behaviour="the identity")
+    add(
+        mp,
+        "a modality's loss missing",
+        lambda: call_mmpareto(lambda f: {"a": fused(f).sum(), "v": fused(f).sum()}),
+        "ValueError",
+        r"missing \['t'\]",
+    )
+    add(
+        mp,
+        "a non-scalar loss",
+        lambda: call_mmpareto(lambda f: {m: fused(f).sum(1) for m in WIDTHS}),
+        "ValueError",
+        r"scalar",
     )
     return rows
 
