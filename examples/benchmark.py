@@ -6,6 +6,15 @@ examples/requirements-data.txt``)::
     python examples/benchmark.py --quick      # 1 seed, 4 epochs, both tasks (~20 s on 2 idle cores)
     python examples/benchmark.py              # 3 seeds, grid on validation (est. ~7 min on 2 idle
                                               # cores; 994 s measured on 2 cores shared with others)
+    python examples/benchmark.py --methods mmpareto agm   # only these rows (keys of METHODS)
+
+``--methods KEY [KEY ...]`` runs only the named rows (the keys of :data:`METHODS`: ``joint``,
+``ogm_ge``, ``arl``, ``arl_no_reweight``, ``boost``, ``pmr``, ``gblend``, ``mmpareto``, ``agm``,
+``opm``; plus ``unimodal`` for the uni-modal rows and their ensemble, which run only when
+``unimodal`` is named or ``--methods`` is left out). An ablation brings the row it ablates
+(``arl_no_reweight`` runs ``arl`` too: it reuses ARL's chosen setting). Every run is seeded and
+CPU results repeat exactly, so rows measured separately with the same protocol can be put in one
+table.
 
 Protocol (the same for every row):
 
@@ -25,9 +34,10 @@ Protocol (the same for every row):
   the unimodal logits read off the trained model's own head (``unimodal_logits`` for the linear
   head; each modality's head ensemble for sustained boosting).
 * Rows: each uni-modal model alone, plain joint training, joint + OGM-GE, joint + ARL (and its
-  no-re-weighting ablation), sustained boosting, joint + PMR, joint + G-Blending, and the
-  uni-modal ensemble (mean of the two uni-modal models' softmax); each under SGD with momentum
-  and under Adam. A row whose class is not in ``imbalance_losses`` prints "not available".
+  no-re-weighting ablation), sustained boosting, joint + PMR, joint + G-Blending, joint +
+  MMPareto, joint + AGM, joint + OPM, and the uni-modal ensemble (mean of the two uni-modal
+  models' softmax); each under SGD with momentum and under Adam. A row whose class is not in
+  ``imbalance_losses`` prints "not available".
 * PMR: prototypes recomputed at the start of every epoch from the whole training split (eval
   mode, no grad), ``set_epoch`` each epoch; grid ``alpha``; ``mu``, ``entropy_epochs`` and
   ``momentum`` at their documented defaults.
@@ -35,6 +45,13 @@ Protocol (the same for every row):
   logits) on the whole training split and on the validation split (the held-out set; never the
   test split) by ``GradientBlending.evaluate`` before training and after every window of
   ``window`` epochs; each window's update sets the weights of the next. Grid ``window``.
+* MMPareto: ``mmpareto.backward(CE(fused), {m: CE(z_m)})`` in place of ``loss.backward()``, with
+  ``z_m`` each modality's logits from the model's own head (``unimodal_logits``); the encoders
+  get MMPareto's combined gradient, the head the plain sum. Grid ``gamma``; ``rescale="paper"``.
+* AGM: ``feats = agm(feats, y)`` between the encoders and the head (the head's 2^M masked copies
+  give the Shapley responses); grid ``alpha``; cumulative-mean reference, ``cap`` 10 (defaults).
+* OPM: ``out = opm(feats, y)``; the head on ``out.features``; ``kept_mean`` of the per-sample CE.
+  Grid ``q_base``; ``lam=0.5``, ``p_exe=0.7`` (defaults); warm-up 2 epochs (official: 6 of 100).
 
 How each method plugs into the loop is in :func:`train_run` (a few lines each).
 """
@@ -137,7 +154,29 @@ METHODS: tuple[Method, ...] = (
         grid=({"window": 2.0}, {"window": 5.0}, {"window": 10.0}),  # epochs per super-epoch
         quick={"window": 2.0},  # a 4-epoch --quick run makes one weight update
     ),
+    Method(
+        "mmpareto",
+        "joint + MMPareto",
+        "MMPareto",
+        grid=({"gamma": 1.0}, {"gamma": 1.5}, {"gamma": 2.0}),
+        quick={"gamma": 1.5},  # the official value
+    ),
+    Method(
+        "agm",
+        "joint + AGM",
+        "AdaptiveGradientModulator",
+        grid=({"alpha": 0.1}, {"alpha": 0.5}, {"alpha": 1.0}, {"alpha": 2.5}),
+        quick={"alpha": 1.0},  # the official default
+    ),
+    Method(
+        "opm",
+        "joint + OPM",
+        "ModalityPredictionModulator",
+        grid=({"q_base": 0.3}, {"q_base": 0.5}, {"q_base": 0.7}),
+        quick={"q_base": 0.5},  # the official --q_base
+    ),
 )
+UNIMODAL = "unimodal"  # --methods key of the uni-modal rows and their ensemble
 
 OPTIMIZERS: dict[str, tuple[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]] = {
     "sgd": (
@@ -231,6 +270,9 @@ class Runner:
         boost: Any = None
         pmr: Any = None
         blend: Any = None
+        mmpareto: Any = None
+        agm: Any = None
+        opm: Any = None
         window = 0
         params = list(model.parameters())
         if method in ("arl", "arl_no_reweight"):
@@ -270,12 +312,37 @@ class Runner:
             # branches: each modality's logits from the shared head, then the fused logits
             blend = imbalance_losses.GradientBlending(head=model.head, modalities=modalities)
             window = int(config["window"])
+        elif method == "mmpareto":
+            mmpareto = imbalance_losses.MMPareto(
+                {m: model.encoders[m] for m in modalities},
+                gamma=config["gamma"],  # rescale="paper" (default)
+            )
+        elif method == "agm":
+            agm = imbalance_losses.AdaptiveGradientModulator(
+                model.head,
+                alpha=config["alpha"],  # cumulative-mean reference, cap 10 (defaults)
+            )
+        elif method == "opm":
+            opm = imbalance_losses.ModalityPredictionModulator(
+                modalities,
+                head=model.head,
+                q_base=config["q_base"],  # lam=0.5, p_exe=0.7 (defaults)
+                warmup_steps=2 * steps_per_epoch,  # official: 6 of 100 epochs
+                seed=seed,
+            )
         opt = OPTIMIZERS[optimizer][1](params)
         if boost is not None:  # a head added later starts a fresh optimiser state (Adam)
             boost.attach_optimizer(opt)
 
         # the object whose `last` record is traced every step
-        tracked: Any = {"arl": criterion, "ogm_ge": modulator, "pmr": pmr}.get(method)
+        tracked: Any = {
+            "arl": criterion,
+            "ogm_ge": modulator,
+            "pmr": pmr,
+            "mmpareto": mmpareto,
+            "agm": agm,
+            "opm": opm,
+        }.get(method)
         generator = torch.Generator().manual_seed(seed)
         trace: list[dict[str, float]] = []
         records: list[Any] = []
@@ -313,10 +380,25 @@ class Runner:
                         loss = pmr(model.fuse(feats), batch.y, feats)
                     elif blend is not None:
                         loss = blend(model.fuse(feats), batch.y, features=feats)
+                    elif agm is not None:  # between the encoders and the head
+                        loss = criterion(model.fuse(agm(feats, batch.y)), batch.y)
+                    elif opm is not None:
+                        out = opm(feats, batch.y)
+                        per_sample = F.cross_entropy(
+                            model.fuse(out.features), batch.y, reduction="none"
+                        )
+                        loss = imbalance_losses.kept_mean(per_sample, out.keep)
                     else:
                         loss = criterion(model.fuse(feats), batch.y)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if mmpareto is not None:  # in place of loss.backward()
+                        uni_losses = {
+                            m: criterion(z, batch.y)
+                            for m, z in unimodal_logits(model.head, feats).items()
+                        }
+                        mmpareto.backward(loss, uni_losses)
+                    else:
+                        loss.backward()
                     if modulator is not None:
                         modulator.step(unimodal_logits(model.head, feats), batch.y)
                     opt.step()
@@ -466,15 +548,37 @@ class Progress:
             self.bar.close()
 
 
-def plan(tasks: list[Task], optimizers: list[str], seeds: list[int], grid: bool) -> int:
+def select(keys: list[str] | None) -> tuple[list[Method], bool]:
+    """The rows ``--methods`` names (all when ``None``), and whether the uni-modal rows run.
+
+    An ablation brings the row it ablates (it reuses that row's chosen setting). Order: METHODS.
+    """
+    if keys is None:
+        return list(METHODS), True
+    wanted = set(keys)
+    for method in METHODS:
+        if method.key in wanted and method.same_as is not None:
+            wanted.add(method.same_as)
+    return [m for m in METHODS if m.key in wanted], UNIMODAL in wanted
+
+
+def plan(
+    tasks: list[Task],
+    optimizers: list[str],
+    seeds: list[int],
+    grid: bool,
+    methods: list[Method] | None = None,
+    unimodal: bool = True,
+) -> int:
     """Number of training runs (for the progress bar)."""
     per = 0
-    for method in METHODS:
+    for method in METHODS if methods is None else methods:
         if not method.available:
             continue
         n_grid = 1 if method.same_as or not grid else len(method.grid)
         per += n_grid + len(seeds) - 1
-    per += 2 * len(seeds)  # uni-modal models (two modalities per task)
+    if unimodal:
+        per += 2 * len(seeds)  # uni-modal models (two modalities per task)
     return per * len(tasks) * len(optimizers)
 
 
@@ -483,7 +587,11 @@ def run_benchmark(args: argparse.Namespace) -> str:
     tasks = [load_task(name, split_seed=args.split_seed) for name in args.tasks]
     seeds = list(range(args.seeds))
     grid = not (args.quick or args.no_grid)
-    progress = Progress(plan(tasks, args.optimizers, seeds, grid), enabled=not args.no_progress)
+    methods, with_unimodal = select(args.methods)
+    progress = Progress(
+        plan(tasks, args.optimizers, seeds, grid, methods, with_unimodal),
+        enabled=not args.no_progress,
+    )
     results: list[report.Row] = []
     curves: dict[str, dict[str, list[float]]] = {}
     traces: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -507,12 +615,12 @@ def run_benchmark(args: argparse.Namespace) -> str:
         for opt in args.optimizers:
             uni: dict[str, list[RunResult]] = {}
             chosen_configs: dict[str, Config] = {}
-            for m in names:
+            for m in names if with_unimodal else []:
                 uni[m] = [run(runner, f"uni:{m}", opt, s, {}) for s in seeds]
                 results.append(report.Row.of(task, f"{m} only", opt, uni[m], "-"))
                 per_seed.append((task.name, opt, f"{m} only", [r.test_acc for r in uni[m]]))
                 curves[task.name][f"{m} only / {opt}"] = uni[m][0].val_curve
-            for method in METHODS:
+            for method in methods:
                 if not method.available:
                     results.append(report.Row.missing(task, method.label, opt, method.needs))
                     continue
@@ -541,7 +649,8 @@ def run_benchmark(args: argparse.Namespace) -> str:
                 curves[task.name][f"{method.label} / {opt}"] = chosen.val_curve
                 if chosen.trace:
                     traces[task.name][f"{method.label} / {opt}"] = chosen.trace
-            results.append(report.Row.ensemble(task, opt, uni[names[0]], uni[names[1]]))
+            if with_unimodal:
+                results.append(report.Row.ensemble(task, opt, uni[names[0]], uni[names[1]]))
     progress.close()
     total = time.perf_counter() - started
 
@@ -572,7 +681,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
         + caveat
         + report.tables(tasks, results)
         + "\n"
-        + report.grid_text(METHODS, grids, grid)
+        + report.grid_text(methods, grids, grid)
         + "\n"
         + report.NOTES
         + "\n"
@@ -602,6 +711,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plots-dir", default="results", help="where the PNG plots go")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=[m.key for m in METHODS] + [UNIMODAL],
+        metavar="KEY",
+        help="run only these rows (keys of METHODS; 'unimodal': the uni-modal rows and their "
+        "ensemble); default: every row",
+    )
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3

@@ -330,6 +330,9 @@ def test_quick_benchmark_prints_the_full_table_for_both_tasks(tmp_path: Path) ->
         "sustained boosting",
         "joint + PMR",
         "joint + G-Blending",
+        "joint + MMPareto",
+        "joint + AGM",
+        "joint + OPM",
         "uni-modal ensemble",
     ]
     tables = re.split(r"^### ", text, flags=re.M)[1:]
@@ -490,3 +493,271 @@ def test_gblend_row_blends_with_weights_from_train_and_validation_losses_per_win
             assert step == pytest.approx({f"weights/{k}": w for k, w in used.items()})
     for w in updates:
         assert math.isclose(sum(w.values()), 1.0, rel_tol=1e-6)
+
+
+def _capture_batches(monkeypatch: pytest.MonkeyPatch, benchmark: Any) -> list[torch.Tensor]:
+    """Record every mini-batch index the training loop draws (the last one is the current)."""
+    drawn: list[torch.Tensor] = []
+    real = benchmark.batches
+
+    def batches(n: int, size: int, generator: torch.Generator) -> Any:
+        for index in real(n, size, generator):
+            drawn.append(index)
+            yield index
+
+    monkeypatch.setattr(benchmark, "batches", batches)
+    return drawn
+
+
+def _checking_sgd(
+    monkeypatch: pytest.MonkeyPatch, benchmark: Any, expected: dict[int, torch.Tensor]
+) -> list[int]:
+    """SGD whose ``step`` first asserts every parameter's ``.grad`` equals ``expected[id(p)]``.
+
+    ``expected`` is refilled by the test's spy on every training step; the returned list counts
+    the checked steps (one entry per step: the number of parameters compared).
+    """
+    checked: list[int] = []
+
+    class CheckingSGD(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:
+            params = [p for group in self.param_groups for p in group["params"]]
+            assert expected, "the method's spy did not run before optimizer.step()"
+            assert {id(p) for p in params} == set(expected)
+            for p in params:
+                assert p.grad is not None
+                assert torch.allclose(p.grad, expected[id(p)], rtol=1e-4, atol=1e-6), p.shape
+            checked.append(len(params))
+            expected.clear()
+            return super().step(closure)
+
+    desc = benchmark.OPTIMIZERS["sgd"][0]
+    monkeypatch.setitem(
+        benchmark.OPTIMIZERS,
+        "sgd",
+        (desc, lambda p: CheckingSGD(p, lr=0.01, momentum=0.9, weight_decay=1e-4)),
+    )
+    return checked
+
+
+def _split_head_logits(model: FusionModel, xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``z_m = x_m W_m^T + b / M`` (the linear head's exact split), written out."""
+    w, b = model.head.weight, model.head.bias
+    out, start = {}, 0
+    for m, x in xs.items():
+        out[m] = x @ w[:, start : start + x.shape[1]].T + b / len(xs)
+        start += x.shape[1]
+    return out
+
+
+def _flat(grads: Any) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_mmpareto_row_replaces_backward_by_the_pareto_combination_on_the_encoders(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import benchmark
+
+    import imbalance_losses
+
+    task, epochs, gamma = _tiny_task(2), 2, 2.0
+    built = _capture_models(monkeypatch, benchmark)
+    drawn = _capture_batches(monkeypatch, benchmark)
+    expected: dict[int, torch.Tensor] = {}
+    checked = _checking_sgd(monkeypatch, benchmark, expected)
+
+    class Spy(imbalance_losses.MMPareto):
+        def __init__(self, modules: Any, **kw: Any) -> None:
+            model = built[-1]
+            assert list(modules) == ["a", "b"]
+            assert all(modules[m] is model.encoders[m] for m in modules)
+            assert kw["gamma"] == gamma
+            super().__init__(modules, **kw)
+
+        def backward(self, fused_loss: Any, unimodal_losses: Any, **kw: Any) -> Any:
+            model, batch = built[-1], task.train.take(drawn[-1])
+            ce = torch.nn.functional.cross_entropy
+            xs = {m: enc(batch.inputs[m]) for m, enc in model.encoders.items()}
+            w, b = model.head.weight, model.head.bias
+            fused = ce(torch.cat(list(xs.values()), 1) @ w.T + b, batch.y)
+            uni = {m: ce(z, batch.y) for m, z in _split_head_logits(model, xs).items()}
+            # the losses handed over: the fused CE and each modality's CE from the model's head
+            assert torch.allclose(fused_loss, fused, atol=1e-6)
+            assert unimodal_losses.keys() == uni.keys()
+            for m in uni:
+                assert torch.allclose(unimodal_losses[m], uni[m], atol=1e-6)
+            # what the encoders must get: the MMPareto rule, written out (paper rescale)
+            for m, enc in model.encoders.items():
+                ps = list(enc.parameters())
+                ga = torch.autograd.grad(fused, ps, retain_graph=True)
+                gb = torch.autograd.grad(uni[m], ps, retain_graph=True)
+                a, bb = _flat(ga), _flat(gb)
+                if torch.dot(a, bb) > 0:
+                    d = a + bb
+                else:
+                    k = ((bb - a) @ bb / (a - bb).square().sum()).clamp(0, 1)
+                    d = 2 * (k * a + (1 - k) * bb)
+                g = gamma * (a + bb).norm() / d.norm() * d
+                sizes = [p.numel() for p in ps]
+                for p, piece in zip(ps, g.split(sizes), strict=True):
+                    expected[id(p)] = piece.reshape(p.shape)
+            hs = list(model.head.parameters())
+            total = fused + sum(uni.values())
+            for p, gh in zip(hs, torch.autograd.grad(total, hs), strict=True):
+                expected[id(p)] = gh  # the head: the plain summed gradient
+            return super().backward(fused_loss, unimodal_losses, **kw)
+
+    monkeypatch.setattr(imbalance_losses, "MMPareto", Spy)
+    result = benchmark.Runner(task, epochs).train_run("mmpareto", "sgd", 0, {"gamma": gamma})
+    steps = -(-len(task.train) // benchmark.BATCH_SIZE)
+    n_params = len(list(built[-1].parameters()))
+    assert checked == [n_params] * (epochs * steps)  # every step, every parameter
+    assert len(result.trace) == epochs * steps
+    assert all("cosine/a" in r and "k_mm/b" in r for r in result.trace)
+
+
+def test_agm_row_scales_each_encoders_gradient_by_its_coefficient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import benchmark
+
+    import imbalance_losses
+
+    task, epochs, alpha = _tiny_task(3), 2, 2.5
+    built = _capture_models(monkeypatch, benchmark)
+    drawn = _capture_batches(monkeypatch, benchmark)
+    expected: dict[int, torch.Tensor] = {}
+    checked = _checking_sgd(monkeypatch, benchmark, expected)
+    coefficients: list[torch.Tensor] = []
+
+    class Spy(imbalance_losses.AdaptiveGradientModulator):
+        def __init__(self, head: Any, **kw: Any) -> None:
+            assert head is built[-1].head and kw["alpha"] == alpha
+            super().__init__(head, **kw)
+
+        def forward(self, features: Any, target: Any) -> Any:
+            model, batch = built[-1], task.train.take(drawn[-1])
+            assert torch.equal(target, batch.y)
+            for m, enc in model.encoders.items():  # the encoders' features of this batch
+                assert torch.allclose(features[m], enc(batch.inputs[m]))
+            out = super().forward(features, target)
+            assert self.last is not None and self.last.active
+            k = self.last.coefficients
+            coefficients.append(k)
+            # expected: the plain CE gradient, each encoder's part times its k_m; head unchanged
+            w, b = model.head.weight, model.head.bias
+            plain = torch.nn.functional.cross_entropy(
+                torch.cat(list(features.values()), 1) @ w.T + b, target
+            )
+            for i, enc in enumerate(model.encoders.values()):
+                ps = list(enc.parameters())
+                for p, g in zip(ps, torch.autograd.grad(plain, ps, retain_graph=True), strict=True):
+                    expected[id(p)] = k[i] * g
+            hs = list(model.head.parameters())
+            for p, g in zip(hs, torch.autograd.grad(plain, hs, retain_graph=True), strict=True):
+                expected[id(p)] = g
+            return out
+
+    monkeypatch.setattr(imbalance_losses, "AdaptiveGradientModulator", Spy)
+    result = benchmark.Runner(task, epochs).train_run("agm", "sgd", 0, {"alpha": alpha})
+    steps = -(-len(task.train) // benchmark.BATCH_SIZE)
+    assert checked == [len(list(built[-1].parameters()))] * (epochs * steps)
+    assert len(result.trace) == epochs * steps
+    assert all("coefficients/a" in r for r in result.trace)
+    # the check has teeth: the coefficients are not all 1
+    assert max(float((k - 1).abs().max()) for k in coefficients) > 0.05
+
+
+@pytest.mark.skipif(
+    not hasattr(importlib.import_module("imbalance_losses"), "ModalityPredictionModulator"),
+    reason="imbalance_losses.ModalityPredictionModulator (OPM) is not exported",
+)
+def test_opm_row_trains_the_head_on_the_dropped_features_after_its_warmup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import benchmark
+
+    import imbalance_losses
+
+    task, epochs, q_base = _tiny_task(4), 4, 0.7
+    built = _capture_models(monkeypatch, benchmark)
+    drawn = _capture_batches(monkeypatch, benchmark)
+    expected: dict[int, torch.Tensor] = {}
+    checked = _checking_sgd(monkeypatch, benchmark, expected)
+    steps = -(-len(task.train) // benchmark.BATCH_SIZE)
+    changed: list[bool] = []
+
+    class Spy(imbalance_losses.ModalityPredictionModulator):  # type: ignore[misc, name-defined]
+        def __init__(self, modalities: Any, **kw: Any) -> None:
+            assert list(modalities) == ["a", "b"] and kw["head"] is built[-1].head
+            assert kw["q_base"] == q_base and kw["seed"] == 7
+            assert kw["warmup_steps"] == 2 * steps
+            super().__init__(modalities, **kw)
+
+        def forward(self, features: Any, target: Any, *a: Any) -> Any:
+            model, batch = built[-1], task.train.take(drawn[-1])
+            assert torch.equal(target, batch.y)
+            for m, enc in model.encoders.items():
+                assert torch.allclose(features[m], enc(batch.inputs[m]))
+            out = super().forward(features, target, *a)
+            changed.append(any(not torch.equal(out.features[m], features[m]) for m in features))
+            # expected: mean over the kept samples of CE(head(cat(dropped features)), y)
+            w, b = model.head.weight, model.head.bias
+            per = torch.nn.functional.cross_entropy(
+                torch.cat(list(out.features.values()), 1) @ w.T + b, target, reduction="none"
+            )
+            keep = out.keep.float()
+            loss = (per * keep).sum() / keep.sum().clamp_min(1)
+            ps = list(model.parameters())
+            for p, g in zip(ps, torch.autograd.grad(loss, ps, retain_graph=True), strict=True):
+                expected[id(p)] = g
+            return out
+
+    monkeypatch.setattr(imbalance_losses, "ModalityPredictionModulator", Spy)
+    result = benchmark.Runner(task, epochs).train_run("opm", "sgd", 7, {"q_base": q_base})
+    assert checked == [len(list(built[-1].parameters()))] * (epochs * steps)
+    assert len(result.trace) == epochs * steps
+    assert all("drop_probabilities/a" in r for r in result.trace)
+    assert not any(changed[: 2 * steps])  # warm-up: the features pass unchanged
+    assert any(changed[2 * steps :])  # then some calls drop (the check has teeth)
+
+
+def test_methods_option_runs_only_the_named_rows(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import benchmark
+
+    monkeypatch.setattr(benchmark, "load_task", lambda name, split_seed: _tiny_task())
+    ran: list[str] = []
+    real = benchmark.Runner.train_run
+
+    def train_run(self: Any, method: str, *a: Any) -> Any:
+        ran.append(method)
+        return real(self, method, *a)
+
+    monkeypatch.setattr(benchmark.Runner, "train_run", train_run)
+    common = ["--quick", "--tasks", "mfeat", "--no-plots", "--no-progress", "--threads", "1"]
+    out = str(tmp_path / "b.md")
+    assert benchmark.main([*common, "--methods", "agm", "joint", "--out", out]) == 0
+    text = capsys.readouterr().out
+    # METHODS order, one run per optimiser (quick: one seed, no grid), nothing else
+    assert ran == ["joint", "agm", "joint", "agm"]
+    rows = re.findall(r"^\| ([^|]+?) \| (sgd|adam) \|", text, flags=re.M)
+    assert rows == [(m, o) for o in ("sgd", "adam") for m in ("joint (plain)", "joint + AGM")]
+    assert "- joint + AGM: grid {alpha=" in text  # the grid note lists the named rows only
+    assert "joint + OPM" not in text and "| uni-modal ensemble |" not in text
+    assert "| a only |" not in text
+
+    ran.clear()  # an ablation brings the row it ablates; "unimodal": uni-modal rows + ensemble
+    args = [*common, "--optimizers", "adam", "--methods", "arl_no_reweight", "unimodal"]
+    assert benchmark.main([*args, "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert ran == ["uni:a", "uni:b", "arl", "arl_no_reweight"]
+    assert "| uni-modal ensemble | adam |" in text
+    arl_only = benchmark.select(["arl"])
+    assert [m.key for m in arl_only[0]] == ["arl"] and arl_only[1] is False
+    assert benchmark.plan([_tiny_task()], ["adam"], [0, 1, 2], True, *arl_only) == 4 + 2
+
+    with pytest.raises(SystemExit):  # an unknown key is refused by argparse
+        benchmark.parse_args(["--methods", "nope"])

@@ -30,7 +30,7 @@ class RunResult:
     """One training run (one method, optimiser, seed and hyper-parameter setting)."""
 
     task: str
-    method: str  # "uni:<modality>", "joint", "ogm_ge", "arl", "boost"
+    method: str  # "uni:<modality>" or a key of benchmark.METHODS
     optimizer: str
     seed: int
     config: dict[str, float]
@@ -358,6 +358,8 @@ _PREFERRED = (
     "head_counts",
     "weights",
     "k",
+    "drop_probabilities",  # OPM
+    "cosine",  # MMPareto: the fused / unimodal gradient cosine per encoder
 )
 
 
