@@ -85,7 +85,10 @@ def reached_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
     over data: no host sync); a leaf is an ``AccumulateGrad`` node's ``variable``. Order: first
     reached first (deterministic for a given graph).
     """
-    seen: set[int] = set()
+    # id -> node: holding every visited node keeps its id from being reused by a new Python
+    # wrapper (torch < 2.13 hands out a fresh wrapper per ``next_functions`` access, and a freed
+    # wrapper's id may come back for another node, which a set of ids alone would skip)
+    seen: dict[int, object] = {}
     leaves: list[Tensor] = []
     found: set[int] = set()
     stack = [r.grad_fn for r in reversed(roots) if r.grad_fn is not None]
@@ -97,7 +100,7 @@ def reached_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
         node = stack.pop()
         if id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         variable = getattr(node, "variable", None)
         if isinstance(variable, Tensor):
             if id(variable) not in found:
