@@ -38,6 +38,7 @@ from ._validation import (
     check_features,
     check_finite,
     check_modalities,
+    check_same_modalities,
     check_target,
     int_param,
     real_param,
@@ -210,6 +211,10 @@ class AdaptiveGradientModulator(nn.Module):
             size, device, self.process_group, due=not self.has_encoders
         ):
             batch = check_modalities(features)
+            if self.has_encoders:  # step() scales the encoders by position: same names, order
+                check_same_modalities(
+                    self._encoder_names, features, expected_what="encoders", actual_what="features"
+                )
             check_features(features, finite=True, by="the fusion head")
             names = tuple(features)
             if self._modalities is not None and names != self._modalities:

@@ -198,12 +198,26 @@ def test_accumulation_with_encoders_equals_one_batch(k: int) -> None:
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_encoders_must_name_the_features_modalities_in_order() -> None:
+    """step() scales the encoders by position: a swapped or renamed mapping would swap k."""
+    enc = {"a": nn.Linear(5, 3), "b": nn.Linear(4, 4)}
+    head = nn.Linear(7, 3)
+    feats = {"a": torch.randn(6, 3), "b": torch.randn(6, 4)}
+    y = torch.randint(0, 3, (6,))
+    swapped = AdaptiveGradientModulator(head, encoders={"b": enc["b"], "a": enc["a"]})
+    with pytest.raises(ValueError, match="different order"):
+        swapped(feats, y)
+    renamed = AdaptiveGradientModulator(head, encoders={"x": enc["a"], "b": enc["b"]})
+    with pytest.raises(ValueError, match=r"missing \['x'\]"):
+        renamed(feats, y)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_gives_fp32_statistics(dtype: torch.dtype) -> None:
     head = _mlp(2)
     feats, y = _feats(2, 8, 2, grad=True), torch.randint(0, 3, (8,))
     agm = AdaptiveGradientModulator(head)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         agm(feats, y)
     assert agm.last.scores.dtype == torch.float32 and torch.isfinite(agm.last.coefficients).all()
     low = nn.Linear(7, 3).to(dtype)
