@@ -18,7 +18,10 @@ to average them over DDP ranks before it combines them. This module has those pi
   ``<flat(a), flat(b)> = sum_p <a_p, b_p>``, ``||flat(a)||^2 = sum_p ||a_p||^2``;
 * :func:`min_norm_weight`: the two-vector min-norm (MGDA) weight in closed form;
 * :func:`average_over_ranks_`: every gradient of a list averaged over the ranks of a process
-  group, one all-reduce per dtype (gradients flattened into one buffer).
+  group, one all-reduce per dtype (gradients flattened into one buffer);
+* :func:`agree_over_ranks`: what must agree over the ranks *before* that all-reduce (whether a
+  rank's input failed, the parameters the losses reach, which of them any rank reached), so the
+  ranks' collectives stay paired and their gradients identical.
 """
 
 from __future__ import annotations
@@ -28,10 +31,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._distributed import ProcessGroup, all_reduce_sum, is_distributed, world_size
+from ._distributed import (
+    ProcessGroup,
+    all_reduce_sum,
+    is_distributed,
+    same_on_all_ranks,
+    world_size,
+)
+from ._running import OTHER_RANK_FAILED
 
 __all__ = [
     "accumulation_dtype",
+    "agree_over_ranks",
     "average_over_ranks_",
     "dots",
     "min_norm_weight",
@@ -193,3 +204,61 @@ def average_over_ranks_(grads: list[Tensor], group: ProcessGroup | None = None) 
             n = g.numel()
             g.copy_(total[offset : offset + n].view_as(g))
             offset += n
+
+
+def agree_over_ranks(
+    reached: Sequence[bool],
+    extra: Sequence[Tensor],
+    device: torch.device,
+    group: ProcessGroup | None = None,
+    *,
+    failed: bool = False,
+) -> list[bool]:
+    """Make the ranks agree before they all-reduce gradients; return ``reached`` OR-ed over ranks.
+
+    Call it on every rank, in every call that would all-reduce gradients, *before* that
+    all-reduce, also from a rank whose input failed validation (``failed=True``; it then re-raises
+    its own error). Two small collectives (none without a process group):
+
+    1. ``all_reduce_sum([failed, *reached])``: if any rank failed, every other rank raises
+       ``RuntimeError(OTHER_RANK_FAILED)`` here, in the same call, so no rank waits in (or pairs
+       its next step with) a gradient all-reduce the failing rank never joins;
+    2. ``same_on_all_ranks([len(extra), sum_i numel_i, sum_i (i + 1) numel_i])`` over the
+       ``extra`` tensors (the parameters a graph walk found, which differ from rank to rank when
+       the ranks' losses reach different modules): a mismatch raises ``ValueError`` on every rank,
+       instead of an all-reduce of buffers of different sizes (gloo aborts, NCCL hangs).
+
+    Args:
+        reached: one flag per tensor of a list every rank holds in the same order (the encoder
+            parameters): whether this rank's losses reached it.
+        extra: the tensors of a list each rank found by itself, to be checked for agreement.
+        device: where the collectives run (the gradients' device).
+        group: the process group (default: the whole world).
+        failed: this rank's input failed validation.
+
+    Returns:
+        ``reached`` OR-ed over the ranks (a tensor any rank reached gets the averaged gradient on
+        every rank). Without a process group, ``list(reached)`` (no host read); under DDP one
+        host read of the ``1 + len(reached)`` pooled flags and one of the agreement.
+
+    Raises:
+        RuntimeError: ``OTHER_RANK_FAILED``, on every rank but a failing one.
+        ValueError: the ranks' ``extra`` lists differ (on every rank).
+    """
+    if not is_distributed(group):
+        return list(reached)
+    flags = torch.tensor([float(failed), *map(float, reached)], device=device)
+    pooled = all_reduce_sum(flags, group).tolist()
+    if failed:
+        return list(reached)
+    if pooled[0] > 0:
+        raise RuntimeError(OTHER_RANK_FAILED)
+    sizes = [t.numel() for t in extra]
+    mine = [len(sizes), sum(sizes), sum((i + 1) * n for i, n in enumerate(sizes))]
+    if not same_on_all_ranks(torch.tensor(mine, dtype=torch.float64, device=device), group):
+        raise ValueError(
+            f"the losses reach different parameters outside the modules on different ranks "
+            f"(this rank: {mine[0]} tensors, {mine[1]} values): every rank must compute its "
+            "losses through the same model parts in the same step"
+        )
+    return [v > 0 for v in pooled[1:]]

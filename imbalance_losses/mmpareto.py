@@ -14,9 +14,10 @@ the whole flattened encoder)::
 
 with ``gamma = 1.5``; a zero ``d`` (or ``d_p``) gets factor 1 (a zero gradient). Every other
 parameter the losses reach (the fusion head, unimodal heads) gets the plain summed gradient
-``d(L_mm + sum_m L_m)/dp``. ``d`` never conflicts with either objective:
-``<d, a> >= 0`` and ``<d, b> >= 0``. See ``docs/mmpareto.md`` (official-code differences,
-accumulation, DDP, AMP, cost).
+``d(L_mm + sum_m L_m)/dp``; a unimodal loss ``L_m`` must not reach another modality's encoder
+(``ValueError``: its gradient there would be in neither ``a`` nor ``b``). ``d`` never conflicts
+with either objective: ``<d, a> >= 0`` and ``<d, b> >= 0``. See ``docs/mmpareto.md``
+(official-code differences, accumulation, DDP, AMP, cost).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import Tensor
 from ._distributed import ProcessGroup
 from ._gradients import (
     accumulation_dtype,
+    agree_over_ranks,
     average_over_ranks_,
     dots,
     min_norm_weight,
@@ -109,11 +111,22 @@ def magnitude_factors(summed: Tensor, combined: Tensor, *, floor_one: bool) -> T
     return torch.where(r > 1, r, torch.ones_like(r)) if floor_one else r
 
 
-def _own(g: Tensor | None, like: Tensor) -> Tensor:
-    """A gradient safe to modify in place: zeros for ``None``, a copy of an expanded one."""
+def _own(g: Tensor | None, like: Tensor, seen: set[int]) -> Tensor:
+    """A gradient safe to modify in place and to store as ``.grad`` of one tensor only.
+
+    Zeros for ``None``; a copy of an expanded one, or of one whose storage is in ``seen`` (the
+    storages already handed out in this call: ``torch.autograd.grad`` returns one tensor for
+    two parameters when the graph adds them, ``w1 + w2``, and a view of one buffer for the
+    pieces of a ``torch.cat``). The storage returned is added to ``seen``.
+    """
     if g is None:
         return torch.zeros_like(like)
-    return g.clone() if 0 in g.stride() and g.numel() > 1 else g
+    ptr = g.untyped_storage().data_ptr()
+    if (0 in g.stride() and g.numel() > 1) or ptr in seen:
+        g = g.clone()
+        ptr = g.untyped_storage().data_ptr()
+    seen.add(ptr)
+    return g
 
 
 class MMPareto:
@@ -140,7 +153,10 @@ class MMPareto:
             gets the plain summed gradient) or the modality that owns it.
         process_group: under DDP, each loss's gradients are averaged over this group before the
             combination (default: the whole world). Run the step under ``ddp_model.no_sync()``
-            (or without DDP): the result must not be all-reduced again.
+            (or without DDP): the result must not be all-reduced again. Before that average,
+            the ranks agree (two small all-reduces): an input failure on one rank raises on
+            every rank in the same call, and an encoder parameter reached on any rank gets the
+            averaged gradient on every rank.
 
     Raises:
         ValueError, TypeError: bad modules, gamma or rescale (see :meth:`backward` for inputs).
@@ -189,6 +205,28 @@ class MMPareto:
             out.append(loss)
         return out
 
+    def _check_reach(self, raw: list[list[Tensor | None]], counts: list[int]) -> None:
+        """Each encoder reached by the fused loss and its own unimodal loss, by no other one."""
+        ends = [sum(counts[: m + 1]) for m in range(len(counts))]
+        runs = [slice(end - c, end) for end, c in zip(ends, counts, strict=True)]
+        for m, name in enumerate(self.modalities):
+            for what, gs in (("fused_loss", raw[0]), (f"unimodal_losses[{name!r}]", raw[m + 1])):
+                if all(g is None for g in gs[runs[m]]):
+                    raise ValueError(
+                        f"{what} does not reach any parameter of modules[{name!r}]: its "
+                        "gradient there is zero; compute it from that encoder's features"
+                    )
+        for j, name in enumerate(self.modalities):
+            for m, other in enumerate(self.modalities):
+                if m != j and any(g is not None for g in raw[j + 1][runs[m]]):
+                    raise ValueError(
+                        f"unimodal_losses[{name!r}] also reaches modules[{other!r}]: MMPareto "
+                        f"combines on modules[{other!r}] only the fused loss and "
+                        f"unimodal_losses[{other!r}], so its gradient there would be dropped; "
+                        f"detach modality {other!r}'s features in the {name!r} unimodal branch "
+                        "(or list the shared part with shared='exclude')"
+                    )
+
     def backward(
         self,
         fused_loss: Tensor,
@@ -205,44 +243,52 @@ class MMPareto:
 
         Raises:
             TypeError / ValueError: keys that differ from the modules' modalities, a loss that is
-                not a floating scalar requiring grad, or a modality whose encoder the fused loss
-                or its own unimodal loss does not reach (named in the message).
+                not a floating scalar requiring grad, a modality whose encoder the fused loss
+                or its own unimodal loss does not reach, or a unimodal loss that reaches another
+                modality's encoder (named in the message). Under DDP such a rank joins the ranks'
+                agreement with a failure flag before raising, and every other rank raises
+                ``RuntimeError`` (another rank's input failed) in the same call.
+            ValueError: under DDP, on every rank, when the ranks' losses reach different
+                parameters outside the modules (a head one rank uses and another does not).
         """
-        losses = self._check(fused_loss, unimodal_losses)
         mods = range(len(self.modalities))
         own = [[p for i, _, p in self._params if i == m and p.requires_grad] for m in mods]
-        if not all(own):
-            raise ValueError(
-                f"modules[{self.modalities[own.index([])]!r}] has no trainable parameter"
-            )
-        enc = [p for ps in own for p in ps]
-        ids = {id(p) for p in enc}
-        others = [p for p in reached_leaves(losses) if id(p) not in ids]
-        raw = objective_gradients(losses, [enc + others] + [ps + others for ps in own],
-                                  retain_graph=retain_graph)  # fmt: skip
-        n, counts = len(enc), [len(ps) for ps in own]
+        enc, counts = [p for ps in own for p in ps], [len(ps) for ps in own]
+        n, group = len(enc), self.process_group
+        device = enc[0].device if enc else torch.device("cpu")
+        try:  # a rank whose input fails joins the ranks' agreement with a failure flag
+            losses = self._check(fused_loss, unimodal_losses)
+            if not all(own):
+                raise ValueError(
+                    f"modules[{self.modalities[own.index([])]!r}] has no trainable parameter"
+                )
+            ids = {id(p) for p in enc}
+            others = [p for p in reached_leaves(losses) if id(p) not in ids]
+            # every loss over every encoder: a unimodal loss reaching another encoder is refused
+            raw = objective_gradients(losses, [enc + others] * len(losses),
+                                      retain_graph=retain_graph)  # fmt: skip
+            self._check_reach(raw, counts)
+        except Exception:
+            agree_over_ranks([False] * n, [], device, group, failed=True)
+            raise
+        index = [m for m, c in enumerate(counts) for _ in range(c)]
         a_raw = raw[0][:n]
-        b_raw = [g for j in mods for g in raw[j + 1][: counts[j]]]
-        for m, name in enumerate(self.modalities):
-            run = slice(sum(counts[:m]), sum(counts[: m + 1]))
-            for what, gs in (("fused_loss", a_raw), (f"unimodal_losses[{name!r}]", b_raw)):
-                if all(g is None for g in gs[run]):
-                    raise ValueError(
-                        f"{what} does not reach any parameter of modules[{name!r}]: its "
-                        "gradient there is zero; compute it from that encoder's features"
-                    )
-        touched = [x is not None or y is not None for x, y in zip(a_raw, b_raw, strict=True)]
-        a = [_own(g, p) for g, p in zip(a_raw, enc, strict=True)]
-        b = [_own(g, p) for g, p in zip(b_raw, enc, strict=True)]
-        head: list[Tensor | None] = [None] * len(others)
-        for j, grads in enumerate(raw):
-            for i, g in enumerate(grads[n if j == 0 else counts[j - 1] :]):
-                h = head[i]
-                head[i] = h if g is None else _own(g, g) if h is None else h + g
-        head_grads = [(p, g) for p, g in zip(others, head, strict=True) if g is not None]
-        average_over_ranks_(a + b + [g for _, g in head_grads], self.process_group)
+        b_raw = [raw[index[i] + 1][i] for i in range(n)]
+        reached = [x is not None or y is not None for x, y in zip(a_raw, b_raw, strict=True)]
+        touched = agree_over_ranks(reached, others, device, group)
+        seen: set[int] = set()  # storages handed out in this call (autograd may alias them)
+        a = [_own(g, p, seen) for g, p in zip(a_raw, enc, strict=True)]
+        b = [_own(g, p, seen) for g, p in zip(b_raw, enc, strict=True)]
+        head: list[Tensor] = []
+        for i, p in enumerate(others):  # the plain sum; zero where no pass produced one
+            total: Tensor | None = None
+            for grads in raw:  # out of place: a term may share its storage with another's
+                g = grads[n + i]
+                total = g if total is None else total if g is None else total + g
+            head.append(_own(total, p, seen))
+        average_over_ranks_(a + b + head, group)
         self._apply(enc, a, b, counts, touched)
-        for p, g in head_grads:
+        for p, g in zip(others, head, strict=True):
             p.grad = g if p.grad is None else p.grad.add_(g)
         assert self.last is not None
         return self.last

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from imbalance_losses._gradients import min_norm_weight
+from imbalance_losses._running import OTHER_RANK_FAILED
 from imbalance_losses.mmpareto import MMPareto, MMParetoRecord, pareto_weights
 from tests.ddp import run_distributed
 
@@ -325,8 +326,111 @@ def test_bad_input_raises_clear_errors() -> None:
     assert all(p.grad is None for p in net.parameters())  # nothing was written
 
 
+class SumEnc(nn.Module):
+    """An encoder whose weight is ``w1 + w2``: autograd hands out one gradient tensor for both."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, d, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.randn(4, d, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ (self.w1 + self.w2).T
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_aliased_gradients_get_the_rule_each_and_their_own_grad(flip: float) -> None:
+    torch.manual_seed(0)
+    ea, ev, head = SumEnc(5), nn.Linear(3, 4).double(), nn.Linear(8, 3).double()
+    g = torch.Generator().manual_seed(1)
+    xa, xv = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 3).double()
+    y = torch.randint(0, 3, (16,), generator=g)
+
+    def losses() -> tuple[Tensor, dict[str, Tensor]]:
+        fa, fv = ea(xa), ev(xv)
+        fused = F.cross_entropy(head(torch.cat([fa, fv], 1)), y)
+        za = fa @ head.weight[:, :4].T + head.bias / 2
+        zv = fv @ head.weight[:, 4:].T + head.bias / 2
+        la = (1 - flip) * F.cross_entropy(za, y) + flip * F.cross_entropy(za, (y + 1) % 3)
+        return fused, {"audio": la, "visual": F.cross_entropy(zv, y)}
+
+    # by hand: both parameters have the gradient u (fused) and v (unimodal) of the sum weight,
+    # so the flattened encoder vectors are a = (u, u), b = (v, v)
+    wsum = (ea.w1 + ea.w2).detach().requires_grad_(True)
+    fa = xa @ wsum.T
+    fv = ev(xv).detach()
+    fused = F.cross_entropy(head(torch.cat([fa, fv], 1)), y)
+    u = torch.autograd.grad(fused, wsum, retain_graph=True)[0]
+    za = fa @ head.weight[:, :4].T.detach() + head.bias.detach() / 2
+    la = (1 - flip) * F.cross_entropy(za, y) + flip * F.cross_entropy(za, (y + 1) % 3)
+    v = torch.autograd.grad(la, wsum)[0]
+    aa, ab, bb = 2 * float((u * u).sum()), 2 * float((u * v).sum()), 2 * float((v * v).sum())
+    k = 0.5 if ab > 0 else min(max((bb - ab) / (aa + bb - 2 * ab), 0.0), 1.0)
+    d = 2 * k * u + 2 * (1 - k) * v
+    factor = math.sqrt(2 * float(((u + v) ** 2).sum())) / math.sqrt(2 * float((d * d).sum()))
+    want = 1.5 * factor * d
+    rec = MMPareto({"audio": ea, "visual": ev}).backward(*losses())
+    assert bool(rec.conflict[0]) == (ab <= 0)
+    assert ea.w1.grad is not None and ea.w2.grad is not None
+    assert ea.w1.grad is not ea.w2.grad
+    assert ea.w1.grad.untyped_storage().data_ptr() != ea.w2.grad.untyped_storage().data_ptr()
+    torch.testing.assert_close(ea.w1.grad, want)
+    torch.testing.assert_close(ea.w2.grad, want)
+
+
+def test_a_unimodal_loss_reaching_another_encoder_is_refused() -> None:
+    net = Net(2, 0)
+    x, y = data(2, 8, 0)
+    fused, uni = net.losses(x, y, 0.0)
+    cross = uni["visual"] + 0.5 * net.enc["audio"](x["audio"]).square().mean()
+    with pytest.raises(
+        ValueError,
+        match=r"unimodal_losses\['visual'\] also reaches modules\['audio'\].*detach",
+    ):
+        MMPareto(dict(net.enc.items())).backward(fused, {"audio": uni["audio"], "visual": cross})
+    assert all(p.grad is None for p in net.parameters())  # nothing was written
+
+
 # ----------------------------------------------------------------------------------------------
 # DDP: two gloo processes equal one process on the global batch
+
+
+def _ddp_failures(
+    rank: int, world: int, state: dict[str, Tensor], x: dict[str, Tensor], y: Tensor
+) -> Any:
+    """Steps that must fail on every rank in the same call, and a step reached on one rank only."""
+    out: dict[str, Any] = {}
+    net = Net(2, 0)
+    net.load_state_dict(state)
+    xs, ys = {k: v.chunk(world)[rank] for k, v in x.items()}, y.chunk(world)[rank]
+    mm = MMPareto(dict(net.enc.items()))
+    fused, uni = net.losses(xs, ys, 0.9)
+    if rank == 1:  # bad input on rank 1 only: both ranks raise, no gradient all-reduce
+        uni = {"audio": uni["audio"].detach(), "visual": uni["visual"]}
+    try:
+        mm.backward(fused, uni)
+        out["bad"] = None
+    except (ValueError, RuntimeError) as err:
+        out["bad"] = (type(err).__name__, str(err))
+    extra = nn.Linear(3, 3).double()  # rank 1's fused loss reaches a head rank 0 does not have
+    fused, uni = net.losses(xs, ys, 0.9)
+    if rank == 1:
+        fused = fused + extra(torch.zeros(1, 3, dtype=torch.float64)).sum() * 0
+    try:
+        mm.backward(fused, uni)
+        out["head"] = None
+    except (ValueError, RuntimeError) as err:
+        out["head"] = (type(err).__name__, str(err))
+    out["grads_after_failures"] = grads(net)
+    # a gate parameter of the audio encoder that only rank 1's losses reach this step
+    gate = nn.Parameter(torch.full((3,), 0.5, dtype=torch.float64))
+    gated = MMPareto({"audio": [*net.enc["audio"].parameters(), gate], "visual": net.enc["visual"]})
+    fused, uni = net.losses(xs, ys, 0.9)
+    if rank == 1:
+        uni = {**uni, "audio": uni["audio"] + gate.square().sum()}
+    gated.backward(fused, uni)
+    out["gate"] = None if gate.grad is None else gate.grad.clone()
+    return out
 
 
 def _ddp_body(
@@ -334,8 +438,8 @@ def _ddp_body(
 ) -> Any:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    out = {}
-    for wrapped in (False, True):
+    out: dict[Any, Any] = {"failures": _ddp_failures(rank, world, state, x, y)}
+    for wrapped in (False, True):  # after the failed calls: the collectives must still pair
         net = Net(2, 0)
         net.load_state_dict(state)
         xs, ys = {k: v.chunk(world)[rank] for k, v in x.items()}, y.chunk(world)[rank]
@@ -359,6 +463,18 @@ def test_ddp_combined_gradient_equals_one_process_on_the_global_batch() -> None:
     # each rank alone would decide differently: the averaging is what makes them equal
     alone, _ = reference(net, {k: v[:8] for k, v in x.items()}, y[:8], 0.9, 1.5, "paper")
     assert any(not torch.allclose(alone[k], want[k]) for k in want)
+    f0, f1 = (r["failures"] for r in results)
+    # bad input on rank 1: rank 1 raises its own error, rank 0 that another rank failed
+    assert f1["bad"][0] == "ValueError" and "does not require grad" in f1["bad"][1]
+    assert f0["bad"] == ("RuntimeError", OTHER_RANK_FAILED)
+    # losses reaching different heads: a clear error on every rank, no all-reduce attempted
+    for f in (f0, f1):
+        assert f["head"][0] == "ValueError" and "different parameters" in f["head"][1]
+        assert f["grads_after_failures"] == {}  # nothing written by the failed calls
+    # reached by rank 1's losses only: the averaged gradient's result on both ranks alike (the
+    # old code left rank 0's .grad None and wrote rank 1's: the replicas diverged)
+    assert f0["gate"] is not None and f1["gate"] is not None and f0["gate"].abs().min() > 0
+    torch.testing.assert_close(f0["gate"], f1["gate"], rtol=0, atol=0)
     for r in results:
         for wrapped in (False, True):
             g, k_mm, conflict = r[wrapped]
