@@ -246,15 +246,6 @@ class RunningSums:
                 self.join_failed(size, device, group, extra_size=extra_size)
             raise
 
-    def pooled_or_join(
-        self, size: int, device: torch.device, group: ProcessGroup | None, *, message: str
-    ) -> tuple[Tensor, Tensor]:
-        """Deprecated: :meth:`pool` (kept while callers move); raises when the step is empty."""
-        out = self.pool(size, device, group, missing=message)
-        if out.empty:
-            raise RuntimeError(message + " (no samples on any rank)")
-        return out.sums, out.samples
-
     def reset(self) -> None:
         """Forget everything added so far."""
         self._sums = self._count = None
