@@ -100,4 +100,4 @@ __all__ = [
     "window_changes",
 ]
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"

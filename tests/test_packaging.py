@@ -1,13 +1,29 @@
-"""The README's commands and CI stay in step; the public API is importable and typed."""
+"""The README's commands and CI stay in step; the public API is importable and typed; the
+release metadata (version, supported versions, dependencies, citation) is consistent."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import re
+import sys
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 import imbalance_losses
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest depends on tomli there
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
 
 
 def _readme_commands() -> list[str]:
@@ -32,3 +48,76 @@ def test_public_names_are_exported_and_documented() -> None:
         obj = getattr(imbalance_losses, name)
         assert getattr(obj, "__doc__", None), name
     assert (ROOT / "imbalance_losses" / "py.typed").exists()
+
+
+def test_one_version_everywhere() -> None:
+    version = PROJECT["version"]
+    assert str(Version(version)) == version  # PEP 440, normalised
+    assert imbalance_losses.__version__ == version
+    # the installed metadata (a stale editable install would differ: reinstall)
+    assert importlib.metadata.version("imbalance-losses") == version
+    cff = (ROOT / "CITATION.cff").read_text()
+    assert re.search(rf"^version: {re.escape(version)}$", cff, flags=re.M), "CITATION.cff version"
+    assert re.search(r"^cff-version: 1\.2\.0$", cff, flags=re.M)
+
+
+def test_the_release_is_dated_alike_in_changelog_and_citation() -> None:
+    version = re.escape(PROJECT["version"])
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    section = re.search(rf"^## \[{version}\] - (\d{{4}}-\d{{2}}-\d{{2}})$", changelog, flags=re.M)
+    assert section, f"CHANGELOG.md has no dated section '## [{PROJECT['version']}] - YYYY-MM-DD'"
+    cff = (ROOT / "CITATION.cff").read_text()
+    released = re.search(r'^date-released: "(\d{4}-\d{2}-\d{2})"$', cff, flags=re.M)
+    assert released and released.group(1) == section.group(1)
+
+
+def _python_classifiers() -> list[str]:
+    prefix = "Programming Language :: Python :: "
+    return [c.removeprefix(prefix) for c in PROJECT["classifiers"] if c.startswith(prefix + "3.")]
+
+
+def test_python_versions_declared_alike() -> None:
+    """The classifiers name the Python versions CI runs (this interpreter's), all of them allowed
+    by requires-python; its floor is the version ruff and mypy check the code against."""
+    requires = SpecifierSet(PROJECT["requires-python"])
+    named = _python_classifiers()
+    assert named and all(Version(v) in requires for v in named), (named, requires)
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in named
+    floor = re.fullmatch(r">=3\.(\d+)", PROJECT["requires-python"])
+    assert floor, PROJECT["requires-python"]
+    assert PYPROJECT["tool"]["ruff"]["target-version"] == f"py3{floor.group(1)}"
+    assert PYPROJECT["tool"]["mypy"]["python_version"] == f"3.{floor.group(1)}"
+
+
+def test_torch_floor_is_the_tested_torch() -> None:
+    """The only torch CI installs (the pin in the README's test command) is the declared floor."""
+    pins = set(re.findall(r"torch==(\d+\.\d+)\.\d+", " ".join(_readme_commands())))
+    assert len(pins) == 1, pins
+    (torch,) = [Requirement(d) for d in PROJECT["dependencies"] if d.startswith("torch")]
+    assert str(torch.specifier) == f">={pins.pop()}"
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"__future__", "imbalance_losses"}
+
+
+def test_every_import_of_the_package_is_a_declared_dependency() -> None:
+    """The core imports only its dependencies; an integration module also its extra's."""
+    deps = {canonicalize_name(Requirement(d).name) for d in PROJECT["dependencies"]}
+    extras = {
+        canonicalize_name(Requirement(d).name)
+        for ds in PROJECT["optional-dependencies"].values()
+        for d in ds
+    }
+    owners = importlib.metadata.packages_distributions()
+    for path in sorted((ROOT / "imbalance_losses").rglob("*.py")):
+        allowed = deps | extras if "integrations" in path.parts else deps
+        for name in _imports(path):
+            dists = {canonicalize_name(d) for d in owners.get(name, [name])}
+            assert dists & allowed, f"{path.relative_to(ROOT)} imports {name}, not declared"
