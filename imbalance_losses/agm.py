@@ -28,6 +28,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ._attachment import OptimizerAttachable
 from ._distributed import ProcessGroup
 from ._hooks import scale_grad
 from ._masking import masked_outputs, shapley_values
@@ -122,7 +123,7 @@ class AGMRecord(StepRecord):
     """Whether the modulation was applied (training mode, after warm-up)."""
 
 
-class AdaptiveGradientModulator(nn.Module):
+class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
     """AGM: scales each modality's feature gradient by ``k_m`` from Shapley responses.
 
     Usage: ``feats = agm({"audio": a, "visual": v}, target)`` before the head (one step per
@@ -132,6 +133,9 @@ class AdaptiveGradientModulator(nn.Module):
     (exact gradient accumulation) the call only adds statistics and returns the features as
     they are; :meth:`step` after the last ``backward`` scales each encoder's ``.grad`` once.
     Eval mode (or gradients disabled, with a warning): features returned, nothing recorded.
+    In encoders mode ``agm.attach(optimizer)`` runs :meth:`step` inside every real
+    ``optimizer.step()`` instead (see :meth:`attach`; mind the order with clipping,
+    docs/attaching.md).
 
     Args:
         head: the fusion head: a callable over the concatenated features (any head; masked
@@ -285,6 +289,17 @@ class AdaptiveGradientModulator(nn.Module):
             grads, index = present_gradients(self._params)
             scale_gradients_(grads, index, record.coefficients)
         return record
+
+    def _before_optimizer_step(self) -> None:
+        self.step()
+
+    def _attached_parameters(self) -> list[tuple[str, Tensor]]:
+        if not self.has_encoders:
+            raise RuntimeError(
+                "attach() needs AdaptiveGradientModulator(..., encoders=...): without encoders "
+                "AGM scales the feature gradients during backward and has no step to attach"
+            )
+        return [(self._encoder_names[m], p) for m, _, p in self._params]
 
     def get_extra_state(self) -> dict[str, Any]:
         """Steps, running means, pending sums and the last record: part of ``state_dict()``."""

@@ -56,6 +56,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ._attachment import OptimizerAttachable
 from ._distributed import ProcessGroup
 from ._params import SharedPolicy, modality_parameters, present_gradients, scale_gradients_
 from ._running import RunningSums
@@ -310,7 +311,7 @@ def _combination_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-class ModalityGradientModulator:
+class ModalityGradientModulator(OptimizerAttachable):
     """OGM / OGM-GE: shrink the dominant modalities' encoder gradients, optionally add noise.
 
     Three lines in an existing training loop::
@@ -328,6 +329,11 @@ class ModalityGradientModulator:
     Under gradient accumulation call :meth:`observe` on each micro-batch and :meth:`step` with no
     arguments once, before ``optimizer.step()``: one coefficient per optimiser step, from the
     scores pooled over every micro-batch.
+
+    In a trainer (Lightning, the Hugging Face ``Trainer``, Accelerate) or any loop,
+    ``modulator.attach(optimizer)`` runs :meth:`step` inside every real ``optimizer.step()``
+    (after clipping and unscaling, never on a skipped step): keep :meth:`observe` per
+    (micro-)batch and drop the ``step()`` line (see :meth:`attach`, docs/attaching.md).
 
     Each gradient is modulated at most once per backward: a :meth:`step` whose modulated
     gradients were all left unchanged since the previous step modulated them (no backward, no
@@ -710,6 +716,14 @@ class ModalityGradientModulator:
                 self._pending_generator_state = None
             self._generator = gen
         return self._generator
+
+    # ------------------------------------------------------------------ attachment
+
+    def _before_optimizer_step(self) -> None:
+        self.step()
+
+    def _attached_parameters(self) -> list[tuple[str, Tensor]]:
+        return self.modulated_parameters
 
     # ------------------------------------------------------------------ state
 
