@@ -4,9 +4,12 @@ release metadata (version, supported versions, dependencies, citation) is consis
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import re
+import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -97,27 +100,65 @@ def test_torch_floor_is_the_tested_torch() -> None:
     assert str(torch.specifier) == f">={pins.pop()}"
 
 
-def _imports(path: Path) -> set[str]:
+def _third_party(names: set[str]) -> set[str]:
+    return names - set(sys.stdlib_module_names) - {"__future__", "imbalance_losses"}
+
+
+def _imports(path: Path, *, module_level: bool = False) -> set[str]:
+    """Top-level names imported by ``path``: anywhere, or only as the module is imported
+    (module body and its ``try`` blocks; not functions, not ``if TYPE_CHECKING:``)."""
+    tree = ast.parse(path.read_text())
+    nodes: list[ast.AST] = list(ast.walk(tree))
+    if module_level:
+        nodes, todo = [], list(tree.body)
+        while todo:
+            node = todo.pop()
+            nodes.append(node)
+            if isinstance(node, ast.Try):
+                todo += [*node.body, *node.orelse, *node.finalbody]
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+                todo += [*node.body, *node.orelse]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"__future__", "imbalance_losses"}
+    return _third_party(names)
+
+
+@functools.cache
+def _owners() -> Mapping[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def _distributions(names: set[str]) -> dict[str, set[str]]:
+    owners = _owners()
+    return {n: {canonicalize_name(d) for d in owners.get(n, [n])} for n in names}
 
 
 def test_every_import_of_the_package_is_a_declared_dependency() -> None:
-    """The core imports only its dependencies; an integration module also its extra's."""
+    """What ``import imbalance_losses`` loads imports only the dependencies (no extra's package
+    is loaded); any other module of the package (integrations, lazy imports) only dependencies
+    or an extra's packages."""
     deps = {canonicalize_name(Requirement(d).name) for d in PROJECT["dependencies"]}
     extras = {
         canonicalize_name(Requirement(d).name)
         for ds in PROJECT["optional-dependencies"].values()
         for d in ds
     }
-    owners = importlib.metadata.packages_distributions()
+    code = "import sys, torch; a = set(sys.modules); import imbalance_losses; print(*sys.modules)"
+    code += "; print('|', *set(sys.modules) - a)"  # what the package adds to torch's own imports
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    loaded, added = (set(part.split()) for part in run.stdout.split("|"))
+    for name, dists in _distributions(_third_party({m.split(".")[0] for m in added})).items():
+        assert not dists & (extras - deps), f"import imbalance_losses loaded {name} ({dists})"
     for path in sorted((ROOT / "imbalance_losses").rglob("*.py")):
-        allowed = deps | extras if "integrations" in path.parts else deps
-        for name in _imports(path):
-            dists = {canonicalize_name(d) for d in owners.get(name, [name])}
-            assert dists & allowed, f"{path.relative_to(ROOT)} imports {name}, not declared"
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        where = f"{path.relative_to(ROOT)} imports"
+        for name, dists in _distributions(_imports(path)).items():
+            assert dists & (deps | extras), f"{where} {name}, in no dependency nor extra"
+        if module in loaded:  # loaded by ``import imbalance_losses``
+            for name, dists in _distributions(_imports(path, module_level=True)).items():
+                assert dists & deps, f"{where} {name} on import: not a dependency"
