@@ -107,7 +107,8 @@ class OptimizerAttachable:
 
     A subclass implements :meth:`_before_optimizer_step` (the action: its ``step()``) and
     :meth:`_attached_parameters` (``(modality, parameter)`` pairs it changes the gradient of,
-    which the optimiser must update). The state lives in the instance ``__dict__``, so the mixin
+    which the optimiser must update), and overrides :attr:`attachable` where only some of its
+    modes have a step. The state lives in the instance ``__dict__``, so the mixin
     sits in front of ``nn.Module`` as well as of a plain class.
     """
 
@@ -116,6 +117,11 @@ class OptimizerAttachable:
 
     def _attached_parameters(self) -> list[tuple[str, Tensor]]:
         raise NotImplementedError
+
+    @property
+    def attachable(self) -> bool:
+        """Whether the module has a before-step action in its current mode (default: yes)."""
+        return True
 
     @property
     def attached_optimizer(self) -> torch.optim.Optimizer | None:
@@ -146,7 +152,8 @@ class OptimizerAttachable:
 
         Raises:
             TypeError: not an optimiser.
-            RuntimeError: already attached (to this or another optimiser): :meth:`detach`
+            RuntimeError: the module has no step in its mode (AGM, ARL without ``encoders=``);
+                already attached (to this or another optimiser): :meth:`detach`
                 first. Parameters split over several optimisers: call ``step()`` by hand.
             ValueError: a parameter the module changes is not in the optimiser's groups.
 
@@ -171,6 +178,12 @@ class OptimizerAttachable:
             >>> modulator.attached_optimizer is None
             True
         """
+        if not self.attachable:
+            raise RuntimeError(
+                f"{type(self).__name__} was built without encoders=: it scales the feature "
+                "gradients during backward and has no step() to attach; build it with "
+                "encoders={...} for one coefficient per optimizer step"
+            )
         real = unwrap_optimizer(optimizer)
         current = self.attached_optimizer
         if current is not None:

@@ -293,12 +293,12 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
     def _before_optimizer_step(self) -> None:
         self.step()
 
+    @property
+    def attachable(self) -> bool:
+        """Encoders mode only: without ``encoders=`` AGM acts during backward (no step)."""
+        return self.has_encoders
+
     def _attached_parameters(self) -> list[tuple[str, Tensor]]:
-        if not self.has_encoders:
-            raise RuntimeError(
-                "attach() needs AdaptiveGradientModulator(..., encoders=...): without encoders "
-                "AGM scales the feature gradients during backward and has no step to attach"
-            )
         return [(self._encoder_names[m], p) for m, _, p in self._params]
 
     def get_extra_state(self) -> dict[str, Any]:

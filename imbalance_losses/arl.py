@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._attachment import OptimizerAttachable
 from ._branches import unimodal_branches
 from ._distributed import ProcessGroup
 from ._params import ModalityParameter, modality_parameters, present_gradients, scale_gradients_
@@ -231,7 +232,7 @@ class _Scale:
 _HookTable = MutableMapping[Tensor, tuple[_Scale, RemovableHandle]]
 
 
-class ARLLoss(nn.Module):
+class ARLLoss(OptimizerAttachable, nn.Module):
     """Asymmetric Representation Learning loss (ICCV 2025): drop-in for the criterion.
 
     Usage (three lines in the user's loop)::
@@ -727,6 +728,18 @@ class ARLLoss(nn.Module):
             grads, index = present_gradients(self._encoder_params)
             scale_gradients_(grads, index, 1.0 + record.coefficients)
         return record
+
+    @property
+    def attachable(self) -> bool:
+        """Encoders mode only: ``attach(optimizer)`` runs :meth:`step` in ``optimizer.step()``."""
+        return self.encoders is not None
+
+    def _before_optimizer_step(self) -> None:
+        self.step()
+
+    def _attached_parameters(self) -> list[tuple[str, Tensor]]:
+        names = tuple(self.encoders or ())
+        return [(names[m], p) for m, _, p in self._encoder_params]
 
     # -- state ------------------------------------------------------------------------------
 

@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imbalance_losses import AdaptiveGradientModulator, ModalityGradientModulator, unimodal_logits
+from imbalance_losses import (
+    AdaptiveGradientModulator,
+    ARLLoss,
+    ModalityGradientModulator,
+    unimodal_logits,
+)
 from imbalance_losses._attachment import OptimizerAttachable, unwrap_optimizer
 
 ALPHA = 0.7
@@ -183,8 +188,12 @@ def test_attach_errors_are_clear() -> None:
     ogm(model).attach(trainable).remove()
     # AGM without encoders acts in backward: nothing to attach
     agm = AdaptiveGradientModulator(model.head)
-    with pytest.raises(RuntimeError, match=r"needs AdaptiveGradientModulator.*encoders"):
+    assert not agm.attachable
+    with pytest.raises(RuntimeError, match="AdaptiveGradientModulator was built without encoders"):
         agm.attach(opt)
+    arl = ARLLoss(head=model.head)
+    with pytest.raises(RuntimeError, match="ARLLoss was built without encoders"):
+        arl.attach(opt)
 
 
 def test_forgotten_observe_raises_inside_optimizer_step() -> None:
@@ -504,3 +513,43 @@ def test_compiled_model_attached_equals_eager_aot_eager() -> None:
         out.append(params(model))
     for n in out[0]:
         torch.testing.assert_close(out[0][n], out[1][n], rtol=1e-5, atol=1e-6)
+
+
+def test_attached_arl_equals_explicit_step_and_acts_after_clipping() -> None:
+    """ARL in encoders mode: attached == explicit ``step()`` without clipping; with clipping the
+    attached step scales the clipped encoder gradients by ``1 + beta_m``."""
+    data = batches(4)
+    out = []
+    for attached in (True, False):
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        arl = ARLLoss(head=model.head, encoders={"audio": model.audio, "visual": model.visual})
+        if attached:
+            arl.attach(opt)
+        for first in (0, 2):
+            opt.zero_grad()
+            for xa, xv, y in data[first : first + 2]:
+                logits, feats = model(xa, xv)
+                (0.5 * arl(logits, y, feats)).backward()
+            if not attached:
+                arl.step()
+            opt.step()
+        assert arl.steps == 2
+        out.append(params(model))
+    for n in out[0]:
+        torch.testing.assert_close(out[0][n], out[1][n], rtol=0, atol=0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    arl = ARLLoss(head=model.head, encoders={"audio": model.audio, "visual": model.visual})
+    arl.attach(opt)
+    xa, xv, y = data[0]
+    logits, feats = model(xa, xv)
+    arl(logits, y, feats).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    clipped, before = grads(model), params(model)
+    opt.step()
+    beta = arl.last.coefficients
+    for n, p in model.named_parameters():
+        m = 0 if n.startswith("audio") else 1 if n.startswith("visual") else None
+        factor = 1.0 if m is None else 1.0 + float(beta[m])
+        torch.testing.assert_close(before[n] - p.detach(), factor * clipped[n])
