@@ -81,8 +81,9 @@ def branch_losses(
         head: the fusion head for :func:`~imbalance_losses.unimodal_logits`.
         model: module(s) put in eval mode while evaluating (their flags are restored after).
         fused: the fused branch's name.
-        ignore_index, label_smoothing: as in ``nn.CrossEntropyLoss``; ignored samples are
-            neither summed nor counted.
+        ignore_index: as in ``nn.CrossEntropyLoss``; ignored samples are neither summed nor
+            counted.
+        label_smoothing: as in ``nn.CrossEntropyLoss``.
         device: where a rank that gets no batch places its zeros (default: the model's device).
         process_group: the ranks to pool over (default: the world; none without DDP).
 
@@ -94,6 +95,20 @@ def branch_losses(
             the loss (the message names the branch and the shapes). Under DDP every rank
             raises in the same call (a failing rank joins the pooling with a failure flag).
         RuntimeError: the loader yielded no batch (on every rank).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import branch_losses
+        >>> head = nn.Linear(4, 3)
+        >>> feats = {"audio": torch.randn(5, 2), "visual": torch.randn(5, 2)}
+        >>> batches = [(feats, torch.arange(5) % 3)]
+        >>> def forward(batch):
+        ...     feats, target = batch
+        ...     return head(torch.cat(list(feats.values()), 1)), target, feats
+        >>> losses = branch_losses(forward, batches, ["audio", "visual"], head=head)
+        >>> list(losses)
+        ['audio', 'visual', 'fused']
     """
     names = branch_names(modalities, fused)
     size = len(names)

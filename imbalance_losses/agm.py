@@ -67,6 +67,14 @@ def mono_modal_responses(values: Tensor) -> Tensor:
     of subset ``s`` kept (:func:`~imbalance_losses._masking.masked_outputs`). The exact Shapley
     values sum to ``v(all) - v(empty)``; sharing ``v(empty)`` equally makes the responses sum
     to the fused output ``v(all)``. Returns ``[M, ...]`` in the dtype of ``values``.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import mono_modal_responses
+        >>> values = torch.tensor([0.0, 1.0, 2.0, 4.0])   # v(empty), v({1}), v({2}), v({1, 2})
+        >>> phi = mono_modal_responses(values)
+        >>> phi, phi.sum()                                # Shapley values; they add up to v(all)
+        (tensor([1.5000, 2.5000]), tensor(4.))
     """
     m = values.shape[0].bit_length() - 1
     return shapley_values(values) + values[0] / m
@@ -79,6 +87,14 @@ def mono_modal_cross_entropy(
 
     ``responses`` ``[M, B, C]``; ``target`` class indices ``[B]`` (entries equal to
     ``ignore_index`` give 0) or soft targets ``[B, C]`` (``-sum_c t_bc log max(p_bc, 1e-8)``).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import mono_modal_cross_entropy
+        >>> responses = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]]])     # [M=2, B=1, C=2]
+        >>> mono_modal_cross_entropy(responses, torch.tensor([0])).round(decimals=4)
+        tensor([[0.1269],
+                [0.6931]])
     """
     logp = torch.log_softmax(as_fp32(responses), dim=-1).clamp_min(_FLOOR)
     if target.is_floating_point():
@@ -90,14 +106,31 @@ def mono_modal_cross_entropy(
 
 
 def discrepancy_ratios(scores: Tensor) -> Tensor:
-    """``r_m = exp(mean_{k != m} s_k - s_m)`` for scores ``[M]`` (M = 2: ``exp(s_2 - s_1)``)."""
+    """``r_m = exp(mean_{k != m} s_k - s_m)`` for scores ``[M]`` (M = 2: ``exp(s_2 - s_1)``).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import discrepancy_ratios
+        >>> discrepancy_ratios(torch.tensor([1.0, 0.0])).round(decimals=4)   # exp(s_2 - s_1), ...
+        tensor([0.3679, 2.7183])
+    """
     m = scores.shape[-1]
     rest = (scores.sum(-1, keepdim=True) - scores) / (m - 1) if m > 2 else scores.flip(-1)
     return torch.exp(rest - scores)
 
 
 def agm_coefficients(ratios: Tensor, running_ratios: Tensor, alpha: float, cap: float) -> Tensor:
-    """``k_m = exp(alpha * min(rbar_m - r_m, cap))`` (``cap`` bounds the exponent)."""
+    r"""``k_m = exp(alpha * min(rbar_m - r_m, cap))`` (``cap`` bounds the exponent).
+
+    $$k_m = \exp\big(\alpha \min(\bar r_m - r_m,\ \mathrm{cap})\big)$$
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import agm_coefficients
+        >>> ratios, running = torch.tensor([0.5, 2.0]), torch.tensor([1.0, 1.0])
+        >>> agm_coefficients(ratios, running, alpha=1.0, cap=10.0).round(decimals=4)
+        tensor([1.6487, 0.3679])
+    """
     return torch.exp(alpha * (running_ratios - ratios).clamp_max(cap))
 
 
@@ -107,6 +140,17 @@ class AGMRecord(StepRecord):
 
     Positional order: modalities, scores, ratios, running_ratios, running_scores,
     coefficients, active.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import AdaptiveGradientModulator
+        >>> _ = torch.manual_seed(0)
+        >>> agm = AdaptiveGradientModulator(nn.Linear(4, 2))
+        >>> _ = agm({"audio": torch.randn(8, 2), "visual": torch.randn(8, 2)}, torch.arange(8) % 2)
+        >>> rec = agm.last
+        >>> rec.active, tuple(rec.coefficients.shape), sorted(rec.to_dict())[:3]
+        (True, (2,), ['active', 'coefficients/audio', 'coefficients/visual'])
     """
 
     scores: Tensor
@@ -124,7 +168,17 @@ class AGMRecord(StepRecord):
 
 
 class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
-    """AGM: scales each modality's feature gradient by ``k_m`` from Shapley responses.
+    r"""AGM: scales each modality's feature gradient by ``k_m`` from Shapley responses.
+
+    $$\phi_m = \operatorname{Shapley}_m(v) + \frac{v(\emptyset)}{M}, \qquad
+    s_m = \operatorname{mean}_b \mathrm{CE}(\phi_m, y), \qquad
+    r_m = \exp\Big(\operatorname{mean}_{k \ne m} s_k - s_m\Big)$$
+
+    $$\nabla_{x_m} \leftarrow k_m \nabla_{x_m}, \qquad
+    k_m = \exp\big(\alpha \min(\bar r_m - r_m,\ \mathrm{cap})\big)$$
+
+    ($v(S)$: the head's output with only the modalities in $S$ kept; $\bar r_m$: the same
+    ratio from the running means of $s$ before this step.)
 
     Usage: ``feats = agm({"audio": a, "visual": v}, target)`` before the head (one step per
     call), then the head on ``feats``, the loss and ``loss.backward()`` as usual.
@@ -149,6 +203,23 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
         ignore_index: class index left out of the statistics (default -100, as torch's CE).
         encoders: optional ``{modality: module or parameters}`` for the :meth:`step` mode.
         process_group: statistics are all-reduced over it under DDP (default: the world).
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from imbalance_losses import AdaptiveGradientModulator
+        >>> _ = torch.manual_seed(0)
+        >>> head = nn.Linear(4 + 6, 3)
+        >>> agm = AdaptiveGradientModulator(head, alpha=1.0)
+        >>> feats = {"audio": torch.randn(6, 4, requires_grad=True),
+        ...          "visual": torch.randn(6, 6, requires_grad=True)}
+        >>> target = torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> modulated = agm(feats, target)          # same values; their gradients are scaled by k_m
+        >>> loss = F.cross_entropy(head(torch.cat(list(modulated.values()), 1)), target)
+        >>> loss.backward()
+        >>> torch.equal(modulated["audio"], feats["audio"]), agm.last.modalities
+        (True, ('audio', 'visual'))
     """
 
     def __init__(

@@ -67,7 +67,9 @@ _NOTHING_POOLED = "step() called without a training-mode forward since the last 
 
 
 def inverse_variance_weights(variances: Tensor) -> Tensor:
-    """MSE-optimal late-fusion weights for independent, unbiased noise: ``a_m ∝ 1 / sigma_m^2``.
+    r"""MSE-optimal late-fusion weights for independent, unbiased noise: ``a_m ∝ 1 / sigma_m^2``.
+
+    $$a_m = \frac{1 / \sigma_m^2}{\sum_k 1 / \sigma_k^2}$$
 
     Minimising ``E[(sum_m a_m f_m - y)^2] = sum_m a_m^2 sigma_m^2`` subject to ``sum_m a_m = 1``
     (Lagrange: ``2 a_m sigma_m^2 = lambda``) gives::
@@ -86,6 +88,12 @@ def inverse_variance_weights(variances: Tensor) -> Tensor:
         TypeError: ``variances`` is not a tensor.
         ValueError: fewer than two modalities, or a variance that is not positive and finite
             (checked on the device: immediately on CPU, asynchronously on an accelerator).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import inverse_variance_weights
+        >>> inverse_variance_weights(torch.tensor([1.0, 3.0]))  # a_1 / a_2 = sigma_2^2 / sigma_1^2
+        tensor([0.7500, 0.2500])
     """
     if not isinstance(variances, Tensor):
         raise TypeError(f"variances must be a Tensor, got {type(variances).__name__}")
@@ -103,7 +111,16 @@ def inverse_variance_weights(variances: Tensor) -> Tensor:
 
 
 class ARLCoefficients(NamedTuple):
-    """What :func:`arl_coefficients` computes, each ``[M]`` in modality order."""
+    """What :func:`arl_coefficients` computes, each ``[M]`` in modality order.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import arl_coefficients
+        >>> same = torch.tensor([1.0, 1.0])
+        >>> w, c, s, beta = arl_coefficients(same, same, temperature=8.0, floor=0.3)
+        >>> beta                                     # equal variances and shares: no preference
+        tensor([0.5000, 0.5000])
+    """
 
     target_dependence: Tensor
     """``w_m = (1/h_m) / sum_k (1/h_k)``, ``h_m = max(V_m / sum_k V_k, floor)``."""
@@ -148,7 +165,11 @@ def _coefficients(v: Tensor, c: Tensor, temperature: float, floor: float) -> ARL
 def arl_coefficients(
     variances: Tensor, dependence: Tensor, temperature: float, floor: float
 ) -> ARLCoefficients:
-    """ARL's target dependence, scores and coefficients (spec steps 2-6), detached.
+    r"""ARL's target dependence, scores and coefficients (spec steps 2-6), detached.
+
+    $$h_m = \max\Big(\frac{V_m}{\sum_k V_k}, \mathrm{floor}\Big), \quad
+    w_m = \frac{1 / h_m}{\sum_k 1 / h_k}, \quad \hat c_m = \frac{c_m}{\sum_k c_k}, \quad
+    s_m = w_m \prod_{k \ne m} \hat c_k, \quad \beta = \operatorname{softmax}(T s)$$
 
     Args:
         variances: ``[M]`` variance estimates ``V_m >= 0`` (mean predictive entropy), finite.
@@ -172,6 +193,17 @@ def arl_coefficients(
         ValueError: shapes other than two ``[M]`` vectors with ``M >= 2``, a negative or
             non-finite statistic (checked on the device), a non-finite or negative
             ``temperature``, or ``floor`` outside ``(0, 1/M]``.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import arl_coefficients
+        >>> variances = torch.tensor([0.6, 1.2])     # audio is the less noisy modality
+        >>> dependence = torch.tensor([1.0, 1.0])    # the model leans on both equally
+        >>> out = arl_coefficients(variances, dependence, temperature=8.0, floor=0.3)
+        >>> out.target_dependence.round(decimals=4)  # w_1 / w_2 = V_2 / V_1
+        tensor([0.6667, 0.3333])
+        >>> out.coefficients.round(decimals=4)       # beta = softmax(T s): audio is pushed harder
+        tensor([0.7914, 0.2086])
     """
     for name, t in (("variances", variances), ("dependence", dependence)):
         if not isinstance(t, Tensor):
@@ -195,7 +227,25 @@ def arl_coefficients(
 
 @dataclass(frozen=True)
 class ARLRecord(StepRecord):
-    """What :class:`ARLLoss` decided on its last training step (each tensor ``[M]``)."""
+    """What :class:`ARLLoss` decided on its last training step (each tensor ``[M]``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import ARLLoss
+        >>> _ = torch.manual_seed(0)
+        >>> head = nn.Linear(8, 3)
+        >>> criterion = ARLLoss(head=head)
+        >>> feats = {"audio": torch.randn(4, 4, requires_grad=True),
+        ...          "visual": torch.randn(4, 4, requires_grad=True)}
+        >>> logits = head(torch.cat(list(feats.values()), 1))
+        >>> loss = criterion(logits, torch.tensor([0, 1, 2, 0]), feats)
+        >>> rec = criterion.last
+        >>> rec.modalities, rec.active, tuple(rec.coefficients.shape)
+        (('audio', 'visual'), True, (2,))
+        >>> sorted(rec.to_dict())[:3]              # floats for a logger
+        ['active', 'coefficients/audio', 'coefficients/visual']
+    """
 
     variances: Tensor
     """``V_m``: mean predictive entropy of the unimodal logits (EMA if ``momentum`` is set)."""
@@ -233,7 +283,17 @@ _HookTable = MutableMapping[Tensor, tuple[_Scale, RemovableHandle]]
 
 
 class ARLLoss(OptimizerAttachable, nn.Module):
-    """Asymmetric Representation Learning loss (ICCV 2025): drop-in for the criterion.
+    r"""Asymmetric Representation Learning loss (ICCV 2025): drop-in for the criterion.
+
+    $$\mathcal{L} = \ell(z, y) + \gamma \sum_m \ell(z_m, y), \qquad
+    \nabla_{x_m} \leftarrow (1 + \beta_m)\, \nabla_{x_m}, \qquad
+    \beta = \operatorname{softmax}(T s)$$
+
+    $$s_m = w_m \prod_{k \ne m} \hat c_k, \qquad
+    w_m \propto \frac{1}{\max(V_m / \sum_k V_k,\ \mathrm{floor})}, \qquad
+    \hat c_m = \frac{c_m}{\sum_k c_k}$$
+
+    ($V_m$: mean predictive entropy of $z_m$; $c_m$: mean L1 size of $z_m$.)
 
     Usage (three lines in the user's loop)::
 
@@ -297,6 +357,22 @@ class ARLLoss(OptimizerAttachable, nn.Module):
         TypeError: a hyper-parameter of the wrong kind (``warmup_steps=2.5``, ``gamma="1"``).
         ValueError: a hyper-parameter that is NaN, infinite or out of range, an unknown
             ``reduction`` or one that conflicts with the criterion's, bad ``encoders``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import ARLLoss
+        >>> _ = torch.manual_seed(0)
+        >>> audio_net, visual_net, head = nn.Linear(5, 4), nn.Linear(7, 4), nn.Linear(8, 3)
+        >>> criterion = ARLLoss(nn.CrossEntropyLoss(), head=head, gamma=1.0, temperature=8.0)
+        >>> a, v = audio_net(torch.randn(6, 5)), visual_net(torch.randn(6, 7))
+        >>> target = torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> logits = head(torch.cat([a, v], dim=1))
+        >>> loss = criterion(logits, target, features={"audio": a, "visual": v})
+        >>> loss.backward()                 # encoder gradients scaled by 1 + beta_m
+        >>> beta = criterion.last.coefficients
+        >>> bool(torch.isclose(beta.sum(), torch.tensor(1.0))), criterion.steps
+        (True, 1)
     """
 
     def __init__(

@@ -51,12 +51,24 @@ _NOT_POOLED = (
 def window_changes(
     train_start: Tensor, val_start: Tensor, train_end: Tensor, val_end: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``(ΔG, ΔO)``, each ``[K]``, between checkpoints ``N`` and ``N + n`` (paper Eq. 3)::
+    r"""``(ΔG, ΔO)``, each ``[K]``, between checkpoints ``N`` and ``N + n`` (paper Eq. 3)::
+
+    $$O = L^V - L^T, \qquad \Delta G_k = L^V_{k,N} - L^V_{k,N+n}, \qquad
+    \Delta O_k = O_{k,N+n} - O_{k,N}$$
 
         O = L^V - L^T,   ΔG_k = L^V_k,N - L^V_k,N+n,   ΔO_k = O_k,N+n - O_k,N
 
     ``ΔG > 0``: the validation loss went down; ``ΔO > 0``: the train/validation gap widened.
     Raises ``ValueError`` for vectors that are not all ``[K]``.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import window_changes
+        >>> t = torch.tensor
+        >>> d_g, d_o = window_changes(train_start=t([1.0, 1.0]), val_start=t([1.2, 1.1]),
+        ...                           train_end=t([0.4, 0.8]), val_end=t([0.9, 1.0]))
+        >>> d_g.round(decimals=2), d_o.round(decimals=2)    # validation gain, overfitting growth
+        (tensor([0.3000, 0.1000]), tensor([0.3000, 0.1000]))
     """
     shapes = {tuple(v.shape) for v in (train_start, val_start, train_end, val_end)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
@@ -67,7 +79,14 @@ def window_changes(
 
 
 def overfitting_to_generalization_ratio(delta_g: Tensor, delta_o: Tensor) -> Tensor:
-    """``OGR_k = |ΔO_k / ΔG_k|`` (paper Eq. 3); ``inf`` where ``ΔG_k = 0`` (never NaN)."""
+    """``OGR_k = |ΔO_k / ΔG_k|`` (paper Eq. 3); ``inf`` where ``ΔG_k = 0`` (never NaN).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import overfitting_to_generalization_ratio
+        >>> overfitting_to_generalization_ratio(torch.tensor([0.2, 0.0]), torch.tensor([0.1, 0.3]))
+        tensor([0.5000,    inf])
+    """
     ratio = delta_o.abs() / delta_g.abs()
     return torch.where(delta_g == 0, torch.full_like(ratio, float("inf")), ratio)
 
@@ -75,7 +94,9 @@ def overfitting_to_generalization_ratio(delta_g: Tensor, delta_o: Tensor) -> Ten
 def blending_weights(
     delta_g: Tensor, delta_o: Tensor, *, eps: float = 1e-8, fallback: Tensor | None = None
 ) -> Tensor:
-    """The OGR-optimal blend ``w_k = (1/Z) ΔG_k / ΔO_k^2`` with ``sum_k w_k = 1`` (``[K]``).
+    r"""The OGR-optimal blend ``w_k = (1/Z) ΔG_k / ΔO_k^2`` with ``sum_k w_k = 1`` (``[K]``).
+
+    $$w_k = \frac{1}{Z} \frac{\Delta G_k}{\Delta O_k^2}, \qquad \sum_k w_k = 1$$
 
     Proposition 1: for gradient estimates ``v_k`` with uncorrelated overfitting, the ``w`` that
     minimises ``E[(<∇L^T - ∇L*, sum w_k v_k> / <∇L*, sum w_k v_k>)^2]`` is
@@ -87,6 +108,14 @@ def blending_weights(
     0, not a negative weight (gradient *ascent* on that branch); ``ΔO_k^2`` is floored at
     ``eps > 0`` (``ΔO_k = 0``: nearly all the weight, the formula's limit); when no branch has
     ``ΔG_k > 0`` the result is ``fallback`` ``[K]`` (default uniform ``1/K``).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import blending_weights
+        >>> delta_g = torch.tensor([0.2, 0.1, 0.3])       # audio, visual, fused: validation gains
+        >>> delta_o = torch.tensor([0.1, 0.1, 0.3])       # overfitting growth
+        >>> blending_weights(delta_g, delta_o).round(decimals=4)    # w_k ∝ ΔG_k / ΔO_k²
+        tensor([0.6000, 0.3000, 0.1000])
     """
     if delta_g.dim() != 1 or delta_g.shape != delta_o.shape:
         raise ValueError(f"ΔG {tuple(delta_g.shape)} and ΔO {tuple(delta_o.shape)}: need [K], [K]")
@@ -100,7 +129,21 @@ def blending_weights(
 
 @dataclass(frozen=True)
 class BlendingRecord(StepRecord):
-    """What :meth:`GradientBlending.update` decided; ``modalities`` names the ``K`` branches."""
+    """What :meth:`GradientBlending.update` decided; ``modalities`` names the ``K`` branches.
+
+    Example:
+        >>> from imbalance_losses import GradientBlending
+        >>> blend = GradientBlending(modalities=["audio", "visual"])
+        >>> blend.update({"audio": 1.0, "visual": 1.0, "fused": 1.0},
+        ...              {"audio": 1.2, "visual": 1.1, "fused": 1.3}) is None  # window's start
+        True
+        >>> rec = blend.update({"audio": 0.5, "visual": 0.8, "fused": 0.4},
+        ...                    {"audio": 1.0, "visual": 1.0, "fused": 1.0})
+        >>> rec.modalities, rec.window
+        (('audio', 'visual', 'fused'), 1)
+        >>> [round(x, 2) for x in rec.delta_g.tolist()], [round(x, 2) for x in rec.delta_o.tolist()]
+        ([0.2, 0.1, 0.3], [0.3, 0.1, 0.3])
+    """
 
     train_losses: Tensor
     """``L^T`` at the window's end."""
@@ -119,7 +162,11 @@ class BlendingRecord(StepRecord):
 
 
 class GradientBlending(nn.Module):
-    """G-Blending loss weighter: ``sum_k w_k CE(z_k, y)`` over the unimodal and fused branches.
+    r"""G-Blending loss weighter: ``sum_k w_k CE(z_k, y)`` over the unimodal and fused branches.
+
+    $$\mathcal{L} = \sum_{k} w_k\, \mathrm{CE}(z_k, y), \qquad
+    w_k = \frac{1}{Z} \frac{\Delta G_k}{\Delta O_k^2}, \qquad
+    k \in \{1, \dots, M, \text{fused}\}$$
 
     ``loss = blend(fused_logits, target, features=feats)`` between updates; at the end of each
     window (``n`` epochs) ``blend.update(*blend.evaluate(forward, train_subset, val, model=m))``
@@ -136,8 +183,31 @@ class GradientBlending(nn.Module):
         fused: the fused branch's name.
         eps: floor of ``ΔO_k^2`` (see :func:`blending_weights`).
         reduction: ``"mean"`` (over counted samples), ``"sum"`` or ``"none"`` (``[B]``).
-        ignore_index, label_smoothing: as in ``nn.CrossEntropyLoss``.
+        ignore_index: as in ``nn.CrossEntropyLoss``.
+        label_smoothing: as in ``nn.CrossEntropyLoss``.
         process_group: ranks :meth:`evaluate` pools over and :meth:`update` checks.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import GradientBlending
+        >>> _ = torch.manual_seed(0)
+        >>> head = nn.Linear(4 + 6, 3)
+        >>> blend = GradientBlending(head=head, modalities=["audio", "visual"])
+        >>> feats = {"audio": torch.randn(6, 4), "visual": torch.randn(6, 6)}
+        >>> target = torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> logits = head(torch.cat(list(feats.values()), 1))
+        >>> loss = blend(logits, target, feats)          # w_fused L + sum_m w_m L_m
+        >>> {k: round(float(w), 4) for k, w in blend.weights.items()}   # uniform until update()
+        {'audio': 0.3333, 'visual': 0.3333, 'fused': 0.3333}
+        >>> start = ({"audio": 1.0, "visual": 1.0, "fused": 1.0},   # train, held-out losses
+        ...          {"audio": 1.2, "visual": 1.1, "fused": 1.3})
+        >>> end = ({"audio": 0.5, "visual": 0.8, "fused": 0.4},
+        ...        {"audio": 1.0, "visual": 1.0, "fused": 1.0})
+        >>> _ = blend.update(*start)                       # losses at the window's start ...
+        >>> rec = blend.update(*end)                       # ... and at its end: new weights
+        >>> {k: round(float(w), 3) for k, w in blend.weights.items()}
+        {'audio': 0.143, 'visual': 0.643, 'fused': 0.214}
     """
 
     head: Head | None

@@ -89,6 +89,19 @@ class BoostingRecord(StepRecord):
         added_to: name of the modality that got a head, or ``None``.
         capped: name of the modality that should have got a head but is at ``max_heads``, or
             ``None``.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import SustainedBoostingLoss
+        >>> _ = torch.manual_seed(0)
+        >>> boost = SustainedBoostingLoss(3, {"audio": 4, "visual": 4}, check_every="manual")
+        >>> optimizer = torch.optim.SGD(boost.parameters(), lr=0.1)
+        >>> boost.attach_optimizer(optimizer)
+        >>> feats = {"audio": torch.randn(6, 4), "visual": torch.randn(6, 4)}
+        >>> _ = boost(feats, torch.arange(6) % 3)
+        >>> rec = boost.check()
+        >>> rec.modalities, tuple(rec.scores.shape), rec.num_heads.tolist() in ([1, 2], [2, 1])
+        (('audio', 'visual'), (2,), True)
     """
 
     scores: Tensor
@@ -123,6 +136,15 @@ def _choose_modality(scores: Tensor, *, sigma: float, tau: float) -> tuple[int |
 
 class SustainedBoostingLoss(nn.Module):
     r"""Sustained boosting loss with adaptive classifier assignment; owns the classifier heads.
+
+    $$Z_m = \sum_{j=1}^{n} z_{mj}, \qquad
+    \ell_m = \mathrm{CE}(Z_m, y) + \mathrm{CE}\Big(\sum_{j<n} z_{mj}, y\Big)
+    + (1 - \lambda p_y)\, \mathrm{CE}(z_{mn}, y), \qquad
+    p = \operatorname{sg}\Big[\operatorname{softmax}\Big(\sum_{j<n} z_{mj}\Big)\Big]$$
+
+    At each check, with $s_m = \operatorname{mean}_i \operatorname{softmax}(Z_m)_{i, y_i}$ and
+    $r_m = s_m / \operatorname{mean}_{k \ne m} s_k$, the modality $\arg\min_m r_m$ gets one more
+    head if $r_m < \sigma - \tau$.
 
     Put its parameters in the optimiser with your encoders, bind that optimiser, and train::
 
@@ -173,6 +195,24 @@ class SustainedBoostingLoss(nn.Module):
         TypeError: a hyper-parameter of the wrong type (``hidden=4.5``, ``check_every=2.5``,
             ``check_every=None``).
         ValueError: a hyper-parameter out of range or not finite.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import SustainedBoostingLoss
+        >>> _ = torch.manual_seed(0)
+        >>> boost = SustainedBoostingLoss(num_classes=3, in_features={"audio": 4, "visual": 6},
+        ...                               check_every="manual", hidden=8)
+        >>> optimizer = torch.optim.SGD(boost.parameters(), lr=0.1)
+        >>> boost.attach_optimizer(optimizer)
+        >>> feats = {"audio": torch.randn(6, 4), "visual": torch.randn(6, 6)}
+        >>> target = torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> loss = boost(feats, target)
+        >>> loss.backward(); optimizer.step()
+        >>> tuple(boost.predict(feats).shape)
+        (6, 3)
+        >>> record = boost.check()              # the least confident modality may get another head
+        >>> record.num_heads.sum().item() in (2, 3)
+        True
     """
 
     head_counts: Tensor

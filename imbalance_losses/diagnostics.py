@@ -23,6 +23,17 @@ class StepRecord:
     ``modalities`` names the modalities in mapping order. Every other field is a tensor, either a
     per-modality vector of shape ``[M]`` (aligned with ``modalities``) or a scalar, or a plain
     Python value.
+
+    Example:
+        >>> import torch
+        >>> from dataclasses import dataclass
+        >>> from imbalance_losses import StepRecord
+        >>> @dataclass(frozen=True)
+        ... class MyRecord(StepRecord):
+        ...     scores: torch.Tensor
+        ...     step: int
+        >>> MyRecord(("audio", "visual"), torch.tensor([0.25, 0.75]), 3).to_dict()
+        {'scores/audio': 0.25, 'scores/visual': 0.75, 'step': 3.0}
     """
 
     modalities: tuple[str, ...]

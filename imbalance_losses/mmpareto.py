@@ -62,6 +62,21 @@ class MMParetoRecord(StepRecord):
         rescale: ``||a + b|| / ||d||`` (``"paper"``), or the encoder's mean over tensors of
             ``max(||a_p + b_p|| / ||d_p||, 1)`` (``"code"``); gamma not included.
         step: 0-based index of the :meth:`MMPareto.backward` call this record describes.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import MMPareto
+        >>> w = {"audio": nn.Parameter(torch.tensor([1.0, 0.0])),
+        ...      "visual": nn.Parameter(torch.ones(2))}
+        >>> mmpareto = MMPareto({"audio": [w["audio"]], "visual": [w["visual"]]})
+        >>> fused = w["audio"].sum() + w["visual"].sum()
+        >>> uni = {"audio": -(w["audio"] ** 2).sum(), "visual": w["visual"].sum()}
+        >>> rec = mmpareto.backward(fused, uni)
+        >>> rec.conflict.tolist()                           # audio's two gradients disagree
+        [True, False]
+        >>> rec.k_mm.round(decimals=3)                      # fused loss's weight per encoder
+        tensor([0.6000, 0.5000])
     """
 
     cosine: Tensor
@@ -73,12 +88,26 @@ class MMParetoRecord(StepRecord):
 
 
 def pareto_weights(aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(k_mm, k_m, conflict)`` from the Gram entries ``<a,a>``, ``<a,b>``, ``<b,b>`` (any shape).
+    r"""``(k_mm, k_m, conflict)`` from the Gram entries ``<a,a>``, ``<a,b>``, ``<b,b>`` (any shape).
+
+    $$k_{mm} = \operatorname{clip}\Big(\frac{\langle b - a, b \rangle}{\lVert a - b \rVert^2},
+    0, 1\Big), \quad k_m = 1 - k_{mm} \;\; \text{if } \langle a, b \rangle \le 0, \qquad
+    k_{mm} = k_m = \tfrac12 \;\; \text{otherwise}$$
 
     ``k_mm = 1/2`` where ``<a, b> > 0``; elsewhere the min-norm weight
     ``clip((<b,b> - <a,b>) / (<a,a> + <b,b> - 2<a,b>), 0, 1)`` (:func:`min_norm_weight`);
     ``k_m = 1 - k_mm``. Chosen with ``torch.where`` (no host sync); a NaN Gram entry (a
     non-finite gradient) gives NaN weights.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import pareto_weights
+        >>> a, b = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])  # conflicting: <a, b> < 0
+        >>> k_mm, k_m, conflict = pareto_weights(a @ a, a @ b, b @ b)
+        >>> k_mm, k_m, conflict                                         # the min-norm combination
+        (tensor(0.6000), tensor(0.4000), tensor(True))
+        >>> pareto_weights(a @ a, a @ a, a @ a)[:2]                     # agreeing: the plain sum
+        (tensor(0.5000), tensor(0.5000))
     """
     agree = ab > 0
     k = torch.where(agree, torch.full_like(ab, 0.5), min_norm_weight(aa, ab, bb))
@@ -130,7 +159,15 @@ def _own(g: Tensor | None, like: Tensor, seen: set[int]) -> Tensor:
 
 
 class MMPareto:
-    """MMPareto's gradient combination in place of ``loss.backward()``.
+    r"""MMPareto's gradient combination in place of ``loss.backward()``.
+
+    $$a = \nabla_{\theta_m} \mathcal{L}_{mm}, \quad b = \nabla_{\theta_m} \mathcal{L}_m, \qquad
+    (k_{mm}, k_m) = \begin{cases} (\tfrac12, \tfrac12) & \langle a, b \rangle > 0 \\
+    \big(\operatorname{clip}(\tfrac{\langle b - a, b \rangle}{\lVert a - b \rVert^2}, 0, 1),\
+    1 - k_{mm}\big) & \text{otherwise} \end{cases}$$
+
+    $$d = 2 (k_{mm} a + k_m b), \qquad
+    g_{\theta_m} = \gamma \frac{\lVert a + b \rVert}{\lVert d \rVert}\, d$$
 
     ::
 
@@ -160,6 +197,24 @@ class MMPareto:
 
     Raises:
         ValueError, TypeError: bad modules, gamma or rescale (see :meth:`backward` for inputs).
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from imbalance_losses import MMPareto, unimodal_logits
+        >>> _ = torch.manual_seed(0)
+        >>> encoders = nn.ModuleDict({"audio": nn.Linear(5, 4), "visual": nn.Linear(7, 4)})
+        >>> head = nn.Linear(8, 3)
+        >>> mmpareto = MMPareto(dict(encoders.items()), gamma=1.5)
+        >>> x = {"audio": torch.randn(6, 5), "visual": torch.randn(6, 7)}
+        >>> target = torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> feats = {m: encoders[m](x[m]) for m in x}
+        >>> fused = F.cross_entropy(head(torch.cat(list(feats.values()), 1)), target)
+        >>> uni = {m: F.cross_entropy(z, target) for m, z in unimodal_logits(head, feats).items()}
+        >>> record = mmpareto.backward(fused, uni)           # instead of loss.backward()
+        >>> record.modalities, head.weight.grad.shape, encoders["audio"].weight.grad.shape
+        (('audio', 'visual'), torch.Size([3, 8]), torch.Size([4, 5]))
     """
 
     def __init__(

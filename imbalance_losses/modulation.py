@@ -96,6 +96,22 @@ class ModulationRecord(StepRecord):
             modulation window, ones outside it (gradients untouched).
         active: whether the gradients were modulated on this step (inside the window).
         step: index of the step this record describes (0 for the first call).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import ModalityGradientModulator
+        >>> encoders = {"audio": nn.Linear(2, 2), "visual": nn.Linear(2, 2)}
+        >>> modulator = ModalityGradientModulator(encoders, alpha=1.0, method="ogm")
+        >>> for p in [*encoders["audio"].parameters(), *encoders["visual"].parameters()]:
+        ...     p.grad = torch.ones_like(p)                # as after loss.backward()
+        >>> z = {"audio": torch.tensor([[4.0, 0.0]]), "visual": torch.tensor([[0.0, 0.0]])}
+        >>> _ = modulator.step(z, torch.tensor([0]))   # audio is far more confident: it is damped
+        >>> rec = modulator.last
+        >>> rec.ratios.round(decimals=2), rec.coefficients.round(decimals=2)
+        (tensor([1.9600, 0.5100]), tensor([0.2500, 1.0000]))
+        >>> encoders["audio"].weight.grad[0, 0].item() == rec.coefficients[0].item()
+        True
     """
 
     scores: Tensor
@@ -312,7 +328,14 @@ def _combination_dtype(device: torch.device) -> torch.dtype:
 
 
 class ModalityGradientModulator(OptimizerAttachable):
-    """OGM / OGM-GE: shrink the dominant modalities' encoder gradients, optionally add noise.
+    r"""OGM / OGM-GE: shrink the dominant modalities' encoder gradients, optionally add noise.
+
+    $$s_m = \sum_b \operatorname{softmax}(z_m)_{b, y_b}, \qquad
+    \rho_m = \frac{s_m}{\operatorname{mean}_{k \ne m} s_k}, \qquad
+    k_m = 1 - \tanh\big(\alpha \operatorname{relu}(\rho_m - 1)\big)$$
+
+    $$g \leftarrow k_m\, g \;\; \text{(OGM)}, \qquad
+    g \leftarrow k_m\, g + \mathcal{N}\big(0, \operatorname{std}(g)^2\big) \;\; \text{(OGM-GE)}$$
 
     Three lines in an existing training loop::
 
@@ -377,6 +400,24 @@ class ModalityGradientModulator(OptimizerAttachable):
         TypeError: ``modules`` not a mapping, a modality given something other than a module
             or parameters (leaf tensors), or a numeric argument of the wrong type (``alpha`` not
             real, ``start_step=1.5``, a bool...).
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from imbalance_losses import ModalityGradientModulator, unimodal_logits
+        >>> _ = torch.manual_seed(0)
+        >>> encoders = nn.ModuleDict({"audio": nn.Linear(5, 4), "visual": nn.Linear(7, 4)})
+        >>> head = nn.Linear(8, 3)
+        >>> modulator = ModalityGradientModulator(dict(encoders.items()), alpha=0.8, method="ogm")
+        >>> x = {"audio": torch.randn(6, 5), "visual": torch.randn(6, 7)}
+        >>> target = torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> feats = {m: encoders[m](x[m]) for m in x}
+        >>> loss = F.cross_entropy(head(torch.cat(list(feats.values()), 1)), target)
+        >>> loss.backward()
+        >>> k = modulator.step(unimodal_logits(head, feats), target)   # then optimizer.step()
+        >>> tuple(k.shape), bool(((k > 0) & (k <= 1)).all()), bool((k == 1).any())
+        ((2,), True, True)
     """
 
     def __init__(

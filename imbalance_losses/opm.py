@@ -71,7 +71,10 @@ _MASK64 = (1 << 64) - 1
 
 
 def drop_probabilities(ratios: Tensor, q_base: float, lam: float) -> Tensor:
-    """Drop probability ``q_m`` of each modality from its discrepancy ratio ``rho_m``.
+    r"""Drop probability ``q_m`` of each modality from its discrepancy ratio ``rho_m``.
+
+    $$q_m = \min\big(q_{\text{base}} (1 + \lambda \tanh(\operatorname{relu}(\rho_m - 1))), 1\big)
+    \;\; (\rho_m > 1), \qquad q_m = 0 \;\; (\rho_m \le 1)$$
 
     ::
 
@@ -98,6 +101,12 @@ def drop_probabilities(ratios: Tensor, q_base: float, lam: float) -> Tensor:
 
     Returns:
         ``[M]`` probabilities in ``[0, 1]``, dtype of ``ratios``.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import drop_probabilities
+        >>> drop_probabilities(torch.tensor([2.0, 0.5]), q_base=0.5, lam=0.5).round(decimals=4)
+        tensor([0.6904, 0.0000])
     """
     q = (q_base * (1.0 + lam * torch.tanh(torch.relu(ratios - 1.0)))).clamp(0.0, 1.0)
     dominant = (ratios > 1.0) & (ratios > ratios.min())
@@ -118,6 +127,12 @@ def rescale_factor(q: Tensor, widths: Tensor) -> Tensor:
     Args:
         q: ``[M]`` drop probabilities.
         widths: ``[M]`` features per sample ``d_m`` (or any positive weights proportional).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import rescale_factor
+        >>> rescale_factor(torch.tensor([0.5, 0.0]), widths=torch.tensor([512, 512]))  # 1/(1-1/4)
+        tensor(1.3333)
     """
     w = widths.to(q.dtype)
     theta = (w * q).sum() / w.sum()
@@ -129,6 +144,14 @@ def kept_mean(losses: Tensor, keep: Tensor) -> Tensor:
 
     ``sum_b keep_b l_b / max(sum_b keep_b, 1)``: a batch whose samples were all removed gives 0
     (zero gradients), never ``0 / 0``; no host sync.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import kept_mean
+        >>> kept_mean(torch.tensor([1.0, 2.0, 6.0]), torch.tensor([True, False, True]))
+        tensor(3.5000)
+        >>> kept_mean(torch.tensor([1.0]), torch.tensor([False]))      # nothing kept: 0, not NaN
+        tensor(0.)
     """
     return (losses * keep).sum() / keep.sum().clamp_min(1).to(losses.dtype)
 
@@ -147,7 +170,17 @@ def _stream_seed(seed: int, step: int, stream: int) -> int:
 
 
 class OPMOutput(NamedTuple):
-    """What :class:`ModalityPredictionModulator` returns."""
+    """What :class:`ModalityPredictionModulator` returns.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import ModalityPredictionModulator
+        >>> opm = ModalityPredictionModulator(["audio", "visual"]).eval()   # evaluation: no drop
+        >>> feats = {"audio": torch.ones(2, 3), "visual": torch.ones(2, 3)}
+        >>> features, keep = opm(feats, torch.tensor([0, 1]), unimodal_logits=feats)
+        >>> features["audio"] is feats["audio"], keep.tolist()
+        (True, [True, True])
+    """
 
     features: dict[str, Tensor]
     """The (masked and rescaled) features, same names, order, shapes and dtypes as the input."""
@@ -173,6 +206,17 @@ class OPMRecord(StepRecord):
         removed: 0-dim, this rank's samples with every modality dropped (excluded from the loss).
         active: whether the call was past the warm-up.
         step: index of the call this record describes (0 for the first counted call).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import ModalityPredictionModulator
+        >>> opm = ModalityPredictionModulator(["audio", "visual"], q_base=0.5, lam=0.5, p_exe=1.0)
+        >>> z = {"audio": torch.tensor([[4.0, 0.0]]), "visual": torch.tensor([[0.0, 0.0]])}
+        >>> _ = opm({"audio": torch.ones(1, 2), "visual": torch.ones(1, 2)}, torch.tensor([0]),
+        ...         unimodal_logits=z)
+        >>> rec = opm.last
+        >>> rec.drop_probabilities.round(decimals=3), rec.executed    # audio dominates: dropped
+        (tensor([0.6870, 0.0000]), tensor(True))
     """
 
     scores: Tensor
@@ -188,7 +232,15 @@ class OPMRecord(StepRecord):
 
 
 class ModalityPredictionModulator(nn.Module):
-    """OPM: in training, drop the dominant modalities' features per sample, before fusion.
+    r"""OPM: in training, drop the dominant modalities' features per sample, before fusion.
+
+    $$q_m = \begin{cases} \min\big(q_{\text{base}} (1 + \lambda \tanh(\rho_m - 1)), 1\big)
+    & \rho_m > 1 \\ 0 & \rho_m \le 1 \end{cases}, \qquad
+    x_m \leftarrow \frac{\mathrm{mask}_m\, x_m}{1 - \theta}, \qquad
+    \theta = \frac{\sum_m d_m q_m}{\sum_m d_m}$$
+
+    (each sample keeps modality $m$ with probability $1 - q_m$; the drop runs on a step with
+    probability $p_{\text{exe}}$.)
 
     Two lines in a training loop (the module has no parameters; it is the identity in eval
     mode, so it can live inside the model)::
@@ -232,6 +284,22 @@ class ModalityPredictionModulator(nn.Module):
             type (``warmup_steps=2.5``, a bool...).
         ValueError: fewer than two or repeated modalities, a probability outside ``[0, 1]``,
             ``lam < 0``, ``max_ratio <= 1``, non-finite values.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from imbalance_losses import ModalityPredictionModulator, kept_mean
+        >>> _ = torch.manual_seed(0)
+        >>> head = nn.Linear(4 + 6, 3)
+        >>> opm = ModalityPredictionModulator(["audio", "visual"], head=head)
+        >>> feats = {"audio": torch.randn(6, 4), "visual": torch.randn(6, 6)}
+        >>> target = torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> out = opm(feats, target)                # training mode: may drop the dominant modality
+        >>> logits = head(torch.cat(list(out.features.values()), 1))
+        >>> loss = kept_mean(F.cross_entropy(logits, target, reduction="none"), out.keep)
+        >>> tuple(out.keep.shape), opm.last.modalities
+        ((6,), ('audio', 'visual'))
     """
 
     def __init__(

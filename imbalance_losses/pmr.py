@@ -54,6 +54,14 @@ def prototype_logits(features: Tensor, prototypes: Tensor, known: Tensor | None 
         features: ``[B, D]`` (any float dtype; promoted to fp32, gradient kept).
         prototypes: ``[C, D]`` class prototypes (no gradient flows into them).
         known: optional ``[C]`` bool; classes without a prototype get ``-inf`` (probability 0).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import prototype_logits
+        >>> prototypes = torch.tensor([[0.0, 0.0], [3.0, 4.0]])       # one per class
+        >>> prototype_logits(torch.tensor([[0.0, 0.0], [3.0, 0.0]]), prototypes)
+        tensor([[-0., -5.],
+                [-3., -4.]])
     """
     dist = torch.cdist(
         features.float(), prototypes.detach().float(), compute_mode="donot_use_mm_for_euclid_dist"
@@ -67,7 +75,18 @@ def prototypical_cross_entropy(
     """``L_p = -(1/n) sum_b log softmax(z_b)[y_b]`` over the ``n`` samples in ``mask`` (0 if none).
 
     Args:
-        logits: ``[B, C]`` prototype logits; target: ``[B]`` class indices; mask: ``[B]`` bool.
+        logits: ``[B, C]`` prototype logits.
+        target: ``[B]`` class indices.
+        mask: ``[B]`` bool, the samples that count (default: all).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import prototypical_cross_entropy
+        >>> logits = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+        >>> prototypical_cross_entropy(logits, torch.tensor([0, 0])).round(decimals=4)
+        tensor(0.4100)
+        >>> prototypical_cross_entropy(logits, torch.tensor([0, 0]), torch.tensor([True, False]))
+        tensor(0.6931)
     """
     index = target.long() if mask is None else torch.where(mask, target, 0).long()
     return _masked_mean(
@@ -76,7 +95,14 @@ def prototypical_cross_entropy(
 
 
 def prototype_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``E = (1/n) sum_b -sum_k p_bk log p_bk``, ``p_b = softmax(z_b)`` (``0 log 0 = 0``)."""
+    """``E = (1/n) sum_b -sum_k p_bk log p_bk``, ``p_b = softmax(z_b)`` (``0 log 0 = 0``).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import prototype_entropy
+        >>> prototype_entropy(torch.zeros(4, 2)).round(decimals=4)  # uniform on 2 classes: log 2
+        tensor(0.6931)
+    """
     log_p = torch.log_softmax(logits.float(), -1)
     return _masked_mean(-(log_p.exp() * log_p.masked_fill(torch.isinf(log_p), 0.0)).sum(-1), mask)
 
@@ -90,11 +116,23 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
 def rebalance_coefficients(
     ratios: Tensor, alpha: float, rule: Literal["paper", "code"] = "paper"
 ) -> Tensor:
-    """Weights ``beta_m`` ``[M]`` of the prototypical losses from the ratios ``rho_m`` ``[M]``.
+    r"""Weights ``beta_m`` ``[M]`` of the prototypical losses from the ratios ``rho_m`` ``[M]``.
+
+    $$\beta_m = \alpha \operatorname{clip}\Big(\frac{1}{\rho_m} - 1, 0, 1\Big) \;\;
+    \text{(paper)}, \qquad \beta_m = \alpha\, [\rho_m < 1] \;\; \text{(code)}$$
 
     ``"paper"``: ``beta_m = alpha * clip(1 / rho_m - 1, 0, 1)``: zero for ``rho_m >= 1``, growing
     with the gap (two modalities: the slow one gets ``alpha * min(rho_fast - 1, 1)``).
     ``"code"`` (official repository): ``beta_m = alpha`` where ``rho_m < 1``, else 0.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import rebalance_coefficients
+        >>> rho = torch.tensor([1.5, 1 / 1.5])         # audio leads, visual is the slow modality
+        >>> rebalance_coefficients(rho, alpha=1.0)     # paper: grows with the gap
+        tensor([0.0000, 0.5000])
+        >>> rebalance_coefficients(rho, alpha=1.0, rule="code")   # official code: constant alpha
+        tensor([0., 1.])
     """
     if rule == "code":
         return alpha * (ratios < 1).to(ratios)
@@ -105,13 +143,33 @@ def entropy_weights(ratios: Tensor, mu: float) -> Tensor:
     """``eta_m = mu * clip(rho_m - 1, 0, 1)``: the entropy weight of each dominant modality.
 
     Two modalities: ``eta_fast = (mu / alpha) beta_slow``; ``eta_m = 0`` for ``rho_m <= 1``.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import entropy_weights
+        >>> entropy_weights(torch.tensor([1.5, 1 / 1.5]), mu=0.1)     # only the dominant modality
+        tensor([0.0500, 0.0000])
     """
     return mu * (ratios - 1.0).clamp(0.0, 1.0)
 
 
 @dataclass(frozen=True)
 class PMRRecord(StepRecord):
-    """What :class:`PMRLoss` decided on its last training step (each tensor ``[M]``)."""
+    """What :class:`PMRLoss` decided on its last training step (each tensor ``[M]``).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import PMRLoss
+        >>> _ = torch.manual_seed(0)
+        >>> pmr = PMRLoss(num_classes=2, in_features={"audio": 2, "visual": 2})
+        >>> feats = {"audio": torch.randn(4, 2), "visual": torch.randn(4, 2)}
+        >>> target = torch.tensor([0, 1, 0, 1])
+        >>> _ = pmr.update_prototypes([(feats, target)])
+        >>> _ = pmr(torch.zeros(4, 2), target, feats)
+        >>> rec = pmr.last
+        >>> rec.epoch, tuple(rec.ratios.shape), sorted(rec.to_dict())[:2]
+        (0, (2,), ['coefficients/audio', 'coefficients/visual'])
+    """
 
     scores: Tensor
     """Mean prototype true-class probability ``s_m / n`` over the global batch."""
@@ -130,7 +188,16 @@ class PMRRecord(StepRecord):
 
 
 class PMRLoss(nn.Module):
-    """Prototypical Modal Rebalance loss (CVPR 2023): drop-in for the criterion.
+    r"""Prototypical Modal Rebalance loss (CVPR 2023): drop-in for the criterion.
+
+    $$\mathcal{L} = \ell(z, y) + \sum_m \beta_m\, \mathcal{L}_{p,m} - \sum_m \eta_m E_m, \qquad
+    \mathcal{L}_{p,m} = \mathrm{CE}\big(-\lVert x_m - c_{m,\cdot} \rVert_2,\ y\big)$$
+
+    $$\rho_m = \frac{\sum_b \operatorname{softmax}(-\lVert x_{m,b} - c_{m,\cdot} \rVert)_{y_b}}
+    {\operatorname{mean}_{k \ne m} \sum_b \operatorname{softmax}(-\lVert x_{k,b} - c_{k,\cdot}
+    \rVert)_{y_b}}, \qquad
+    \beta_m = \alpha \operatorname{clip}\Big(\frac{1}{\rho_m} - 1, 0, 1\Big), \qquad
+    \eta_m = \mu \operatorname{clip}(\rho_m - 1, 0, 1)$$
 
     Usage::
 
@@ -143,15 +210,32 @@ class PMRLoss(nn.Module):
     in eval mode) ``criterion(z, y)`` with no statistics and no collective.
 
     Args:
-        num_classes: ``C``; in_features: ``{modality: D_m}`` in concatenation order (M >= 2).
+        num_classes: ``C``.
+        in_features: ``{modality: D_m}`` in concatenation order (M >= 2).
         criterion: loss on the fused logits; default ``nn.CrossEntropyLoss()``.
-        alpha: ``>= 0``, scale of ``beta``. mu: ``>= 0``, scale of the entropy weight ``eta``.
+        alpha: ``>= 0``, scale of ``beta``.
+        mu: ``>= 0``, scale of the entropy weight ``eta``.
         entropy_epochs: epochs, from the start of the window, with the entropy term.
         momentum: prototype momentum ``mu_p`` in ``[0, 1]`` (official 0.2).
         coefficient: ``"paper"`` or ``"code"`` (constant ``alpha`` on slower modalities).
         modulation: ``(start, end)`` epochs, inclusive; ``end=None``: no end.
         ignore_index: targets left out of every statistic and prototypical loss.
         process_group: group to pool statistics over under ``torch.distributed``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import PMRLoss
+        >>> _ = torch.manual_seed(0)
+        >>> head = nn.Linear(4 + 6, 3)
+        >>> pmr = PMRLoss(num_classes=3, in_features={"audio": 4, "visual": 6})
+        >>> feats = {"audio": torch.randn(6, 4), "visual": torch.randn(6, 6)}
+        >>> target = torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> _ = pmr.update_prototypes([(feats, target)])      # e.g. at the start of each epoch
+        >>> pmr.set_epoch(0)
+        >>> loss = pmr(head(torch.cat(list(feats.values()), 1)), target, feats)
+        >>> loss.shape, pmr.last.modalities
+        (torch.Size([]), ('audio', 'visual'))
     """
 
     def __init__(

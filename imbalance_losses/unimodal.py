@@ -44,7 +44,20 @@ Head = (
     | Mapping[str, Callable[[Tensor], Tensor]]
     | Callable[[Tensor], Tensor]
 )
-"""What :func:`unimodal_logits` accepts as a fusion head."""
+"""What :func:`unimodal_logits` accepts as a fusion head.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from imbalance_losses import unimodal_logits
+    >>> feats = {"audio": torch.ones(2, 4), "visual": torch.ones(2, 6)}
+    >>> heads = {"audio": nn.Linear(4, 3), "visual": nn.Linear(6, 3)}     # sum / late fusion
+    >>> tuple(unimodal_logits(heads, feats)["visual"].shape)
+    (2, 3)
+    >>> mlp = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))  # any callable head
+    >>> tuple(unimodal_logits(mlp, feats)["audio"].shape)                # others zeroed
+    (2, 3)
+"""
 
 
 def _widths(features: Mapping[str, Tensor]) -> str:
@@ -161,7 +174,10 @@ def _check_outputs(out: Mapping[str, Tensor], batch: int) -> None:
 
 
 def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Per-modality logits from the model's own fusion head, in mapping order.
+    r"""Per-modality logits from the model's own fusion head, in mapping order.
+
+    $$z_m = x_m W_m^\top + \frac{b}{M}, \qquad \sum_m z_m = x W^\top + b
+    \qquad (W = [W_1 \mid \dots \mid W_M],\ x = [x_1, \dots, x_M])$$
 
     Args:
         head: the fusion head: an ``nn.Linear`` over the concatenation of the features (exact
@@ -191,6 +207,20 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
             mapping of heads, features on another device than the head's parameters, or
             outputs of inconsistent shapes. The message names the modality and the expected
             and actual shapes.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import unimodal_logits
+        >>> _ = torch.manual_seed(0)
+        >>> head = nn.Linear(4 + 6, 3)             # concatenation head: audio 4 wide, visual 6
+        >>> feats = {"audio": torch.randn(2, 4), "visual": torch.randn(2, 6)}
+        >>> z = unimodal_logits(head, feats)
+        >>> list(z), tuple(z["audio"].shape)
+        (['audio', 'visual'], (2, 3))
+        >>> fused = head(torch.cat([feats["audio"], feats["visual"]], dim=1))
+        >>> torch.allclose(z["audio"] + z["visual"], fused)  # the parts add up to the fused logits
+        True
     """
     batch = check_modalities(features)
     if isinstance(head, nn.Linear):
