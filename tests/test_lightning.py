@@ -150,6 +150,16 @@ class Net(pl.LightningModule):
             self.seen.append((self.global_step, {k: v.detach().float() for k, v in z.items()}, y))
         return F.cross_entropy(logits, y)
 
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        xa, xv, y = batch
+        f = self.features(xa, xv)
+        if self.method == "boost":
+            self.log("val_loss", self.boost(f, y))
+            return
+        logits = self.head(torch.cat(list(f.values()), dim=1))
+        if self.method.startswith("arl"):
+            self.log("val_loss", self.arl(logits, y, features=f))
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.adam:
             opt: torch.optim.Optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
@@ -166,6 +176,14 @@ class Net(pl.LightningModule):
         if self.stepper is None or not self.own_callback:
             return []  # (tests that place the callback among probes pass it to the Trainer)
         return [ModulatorCallback(self.stepper)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.attach and not isinstance(self.stepper, nn.Module):  # no callback holds it
+            checkpoint["modulator"] = self.stepper.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.attach and not isinstance(self.stepper, nn.Module):
+            self.stepper.load_state_dict(checkpoint["modulator"])
 
     def on_train_epoch_end(self) -> None:
         if self.method == "boost":
@@ -246,6 +264,11 @@ class RecordProbe(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         self.records.append(getattr(pl_module, self.attribute).last)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
 
 
 def optimiser_steps(epochs: int, accumulate: int) -> int:
@@ -390,19 +413,24 @@ def test_modulator_callback_refuses_non_modulators() -> None:
 # ---------------------------------------------------------------------------- resume
 
 
-def test_ogm_ge_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
-    """The modulator's step count and GE noise generator travel in the callback's state."""
-    kw = {"alpha": 0.8, "accumulate_grad_batches": 2}
+@pytest.mark.parametrize("attach", [False, True])
+def test_ogm_ge_resume_equals_uninterrupted_run(tmp_path: Path, attach: bool) -> None:
+    """The modulator's step count and GE noise generator travel in the checkpoint: in the
+    callback's state, or (attach path) through the LightningModule's checkpoint hooks."""
 
     def make(seed: int) -> Net:
-        return Net("ogm_ge", seed=seed, alpha=kw["alpha"])
+        return Net("ogm_ge", seed=seed, attach=attach)
 
     whole = make(0)
     fit(whole, 4, accumulate_grad_batches=2)
     resumed = fit_resumed(make, tmp_path, total=4, first=2, accumulate_grad_batches=2)
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    state = ckpt["callbacks"]["ModulatorCallback{'modulators': ['ModalityGradientModulator']}"]
-    assert state["0"]["step"] == optimiser_steps(2, 2)
+    if attach:
+        state = ckpt["modulator"]
+    else:
+        key = "ModulatorCallback{'modulators': ['ModalityGradientModulator']}"
+        state = ckpt["callbacks"][key]["0"]
+    assert state["step"] == optimiser_steps(2, 2)
     assert_same_weights(whole, resumed)
     assert resumed.modulator.step_count == whole.modulator.step_count == optimiser_steps(4, 2)
     assert torch.equal(resumed.modulator.last.coefficients, whole.modulator.last.coefficients)
@@ -475,6 +503,20 @@ def test_fits_in_bf16_with_accumulation_for_every_module() -> None:
         assert getattr(model, module[method]).last is not None, method
 
 
+@pytest.mark.parametrize("method", ["arl", "boost"])
+def test_validation_leaves_the_training_state_alone(method: str) -> None:
+    """Lightning puts the model in eval mode for validation (sanity check included): the loss
+    modules compute the loss there and count no step, pool no sample."""
+    model = Net(method, adam=method == "boost", lr=0.01)
+    t = trainer(2, num_sanity_val_steps=2)
+    t.fit(model, loader(), val_dataloaders=loader())
+    assert "val_loss" in t.callback_metrics
+    if method == "arl":
+        assert model.arl.steps == 2 * BATCHES
+    else:  # each epoch-end check pooled the epoch's training samples only
+        assert int(model.boost.last.samples) == N
+
+
 # ---------------------------------------------------------------------------- logging
 
 
@@ -492,7 +534,7 @@ def test_record_logger_writes_records_on_the_logged_steps(tmp_path: Path) -> Non
     t.fit(model, loader())
     files = list(tmp_path.rglob("metrics.csv"))
     assert len(files) == 1
-    rows = list(csv.DictReader(files[0].open()))
+    rows = read_csv(files[0])
     key = "imbalance/ogm/coefficients/audio"
     logged = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
     # optimiser steps 2, 4, ..., 12 (global_step after the step); the logger's step is one less
@@ -517,7 +559,8 @@ def test_docs_page_runs_as_written(tmp_path: Path) -> None:
     )
     assert ns["boost_model"].boost.num_heads["visual"] > ns["boost_model"].boost.num_heads["audio"]
     assert ns["accumulated"].criterion.steps == 2 * math.ceil(batches / 2)
-    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    assert ns["attached"].modulator.step_count == 2 * math.ceil(batches / 2)
+    rows = read_csv(next(tmp_path.rglob("metrics.csv")))
     assert [r["step"] for r in rows if r.get("imbalance/ogm/coefficients/audio")] == [
         str(s - 1) for s in range(2, epochs_ogm * batches + 1, 2)
     ]
