@@ -30,10 +30,12 @@ Protocol (the same for every row):
 * Hyper-parameters of each method: a small grid, each value trained on the first seed; the value
   with the best validation accuracy (ties: lower validation loss) is then trained on every seed.
   ``--quick`` and ``--no-grid`` skip the grid and use each method's documented default.
-* Per-modality accuracy after training, two ways: a linear probe (multinomial logistic
-  regression fitted on the frozen training features of that modality, L-BFGS, fixed L2 1e-3) and
-  the unimodal logits read off the trained model's own head (``unimodal_logits`` for the linear
-  head; each modality's head ensemble for sustained boosting).
+* Per-modality accuracy after training, two ways, by the library's ``imbalance_report``: a
+  linear probe (multinomial logistic regression fitted on the frozen training features of that
+  modality, L-BFGS, fixed L2 1e-3) and the unimodal logits read off the trained model's own head
+  (``unimodal_logits`` for the linear head; each modality's head ensemble for sustained
+  boosting). The plain joint model's report, with the uni-modal rows' probes as the encoders
+  trained alone, closes the output (seed 0): which modality is under-trained, and by how much.
 * Rows: each uni-modal model alone, plain joint training, joint + OGM-GE, joint + ARL (and its
   no-re-weighting ablation), sustained boosting, joint + PMR, joint + G-Blending, joint +
   MMPareto, joint + AGM, joint + OPM, and the uni-modal ensemble (mean of the two uni-modal
@@ -85,6 +87,7 @@ from data import MissingDataError, Split, Task, load_task
 
 import imbalance_losses
 from imbalance_losses import unimodal_logits
+from imbalance_losses.report import ImbalanceReport, imbalance_report, linear_probe_accuracy
 
 Config = dict[str, float]
 
@@ -220,27 +223,8 @@ def batches(n: int, size: int, generator: torch.Generator) -> Iterator[Tensor]:
 def linear_probe(
     train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, classes: int
 ) -> float:
-    """Test accuracy of multinomial logistic regression on frozen features.
-
-    Features standardised with training statistics; ``min_W CE(x W + b, y) + l2 ||W||^2`` by
-    full-batch L-BFGS (deterministic). Nothing is tuned, so the test split chooses nothing.
-    """
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
-    w = torch.zeros(xtr.shape[1], classes, requires_grad=True)
-    b = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(xtr @ w + b, train_y) + PROBE_L2 * (w * w).sum()
-        loss.backward()  # type: ignore[no-untyped-call]
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)  # type: ignore[no-untyped-call]
-    with torch.no_grad():
-        return accuracy(xte @ w + b, test_y)
+    """Test accuracy of the library's linear probe (``imbalance_losses.report``), fixed L2."""
+    return linear_probe_accuracy(train_x, train_y, test_x, test_y, classes, l2=PROBE_L2)
 
 
 class Runner:
@@ -452,13 +436,19 @@ class Runner:
         (best_val, neg_loss), best_epoch, best_model, best_boost = best
         fused, per_mod, test_feats = self.predict(best_model, best_boost, task.test)
         _, _, train_feats = self.predict(best_model, best_boost, task.train)
-        probe = {
-            m: linear_probe(
-                train_feats[m], task.train.y, test_feats[m], task.test.y, task.num_classes
-            )
-            for m in modalities
-        }
-        head = {m: accuracy(z, task.test.y) for m, z in per_mod.items()}
+        # the diagnosis: a probe per encoder; the shared head's unimodal logits where there is
+        # one (sustained boosting's per-modality head ensembles and a uni-modal model's own head
+        # are scored from `per_mod`)
+        shared_head = best_boost is None and len(modalities) > 1
+        diagnosis = imbalance_report(
+            (train_feats, task.train.y),
+            (test_feats, task.test.y),
+            head=best_model.head if shared_head else None,
+            num_classes=task.num_classes,
+            l2=PROBE_L2,
+        )
+        probe = diagnosis.probe
+        head = diagnosis.head or {m: accuracy(z, task.test.y) for m, z in per_mod.items()}
         return RunResult(
             task=task.name,
             method=method,
@@ -476,6 +466,7 @@ class Runner:
             trace=trace,
             test_probs=fused.softmax(dim=-1) if uni else None,
             diverged=diverged,
+            diagnosis=diagnosis,
         )
 
     @torch.no_grad()
@@ -598,6 +589,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
     traces: dict[str, dict[str, list[dict[str, float]]]] = {}
     grids: dict[tuple[str, str, str], list[tuple[Config, float, float]]] = {}
     per_seed: list[tuple[str, str, str, list[float]]] = []
+    diagnoses: list[tuple[str, str, ImbalanceReport]] = []
     started = time.perf_counter()
 
     def run(runner: Runner, method: str, opt: str, seed: int, config: Config) -> RunResult:
@@ -640,6 +632,10 @@ def run_benchmark(args: argparse.Namespace) -> str:
                         (r.config, r.best_val, r.best_val_loss) for r in first
                     ]
                 chosen_configs[method.key] = chosen.config
+                if method.key == "joint" and with_unimodal:
+                    diagnosis = report.with_alone(chosen, {m: uni[m][0] for m in names})
+                    if diagnosis is not None:
+                        diagnoses.append((task.title, opt, diagnosis))
                 runs = [chosen] + [
                     run(runner, method.key, opt, s, chosen.config) for s in seeds[1:]
                 ]
@@ -686,10 +682,13 @@ def run_benchmark(args: argparse.Namespace) -> str:
         + "\n"
         + report.NOTES
         + "\n"
+        + report.diagnosis_text(diagnoses)
+        + "\n"
         + report.per_seed_text(per_seed)
     )
     if not args.no_plots:
-        note = report.plots(Path(args.plots_dir), curves, traces)
+        modalities = {t.name: list(t.kinds) for t in tasks}
+        note = report.plots(Path(args.plots_dir), curves, traces, modalities)
         text += "\n" + note + "\n"
     return text
 

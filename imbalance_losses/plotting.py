@@ -87,7 +87,7 @@ def plot_history(
             ``["acc", "ratio", "grad_share", "modulator/coefficients"]``). Default: every metric
             with a per-modality line, in first-seen order (every metric if none has).
         modalities: the modality names (default: those of the monitor's ``imbalance/<m>/acc``
-            keys).
+            keys; ``[]`` for values that belong to no modality: one line per run).
         xlabel: the x axis (the points are numbered from 1).
         title: the figure's title.
 
@@ -114,7 +114,7 @@ def plot_history(
     if not runs or all(len(h) == 0 for h in runs.values()):
         raise ValueError("plot_history: the history is empty (no point to draw)")
     names = list(modalities) if modalities is not None else _infer_modalities(runs)
-    if not names:
+    if modalities is None and not names:
         raise ValueError(
             "plot_history: no modality found in the keys (the monitor's keys are "
             "'imbalance/<modality>/acc'); pass modalities=[...]"
@@ -142,7 +142,7 @@ def plot_history(
     figure = _figure_class()
     ncols = min(3, len(chosen))
     nrows = math.ceil(len(chosen) / ncols)
-    fig = figure(figsize=(4.4 * ncols, 3.1 * nrows + (0.4 if title else 0.0)))
+    fig = figure(figsize=(4.6 * ncols, 3.3 * nrows + (0.4 if title else 0.0)))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat[len(chosen) :]:
         ax.set_visible(False)
@@ -151,6 +151,7 @@ def plot_history(
             values = [point.get((metric, modality), math.nan) for point in parsed[run]]
             label = ": ".join(part for part in (run, modality) if part) or metric
             ax.plot(range(1, len(values) + 1), values, label=label, lw=1.0)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # points are numbered
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)

@@ -167,3 +167,20 @@ def test_batches_are_concatenated_and_bad_input_is_named() -> None:
         imbalance_report(
             ({"image": t["image"][:10]}, t["y"][:10].float()), _sets(t, names, 600, 800)
         )
+
+
+def test_verdict_names_the_modality_the_head_relies_on_least() -> None:
+    r = ImbalanceReport(
+        modalities=("a", "b"),
+        probe={"a": 0.8, "b": 0.95},
+        head={"a": 0.3, "b": 0.9},
+        num_classes=10,
+        num_evaluated=400,
+    )
+    assert "relies least on a: its logits through the shared head reach 30.0 %" in r.verdict
+    assert "against 80.0 % for its probe (b: 90.0 % vs 95.0 %)" in r.verdict
+    even = ImbalanceReport(
+        modalities=("a", "b"), probe={"a": 0.8, "b": 0.9}, head={"a": 0.79, "b": 0.9},
+        num_evaluated=400,
+    )  # fmt: skip
+    assert "relies least" not in even.verdict  # 1 point on 400 samples is noise

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,15 +13,20 @@ from typing import Any
 import torch
 from data import Task
 
+from imbalance_losses.plotting import plot_history
+from imbalance_losses.report import ImbalanceReport
+
 __all__ = [
     "NOTES",
     "Row",
     "RunResult",
+    "diagnosis_text",
     "grid_text",
     "header",
     "per_seed_text",
     "plots",
     "tables",
+    "with_alone",
 ]
 
 
@@ -45,6 +50,7 @@ class RunResult:
     trace: list[dict[str, float]]
     test_probs: torch.Tensor | None = None  # uni-modal rows: for the ensemble
     diverged: int | None = None  # epoch at which the loss / features became non-finite
+    diagnosis: ImbalanceReport | None = None  # imbalance_report of the kept model (not diverged)
 
 
 def _finite(values: Iterable[float]) -> list[float]:
@@ -273,6 +279,37 @@ NOTES = """#### Reading the columns
 """
 
 
+def diagnosis_text(
+    reports: Sequence[tuple[str, str, ImbalanceReport]],
+) -> str:
+    """Each task's plain joint model diagnosed by ``imbalance_report`` (seed 0).
+
+    The probes of the encoders trained alone are the uni-modal rows' probes (same split, same
+    seed), so the deficit is read against them.
+    """
+    if not reports:
+        return ""
+    lines = [
+        "#### Diagnosis of plain joint training (`imbalance_report`, seed 0)",
+        "",
+        "Per modality: the test accuracy of its logits through the shared head, a linear probe "
+        "on the jointly trained encoder, the same probe on the encoder trained alone (the "
+        "uni-modal row), and the deficit between the two.",
+        "",
+    ]
+    for title, opt, diagnosis in reports:
+        lines += [f"**{title}, {opt}**", "", str(diagnosis), ""]
+    return "\n".join(lines)
+
+
+def with_alone(joint: RunResult, alone: Mapping[str, RunResult]) -> ImbalanceReport | None:
+    """``joint``'s report with the uni-modal runs' probes as the encoders trained alone."""
+    if joint.diagnosis is None or any(r.diagnosis is None for r in alone.values()):
+        return None
+    probes = {m: r.diagnosis.probe[m] for m, r in alone.items() if r.diagnosis is not None}
+    return dataclasses.replace(joint.diagnosis, alone=probes)
+
+
 def per_seed_text(per_seed: Sequence[tuple[str, str, str, Sequence[float]]]) -> str:
     """Every run's test accuracy, seed by seed, so the spread can be read directly."""
     lines = ["#### Test accuracy per seed (%)", ""]
@@ -286,67 +323,59 @@ def plots(
     directory: Path,
     curves: Mapping[str, Mapping[str, list[float]]],
     traces: Mapping[str, Mapping[str, list[dict[str, float]]]],
+    modalities: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """Validation accuracy per epoch per method, and each method's diagnostics over training.
 
-    Returns a one-line note (where the plots went, or why they were skipped).
+    Both figures are drawn by the library's ``plot_history``: the first with one panel per
+    optimiser and one line per row, the second with one panel per method's coefficient field and
+    one line per optimiser and modality. Returns a one-line note (where the plots went, or why
+    they were skipped).
     """
+    written = []
     try:
-        matplotlib = importlib.import_module("matplotlib")
-        matplotlib.use("Agg")
-        plt = importlib.import_module("matplotlib.pyplot")
+        for task, by_run in curves.items():
+            val: dict[str, list[dict[str, float]]] = {}
+            for name, curve in by_run.items():
+                label, opt = name.rsplit(" / ", 1)
+                _merge(val.setdefault(label, []), [
+                    {f"validation accuracy % ({opt}, seed 0)": 100 * v} for v in curve
+                ])  # fmt: skip
+            written.append(
+                plot_history(
+                    val, directory / f"benchmark_{task}_val.png", modalities=[], title=task
+                )
+            )
+            runs = traces.get(task, {})
+            if not runs:
+                continue
+            per_opt: dict[str, list[dict[str, float]]] = {}
+            for name, trace in runs.items():
+                label, opt = name.rsplit(" / ", 1)
+                keys = _diagnostic_keys(trace)
+                _merge(per_opt.setdefault(opt, []), [
+                    {f"{label}: {k}": step[k] for k in keys if k in step} for step in trace
+                ])  # fmt: skip
+            written.append(
+                plot_history(
+                    per_opt,
+                    directory / f"benchmark_{task}_coefficients.png",
+                    modalities=list((modalities or {}).get(task, ())),
+                    xlabel="optimiser step",
+                    title=f"{task}: each method's coefficients over training (seed 0)",
+                )
+            )
     except ImportError:
         return "(plots skipped: matplotlib is not installed; `pip install matplotlib`)"
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for task, by_run in curves.items():
-        opts = list(dict.fromkeys(name.rsplit(" / ", 1)[1] for name in by_run))
-        fig, axes = plt.subplots(
-            1, len(opts), figsize=(6 * len(opts), 4.5), sharey=True, squeeze=False
-        )
-        for ax, opt in zip(axes[0], opts, strict=True):
-            for name, curve in by_run.items():
-                label, run_opt = name.rsplit(" / ", 1)
-                if run_opt == opt:
-                    ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], label=label)
-            ax.set_title(f"{task}: validation accuracy ({opt}, seed 0)")
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("val accuracy %")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        path = directory / f"benchmark_{task}_val.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-        runs = traces.get(task, {})
-        if not runs:
-            continue
-        labels = list(dict.fromkeys(name.rsplit(" / ", 1)[0] for name in runs))
-        opts = list(dict.fromkeys(name.rsplit(" / ", 1)[1] for name in runs))
-        fig, axes = plt.subplots(
-            len(opts), len(labels), figsize=(4.2 * len(labels), 3.2 * len(opts)), squeeze=False
-        )
-        for i, opt in enumerate(opts):
-            for j, label in enumerate(labels):
-                ax = axes[i][j]
-                trace = runs.get(f"{label} / {opt}")
-                if not trace:
-                    ax.set_visible(False)
-                    continue
-                for key in _diagnostic_keys(trace):
-                    ax.plot([step.get(key, float("nan")) for step in trace], label=key, lw=0.8)
-                ax.set_title(f"{task}: {label} / {opt} (seed 0)", fontsize=9)
-                ax.set_xlabel("optimiser step")
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = directory / f"benchmark_{task}_coefficients.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
     return "(plots: " + ", ".join(str(p) for p in written) + ")"
+
+
+def _merge(into: list[dict[str, float]], points: Sequence[dict[str, float]]) -> None:
+    """Add each point's values to the entry of the same index (entries appended as needed)."""
+    for i, point in enumerate(points):
+        if i == len(into):
+            into.append({})
+        into[i].update(point)
 
 
 _PREFERRED = (
