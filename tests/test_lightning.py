@@ -378,21 +378,26 @@ def test_encoders_mode_steps_through_the_callback(method: str) -> None:
     assert not torch.allclose(records.records[-1].coefficients, torch.ones(2))
 
 
-def test_attach_in_configure_optimizers_equals_the_callback() -> None:
+def steps_taken(stepper: Any) -> int:
+    return int(stepper.step_count if hasattr(stepper, "step_count") else stepper.steps)
+
+
+@pytest.mark.parametrize("method", ["ogm", "arl_encoders", "agm"])
+def test_attach_in_configure_optimizers_equals_the_callback(method: str) -> None:
     """The optimizer-hook path (attach in configure_optimizers): Lightning's optimizer.step(closure)
     runs the modulator after the closure's backward, once per optimiser step; without gradient
     clipping the run equals the callback path; a second fit of the same model re-attaches."""
     runs = {}
     for attach in (False, True):
-        model = Net("ogm", attach=attach)
+        model = Net(method, attach=attach)
         t = fit(model, 2, accumulate_grad_batches=2, precision="bf16-mixed")
-        assert model.modulator.step_count == t.global_step == optimiser_steps(2, 2)
+        assert steps_taken(model.stepper) == t.global_step == optimiser_steps(2, 2)
         runs[attach] = model
     assert_same_weights(runs[False], runs[True])
     model = runs[True]
     t = fit(model, 1)  # a new Trainer and optimizer for the same model
-    assert model.modulator.step_count == optimiser_steps(2, 2) + BATCHES
-    assert model.modulator.attached_optimizer is t.optimizers[0]
+    assert steps_taken(model.stepper) == optimiser_steps(2, 2) + BATCHES
+    assert model.stepper.attached_optimizer is t.optimizers[0]
 
 
 def test_nn_module_modulator_must_belong_to_the_model() -> None:
@@ -400,6 +405,13 @@ def test_nn_module_modulator_must_belong_to_the_model() -> None:
     outside = ARLLoss(head=model.head, encoders={"audio": model.audio, "visual": model.visual})
     t = trainer(1, callbacks=[ModulatorCallback(outside)])
     with pytest.raises(ValueError, match="not part of the LightningModule"):
+        t.fit(model, loader())
+
+
+def test_attached_modulator_refused_by_the_callback() -> None:
+    model = Net("ogm", attach=True)
+    t = trainer(1, callbacks=[ModulatorCallback(model.modulator)])
+    with pytest.raises(ValueError, match="would run twice"):
         t.fit(model, loader())
 
 

@@ -13,6 +13,9 @@ What a ``LightningModule`` needs beyond the plain-loop recipes:
   last micro-batch under ``accumulate_grad_batches``, so once per optimiser step) and after
   ``GradScaler.unscale_`` (``precision="16-mixed"``), before gradient clipping and
   ``optimizer.step()``: where the plain-loop recipe calls ``step()``.
+  Or attach the modulator to the optimiser instead (``modulator.attach(opt)`` in
+  ``configure_optimizers``: its ``step()`` then runs inside ``opt.step()``, after Lightning's
+  closure and gradient clipping); ``docs/lightning.md`` compares the two.
 * **Records**: :class:`RecordLogger` logs each module's ``last`` record through
   ``LightningModule.log_dict`` on the steps the trainer writes logs (``log_every_n_steps``), so
   the one host read of a record happens only then.
@@ -100,6 +103,8 @@ class ModulatorCallback(Callback):
     Raises:
         TypeError: no modulator, or one without ``step()`` / ``state_dict()`` /
             ``load_state_dict()``.
+        ValueError: (at ``fit``) an ``nn.Module`` modulator that the ``LightningModule`` does
+            not hold, or a modulator also attached to an optimiser (``attach()``).
 
     Example:
         >>> from torch import nn
@@ -142,6 +147,16 @@ class ModulatorCallback(Callback):
                     f"{type(pl_module).__name__}: make it an attribute (self.name = ...) so that "
                     "Lightning checkpoints its state with the model and switches it between "
                     "train and eval"
+                )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse a modulator also attached to an optimiser (it would step twice)."""
+        for mod in self.modulators:
+            if getattr(mod, "attached_optimizer", None) is not None:
+                raise ValueError(
+                    f"{type(mod).__name__} is attached to an optimizer (attach()) and given to "
+                    "ModulatorCallback: its step() would run twice per optimizer step; use one "
+                    "of the two"
                 )
 
     def on_before_optimizer_step(
