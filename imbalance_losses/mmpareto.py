@@ -162,9 +162,9 @@ class MMPareto:
     r"""MMPareto's gradient combination in place of ``loss.backward()``.
 
     $$a = \nabla_{\theta_m} \mathcal{L}_{mm}, \quad b = \nabla_{\theta_m} \mathcal{L}_m, \qquad
-    (k_{mm}, k_m) = \begin{cases} (\tfrac12, \tfrac12) & \langle a, b \rangle > 0 \\
-    \big(\operatorname{clip}(\tfrac{\langle b - a, b \rangle}{\lVert a - b \rVert^2}, 0, 1),\
-    1 - k_{mm}\big) & \text{otherwise} \end{cases}$$
+    k_{mm} = \begin{cases} \tfrac12 & \langle a, b \rangle > 0 \\
+    \operatorname{clip}\big(\tfrac{\langle b - a, b \rangle}{\lVert a - b \rVert^2}, 0, 1\big)
+    & \text{otherwise} \end{cases}, \qquad k_m = 1 - k_{mm}$$
 
     $$d = 2 (k_{mm} a + k_m b), \qquad
     g_{\theta_m} = \gamma \frac{\lVert a + b \rVert}{\lVert d \rVert}\, d$$
