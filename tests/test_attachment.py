@@ -10,6 +10,7 @@ by hand, the clip factor from ``clip_grad_norm_``'s documented formula, the upda
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from imbalance_losses import (
     unimodal_logits,
 )
 from imbalance_losses._attachment import OptimizerAttachable, unwrap_optimizer
+from tests.pages import run_page
 
 ALPHA = 0.7
 
@@ -553,3 +555,9 @@ def test_attached_arl_equals_explicit_step_and_acts_after_clipping() -> None:
         m = 0 if n.startswith("audio") else 1 if n.startswith("visual") else None
         factor = 1.0 if m is None else 1.0 + float(beta[m])
         torch.testing.assert_close(before[n] - p.detach(), factor * clipped[n])
+
+
+def test_docs_page_runs_as_written(tmp_path: Path) -> None:
+    ns = run_page("attaching.md", tmp_path)
+    assert ns["modulator"].step_count == 8 and ns["modulator"].attached_optimizer is None
+    assert int(ns["modulator"].last.num_samples) == 8
