@@ -286,3 +286,50 @@ def test_importing_the_package_imports_no_trainer_framework() -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+@pytest.mark.filterwarnings("ignore:SustainedBoostingLoss switched on a head")
+def test_every_kind_of_module_round_trips_through_the_checkpoint_file(tmp_path: Path) -> None:
+    """The file is read with ``weights_only=True``: every module's state must pass it."""
+    from imbalance_losses import ARLLoss, SustainedBoostingLoss
+
+    def build() -> tuple[Any, ...]:
+        net = TinyNet()
+        encoders = {"audio": net.audio, "visual": net.visual}
+        return (
+            net,
+            ogm(net, method="ogm_ge"),
+            ARLLoss(head=net.head, encoders=encoders),
+            AdaptiveGradientModulator(net.head),
+            SustainedBoostingLoss(
+                num_classes=3, in_features={"audio": 6, "visual": 6}, check_every=1, hidden=4
+            ),
+        )
+
+    net, *modules = build()
+    data = Pairs()
+    for i in range(2):  # give every module some state
+        logits, feats = net(data.a[4 * i : 4 * i + 4], data.v[4 * i : 4 * i + 4])
+        y = data.y[4 * i : 4 * i + 4]
+        ogm_, arl, agm, boost = modules
+        loss = arl(logits, y, feats) + boost(feats, y)
+        agm(feats, y)
+        loss.backward()
+        ogm_.observe(unimodal_logits(net.head, feats), y)
+        ogm_.step()
+        arl.step()
+    args = arguments(tmp_path)
+    state = transformers.TrainerState(global_step=7)
+    (tmp_path / "checkpoint-7").mkdir()
+    ModulatorCallback(*modules).on_save(args, state, None)
+    _, *fresh = build()
+    callback = ModulatorCallback(*fresh)
+    callback.load_checkpoint(tmp_path / "checkpoint-7")
+    for old, new in zip(modules, fresh, strict=True):
+        a, b = old.state_dict(), new.state_dict()
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], Tensor):
+                assert torch.equal(a[key], b[key]), (type(old).__name__, key)
+    assert fresh[0].step_count == 2 and fresh[1].steps == 2 and fresh[2].steps == 2
+    assert fresh[3].num_heads == modules[3].num_heads
