@@ -561,3 +561,50 @@ def test_docs_page_runs_as_written(tmp_path: Path) -> None:
     ns = run_page("attaching.md", tmp_path)
     assert ns["modulator"].step_count == 8 and ns["modulator"].attached_optimizer is None
     assert int(ns["modulator"].last.num_samples) == 8
+
+
+def test_real_lightning_fit_with_closure_and_accumulation() -> None:
+    """Lightning's default ``optimizer.step(closure=...)``: the action follows the closure."""
+    pl = pytest.importorskip("lightning.pytorch")
+    data = batches(8, batch=4)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net()
+            self.modulator = ogm(self.net)
+            self.samples: list[int] = []
+
+        def training_step(self, batch: list[Tensor], index: int) -> Tensor:
+            xa, xv, y = batch
+            logits, feats = self.net(xa, xv)
+            self.modulator.observe(unimodal_logits(self.net.head, feats), y)
+            return F.cross_entropy(logits, y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def on_fit_start(self) -> None:
+            self.modulator.attach(self.trainer.optimizers[0])
+
+        def on_train_batch_end(self, *args: object) -> None:
+            if self.modulator.last is not None:
+                self.samples.append(int(self.modulator.last.num_samples))
+
+    module = Module()
+    loader = torch.utils.data.DataLoader(
+        [(xa[i], xv[i], y[i]) for xa, xv, y in data for i in range(4)], batch_size=4
+    )
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        gradient_clip_val=1.0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader)
+    assert trainer.global_step == 4 and module.modulator.step_count == 4
+    assert set(module.samples) == {8}  # every decision pooled both micro-batches
