@@ -89,8 +89,9 @@ class ImbalanceMonitor:
         head: the fusion head. When given, :meth:`update` takes the per-modality **features**
             and reads the unimodal logits off this head (:func:`~imbalance_losses.unimodal_logits`,
             under ``no_grad``); when ``None``, :meth:`update` takes the **unimodal logits**.
-        encoders: mapping modality -> encoder (``nn.Module`` or iterable of parameters), in the
-            order of ``modalities``, whose gradient norms :meth:`observe_gradients` reads.
+        encoders: mapping (or ``nn.ModuleDict``) modality -> encoder (``nn.Module`` or iterable
+            of parameters), in the order of ``modalities``, whose gradient norms
+            :meth:`observe_gradients` reads.
         ignore_index: class-index targets equal to it are left out (``None``: none).
         max_ratio: the cap of ``ratio_m`` (the modulator's default, 100).
         process_group: the group :meth:`compute` pools over (``None``: the world).
@@ -117,7 +118,7 @@ class ImbalanceMonitor:
         modalities: Sequence[str],
         *,
         head: Head | None = None,
-        encoders: Mapping[str, nn.Module | Iterable[Tensor]] | None = None,
+        encoders: Mapping[str, nn.Module | Iterable[Tensor]] | nn.ModuleDict | None = None,
         ignore_index: int | None = -100,
         max_ratio: float = 100.0,
         process_group: ProcessGroup | None = None,
@@ -139,6 +140,8 @@ class ImbalanceMonitor:
         self.process_group = process_group
         self._params: list[tuple[int, str, Tensor]] = []
         if encoders is not None:
+            if isinstance(encoders, nn.ModuleDict):
+                encoders = dict(encoders.items())
             check_same_modalities(
                 names, encoders, expected_what="the monitor's", actual_what="encoders"
             )
