@@ -360,7 +360,13 @@ def _ddp_body(
     for scale_a, scale_b in grads[rank].tolist():
         _set_grads(enc, scale_a, scale_b)
         monitor.observe_gradients()
-    return monitor.compute()
+    # a rank that saw nothing at all since reset() joins the all-reduce with zeros
+    only_rank0 = ImbalanceMonitor(["a", "b"])
+    if rank == 0:
+        only_rank0.update(z, y)
+    values = monitor.compute()
+    values.update({f"only_rank0/{k}": v for k, v in only_rank0.compute().items()})
+    return values
 
 
 def test_two_ranks_pool_to_what_one_process_computes() -> None:
@@ -377,6 +383,9 @@ def test_two_ranks_pool_to_what_one_process_computes() -> None:
         _set_grads(enc, scale_a, scale_b)
         one.observe_gradients()
     want = one.compute()
+    plain = ImbalanceMonitor(["a", "b"])
+    plain.update(z, y)
+    want.update({f"only_rank0/{k}": v for k, v in plain.compute().items()})
     assert set(r0) == set(want)
     for key in want:
         assert r0[key] == pytest.approx(want[key], rel=1e-6), key
