@@ -239,11 +239,20 @@ class ImbalanceReport:
                 f"against {others}. Whether it is under-trained or just less informative needs "
                 f"the probe of a {w} encoder trained alone (imbalance_report(..., alone=...))."
             )
-        for m in self.head:
-            if self.probe[m] - self.head[m] > self.margin(self.probe[m], self.head[m]):
+        if len(self.head) > 1:
+            least = min(self.head, key=lambda m: self.head[m] - self.probe[m])
+            if self.probe[least] - self.head[least] > self.margin(
+                self.probe[least], self.head[least]
+            ):
+                others = "; ".join(
+                    f"{m}: {pct(self.head[m])} % vs {pct(self.probe[m])} %"
+                    for m in self.head
+                    if m != least
+                )
                 lines.append(
-                    f"The fused head reads less of {m} than its encoder holds: {pct(self.head[m])} "
-                    f"% through the shared head against {pct(self.probe[m])} % for the probe."
+                    f"The fused head relies least on {least}: its logits through the shared "
+                    f"head reach {pct(self.head[least])} % against {pct(self.probe[least])} % "
+                    f"for its probe ({others})."
                 )
         return " ".join(lines)
 
