@@ -38,6 +38,7 @@ from .boosting import BoostingRecord, SustainedBoostingLoss
 from .diagnostics import StepRecord
 from .mmpareto import MMPareto, MMParetoRecord, pareto_weights
 from .modulation import ModalityGradientModulator, ModulationRecord
+from .monitor import ImbalanceMonitor
 from .opm import (
     ModalityPredictionModulator,
     OPMOutput,
@@ -46,6 +47,7 @@ from .opm import (
     kept_mean,
     rescale_factor,
 )
+from .plotting import plot_history
 from .pmr import (
     PMRLoss,
     PMRRecord,
@@ -55,6 +57,7 @@ from .pmr import (
     prototypical_cross_entropy,
     rebalance_coefficients,
 )
+from .report import ImbalanceReport, imbalance_report
 from .unimodal import Head, unimodal_logits
 
 __all__ = [
@@ -67,6 +70,8 @@ __all__ = [
     "BoostingRecord",
     "GradientBlending",
     "Head",
+    "ImbalanceMonitor",
+    "ImbalanceReport",
     "MMPareto",
     "MMParetoRecord",
     "ModalityGradientModulator",
@@ -85,12 +90,14 @@ __all__ = [
     "discrepancy_ratios",
     "drop_probabilities",
     "entropy_weights",
+    "imbalance_report",
     "inverse_variance_weights",
     "kept_mean",
     "mono_modal_cross_entropy",
     "mono_modal_responses",
     "overfitting_to_generalization_ratio",
     "pareto_weights",
+    "plot_history",
     "prototype_entropy",
     "prototype_logits",
     "prototypical_cross_entropy",

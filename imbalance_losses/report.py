@@ -180,6 +180,16 @@ class ImbalanceReport:
         num_classes: ``C``.
         num_fit: samples the probes were fitted on.
         num_evaluated: held-out samples every accuracy is measured on.
+
+    Example:
+        >>> report = ImbalanceReport(
+        ...     modalities=("image", "audio"),
+        ...     probe={"image": 0.97, "audio": 0.80},
+        ...     alone={"audio": 0.95},
+        ...     num_classes=10, num_fit=1000, num_evaluated=400,
+        ... )
+        >>> report.under_trained, round(report.deficit["audio"], 2)
+        (('audio',), 0.15)
     """
 
     modalities: tuple[str, ...]
