@@ -8,7 +8,11 @@ action into the optimiser itself with ``torch.optim.Optimizer.register_step_pre_
 
 * it runs once per call of the real optimiser's ``step()``, so exactly once per real update;
 * ``GradScaler.step(opt)`` unscales first and calls ``opt.step()`` only when every gradient is
-  finite: the action sees unscaled gradients and never runs on a step the scaler skips;
+  finite: the action sees unscaled gradients and never runs on a step the scaler skips. An
+  optimiser that handles the scaling itself (``fused=True``) is called on every step with
+  ``opt.found_inf``: the action is skipped when it is set (one host read of the flag), and it
+  sees the gradients still scaled unless ``scaler.unscale_(opt)`` ran first (the modules'
+  actions scale with the gradients, OGM-GE's noise with their std: the update is the same);
 * under gradient accumulation the trainer calls ``step()`` once per accumulated batch
   (Accelerate's ``AcceleratedOptimizer`` skips the inner step on non-sync micro-batches);
 * gradient clipping, done by every trainer before ``optimizer.step()``, comes before the action;
@@ -199,6 +203,8 @@ class OptimizerAttachable:
         def before_step(
             opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+            if _scaler_skips(opt):
+                return None
             # args is (optimizer, *step's positional arguments): step(closure) has it at 1
             positional = len(args) > 1
             closure = args[1] if positional else kwargs.get("closure")
@@ -249,6 +255,18 @@ class OptimizerAttachable:
                 f"are not in this {type(optimizer).__name__}'s param_groups: attach it to the "
                 "optimizer that updates its encoders"
             )
+
+
+def _scaler_skips(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``GradScaler.step`` is running a step that the optimiser itself will skip.
+
+    An optimiser that handles AMP scaling itself (``_step_supports_amp_scaling``: fused or
+    capturable Adam / AdamW / SGD) is always called by ``GradScaler.step``, with the overflow
+    flag in ``optimizer.found_inf``; its kernel then leaves the parameters alone. One host read
+    of that flag, as ``GradScaler.step`` makes itself for any other optimiser.
+    """
+    found_inf = getattr(optimizer, "found_inf", None)
+    return isinstance(found_inf, Tensor) and bool(found_inf)
 
 
 def _run(act: Callable[[], None]) -> None:
