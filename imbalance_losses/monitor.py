@@ -29,7 +29,8 @@ left out of every sum and of ``N``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -62,6 +63,25 @@ class _HasRecord(Protocol):
     def last(self) -> StepRecord | None: ...
 
 
+@contextmanager
+def _eval_mode(head: Head) -> Iterator[None]:
+    """The head's modules in eval mode inside the block, each back to its own mode after.
+
+    Reading the head must not change training: in train mode a BatchNorm would update its
+    running statistics with the one-modality inputs and a dropout would draw from the RNG.
+    """
+    roots = list(head.values()) if isinstance(head, Mapping) else [head]
+    modules = [m for r in roots if isinstance(r, nn.Module) for m in r.modules()]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.training = mode
+
+
 class ImbalanceMonitor:
     """Per-modality accuracy, confidence, imbalance ratio and gradient share, ready to log.
 
@@ -88,7 +108,8 @@ class ImbalanceMonitor:
         modalities: the modality names, in the order the model concatenates them (at least two).
         head: the fusion head. When given, :meth:`update` takes the per-modality **features**
             and reads the unimodal logits off this head (:func:`~imbalance_losses.unimodal_logits`,
-            under ``no_grad``); when ``None``, :meth:`update` takes the **unimodal logits**.
+            under ``no_grad``, its modules in eval mode: no BatchNorm statistic or dropout draw
+            changes training); when ``None``, :meth:`update` takes the **unimodal logits**.
         encoders: mapping (or ``nn.ModuleDict``) modality -> encoder (``nn.Module`` or iterable
             of parameters), in the order of ``modalities``, whose gradient norms
             :meth:`observe_gradients` reads.
@@ -161,8 +182,8 @@ class ImbalanceMonitor:
 
         Args:
             inputs: mapping modality -> features ``[B, ..., D_m]`` when the monitor has a
-                ``head`` (the logits are read off it under ``no_grad``), else modality ->
-                unimodal logits ``[B, C]``; the monitor's modalities, in its order.
+                ``head`` (the logits are read off it under ``no_grad``, in eval mode), else
+                modality -> unimodal logits ``[B, C]``; the monitor's modalities, in its order.
             target: class indices ``[B]`` (``ignore_index`` allowed) or soft targets ``[B, C]``.
 
         Raises:
@@ -175,7 +196,7 @@ class ImbalanceMonitor:
             check_same_modalities(
                 self.modalities, inputs, expected_what="the monitor's", actual_what="features"
             )
-            with torch.no_grad():
+            with torch.no_grad(), _eval_mode(self.head):
                 logits = unimodal_logits(self.head, inputs)
         else:
             logits = dict(inputs)
