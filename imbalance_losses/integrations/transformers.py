@@ -18,6 +18,11 @@ The ``Trainer`` owns the loop, so two things move out of the user's hands:
 What each module observes per (micro-)batch still comes from your code, in a ``compute_loss``
 override (see ``docs/transformers.md`` for the complete recipes, ARL and boosting included).
 
+:class:`MonitorCallback` does the same for an :class:`~imbalance_losses.ImbalanceMonitor`
+(``monitor.update(feats, labels)`` in ``compute_loss`` is then the one line left): the encoders'
+gradients once per optimiser step, the monitor's values in every training log record, its sums
+in every checkpoint folder (``imbalance_monitor.pt``).
+
 Nothing here is imported by ``import imbalance_losses``; this module imports ``transformers``
 (``pip install "imbalance-losses[transformers]"``).
 """
@@ -30,19 +35,87 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from .._attachment import OptimizerAttachable
+from ..monitor import ImbalanceMonitor
 
-__all__ = ["STATE_FILE", "ModulatorCallback"]
+__all__ = ["MONITOR_STATE_FILE", "STATE_FILE", "ModulatorCallback", "MonitorCallback"]
 
 STATE_FILE = "imbalance_losses.pt"
 """The file each checkpoint folder gets: ``{"global_step": int, "modules": [{type, state}]}``."""
+
+MONITOR_STATE_FILE = "imbalance_monitor.pt"
+""":class:`MonitorCallback`'s file in each checkpoint folder (the same layout as ``STATE_FILE``)."""
 
 
 def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
     """``<output_dir>/checkpoint-<global step>``, the folder the ``Trainer`` saves a step to."""
     return os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
+
+
+def _save_states(
+    args: TrainingArguments, state: TrainerState, file: str, modules: tuple[Stateful, ...]
+) -> None:
+    """Write every module's state into ``file`` of the checkpoint folder just saved."""
+    if not args.should_save:
+        return
+    torch.save(
+        {
+            "global_step": state.global_step,
+            "modules": [{"type": type(m).__name__, "state": m.state_dict()} for m in modules],
+        },
+        os.path.join(_checkpoint_folder(args, state), file),
+    )
+
+
+def _load_states(
+    checkpoint: str | os.PathLike[str], file: str, modules: tuple[Stateful, ...]
+) -> int:
+    """Restore ``modules`` from ``<checkpoint>/<file>``; the global step it was saved at."""
+    saved = torch.load(os.path.join(checkpoint, file), weights_only=True)
+    entries = saved["modules"]
+    kinds = [type(m).__name__ for m in modules]
+    if [e["type"] for e in entries] != kinds:
+        raise ValueError(
+            f"{os.fspath(checkpoint)} holds the state of {[e['type'] for e in entries]}, "
+            f"this callback has {kinds}: pass the same modules in the same order"
+        )
+    for module, entry in zip(modules, entries, strict=True):
+        module.load_state_dict(entry["state"])
+    return int(saved["global_step"])
+
+
+def _resume(
+    args: TrainingArguments,
+    state: TrainerState,
+    file: str,
+    modules: tuple[Stateful, ...],
+    loaded_step: int | None,
+) -> None:
+    """At ``on_train_begin``: restore a resumed run's state unless ``load_checkpoint`` did."""
+    if state.global_step > 0 and loaded_step != state.global_step:
+        folder = _checkpoint_folder(args, state)
+        if not os.path.isfile(os.path.join(folder, file)):
+            raise FileNotFoundError(
+                f"resuming at global step {state.global_step}, but {folder} has no "
+                f"{file} with the modules' state; for a checkpoint outside "
+                "output_dir call callback.load_checkpoint(<checkpoint folder>) before "
+                "trainer.train(resume_from_checkpoint=<checkpoint folder>)"
+            )
+        loaded_step = _load_states(folder, file, modules)
+    if loaded_step is not None and loaded_step != state.global_step:
+        raise ValueError(
+            f"load_checkpoint() read the modules' state of global step {loaded_step}, "
+            f"but the Trainer starts at global step {state.global_step}: resume from the "
+            "same checkpoint"
+        )
 
 
 class Stateful(Protocol):
@@ -134,22 +207,7 @@ class ModulatorCallback(TrainerCallback):
                         "refuses its non-tensor state. Keep it beside the model (an attribute "
                         "of your Trainer subclass or a local); this callback checkpoints it"
                     )
-        if state.global_step > 0 and self._loaded_step != state.global_step:
-            folder = _checkpoint_folder(args, state)
-            if not os.path.isfile(os.path.join(folder, STATE_FILE)):
-                raise FileNotFoundError(
-                    f"resuming at global step {state.global_step}, but {folder} has no "
-                    f"{STATE_FILE} with the modules' state; for a checkpoint outside "
-                    "output_dir call callback.load_checkpoint(<checkpoint folder>) before "
-                    "trainer.train(resume_from_checkpoint=<checkpoint folder>)"
-                )
-            self.load_checkpoint(folder)
-        if self._loaded_step is not None and self._loaded_step != state.global_step:
-            raise ValueError(
-                f"load_checkpoint() read the modules' state of global step {self._loaded_step}, "
-                f"but the Trainer starts at global step {state.global_step}: resume from the "
-                "same checkpoint"
-            )
+        _resume(args, state, STATE_FILE, self.modules, self._loaded_step)
         self._loaded_step = None
         optimizer = kwargs.get("optimizer")
         for attachable in self.attached_modules:
@@ -175,18 +233,7 @@ class ModulatorCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Write every module's state into the checkpoint folder just saved."""
-        if not args.should_save:
-            return
-        folder = _checkpoint_folder(args, state)
-        torch.save(
-            {
-                "global_step": state.global_step,
-                "modules": [
-                    {"type": type(m).__name__, "state": m.state_dict()} for m in self.modules
-                ],
-            },
-            os.path.join(folder, STATE_FILE),
-        )
+        _save_states(args, state, STATE_FILE, self.modules)
 
     # ------------------------------------------------------------------ explicit restore
 
@@ -200,14 +247,154 @@ class ModulatorCallback(TrainerCallback):
             FileNotFoundError: the folder has no ``imbalance_losses.pt``.
             ValueError: the file holds other modules (number or kinds) than this callback's.
         """
-        saved = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)
-        entries = saved["modules"]
-        kinds = [type(m).__name__ for m in self.modules]
-        if [e["type"] for e in entries] != kinds:
-            raise ValueError(
-                f"{os.fspath(checkpoint)} holds the state of {[e['type'] for e in entries]}, "
-                f"this callback has {kinds}: pass the same modules in the same order"
+        self._loaded_step = _load_states(checkpoint, STATE_FILE, self.modules)
+
+
+class MonitorCallback(TrainerCallback):
+    """Feed an :class:`~imbalance_losses.ImbalanceMonitor` the gradients, log it, checkpoint it.
+
+    ``monitor.update(feats, labels)`` on each training (micro-)batch in your ``compute_loss``
+    stays yours (the ``Trainer`` does not hand the features to callbacks); add the callback
+    with :meth:`add_to`, ahead of the ``Trainer``'s reporters::
+
+        monitor = ImbalanceMonitor(["audio", "visual"], head=net.head,
+                                   encoders={"audio": net.audio, "visual": net.visual})
+        trainer = MyTrainer(model=net, args=args, train_dataset=data, monitor=monitor)
+        MonitorCallback(monitor).add_to(trainer)
+        trainer.train()
+
+    * ``on_optimizer_step``:
+      :meth:`~imbalance_losses.ImbalanceMonitor.observe_gradients` when the monitor was built
+      with ``encoders=``. The ``Trainer`` fires it once per optimiser step (after the last
+      micro-batch of ``gradient_accumulation_steps``), right after ``optimizer.step()`` and
+      before ``zero_grad()``: the gradients the optimiser applied, clipped (``max_grad_norm``),
+      unscaled under fp16, after any attached remedy (:class:`ModulatorCallback`). A step the
+      fp16 scaler skips has non-finite gradients, which the monitor leaves out.
+      (``on_pre_optimizer_step`` would see fp16 gradients still scaled when nothing clips.)
+    * ``on_log``: at each **training** log event (``logging_strategy`` /
+      ``logging_steps``; the records with the ``Trainer``'s ``"loss"``, not evaluation or the
+      end-of-training summary) the monitor's
+      :meth:`~imbalance_losses.ImbalanceMonitor.compute` is added to ``logs`` (what the
+      reporters, TensorBoard, W&B, ..., write) and to that event's record in
+      ``trainer.state.log_history``, then the monitor is reset: each record covers the
+      batches and optimiser steps since the previous one, like the ``Trainer``'s ``"loss"``.
+      Every rank logs (and joins ``compute()``'s all-reduce).
+    * ``on_save`` / ``on_train_begin``: the monitor's sums go into each checkpoint folder
+      (``imbalance_monitor.pt``) and come back when ``trainer.train(resume_from_checkpoint=...)``
+      resumes, so the first record after a resume covers the same batches as without the
+      interruption. For a checkpoint outside ``output_dir`` call :meth:`load_checkpoint` first.
+
+    **Order.** The ``Trainer`` runs its callbacks in list order: its own flow callback, the
+    reporters of ``report_to``, then those passed as ``callbacks=[...]``. A callback there would
+    add its values after the reporters wrote theirs, so :meth:`add_to` puts this one first. Given
+    in ``callbacks=[...]`` instead, it still fills ``log_history`` when ``report_to="none"``, and
+    raises at ``on_train_begin`` when reporters are configured (they would miss the values).
+
+    Args:
+        monitor: the monitor to drive.
+
+    Raises:
+        TypeError: ``monitor`` is not an :class:`~imbalance_losses.ImbalanceMonitor`.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import ImbalanceMonitor
+        >>> from imbalance_losses.integrations.transformers import MonitorCallback
+        >>> from transformers import TrainerState, TrainingArguments
+        >>> callback = MonitorCallback(ImbalanceMonitor(["audio", "visual"]))
+        >>> callback.monitor.update({"audio": torch.tensor([[2.0, 0.0]]),
+        ...                          "visual": torch.tensor([[0.0, 2.0]])}, torch.tensor([0]))
+        >>> logs = {"loss": 0.7}
+        >>> args = TrainingArguments("unused", report_to="none")
+        >>> callback.on_log(args, TrainerState(), None, logs=logs)
+        >>> logs["imbalance/audio/acc"], logs["imbalance/visual/acc"], logs["imbalance/samples"]
+        (1.0, 0.0, 1.0)
+    """
+
+    def __init__(self, monitor: ImbalanceMonitor) -> None:
+        if not isinstance(monitor, ImbalanceMonitor):
+            raise TypeError(
+                "MonitorCallback takes an ImbalanceMonitor, got " + type(monitor).__name__
             )
-        for module, entry in zip(self.modules, entries, strict=True):
-            module.load_state_dict(entry["state"])
-        self._loaded_step = int(saved["global_step"])
+        self.monitor = monitor
+        self._first = False  # placed ahead of the reporters by add_to()
+        self._loaded_step: int | None = None
+
+    def add_to(self, trainer: Trainer) -> None:
+        """Add this callback to ``trainer`` ahead of every other one (its reporters included).
+
+        Moves it to the front if the trainer already has it.
+        """
+        callbacks: list[TrainerCallback] = trainer.callback_handler.callbacks
+        callbacks[:] = [self, *(cb for cb in callbacks if cb is not self)]
+        self._first = True
+
+    # ------------------------------------------------------------------ events
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        """Refuse a place behind the reporters; restore the monitor of a resumed run."""
+        if args.report_to and not self._first:
+            raise ValueError(
+                f"MonitorCallback runs after the Trainer's reporters {list(args.report_to)}, "
+                "which would log without the monitor's values: add it with "
+                "MonitorCallback(monitor).add_to(trainer) instead of callbacks=[...]"
+            )
+        _resume(args, state, MONITOR_STATE_FILE, (self.monitor,), self._loaded_step)
+        self._loaded_step = None
+
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        """Add this step's encoder gradient norms (a monitor built with ``encoders=`` only)."""
+        if self.monitor._params:  # built with encoders= (observe_gradients raises otherwise)
+            self.monitor.observe_gradients()
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add the values since the last training record to this one, then reset."""
+        if logs is None or "loss" not in logs:
+            return  # an evaluation or the end-of-training summary
+        values = self.monitor.compute()
+        self.monitor.reset()
+        logs.update(values)
+        history = state.log_history
+        if history and history[-1].get("step") == state.global_step and "loss" in history[-1]:
+            history[-1].update(values)  # the Trainer copied `logs` there before on_log
+
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        """Write the monitor's sums into the checkpoint folder just saved."""
+        _save_states(args, state, MONITOR_STATE_FILE, (self.monitor,))
+
+    def load_checkpoint(self, checkpoint: str | os.PathLike[str]) -> None:
+        """Restore the monitor from ``<checkpoint>/imbalance_monitor.pt`` now.
+
+        ``on_train_begin`` does this itself for checkpoints under ``output_dir``; call it for
+        one elsewhere, before ``trainer.train(resume_from_checkpoint=checkpoint)``.
+
+        Raises:
+            FileNotFoundError: the folder has no ``imbalance_monitor.pt``.
+            ValueError: the file holds another module's state, or another modalities'.
+        """
+        self._loaded_step = _load_states(checkpoint, MONITOR_STATE_FILE, (self.monitor,))
