@@ -19,6 +19,10 @@ What a ``LightningModule`` needs beyond the plain-loop recipes:
 * **Records**: :class:`RecordLogger` logs each module's ``last`` record through
   ``LightningModule.log_dict`` on the steps the trainer writes logs (``log_every_n_steps``), so
   the one host read of a record happens only then.
+* **The monitor**: :class:`MonitorCallback` feeds an
+  :class:`~imbalance_losses.ImbalanceMonitor` the encoders' gradients once per optimiser step,
+  logs its values at each epoch end, and keeps its unfinished sums in the checkpoints; the
+  ``LightningModule`` keeps one line, ``monitor.update(feats, y)`` in ``training_step``.
 
 Nothing here is imported by ``import imbalance_losses``; this module imports ``lightning``
 (``pip install "imbalance-losses[lightning]"``). See ``docs/lightning.md`` for a complete
@@ -35,8 +39,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..diagnostics import StepRecord
+from ..monitor import ImbalanceMonitor
 
-__all__ = ["ModulatorCallback", "RecordLogger"]
+__all__ = ["ModulatorCallback", "MonitorCallback", "RecordLogger"]
 
 
 class Steppable(Protocol):
@@ -269,3 +274,84 @@ class RecordLogger(Callback):
         values = self.metrics()
         if values:
             pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
+
+
+class MonitorCallback(Callback):
+    """Logs an :class:`~imbalance_losses.ImbalanceMonitor` at every epoch end; checkpoints it.
+
+    Two lines for the user: the monitor (an attribute of the ``LightningModule``, or a local)
+    gets each (micro-)batch in ``training_step``, and this callback does the rest::
+
+        def training_step(self, batch, batch_idx):
+            ...
+            self.monitor.update(feats, y)      # features (monitor with head=) or unimodal logits
+            return loss
+
+        def configure_callbacks(self):
+            return [MonitorCallback(self.monitor)]
+
+    * ``on_before_optimizer_step``: :meth:`~imbalance_losses.ImbalanceMonitor.observe_gradients`
+      when the monitor was built with ``encoders=``. Lightning runs the hook once per optimiser
+      step, after the last micro-batch's ``backward()`` and after AMP unscaling, before gradient
+      clipping and the update. Place this callback after a :class:`ModulatorCallback` to see the
+      modulated gradients (callbacks run in list order), before it for those the loss asked for.
+    * ``on_train_epoch_end``: ``pl_module.log_dict(monitor.compute(), on_step=False,
+      on_epoch=True)`` then :meth:`~imbalance_losses.ImbalanceMonitor.reset`, so each epoch's
+      values cover that epoch's training batches (and its optimiser steps). Callbacks' hooks run
+      before ``ModelCheckpoint`` saves the epoch's checkpoint, so that checkpoint holds the
+      reset monitor.
+    * **State**: the monitor's sums (a plain object, not an ``nn.Module``) go into the
+      checkpoint's callback state (:meth:`state_dict`) and come back on
+      ``trainer.fit(..., ckpt_path=...)``: a checkpoint taken in the middle of an epoch resumes
+      the epoch's sums.
+
+    No ``sync_dist``: ``compute()`` already pools over the ranks (one all-reduce), and every
+    rank runs ``on_train_epoch_end``, as that all-reduce requires; every rank logs the same
+    values. Nothing is read on the host outside ``compute()``.
+
+    Args:
+        monitor: the monitor to drive.
+
+    Raises:
+        TypeError: ``monitor`` is not an :class:`~imbalance_losses.ImbalanceMonitor`.
+
+    Example:
+        >>> from imbalance_losses import ImbalanceMonitor
+        >>> from imbalance_losses.integrations.lightning import MonitorCallback
+        >>> callback = MonitorCallback(ImbalanceMonitor(["audio", "visual"]))
+        >>> callback.state_key
+        "MonitorCallback{'modalities': ['audio', 'visual']}"
+    """
+
+    def __init__(self, monitor: ImbalanceMonitor) -> None:
+        if not isinstance(monitor, ImbalanceMonitor):
+            raise TypeError(
+                "MonitorCallback takes an ImbalanceMonitor, got " + type(monitor).__name__
+            )
+        self.monitor = monitor
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in the checkpoint (the monitor's modalities)."""
+        return self._generate_state_key(modalities=list(self.monitor.modalities))
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
+    ) -> None:
+        """Add this step's encoder gradient norms (a monitor built with ``encoders=`` only)."""
+        if self.monitor._params:  # built with encoders= (observe_gradients raises otherwise)
+            self.monitor.observe_gradients()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log the epoch's pooled values (every rank joins the all-reduce), then reset."""
+        values = self.monitor.compute()
+        pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+        self.monitor.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's :meth:`~imbalance_losses.ImbalanceMonitor.state_dict`."""
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (Lightning calls it on resume)."""
+        self.monitor.load_state_dict(state_dict)
