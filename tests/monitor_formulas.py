@@ -37,8 +37,7 @@ def expected_values(
     if grads:
         norms = {
             m: sum(
-                math.sqrt(sum(g.double().square().sum().item() for g in step[m]))
-                for step in grads
+                math.sqrt(sum(g.double().square().sum().item() for g in step[m])) for step in grads
             )
             / len(grads)
             for m in modalities
