@@ -113,22 +113,25 @@ def linear_probe_accuracy(
     train_y, test_y = fit_y.detach().long().cpu(), eval_y.detach().long().cpu()
     if test_y.numel() == 0:
         return math.nan
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
-    w = torch.zeros(xtr.shape[1], num_classes, requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    # the fit needs autograd, also when called under no_grad or inference_mode (Lightning's
+    # validation hooks): every tensor it differentiates through is made here, outside both
+    with torch.inference_mode(False), torch.enable_grad():
+        mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+        xtr, xte = (train_x - mean) / std, (test_x - mean) / std
+        target = train_y.clone()  # cross_entropy saves it for backward
+        w = torch.zeros(xtr.shape[1], num_classes, requires_grad=True)
+        b = torch.zeros(num_classes, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(xtr @ w + b, train_y) + l2 * (w * w).sum()
-        loss.backward()  # type: ignore[no-untyped-call]
-        return loss
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(xtr @ w + b, target) + l2 * (w * w).sum()
+            loss.backward()  # type: ignore[no-untyped-call]
+            return loss
 
-    with torch.enable_grad():
         opt.step(closure)  # type: ignore[no-untyped-call]
-    with torch.no_grad():
-        return float((((xte @ w + b).argmax(dim=-1)) == test_y).float().mean())
+        with torch.no_grad():
+            return float((((xte @ w + b).argmax(dim=-1)) == test_y).float().mean())
 
 
 def _collect(data: Features, what: str) -> FeatureSet:

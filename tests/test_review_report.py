@@ -1,0 +1,45 @@
+"""imbalance_report inside ``torch.inference_mode()`` (Lightning's validation and predict hooks).
+
+The probe is fitted with autograd; called where inference mode is on (a natural place:
+``on_validation_epoch_end``), it must give the same accuracies as outside, not an autograd error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from imbalance_losses.report import imbalance_report, linear_probe_accuracy
+
+
+def _data() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(240) % 3
+    strong = torch.randn(240, 4, generator=g) + 3.0 * torch.nn.functional.one_hot(y, 4)
+    weak = torch.randn(240, 4, generator=g) + 0.3 * torch.nn.functional.one_hot(y, 4)
+    return {"image": strong, "audio": weak}, y
+
+
+def test_probe_inside_inference_mode_equals_outside() -> None:
+    feats, y = _data()
+    x = feats["audio"]
+    outside = linear_probe_accuracy(x[:180], y[:180], x[180:], y[180:], 3)
+    with torch.inference_mode():
+        xi = x.clone()  # an inference tensor, as features computed there are
+        inside = linear_probe_accuracy(xi[:180], y[:180], xi[180:], y[180:], 3)
+    assert inside == outside
+    assert 1 / 3 < outside < 1.0  # a fit that neither fails nor is trivial
+
+
+def test_report_inside_inference_mode_equals_outside() -> None:
+    feats, y = _data()
+    head = torch.nn.Linear(8, 3)
+
+    def report() -> dict[str, float]:
+        fit = ({m: x[:180] for m, x in feats.items()}, y[:180])
+        held = ({m: x[180:] for m, x in feats.items()}, y[180:])
+        return imbalance_report(fit, held, head=head).to_dict()
+
+    outside = report()
+    with torch.inference_mode():
+        inside = report()
+    assert inside == outside
