@@ -96,8 +96,8 @@ def plot_history(
 
     Raises:
         ImportError: matplotlib is not installed (the message names the extra to install).
-        ValueError: an empty history, no modality found (pass ``modalities=``), or a metric
-            asked for that no key has.
+        ValueError: an empty history, no modality found (pass ``modalities=``), ``metrics=[]``,
+            or a metric asked for that no key has.
 
     Example:
         >>> import tempfile, pathlib
@@ -133,6 +133,8 @@ def plot_history(
         chosen = [m for m, lines in series.items() if any(mod for _, mod in lines)]
         chosen = chosen or list(series)
     else:
+        if not metrics:
+            raise ValueError("plot_history: metrics=[] asks for no panel; leave it out for all")
         unknown = [m for m in metrics if m not in series]
         if unknown:
             raise ValueError(
@@ -150,7 +152,8 @@ def plot_history(
         for run, modality in series[metric]:
             values = [point.get((metric, modality), math.nan) for point in parsed[run]]
             label = ": ".join(part for part in (run, modality) if part) or metric
-            ax.plot(range(1, len(values) + 1), values, label=label, lw=1.0)
+            marker = "o" if len(values) == 1 else None  # a line through one point is invisible
+            ax.plot(range(1, len(values) + 1), values, label=label, lw=1.0, marker=marker)
         ax.xaxis.get_major_locator().set_params(integer=True)  # points are numbered
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
