@@ -122,6 +122,17 @@ class OptimizerAttachable:
     def _attached_parameters(self) -> list[tuple[str, Tensor]]:
         raise NotImplementedError
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The state ``copy.deepcopy`` and pickling use, without the attachment.
+
+        A copy (an EMA model, ``torch.save(model)``) is never attached: the optimiser and its hook
+        stay with the original, and the copy does not drag the optimiser and its state along.
+        """
+        parent = getattr(super(), "__getstate__", None)
+        state = dict(parent() if parent is not None else self.__dict__)
+        state.pop("_attachment", None)
+        return state
+
     @property
     def attachable(self) -> bool:
         """Whether the module has a before-step action in its current mode (default: yes)."""

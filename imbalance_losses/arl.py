@@ -472,8 +472,9 @@ class ARLLoss(OptimizerAttachable, nn.Module):
         return params
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickling / deepcopy: everything but the live hook table (tied to this graph)."""
-        state = self.__dict__.copy()
+        """Pickling / deepcopy: everything but the live hook table (tied to this graph) and the
+        optimiser attachment."""
+        state = super().__getstate__()
         state.pop("_hooks", None)
         state.pop("_added", None)
         return state

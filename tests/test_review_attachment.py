@@ -70,3 +70,34 @@ def test_fused_optimizer_real_step_still_acts_after_unscale() -> None:
     scaler.step(opt)
     scaler.update()
     assert modulator.step_count == 1
+
+
+def test_a_copy_of_an_attached_module_is_not_attached_and_leaves_the_optimizer_behind() -> None:
+    """``copy.deepcopy`` (an EMA model) and pickling drop the attachment: the copy does not
+    carry the optimiser (nor its state), reports no optimiser, and the original stays attached
+    with exactly one hook."""
+    import copy
+    import io
+
+    from imbalance_losses import ARLLoss, ModalityGradientModulator
+
+    enc = {"a": torch.nn.Linear(3, 4), "b": torch.nn.Linear(3, 4)}
+    head = torch.nn.Linear(8, 2)
+    params = [p for m in (*enc.values(), head) for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1)
+    arl = ARLLoss(head=head, encoders=enc)
+    mod = ModalityGradientModulator(enc, alpha=0.5)
+    opt2 = torch.optim.SGD(params, lr=0.1)
+    arl.attach(opt)
+    mod.attach(opt2)
+    for module, optimizer in ((arl, opt), (mod, opt2)):
+        twin = copy.deepcopy(module)
+        assert twin.attached_optimizer is None
+        assert module.attached_optimizer is optimizer
+        assert len(optimizer._optimizer_step_pre_hooks) == 1
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert loaded.attached_optimizer is None
+        assert module.attached_optimizer is optimizer
