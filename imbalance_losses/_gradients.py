@@ -135,10 +135,7 @@ def norms(tensors: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tens
     ``dtype`` must not narrow any tensor (use :func:`accumulation_dtype`); fp16 / bf16 gradients
     are accumulated in fp32, so their square sums cannot overflow. No host sync.
     """
-    try:
-        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=dtype))
-    except TypeError:  # torch < 2.4: no dtype= (one vector_norm per tensor instead)
-        return torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors])
+    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=dtype))
 
 
 def dots(a: Sequence[Tensor], b: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:

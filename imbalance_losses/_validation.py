@@ -104,13 +104,8 @@ def int_param(name: str, value: object, *, ge: int | None = None) -> int:
 
 
 def autocast_enabled(device_type: str) -> bool:
-    """Whether ``torch.autocast`` is on for ``device_type`` (torch >= 2.1)."""
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # torch < 2.4 takes no device type
-        if device_type == "cpu":
-            return bool(torch.is_autocast_cpu_enabled())
-        return bool(torch.is_autocast_enabled())
+    """Whether ``torch.autocast`` is on for ``device_type``."""
+    return bool(torch.is_autocast_enabled(device_type))
 
 
 def check_features(

@@ -173,6 +173,11 @@ class ImbalanceMonitor:
         self._grad_steps: Tensor | None = None  # 0-dim, the steps with finite gradients
         self._device: torch.device | None = self._params[0][2].device if self._params else None
 
+    @property
+    def has_encoders(self) -> bool:
+        """Whether the monitor was built with ``encoders=`` (so :meth:`observe_gradients` works)."""
+        return bool(self._params)
+
     # ------------------------------------------------------------------ feeding
 
     def update(self, inputs: Mapping[str, Tensor], target: Tensor) -> None:

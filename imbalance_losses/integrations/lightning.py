@@ -339,7 +339,7 @@ class MonitorCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
         """Add this step's encoder gradient norms (a monitor built with ``encoders=`` only)."""
-        if self.monitor._params:  # built with encoders= (observe_gradients raises otherwise)
+        if self.monitor.has_encoders:  # observe_gradients() raises without encoders=
             self.monitor.observe_gradients()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -356,7 +356,7 @@ class MonitorCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Add this step's encoder gradient norms (a monitor built with ``encoders=`` only)."""
-        if self.monitor._params:  # built with encoders= (observe_gradients raises otherwise)
+        if self.monitor.has_encoders:  # observe_gradients() raises without encoders=
             self.monitor.observe_gradients()
 
     def on_log(
