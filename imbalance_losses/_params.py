@@ -58,7 +58,7 @@ _SHARED_KEYWORDS = ("error", "exclude")
 
 
 def modality_parameters(
-    modules: Mapping[str, object],
+    modules: Mapping[str, object] | nn.ModuleDict,
     *,
     what: str = "modules",
     shared: SharedPolicy = "error",
@@ -82,7 +82,8 @@ def modality_parameters(
     list).
 
     Args:
-        modules: mapping modality -> ``nn.Module`` or iterable of parameters (leaf tensors).
+        modules: mapping modality -> ``nn.Module`` or iterable of parameters (leaf tensors), or
+            an ``nn.ModuleDict``.
         what: the argument's name in messages (``modules[...]``, ``encoders[...]``).
         shared: ``"error"``, ``"exclude"`` or a modality name (see above). The keywords win over
             a modality of the same name, which is refused as ambiguous.
@@ -92,14 +93,22 @@ def modality_parameters(
         ValueError: fewer than two modalities, a modality without parameters (after excluding
             or assigning shared ones), a shared parameter with ``shared="error"``, an unknown or
             ambiguous ``shared``, or a shared parameter the named modality does not list.
-        TypeError: a value that is neither a module nor an iterable of leaf tensors, or a
-            ``shared`` that is not a string.
+        TypeError: ``modules`` not a mapping (a dict or ``nn.ModuleDict``), a value that is
+            neither a module nor an iterable of leaf tensors, or a ``shared`` that is not a
+            string.
     """
-    if not isinstance(modules, Mapping) or len(modules) < 2:
+    if isinstance(modules, nn.ModuleDict):
+        modules = dict(modules.items())
+    if not isinstance(modules, Mapping):
+        raise TypeError(
+            f"{what} must be a mapping of at least two modalities -> nn.Module or parameters "
+            f"(a dict or nn.ModuleDict such as {{'audio': model.audio_net, 'visual': "
+            f"model.visual_net}}), got {type(modules).__name__}"
+        )
+    if len(modules) < 2:
         raise ValueError(
             f"{what} must be a mapping of at least two modalities -> nn.Module or parameters, "
-            f"got {type(modules).__name__}"
-            + (f" with {len(modules)} modality" if isinstance(modules, Mapping) else "")
+            f"got {len(modules)}: {list(modules)}"
         )
     if not isinstance(shared, str):
         raise TypeError(f"shared must be 'error', 'exclude' or a modality name, got {shared!r}")

@@ -231,7 +231,7 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
         warmup_steps: int = 0,
         cap: float = 10.0,
         ignore_index: int | None = -100,
-        encoders: Mapping[str, nn.Module | Iterable[nn.Parameter]] | None = None,
+        encoders: Mapping[str, nn.Module | Iterable[nn.Parameter]] | nn.ModuleDict | None = None,
         process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()

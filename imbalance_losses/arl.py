@@ -386,7 +386,7 @@ class ARLLoss(OptimizerAttachable, nn.Module):
         warmup_steps: int = 0,
         floor: float | None = None,
         momentum: float | None = None,
-        encoders: Mapping[str, EncoderSpec] | None = None,
+        encoders: Mapping[str, EncoderSpec] | nn.ModuleDict | None = None,
         process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
@@ -458,7 +458,7 @@ class ARLLoss(OptimizerAttachable, nn.Module):
 
     @staticmethod
     def _check_encoders(
-        encoders: Mapping[str, EncoderSpec], head: Head | None
+        encoders: Mapping[str, EncoderSpec] | nn.ModuleDict, head: Head | None
     ) -> list[ModalityParameter]:
         params = modality_parameters(encoders, what="encoders")
         if isinstance(head, nn.Module):

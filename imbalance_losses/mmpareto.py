@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._distributed import ProcessGroup
 from ._gradients import (
@@ -219,7 +219,7 @@ class MMPareto:
 
     def __init__(
         self,
-        modules: Mapping[str, object],
+        modules: Mapping[str, object] | nn.ModuleDict,
         *,
         gamma: float = 1.5,
         rescale: Rescale = "paper",

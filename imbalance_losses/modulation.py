@@ -422,7 +422,7 @@ class ModalityGradientModulator(OptimizerAttachable):
 
     def __init__(
         self,
-        modules: Mapping[str, nn.Module | Iterable[Tensor]],
+        modules: Mapping[str, nn.Module | Iterable[Tensor]] | nn.ModuleDict,
         alpha: float,
         *,
         method: Method = "ogm_ge",
@@ -436,6 +436,8 @@ class ModalityGradientModulator(OptimizerAttachable):
         seed: int = 0,
         process_group: ProcessGroup | None = None,
     ) -> None:
+        if isinstance(modules, nn.ModuleDict):
+            modules = dict(modules.items())
         if not isinstance(modules, Mapping):
             raise TypeError(
                 "modules must be a mapping modality -> nn.Module or parameters (e.g. "

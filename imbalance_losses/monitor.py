@@ -163,6 +163,11 @@ class ImbalanceMonitor:
         if encoders is not None:
             if isinstance(encoders, nn.ModuleDict):
                 encoders = dict(encoders.items())
+            if not isinstance(encoders, Mapping):
+                raise TypeError(
+                    "encoders must be a mapping modality -> nn.Module or parameters (a dict or "
+                    f"nn.ModuleDict), got {type(encoders).__name__}"
+                )
             check_same_modalities(
                 names, encoders, expected_what="the monitor's", actual_what="encoders"
             )

@@ -948,7 +948,7 @@ def test_detached_features_warn_that_nothing_is_reweighted() -> None:
 
 def test_encoders_must_be_a_mapping_and_one_shot_iterables_are_kept() -> None:
     model = TwoTower()
-    with pytest.raises(ValueError, match="mapping of at least two modalities"):
+    with pytest.raises(TypeError, match="mapping of at least two modalities"):
         ARLLoss(encoders=[model.enc["audio"], model.enc["visual"]])  # type: ignore[arg-type]
     arl = ARLLoss(
         head=model.head,
