@@ -136,12 +136,26 @@ def linear_probe_accuracy(
 
 def _collect(data: Features, what: str) -> FeatureSet:
     """One feature set from a set or from batches of sets (concatenated, detached)."""
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Mapping):
-        parts: list[FeatureSet] = [data]
+    expected = (
+        f"{what} must be (features, target), features a mapping modality -> [N, D] tensor and "
+        "target [N] class indices, or an iterable of such pairs (a loader's batches)"
+    )
+    if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], Mapping):
+        parts: list[FeatureSet] = [(data[0], data[1])]
+    elif isinstance(data, Mapping | Tensor) or not isinstance(data, Iterable):
+        raise TypeError(f"{expected}; got {type(data).__name__}")
     else:
         parts = list(data)
     if not parts:
         raise ValueError(f"{what} is empty: give (features, target) or batches of them")
+    for i, part in enumerate(parts):
+        if not (
+            isinstance(part, tuple | list)
+            and len(part) == 2
+            and isinstance(part[0], Mapping)
+            and isinstance(part[1], Tensor)
+        ):
+            raise TypeError(f"{expected}; item {i} is a {type(part).__name__}")
     names = list(parts[0][0])
     if not names:
         raise ValueError(f"{what} has no modality")

@@ -43,3 +43,22 @@ def test_report_inside_inference_mode_equals_outside() -> None:
     with torch.inference_mode():
         inside = report()
     assert inside == outside
+
+
+def test_a_wrongly_shaped_argument_is_a_type_error_that_says_what_to_give() -> None:
+    """A features dict alone, a bare tensor, or a loader yielding something else than
+    (features, target) pairs: a TypeError naming the expected form, not an unpacking error."""
+    import pytest
+
+    from imbalance_losses import imbalance_report
+
+    y = torch.arange(20) % 2
+    feats = {"a": torch.randn(20, 3), "b": torch.randn(20, 3)}
+    good = (feats, y)
+    for bad in (feats, y, [feats, feats], [(feats,)], 3):
+        with pytest.raises(TypeError, match=r"must be \(features, target\)"):
+            imbalance_report(bad, good)  # type: ignore[arg-type]
+    # a list pair is accepted like a tuple pair
+    a = imbalance_report([feats, y], good)
+    b = imbalance_report(good, good)
+    assert a.probe == b.probe
