@@ -281,11 +281,12 @@ NOTES = """#### Reading the columns
 
 def diagnosis_text(
     reports: Sequence[tuple[str, str, ImbalanceReport]],
+    note: str = "",
 ) -> str:
     """Each task's plain joint model diagnosed by ``imbalance_report`` (seed 0).
 
     The probes of the encoders trained alone are the uni-modal rows' probes (same split, same
-    seed), so the deficit is read against them.
+    seed), so the deficit is read against them. ``note`` is printed under the heading.
     """
     if not reports:
         return ""
@@ -296,6 +297,7 @@ def diagnosis_text(
         "on the jointly trained encoder, the same probe on the encoder trained alone (the "
         "uni-modal row), and the deficit between the two.",
         "",
+        *([note, ""] if note else []),
     ]
     for title, opt, diagnosis in reports:
         lines += [f"**{title}, {opt}**", "", str(diagnosis), ""]
