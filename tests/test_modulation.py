@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-import traceback
 
 import pytest
 import torch
@@ -16,11 +15,11 @@ import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from imbalance_losses import unimodal_logits
 from imbalance_losses.modulation import ModalityGradientModulator, ModulationRecord
 from tests.ddp import run_distributed
+from tests.host_reads import HostReads
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -737,41 +736,20 @@ def test_ddp_identical_on_ranks_and_equal_to_one_process() -> None:
 # ---------------------------------------------------------------------------- host syncs
 
 
-class _HostReads(TorchFunctionMode):
-    """Records reads of tensor values on the host (``bool(t)``, ``t.item()``, ...) made from
-    the modulator outside the input checks of ``_validation.py`` (which are asynchronous on
-    accelerators)."""
-
-    NAMES = frozenset({"__bool__", "item", "__float__", "__int__", "__index__", "tolist", "cpu"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if getattr(func, "__name__", "") in self.NAMES:
-            files = [f.filename for f in traceback.extract_stack()]
-            if not any("_validation.py" in f for f in files) and any(
-                "imbalance_losses" in f for f in files
-            ):
-                self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("method", ["ogm", "ogm_ge"])
 def test_step_makes_no_host_reads(method: str) -> None:
     model = Net()
     fill_grads(model)
     mod = ModalityGradientModulator(encoders(model), 0.8, method=method)
     logits, y = batch_logits([0.9, 0.8], [0.3, 0.2])
-    with _HostReads() as spy:
+    with HostReads() as spy:
         mod.observe(logits, y)
         mod.step(logits, y)
         fill_grads(model, seed=1)  # a new backward's gradients
         mod.step(logits, y)
     assert spy.reads == []
     # the spy does see a read made from the package
-    with _HostReads() as spy:
+    with HostReads() as spy:
         mod.last.to_dict()
     assert "tolist" in spy.reads
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import itertools
 import math
-import traceback
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from imbalance_losses.modulation import ModalityGradientModulator
 from imbalance_losses.monitor import ImbalanceMonitor
 from imbalance_losses.unimodal import unimodal_logits
 from tests.ddp import run_distributed
+from tests.host_reads import HostReads
 
 MODS = ("audio", "image", "text")
 
@@ -304,26 +303,6 @@ def test_bad_input_names_the_modality_and_shapes() -> None:
         ImbalanceMonitor(["a", "b"], encoders={"b": nn.Linear(1, 1), "a": nn.Linear(1, 1)})
 
 
-class _HostReads(TorchFunctionMode):
-    """Host reads of tensor values made from the package outside ``_validation.py`` (the
-    approach of tests/test_modulation.py::test_step_makes_no_host_reads)."""
-
-    NAMES = frozenset({"__bool__", "item", "__float__", "__int__", "__index__", "tolist", "cpu"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if getattr(func, "__name__", "") in self.NAMES:
-            files = [f.filename for f in traceback.extract_stack()]
-            if not any("_validation.py" in f for f in files) and any(
-                "imbalance_losses" in f for f in files
-            ):
-                self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_update_and_observe_gradients_make_no_host_reads() -> None:
     enc = Encoders()
     head = nn.Linear(5, 2)
@@ -332,13 +311,13 @@ def test_update_and_observe_gradients_make_no_host_reads() -> None:
     )
     feats = {"a": torch.randn(4, 2), "b": torch.randn(4, 3)}
     _set_grads(enc, 1.0, 2.0)
-    with _HostReads() as spy:
+    with HostReads() as spy:
         monitor.update(feats, torch.tensor([0, 1, -1, 1]))
         monitor.update(feats, torch.tensor([[0.5, 0.5]] * 4))
         monitor.observe_gradients()
         monitor.observe_gradients()
     assert spy.reads == []
-    with _HostReads() as spy:  # the spy does see the read compute() makes
+    with HostReads() as spy:  # the spy does see the read compute() makes
         monitor.compute()
     assert "tolist" in spy.reads
 
