@@ -333,3 +333,33 @@ def test_every_kind_of_module_round_trips_through_the_checkpoint_file(tmp_path: 
                 assert torch.equal(a[key], b[key]), (type(old).__name__, key)
     assert fresh[0].step_count == 2 and fresh[1].steps == 2 and fresh[2].steps == 2
     assert fresh[3].num_heads == modules[3].num_heads
+
+
+def test_resume_maps_the_saved_state_to_the_trainers_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank reads the file rank 0 wrote: on resume the state is loaded onto this rank's
+    device (``args.device``), and ``load_checkpoint`` passes ``map_location`` through."""
+    import imbalance_losses.integrations.transformers as integration
+
+    _fit(tmp_path / "run", None, [lambda net, modulator: ModulatorCallback(modulator)])
+    seen: list[object] = []
+    real_load = torch.load
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("map_location", "<not given>"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(integration.torch, "load", spy)
+    folder = sorted((tmp_path / "run").glob("checkpoint-*"))[0]
+    callback = ModulatorCallback(ogm(TinyNet()))
+    callback.load_checkpoint(folder, map_location="cpu")
+    assert seen == ["cpu"]
+    seen.clear()
+    args = arguments(tmp_path / "run")
+    from transformers import TrainerState
+
+    state = TrainerState()
+    state.global_step = int(folder.name.split("-")[1])
+    integration._resume(args, state, integration.STATE_FILE, callback.modules, None)
+    assert seen == [args.device]

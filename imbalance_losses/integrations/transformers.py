@@ -76,10 +76,17 @@ def _save_states(
 
 
 def _load_states(
-    checkpoint: str | os.PathLike[str], file: str, modules: tuple[Stateful, ...]
+    checkpoint: str | os.PathLike[str],
+    file: str,
+    modules: tuple[Stateful, ...],
+    map_location: str | torch.device | None = None,
 ) -> int:
-    """Restore ``modules`` from ``<checkpoint>/<file>``; the global step it was saved at."""
-    saved = torch.load(os.path.join(checkpoint, file), weights_only=True)
+    """Restore ``modules`` from ``<checkpoint>/<file>``; the global step it was saved at.
+
+    ``map_location`` as in ``torch.load``: on resume, the ``Trainer``'s device (every rank
+    reads the file rank 0 wrote, so without it each rank's state would land on rank 0's GPU).
+    """
+    saved = torch.load(os.path.join(checkpoint, file), map_location=map_location, weights_only=True)
     entries = saved["modules"]
     kinds = [type(m).__name__ for m in modules]
     if [e["type"] for e in entries] != kinds:
@@ -109,7 +116,7 @@ def _resume(
                 "output_dir call callback.load_checkpoint(<checkpoint folder>) before "
                 "trainer.train(resume_from_checkpoint=<checkpoint folder>)"
             )
-        loaded_step = _load_states(folder, file, modules)
+        loaded_step = _load_states(folder, file, modules, args.device)
     if loaded_step is not None and loaded_step != state.global_step:
         raise ValueError(
             f"load_checkpoint() read the modules' state of global step {loaded_step}, "
@@ -237,17 +244,23 @@ class ModulatorCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ explicit restore
 
-    def load_checkpoint(self, checkpoint: str | os.PathLike[str]) -> None:
+    def load_checkpoint(
+        self,
+        checkpoint: str | os.PathLike[str],
+        map_location: str | torch.device | None = None,
+    ) -> None:
         """Restore the modules from ``<checkpoint>/imbalance_losses.pt`` now.
 
         ``on_train_begin`` does this itself for checkpoints under ``output_dir``; call it for
         one elsewhere, before ``trainer.train(resume_from_checkpoint=checkpoint)``.
+        ``map_location`` as in ``torch.load`` (e.g. ``training_args.device``, or ``"cpu"`` for a
+        state saved on a GPU); ``None`` keeps each tensor on the device it was saved from.
 
         Raises:
             FileNotFoundError: the folder has no ``imbalance_losses.pt``.
             ValueError: the file holds other modules (number or kinds) than this callback's.
         """
-        self._loaded_step = _load_states(checkpoint, STATE_FILE, self.modules)
+        self._loaded_step = _load_states(checkpoint, STATE_FILE, self.modules, map_location)
 
 
 class MonitorCallback(TrainerCallback):
@@ -387,14 +400,22 @@ class MonitorCallback(TrainerCallback):
         """Write the monitor's sums into the checkpoint folder just saved."""
         _save_states(args, state, MONITOR_STATE_FILE, (self.monitor,))
 
-    def load_checkpoint(self, checkpoint: str | os.PathLike[str]) -> None:
+    def load_checkpoint(
+        self,
+        checkpoint: str | os.PathLike[str],
+        map_location: str | torch.device | None = None,
+    ) -> None:
         """Restore the monitor from ``<checkpoint>/imbalance_monitor.pt`` now.
 
         ``on_train_begin`` does this itself for checkpoints under ``output_dir``; call it for
         one elsewhere, before ``trainer.train(resume_from_checkpoint=checkpoint)``.
+        ``map_location`` as in ``torch.load`` (e.g. ``training_args.device``, or ``"cpu"`` for a
+        state saved on a GPU); ``None`` keeps each tensor on the device it was saved from.
 
         Raises:
             FileNotFoundError: the folder has no ``imbalance_monitor.pt``.
             ValueError: the file holds another module's state, or another modalities'.
         """
-        self._loaded_step = _load_states(checkpoint, MONITOR_STATE_FILE, (self.monitor,))
+        self._loaded_step = _load_states(
+            checkpoint, MONITOR_STATE_FILE, (self.monitor,), map_location
+        )
