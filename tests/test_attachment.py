@@ -473,14 +473,14 @@ def test_lightning_optimizer_is_unwrapped() -> None:
     assert modulator.step_count == 1
 
 
-@pytest.mark.slow
-def test_compiled_model_attached_equals_eager() -> None:
-    """``torch.compile`` (inductor on CPU) of the model; observe outside it."""
-    data = batches(3)
+def _attached_eager_and_compiled_agree(steps: int, **compile_options: str) -> None:
+    """The same attached-modulator run on the eager and the ``torch.compile``d model (observe
+    outside the compiled graph): one step per ``opt.step()``, the same parameters after."""
+    data = batches(steps)
     out = []
     for compiled in (False, True):
         model = Net()
-        run = torch.compile(model) if compiled else model
+        run = torch.compile(model, **compile_options) if compiled else model
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         modulator = ogm(model)
         modulator.attach(opt)
@@ -490,31 +490,21 @@ def test_compiled_model_attached_equals_eager() -> None:
             F.cross_entropy(logits, y).backward()
             modulator.observe(unimodal_logits(model.head, feats), y)
             opt.step()
-        assert modulator.step_count == 3
+        assert modulator.step_count == steps
         out.append(params(model))
     for n in out[0]:
         torch.testing.assert_close(out[0][n], out[1][n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_model_attached_equals_eager() -> None:
+    """``torch.compile`` (inductor on CPU) of the model."""
+    _attached_eager_and_compiled_agree(3)
 
 
 def test_compiled_model_attached_equals_eager_aot_eager() -> None:
     """The default run's ``torch.compile`` check: the graph capture without a C++ build."""
-    data = batches(2)
-    out = []
-    for compiled in (False, True):
-        model = Net()
-        run = torch.compile(model, backend="aot_eager") if compiled else model
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        modulator = ogm(model)
-        modulator.attach(opt)
-        for xa, xv, y in data:
-            opt.zero_grad()
-            logits, feats = run(xa, xv)
-            F.cross_entropy(logits, y).backward()
-            modulator.observe(unimodal_logits(model.head, feats), y)
-            opt.step()
-        out.append(params(model))
-    for n in out[0]:
-        torch.testing.assert_close(out[0][n], out[1][n], rtol=1e-5, atol=1e-6)
+    _attached_eager_and_compiled_agree(2, backend="aot_eager")
 
 
 def test_attached_arl_equals_explicit_step_and_acts_after_clipping() -> None:
