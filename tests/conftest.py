@@ -1,5 +1,7 @@
 import os
+from collections.abc import Iterator
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -14,3 +16,13 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=400, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """For tests of tiny models run through a trainer: one intra-op thread is fastest (and fair
+    on a shared machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

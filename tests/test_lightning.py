@@ -42,20 +42,12 @@ from imbalance_losses.integrations.lightning import ModulatorCallback, RecordLog
 from tests.pages import ROOT, run_page
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """These models are tiny: one intra-op thread is fastest (and fair on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 N, BATCH, C, D_AUDIO, D_VISUAL, HIDDEN = 96, 16, 3, 6, 10, 8

@@ -29,15 +29,9 @@ from imbalance_losses.integrations.transformers import (  # noqa: E402
 from tests.monitor_formulas import expected_values  # noqa: E402
 from tests.test_transformers import Pairs, TinyNet, arguments  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MODALITIES = ("audio", "visual")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class MonitoredTrainer(Trainer):
