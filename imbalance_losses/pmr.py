@@ -207,19 +207,21 @@ class PMRLoss(nn.Module):
 
     Holds the prototypes as buffers (no parameters). In training mode inside the modulation
     window it returns ``criterion(z, y) + sum_m beta_m L_p,m - sum_m eta_m E_m``; otherwise (and
-    in eval mode) ``criterion(z, y)`` with no statistics and no collective.
+    in eval mode) ``criterion(z, y)`` with no statistics and no collective. A batch whose every
+    target is ``ignore_index`` gives a zero loss whose gradients are all zero (no NaN).
 
     Args:
         num_classes: ``C``.
         in_features: ``{modality: D_m}`` in concatenation order (M >= 2).
-        criterion: loss on the fused logits; default ``nn.CrossEntropyLoss()``.
+        criterion: a callable loss on the fused logits; default
+            ``nn.CrossEntropyLoss(ignore_index=ignore_index)``.
         alpha: ``>= 0``, scale of ``beta``.
         mu: ``>= 0``, scale of the entropy weight ``eta``.
         entropy_epochs: epochs, from the start of the window, with the entropy term.
         momentum: prototype momentum ``mu_p`` in ``[0, 1]`` (official 0.2).
         coefficient: ``"paper"`` or ``"code"`` (constant ``alpha`` on slower modalities).
         modulation: ``(start, end)`` epochs, inclusive; ``end=None``: no end.
-        ignore_index: targets left out of every statistic and prototypical loss.
+        ignore_index: an integer target left out of every statistic and loss (``None``: none).
         process_group: group to pool statistics over under ``torch.distributed``.
 
     Example:
@@ -250,7 +252,7 @@ class PMRLoss(nn.Module):
         momentum: float = 0.2,
         coefficient: Literal["paper", "code"] = "paper",
         modulation: tuple[int, int | None] = (0, None),
-        ignore_index: int = -100,
+        ignore_index: int | None = -100,
         process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
@@ -266,14 +268,31 @@ class PMRLoss(nn.Module):
         if coefficient not in ("paper", "code"):
             raise ValueError(f"coefficient must be 'paper' or 'code', got {coefficient!r}")
         self.coefficient: Literal["paper", "code"] = coefficient
+        if not isinstance(modulation, tuple | list) or len(modulation) != 2:
+            raise TypeError(
+                "modulation must be a (start, end) pair of epochs (end=None: no end), got "
+                f"{type(modulation).__name__} {modulation!r}"
+            )
         start, end = modulation
         self.modulation = (
             int_param("modulation start", start, ge=0),
             None if end is None else int_param("modulation end", end, ge=start),
         )
-        self.criterion: Criterion = nn.CrossEntropyLoss() if criterion is None else criterion
-        self.ignore_index, self.process_group = ignore_index, process_group
-        self.store = Prototypes(num_classes, self.in_features, self.momentum, ignore_index)
+        self.ignore_index = (
+            None if ignore_index is None else int_param("ignore_index", ignore_index)
+        )
+        if criterion is not None and not callable(criterion):
+            raise TypeError(
+                "criterion must be a callable loss(logits, target) -> Tensor, e.g. "
+                f"nn.CrossEntropyLoss(), got {type(criterion).__name__} {criterion!r}"
+            )
+        self.criterion: Criterion = (
+            nn.CrossEntropyLoss(ignore_index=-100 if ignore_index is None else ignore_index)
+            if criterion is None
+            else criterion
+        )
+        self.process_group = process_group
+        self.store = Prototypes(num_classes, self.in_features, self.momentum, self.ignore_index)
         self._pool = RunningSums()
         self.epoch = self.steps = 0
         self.last: PMRRecord | None = None
@@ -343,10 +362,12 @@ class PMRLoss(nn.Module):
                     "accumulate_prototypes + compute_prototypes) before training"
                 )
         zero = logits.sum() * 0.0
+        mask = counted(target, self.ignore_index)
         loss = self.criterion(logits, target) if batch else zero
+        if batch and mask is not None:  # every target ignored: 0, not the criterion's 0 / 0
+            loss = torch.where(mask.any(), loss, zero)  # no host sync; zero gradient
         if not on:
             return loss
-        mask = counted(target, self.ignore_index)
         index = (target if mask is None else torch.where(mask, target, 0)).long()
         mask = self.known[index] if mask is None else mask & self.known[index]
         zs = [

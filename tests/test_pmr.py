@@ -288,6 +288,105 @@ def test_an_ignore_index_beyond_the_classes_is_left_out_too() -> None:
     close(pmr.last.scores, want["scores"])  # type: ignore[union-attr]
 
 
+def test_default_criterion_honours_a_custom_ignore_index() -> None:
+    """``ignore_index=-1`` reaches the default criterion: mean over kept samples of -log p_y."""
+    feats, y = make(classes=3, n=30)
+    pmr = PMRLoss(3, {"audio": 4, "visual": 4}, ignore_index=-1, alpha=0.0, mu=0.0)
+    pmr.update_prototypes([(feats, y)])
+    logits = torch.randn(30, 3, generator=torch.Generator().manual_seed(2))
+    y_ign = y.masked_fill(torch.arange(30) % 4 == 0, -1)
+    kept = [b for b in range(30) if int(y_ign[b]) != -1]
+    want = -sum(math.log(float(torch.softmax(logits[b].double(), 0)[int(y[b])])) for b in kept)
+    assert float(pmr(logits, y_ign, feats)) == pytest.approx(want / len(kept), rel=1e-6)
+
+
+def _all_ignored_zero_gradients(
+    pmr: PMRLoss, feats: dict[str, Tensor], n: int, *, modulated: bool = True
+) -> float:
+    """The loss on a batch whose every target is -100; checks that every gradient is exactly 0.
+
+    Outside the modulation window (and in eval mode) the features are not in the graph at all.
+    """
+    x = {m: t.clone().requires_grad_() for m, t in feats.items()}
+    logits = torch.randn(n, 3, requires_grad=True)
+    loss = pmr(logits, torch.full((n,), -100), x)
+    assert loss.requires_grad  # part of the graph: backward works, and is "no step"
+    loss.backward()
+    for t in (logits, *x.values()) if modulated else (logits,):
+        assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
+    return float(loss.detach())
+
+
+@pytest.mark.parametrize(
+    "criterion",
+    [
+        None,
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.CrossEntropyLoss(torch.tensor([1, 2, 3.0])),
+    ],
+)
+@pytest.mark.parametrize("rule", ["paper", "code"])
+def test_every_target_ignored_is_a_zero_loss_with_zero_gradients(
+    criterion: nn.Module | None, rule: str
+) -> None:
+    """Was NaN (the criterion's 0 / 0). Training (in the window, with the entropy term), eval."""
+    pmr, feats, y = ready(alpha=0.7, mu=0.3, coefficient=rule, criterion=criterion)
+    assert _all_ignored_zero_gradients(pmr, feats, len(y)) == 0.0
+    rec = pmr.last  # no sample counted anywhere: s = 0, rho = 0 / 0 := 1, beta = eta = 0
+    assert rec is not None
+    assert torch.equal(rec.scores, torch.zeros(2)) and torch.equal(rec.ratios, torch.ones(2))
+    assert torch.equal(rec.coefficients, torch.zeros(2))
+    assert torch.equal(rec.entropy_weights, torch.zeros(2))
+    assert torch.equal(rec.prototype_losses, torch.zeros(2))
+    pmr.eval()
+    assert _all_ignored_zero_gradients(pmr, feats, len(y), modulated=False) == 0.0
+    pmr.train()
+    pmr.modulation = (5, None)  # outside the window: the criterion alone, still 0
+    assert _all_ignored_zero_gradients(pmr, feats, len(y), modulated=False) == 0.0
+    # the next batch with samples is unaffected: the full formula again
+    pmr.modulation = (0, None)
+    logits = torch.randn(len(y), 3)
+    want = ref_step(feats, pmr.prototypes, y, 0.7, 0.3, rule)
+    total = float(F.cross_entropy(logits.double(), y)) if criterion is None else None
+    loss = pmr(logits, y, feats)
+    close(pmr.last.coefficients, want["coefficients"])  # type: ignore[union-attr]
+    if total is not None:
+        total += sum(b * q for b, q in zip(want["coefficients"], want["pce"], strict=True))
+        total -= sum(e * h for e, h in zip(want["entropy_weights"], want["entropy"], strict=True))
+        assert float(loss) == pytest.approx(total, rel=1e-5)
+
+
+def test_prototypes_from_an_all_ignored_batch_are_never_nan() -> None:
+    """An all-ignored batch adds nothing; alone it is a clear error and the prototypes stay."""
+    feats, y = make(classes=3, n=30)
+    ignored = torch.full_like(y, -100)
+    pmr = PMRLoss(3, {"audio": 4, "visual": 4})
+    pmr.update_prototypes([(feats, y), (make(classes=3, n=30, seed=8)[0], ignored)])
+    for m in feats:  # the class means of the first batch only
+        want, _ = ref_means(feats[m], y, 3)
+        for k in range(3):
+            close(pmr.prototypes[m][k], want[k])  # type: ignore[arg-type]
+    before = {m: p.clone() for m, p in pmr.prototypes.items()}
+    with pytest.raises(RuntimeError, match="no samples"):
+        pmr.update_prototypes([(feats, ignored)])
+    pmr.accumulate_prototypes(feats, ignored)
+    with pytest.raises(RuntimeError, match="no samples"):
+        pmr.compute_prototypes()
+    for m, p in pmr.prototypes.items():
+        assert torch.equal(p, before[m]) and bool(torch.isfinite(p).all())
+    assert pmr.updates == 1 and pmr.known.all()
+    # the refused sample left nothing pending: the next computation is the plain momentum blend
+    new_feats, _ = make(classes=3, n=30, seed=5)
+    pmr.update_prototypes([(new_feats, y)])
+    for m in feats:
+        new, _ = ref_means(new_feats[m], y, 3)
+        for k in range(3):
+            old = before[m][k].tolist()
+            close(
+                pmr.prototypes[m][k], [0.8 * a + 0.2 * b for a, b in zip(new[k], old, strict=True)]
+            )  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------------------------
 # state, accumulation, AMP, empty batches, bad input
 
