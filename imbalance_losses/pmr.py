@@ -24,7 +24,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +64,7 @@ def _coefficient_rule(value: object, name: str) -> Coefficient:
         return "graded"
     if value not in ("code", "graded"):
         raise ValueError(f"{name} must be 'code' or 'graded', got {value!r}")
-    return cast(Coefficient, value)
+    return value
 
 
 def prototype_logits(features: Tensor, prototypes: Tensor, known: Tensor | None = None) -> Tensor:
