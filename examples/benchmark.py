@@ -291,7 +291,10 @@ class Runner:
             pmr = imbalance_losses.PMRLoss(
                 task.num_classes,
                 {m: FEATURE_WIDTH for m in modalities},
-                alpha=config["alpha"],  # mu=0.1, entropy_epochs=10, momentum=0.2 (defaults)
+                alpha=config["alpha"],
+                # coefficient="code" (the official code's constant alpha), mu=0.1,
+                # entropy_epochs=10, momentum=0.2 (defaults). The published PMR rows of
+                # docs/benchmark.md were run with the former default, coefficient="graded".
             )
         elif method == "gblend":
             # branches: each modality's logits from the shared head, then the fused logits

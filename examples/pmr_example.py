@@ -3,7 +3,8 @@
 "strong" sees the class with little noise, "weak" with a lot, so joint training leans on the
 strong modality and leaves the weak encoder under-trained. Each epoch the prototypes are
 recomputed from a tenth of the training set (as the official code does), and PMR adds the
-prototypical cross-entropy of the slower modality. Prints, for plain training and for PMR, the
+prototypical cross-entropy of the slower modality with a constant weight alpha (the official
+code's rule, the default). Prints, for plain training and for PMR, the
 fused test accuracy and each modality's nearest-prototype accuracy (its own, encoder-only skill).
 Run: ``python examples/pmr_example.py [--epochs 8] [--seed 0]``.
 """
@@ -56,7 +57,10 @@ def train(use_pmr: bool, epochs: int, seed: int) -> dict[str, float]:
     x_test, y_test = sample(1000, g)
     model = Model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pmr = PMRLoss(CLASSES, {m: WIDTH for m in NOISE}, alpha=1.0, mu=0.1, entropy_epochs=2)
+    # coefficient="code" is the default: the official code's constant alpha on the slower modality
+    pmr = PMRLoss(
+        CLASSES, {m: WIDTH for m in NOISE}, alpha=1.0, mu=0.1, entropy_epochs=2, coefficient="code"
+    )
     batches = [(torch.arange(i, min(i + 64, 2000))) for i in range(0, 2000, 64)]
     for epoch in range(epochs):
         model.eval()  # prototypes: eval mode, no grad, a tenth of the training set

@@ -29,7 +29,13 @@ from ._branches import FUSED, branch_logits, branch_names, branch_vector, per_sa
 from ._distributed import ProcessGroup
 from ._evaluation import branch_losses, check_same_on_ranks
 from ._stats import Reduction, counted, reduce_loss
-from ._validation import _assert_on_device, check_same_modalities, real_param, reduction_param
+from ._validation import (
+    _assert_on_device,
+    check_same_modalities,
+    int_param,
+    real_param,
+    reduction_param,
+)
 from .diagnostics import StepRecord
 from .unimodal import Head
 
@@ -230,7 +236,8 @@ class GradientBlending(nn.Module):
         self.eps = real_param("eps", eps, gt=0.0)
         self.label_smoothing = real_param("label_smoothing", label_smoothing, ge=0.0, le=1.0)
         self.reduction = cast(Reduction, reduction_param(reduction))
-        self.ignore_index, self.fused = ignore_index, fused
+        self.ignore_index = int_param("ignore_index", ignore_index)
+        self.fused = fused
         self.process_group = process_group
         self.__dict__["head"] = head  # the user's model owns it: not registered, not copied
         self.branches: tuple[str, ...] | None = None

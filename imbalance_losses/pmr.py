@@ -8,17 +8,20 @@ momentum ``mu_p``). Per training step (statistics fp32, detached, pooled over ra
     L_p,m    = -mean_b log softmax(z_{m,b})[y_b]             prototypical cross-entropy
     s_m      = sum_b softmax(z_{m,b})[y_b]                    prototype true-class score
     rho_m    = s_m / mean_{k != m} s_k                        (= s_a / s_v for two modalities)
-    beta_m   = alpha * clip(1 / rho_m - 1, 0, 1)              slow modalities (rho_m < 1)
+    beta_m   = alpha * [rho_m < 1]                            slow modalities (official code)
+             (coefficient="graded": alpha * clip(1 / rho_m - 1, 0, 1))
     eta_m    = mu * clip(rho_m - 1, 0, 1)                     dominant ones, early epochs only
     E_m      = mean_b( -sum_k p_{m,bk} log p_{m,bk} )         prototype entropy
     L = criterion(z, y) + sum_m beta_m L_p,m - sum_m eta_m E_m
 
-See ``docs/pmr.md`` for the official code's differences, the schedule, DDP, accumulation and AMP.
+See ``docs/pmr.md`` for the source of each default, the official code's differences, the
+schedule, DDP, accumulation and AMP.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,7 +47,24 @@ __all__ = [
 ]
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
+Coefficient = Literal["code", "graded"]
 _BY = "PMRLoss's prototypes (move it with pmr.to(device))"
+
+
+def _coefficient_rule(value: object, name: str) -> Coefficient:
+    """``"code"`` or ``"graded"``; ``"paper"`` (the 0.1.0 name of ``"graded"``) with a warning."""
+    if value == "paper":
+        warnings.warn(
+            f"{name}='paper' is deprecated: use {name}='graded' (the same rule, renamed because "
+            "it is not confirmed from the paper's text); the default is now 'code', the official "
+            "code's constant alpha",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return "graded"
+    if value not in ("code", "graded"):
+        raise ValueError(f"{name} must be 'code' or 'graded', got {value!r}")
+    return value
 
 
 def prototype_logits(features: Tensor, prototypes: Tensor, known: Tensor | None = None) -> Tensor:
@@ -114,27 +134,30 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def rebalance_coefficients(
-    ratios: Tensor, alpha: float, rule: Literal["paper", "code"] = "paper"
+    ratios: Tensor, alpha: float, rule: Literal["code", "graded", "paper"] = "code"
 ) -> Tensor:
     r"""Weights ``beta_m`` ``[M]`` of the prototypical losses from the ratios ``rho_m`` ``[M]``.
 
-    $$\beta_m = \alpha \operatorname{clip}\Big(\frac{1}{\rho_m} - 1, 0, 1\Big) \;\;
-    \text{(paper)}, \qquad \beta_m = \alpha\, [\rho_m < 1] \;\; \text{(code)}$$
+    $$\beta_m = \alpha\, [\rho_m < 1] \;\; \text{(code, default)}, \qquad
+    \beta_m = \alpha \operatorname{clip}\Big(\frac{1}{\rho_m} - 1, 0, 1\Big) \;\;
+    \text{(graded)}$$
 
-    ``"paper"``: ``beta_m = alpha * clip(1 / rho_m - 1, 0, 1)``: zero for ``rho_m >= 1``, growing
-    with the gap (two modalities: the slow one gets ``alpha * min(rho_fast - 1, 1)``).
-    ``"code"`` (official repository): ``beta_m = alpha`` where ``rho_m < 1``, else 0.
+    ``"code"`` (default; the official repository's rule): ``beta_m = alpha`` where
+    ``rho_m < 1``, else 0. ``"graded"``: ``beta_m = alpha * clip(1 / rho_m - 1, 0, 1)``: zero for
+    ``rho_m >= 1``, growing with the gap (two modalities: the slow one gets
+    ``alpha * min(rho_fast - 1, 1)``); our reading of the paper's abstract, not confirmed from its
+    equations. ``"paper"`` is the deprecated name of ``"graded"``.
 
     Example:
         >>> import torch
         >>> from imbalance_losses import rebalance_coefficients
         >>> rho = torch.tensor([1.5, 1 / 1.5])         # audio leads, visual is the slow modality
-        >>> rebalance_coefficients(rho, alpha=1.0)     # paper: grows with the gap
-        tensor([0.0000, 0.5000])
-        >>> rebalance_coefficients(rho, alpha=1.0, rule="code")   # official code: constant alpha
+        >>> rebalance_coefficients(rho, alpha=1.0)     # official code: constant alpha
         tensor([0., 1.])
+        >>> rebalance_coefficients(rho, alpha=1.0, rule="graded")   # grows with the gap
+        tensor([0.0000, 0.5000])
     """
-    if rule == "code":
+    if _coefficient_rule(rule, "rule") == "code":
         return alpha * (ratios < 1).to(ratios)
     return alpha * (1.0 / ratios - 1.0).clamp(0.0, 1.0)
 
@@ -196,8 +219,10 @@ class PMRLoss(nn.Module):
     $$\rho_m = \frac{\sum_b \operatorname{softmax}(-\lVert x_{m,b} - c_{m,\cdot} \rVert)_{y_b}}
     {\operatorname{mean}_{k \ne m} \sum_b \operatorname{softmax}(-\lVert x_{k,b} - c_{k,\cdot}
     \rVert)_{y_b}}, \qquad
-    \beta_m = \alpha \operatorname{clip}\Big(\frac{1}{\rho_m} - 1, 0, 1\Big), \qquad
+    \beta_m = \alpha\, [\rho_m < 1], \qquad
     \eta_m = \mu \operatorname{clip}(\rho_m - 1, 0, 1)$$
+
+    (``coefficient="graded"``: $\beta_m = \alpha \operatorname{clip}(1 / \rho_m - 1, 0, 1)$.)
 
     Usage::
 
@@ -207,19 +232,24 @@ class PMRLoss(nn.Module):
 
     Holds the prototypes as buffers (no parameters). In training mode inside the modulation
     window it returns ``criterion(z, y) + sum_m beta_m L_p,m - sum_m eta_m E_m``; otherwise (and
-    in eval mode) ``criterion(z, y)`` with no statistics and no collective.
+    in eval mode) ``criterion(z, y)`` with no statistics and no collective. A batch whose every
+    target is ``ignore_index`` gives a zero loss whose gradients are all zero (no NaN).
 
     Args:
         num_classes: ``C``.
         in_features: ``{modality: D_m}`` in concatenation order (M >= 2).
-        criterion: loss on the fused logits; default ``nn.CrossEntropyLoss()``.
+        criterion: a callable loss on the fused logits; default
+            ``nn.CrossEntropyLoss(ignore_index=ignore_index)``.
         alpha: ``>= 0``, scale of ``beta``.
         mu: ``>= 0``, scale of the entropy weight ``eta``.
         entropy_epochs: epochs, from the start of the window, with the entropy term.
-        momentum: prototype momentum ``mu_p`` in ``[0, 1]`` (official 0.2).
-        coefficient: ``"paper"`` or ``"code"`` (constant ``alpha`` on slower modalities).
+        momentum: prototype momentum ``mu_p`` in ``[0, 1]`` (official argparse default 0.2;
+            the official run scripts pass 0.0).
+        coefficient: ``"code"`` (default, the official code: constant ``alpha`` on every
+            slower modality) or ``"graded"`` (``alpha clip(1 / rho_m - 1, 0, 1)``); ``"paper"``
+            is the deprecated name of ``"graded"``.
         modulation: ``(start, end)`` epochs, inclusive; ``end=None``: no end.
-        ignore_index: targets left out of every statistic and prototypical loss.
+        ignore_index: an integer target left out of every statistic and loss (``None``: none).
         process_group: group to pool statistics over under ``torch.distributed``.
 
     Example:
@@ -248,9 +278,9 @@ class PMRLoss(nn.Module):
         mu: float = 0.1,
         entropy_epochs: int = 10,
         momentum: float = 0.2,
-        coefficient: Literal["paper", "code"] = "paper",
+        coefficient: Literal["code", "graded", "paper"] = "code",
         modulation: tuple[int, int | None] = (0, None),
-        ignore_index: int = -100,
+        ignore_index: int | None = -100,
         process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
@@ -263,17 +293,32 @@ class PMRLoss(nn.Module):
         self.alpha, self.mu = real_param("alpha", alpha, ge=0), real_param("mu", mu, ge=0)
         self.momentum = real_param("momentum", momentum, ge=0, le=1)
         self.entropy_epochs = int_param("entropy_epochs", entropy_epochs, ge=0)
-        if coefficient not in ("paper", "code"):
-            raise ValueError(f"coefficient must be 'paper' or 'code', got {coefficient!r}")
-        self.coefficient: Literal["paper", "code"] = coefficient
+        self.coefficient: Coefficient = _coefficient_rule(coefficient, "coefficient")
+        if not isinstance(modulation, tuple | list) or len(modulation) != 2:
+            raise TypeError(
+                "modulation must be a (start, end) pair of epochs (end=None: no end), got "
+                f"{type(modulation).__name__} {modulation!r}"
+            )
         start, end = modulation
         self.modulation = (
             int_param("modulation start", start, ge=0),
             None if end is None else int_param("modulation end", end, ge=start),
         )
-        self.criterion: Criterion = nn.CrossEntropyLoss() if criterion is None else criterion
-        self.ignore_index, self.process_group = ignore_index, process_group
-        self.store = Prototypes(num_classes, self.in_features, self.momentum, ignore_index)
+        self.ignore_index = (
+            None if ignore_index is None else int_param("ignore_index", ignore_index)
+        )
+        if criterion is not None and not callable(criterion):
+            raise TypeError(
+                "criterion must be a callable loss(logits, target) -> Tensor, e.g. "
+                f"nn.CrossEntropyLoss(), got {type(criterion).__name__} {criterion!r}"
+            )
+        self.criterion: Criterion = (
+            nn.CrossEntropyLoss(ignore_index=-100 if ignore_index is None else ignore_index)
+            if criterion is None
+            else criterion
+        )
+        self.process_group = process_group
+        self.store = Prototypes(num_classes, self.in_features, self.momentum, self.ignore_index)
         self._pool = RunningSums()
         self.epoch = self.steps = 0
         self.last: PMRRecord | None = None
@@ -343,10 +388,12 @@ class PMRLoss(nn.Module):
                     "accumulate_prototypes + compute_prototypes) before training"
                 )
         zero = logits.sum() * 0.0
+        mask = counted(target, self.ignore_index)
         loss = self.criterion(logits, target) if batch else zero
+        if batch and mask is not None:  # every target ignored: 0, not the criterion's 0 / 0
+            loss = torch.where(mask.any(), loss, zero)  # no host sync; zero gradient
         if not on:
             return loss
-        mask = counted(target, self.ignore_index)
         index = (target if mask is None else torch.where(mask, target, 0)).long()
         mask = self.known[index] if mask is None else mask & self.known[index]
         zs = [

@@ -896,3 +896,69 @@ def test_docs_table_is_current() -> None:
 
 if __name__ == "__main__":
     sys.stdout.write(markdown())
+
+
+# --- issue 19: PMR and G-Blending -------------------------------------------------------------
+# Constructor arguments are checked at construction, with the parameter named (they used to fail
+# at first use, or with a raw unpacking error).
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"ignore_index": "x"}, TypeError, r"ignore_index must be an integer, got str 'x'"),
+        ({"ignore_index": 2.0}, TypeError, r"ignore_index must be an integer, got float 2\.0"),
+        ({"ignore_index": True}, TypeError, r"ignore_index must be an integer, got bool"),
+        ({"criterion": "ce"}, TypeError, r"criterion must be a callable loss.*got str 'ce'"),
+        ({"modulation": 5}, TypeError, r"modulation must be a \(start, end\) pair.*got int 5"),
+        ({"modulation": (1,)}, TypeError, r"modulation must be a \(start, end\) pair.*\(1,\)"),
+        ({"modulation": (0, 1, 2)}, TypeError, r"modulation must be a \(start, end\) pair"),
+        ({"modulation": "0,5"}, TypeError, r"modulation must be a \(start, end\) pair.*str"),
+        ({"modulation": ("a", None)}, TypeError, r"modulation start must be an integer, got str"),
+        ({"modulation": (3, 1)}, ValueError, r"modulation end must be an integer >= 3, got 1"),
+        ({"modulation": (-1, None)}, ValueError, r"modulation start must be an integer >= 0"),
+    ],
+)
+def test_issue19_pmr_constructor_names_the_bad_parameter(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        PMRLoss(C, WIDTHS, **kwargs)
+
+
+def test_issue19_pmr_good_constructor_values_still_work() -> None:
+    """The new checks refuse nothing that worked: None (no ignored target), lists, callables."""
+    pmr = PMRLoss(C, WIDTHS, lambda z, y: z.sum() * 0, ignore_index=None, modulation=[1, 4])
+    assert pmr.ignore_index is None and pmr.modulation == (1, 4)
+    pmr = PMRLoss(C, WIDTHS, ignore_index=7)
+    assert pmr.ignore_index == 7
+    assert isinstance(pmr.criterion, nn.CrossEntropyLoss) and pmr.criterion.ignore_index == 7
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("x", r"ignore_index must be an integer, got str 'x'"),
+        (2.5, r"ignore_index must be an integer, got float 2\.5"),
+        (None, r"ignore_index must be an integer, got NoneType None"),
+    ],
+)
+def test_issue19_blending_ignore_index_is_checked_at_construction(value: Any, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        GradientBlending(head=head(), modalities=list(WIDTHS), ignore_index=value)
+
+
+def test_issue19_every_target_ignored_is_zero_not_nan() -> None:
+    """PMR (training, in the window; and eval) and G-Blending: 0, with zero gradients."""
+    ignored = torch.full((B,), -100)
+    f = {m: x.requires_grad_() for m, x in feats().items()}
+    loss = call_pmr(f, ignored)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(x.grad is not None and not x.grad.any() for x in f.values())
+    assert float(call_pmr(feats(), ignored, train=False)) == 0.0  # eval: the criterion alone
+    f = {m: x.requires_grad_() for m, x in feats().items()}
+    loss = call_blend(f, ignored)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(x.grad is not None and not x.grad.any() for x in f.values())

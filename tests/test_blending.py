@@ -239,6 +239,19 @@ def test_ignore_index_soft_targets_empty_batch_and_amp() -> None:
     torch.testing.assert_close(got, want)
 
 
+def test_every_target_ignored_is_a_zero_loss_with_zero_gradients() -> None:
+    """Mean over no counted sample is 0 (not 0 / 0); sum is 0; "none" is 0 per sample."""
+    for reduction, ignore in (("mean", -100), ("sum", -100), ("none", -100), ("mean", 255)):
+        head, feats, _, y = batch(2, 6, 3)
+        blend = GradientBlending(head=head, reduction=reduction, ignore_index=ignore)  # type: ignore[arg-type]
+        logits = head(torch.cat(list(feats.values()), 1))
+        loss = blend(logits, torch.full_like(y, ignore), features=feats)
+        assert torch.equal(loss.detach(), torch.zeros(6 if reduction == "none" else ()))
+        loss.sum().backward()
+        for t in (*feats.values(), head.weight, head.bias):
+            assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
+
+
 def test_gradient_accumulation_equals_the_full_batch() -> None:
     head, feats, logits, y = batch(2, 8, 3)
     blend = GradientBlending(head=head, initial_weights={"audio": 1, "visual": 2, "fused": 3})

@@ -52,7 +52,7 @@ def ref_probs(x: Tensor, protos: Tensor) -> list[list[float]]:
 
 def ref_step(
     feats: dict[str, Tensor], protos: dict[str, Tensor], y: Tensor, alpha: float, mu: float,
-    rule: str = "paper",
+    rule: str = "code",
 ) -> dict[str, list[float]]:  # fmt: skip
     """Scores, one-vs-rest ratios, coefficients, entropy weights, PCE and entropy per modality."""
     names = list(feats)
@@ -61,9 +61,9 @@ def ref_step(
     s = [sum(p[m][b][int(y[b])] for b in range(n)) for m in names]
     mm = len(names)
     rho = [s[i] / (sum(s[k] for k in range(mm) if k != i) / (mm - 1)) for i in range(mm)]
-    if rule == "paper":
+    if rule == "graded":
         beta = [alpha * min(max(1 / r - 1, 0.0), 1.0) for r in rho]
-    else:
+    else:  # the official code: a constant alpha on every slower modality
         beta = [alpha if r < 1 else 0.0 for r in rho]
     eta = [mu * min(max(r - 1, 0.0), 1.0) for r in rho]
     pce = [-sum(math.log(p[m][b][int(y[b])]) for b in range(n)) / n for m in names]
@@ -168,25 +168,29 @@ def test_prototype_logits_and_cross_entropy_match_hand_formula(
 @given(st.lists(st.floats(0.01, 50.0), min_size=2, max_size=5), st.floats(0.0, 3.0))
 def test_coefficient_formulas(rho: list[float], alpha: float) -> None:
     r = torch.tensor(rho, dtype=torch.float64)
-    close(rebalance_coefficients(r, alpha), [alpha * min(max(1 / v - 1, 0), 1) for v in rho], 1e-9)
+    graded = [alpha * min(max(1 / v - 1, 0), 1) for v in rho]
+    close(rebalance_coefficients(r, alpha, "graded"), graded, 1e-9)
     close(rebalance_coefficients(r, alpha, "code"), [alpha if v < 1 else 0.0 for v in rho], 1e-12)
+    close(rebalance_coefficients(r, alpha), [alpha if v < 1 else 0.0 for v in rho], 1e-12)
     close(entropy_weights(r, alpha), [alpha * min(max(v - 1, 0), 1) for v in rho], 1e-9)
 
 
 def test_coefficients_never_nan_at_zero_scores() -> None:
     r = torch.tensor([0.0, float("inf")])
-    assert torch.equal(rebalance_coefficients(r, 2.0), torch.tensor([2.0, 0.0]))
+    assert torch.equal(rebalance_coefficients(r, 2.0, "graded"), torch.tensor([2.0, 0.0]))
+    assert torch.equal(rebalance_coefficients(r, 2.0, "code"), torch.tensor([2.0, 0.0]))
     assert torch.equal(entropy_weights(r, 1.0), torch.tensor([0.0, 1.0]))
 
 
 @pytest.mark.parametrize("m", [2, 3])
-@pytest.mark.parametrize("rule", ["paper", "code"])
-def test_loss_and_record_match_the_paper(m: int, rule: str) -> None:
-    pmr, _, _ = ready(m, alpha=0.7, mu=0.3, coefficient=rule)
+@pytest.mark.parametrize("rule", ["graded", "code", None])
+def test_loss_and_record_match_the_formulas(m: int, rule: str | None) -> None:
+    """``None``: the default, which must be the official code's rule."""
+    pmr, _, _ = ready(m, alpha=0.7, mu=0.3, **({} if rule is None else {"coefficient": rule}))
     feats, y = make(m, seed=3)
     logits = torch.randn(len(y), 3)
     loss = pmr(logits, y, feats)
-    want = ref_step(feats, pmr.prototypes, y, 0.7, 0.3, rule)
+    want = ref_step(feats, pmr.prototypes, y, 0.7, 0.3, rule or "code")
     rec = pmr.last
     assert isinstance(rec, PMRRecord) and rec.modalities == tuple(NAMES[:m])
     for field in ("scores", "ratios", "coefficients", "entropy_weights"):
@@ -199,6 +203,32 @@ def test_loss_and_record_match_the_paper(m: int, rule: str) -> None:
     total += sum(b * p for b, p in zip(want["coefficients"], want["pce"], strict=True))
     total -= sum(e * h for e, h in zip(want["entropy_weights"], want["entropy"], strict=True))
     assert float(loss) == pytest.approx(total, rel=1e-5)
+
+
+def test_default_coefficient_is_the_official_codes_constant_alpha() -> None:
+    """Two modalities, audio ahead: the default gives the slow one exactly alpha, the graded
+    rule alpha * min(rho_audio - 1, 1) (here below alpha), and 'paper' is graded's old name."""
+    assert PMRLoss(3, {"audio": 4, "visual": 4}).coefficient == "code"
+    feats, y = make(seed=3)
+    default, _, _ = ready(alpha=0.7, mu=0.0)
+    graded, _, _ = ready(alpha=0.7, mu=0.0, coefficient="graded")
+    for pmr in (default, graded):
+        pmr(torch.randn(len(y), 3), y, feats)
+    s = default.last.scores.tolist()  # type: ignore[union-attr]
+    slow, fast = (0, 1) if s[0] < s[1] else (1, 0)
+    rho_fast = s[fast] / s[slow]
+    assert 1 < rho_fast < 2  # so the two rules differ on this batch
+    want = [0.0, 0.0]
+    want[slow] = 0.7
+    close(default.last.coefficients, want)  # type: ignore[union-attr]
+    want[slow] = 0.7 * (rho_fast - 1)
+    close(graded.last.coefficients, want)  # type: ignore[union-attr]
+    with pytest.warns(DeprecationWarning, match="coefficient='graded'"):
+        old = PMRLoss(3, {"audio": 4, "visual": 4}, coefficient="paper")  # type: ignore[arg-type]
+    assert old.coefficient == "graded"
+    r = torch.tensor([1.5, 1 / 1.5])
+    with pytest.warns(DeprecationWarning, match="rule='graded'"):
+        assert torch.equal(rebalance_coefficients(r, 1.0, "paper"), torch.tensor([0.0, 0.5]))
 
 
 def test_identity_settings_reduce_to_plain_cross_entropy() -> None:
@@ -234,13 +264,14 @@ def test_entropy_window() -> None:
     assert pmr.last.epoch == 3  # type: ignore[union-attr]
 
 
-def test_gradient_flows_only_where_it_should() -> None:
-    pmr, _, _ = ready(alpha=1.0, mu=0.5)
+@pytest.mark.parametrize("rule", ["graded", "code"])
+def test_gradient_flows_only_where_it_should(rule: str) -> None:
+    pmr, _, _ = ready(alpha=1.0, mu=0.5, coefficient=rule)
     feats, y = make(seed=7)
     x = {m: t.clone().requires_grad_() for m, t in feats.items()}
     logits = torch.randn(len(y), 3, requires_grad=True)  # independent of the features
     pmr(logits, y, x).backward()
-    want = ref_step(feats, pmr.prototypes, y, 1.0, 0.5)
+    want = ref_step(feats, pmr.prototypes, y, 1.0, 0.5, rule)
     slow, fast = (0, 1) if want["ratios"][0] < 1 else (1, 0)
     names = list(feats)
     # slow modality: only beta * grad L_p; fast: only -eta * grad E
@@ -288,6 +319,105 @@ def test_an_ignore_index_beyond_the_classes_is_left_out_too() -> None:
     close(pmr.last.scores, want["scores"])  # type: ignore[union-attr]
 
 
+def test_default_criterion_honours_a_custom_ignore_index() -> None:
+    """``ignore_index=-1`` reaches the default criterion: mean over kept samples of -log p_y."""
+    feats, y = make(classes=3, n=30)
+    pmr = PMRLoss(3, {"audio": 4, "visual": 4}, ignore_index=-1, alpha=0.0, mu=0.0)
+    pmr.update_prototypes([(feats, y)])
+    logits = torch.randn(30, 3, generator=torch.Generator().manual_seed(2))
+    y_ign = y.masked_fill(torch.arange(30) % 4 == 0, -1)
+    kept = [b for b in range(30) if int(y_ign[b]) != -1]
+    want = -sum(math.log(float(torch.softmax(logits[b].double(), 0)[int(y[b])])) for b in kept)
+    assert float(pmr(logits, y_ign, feats)) == pytest.approx(want / len(kept), rel=1e-6)
+
+
+def _all_ignored_zero_gradients(
+    pmr: PMRLoss, feats: dict[str, Tensor], n: int, *, modulated: bool = True
+) -> float:
+    """The loss on a batch whose every target is -100; checks that every gradient is exactly 0.
+
+    Outside the modulation window (and in eval mode) the features are not in the graph at all.
+    """
+    x = {m: t.clone().requires_grad_() for m, t in feats.items()}
+    logits = torch.randn(n, 3, requires_grad=True)
+    loss = pmr(logits, torch.full((n,), -100), x)
+    assert loss.requires_grad  # part of the graph: backward works, and is "no step"
+    loss.backward()
+    for t in (logits, *x.values()) if modulated else (logits,):
+        assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
+    return float(loss.detach())
+
+
+@pytest.mark.parametrize(
+    "criterion",
+    [
+        None,
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.CrossEntropyLoss(torch.tensor([1, 2, 3.0])),
+    ],
+)
+@pytest.mark.parametrize("rule", ["graded", "code"])
+def test_every_target_ignored_is_a_zero_loss_with_zero_gradients(
+    criterion: nn.Module | None, rule: str
+) -> None:
+    """Was NaN (the criterion's 0 / 0). Training (in the window, with the entropy term), eval."""
+    pmr, feats, y = ready(alpha=0.7, mu=0.3, coefficient=rule, criterion=criterion)
+    assert _all_ignored_zero_gradients(pmr, feats, len(y)) == 0.0
+    rec = pmr.last  # no sample counted anywhere: s = 0, rho = 0 / 0 := 1, beta = eta = 0
+    assert rec is not None
+    assert torch.equal(rec.scores, torch.zeros(2)) and torch.equal(rec.ratios, torch.ones(2))
+    assert torch.equal(rec.coefficients, torch.zeros(2))
+    assert torch.equal(rec.entropy_weights, torch.zeros(2))
+    assert torch.equal(rec.prototype_losses, torch.zeros(2))
+    pmr.eval()
+    assert _all_ignored_zero_gradients(pmr, feats, len(y), modulated=False) == 0.0
+    pmr.train()
+    pmr.modulation = (5, None)  # outside the window: the criterion alone, still 0
+    assert _all_ignored_zero_gradients(pmr, feats, len(y), modulated=False) == 0.0
+    # the next batch with samples is unaffected: the full formula again
+    pmr.modulation = (0, None)
+    logits = torch.randn(len(y), 3)
+    want = ref_step(feats, pmr.prototypes, y, 0.7, 0.3, rule)
+    total = float(F.cross_entropy(logits.double(), y)) if criterion is None else None
+    loss = pmr(logits, y, feats)
+    close(pmr.last.coefficients, want["coefficients"])  # type: ignore[union-attr]
+    if total is not None:
+        total += sum(b * q for b, q in zip(want["coefficients"], want["pce"], strict=True))
+        total -= sum(e * h for e, h in zip(want["entropy_weights"], want["entropy"], strict=True))
+        assert float(loss) == pytest.approx(total, rel=1e-5)
+
+
+def test_prototypes_from_an_all_ignored_batch_are_never_nan() -> None:
+    """An all-ignored batch adds nothing; alone it is a clear error and the prototypes stay."""
+    feats, y = make(classes=3, n=30)
+    ignored = torch.full_like(y, -100)
+    pmr = PMRLoss(3, {"audio": 4, "visual": 4})
+    pmr.update_prototypes([(feats, y), (make(classes=3, n=30, seed=8)[0], ignored)])
+    for m in feats:  # the class means of the first batch only
+        want, _ = ref_means(feats[m], y, 3)
+        for k in range(3):
+            close(pmr.prototypes[m][k], want[k])  # type: ignore[arg-type]
+    before = {m: p.clone() for m, p in pmr.prototypes.items()}
+    with pytest.raises(RuntimeError, match="no samples"):
+        pmr.update_prototypes([(feats, ignored)])
+    pmr.accumulate_prototypes(feats, ignored)
+    with pytest.raises(RuntimeError, match="no samples"):
+        pmr.compute_prototypes()
+    for m, p in pmr.prototypes.items():
+        assert torch.equal(p, before[m]) and bool(torch.isfinite(p).all())
+    assert pmr.updates == 1 and pmr.known.all()
+    # the refused sample left nothing pending: the next computation is the plain momentum blend
+    new_feats, _ = make(classes=3, n=30, seed=5)
+    pmr.update_prototypes([(new_feats, y)])
+    for m in feats:
+        new, _ = ref_means(new_feats[m], y, 3)
+        for k in range(3):
+            old = before[m][k].tolist()
+            close(
+                pmr.prototypes[m][k], [0.8 * a + 0.2 * b for a, b in zip(new[k], old, strict=True)]
+            )  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------------------------
 # state, accumulation, AMP, empty batches, bad input
 
@@ -322,13 +452,14 @@ def test_state_dict_round_trip_is_bit_for_bit() -> None:
         assert torch.equal(getattr(a.last, f), getattr(b.last, f))
 
 
-def test_accumulation_one_coefficient_per_micro_batch_and_pooled_prototypes() -> None:
-    pmr, _, _ = ready()
+@pytest.mark.parametrize("rule", ["graded", "code"])
+def test_accumulation_one_coefficient_per_micro_batch_and_pooled_prototypes(rule: str) -> None:
+    pmr, _, _ = ready(coefficient=rule)
     feats, y = make(n=24, seed=9)
     for chunk in range(3):
         part = {m: t[chunk * 8 : (chunk + 1) * 8] for m, t in feats.items()}
         pmr(torch.randn(8, 3), y[chunk * 8 : (chunk + 1) * 8], part)
-        want = ref_step(part, pmr.prototypes, y[chunk * 8 : (chunk + 1) * 8], 1.0, 0.1)
+        want = ref_step(part, pmr.prototypes, y[chunk * 8 : (chunk + 1) * 8], 1.0, 0.1, rule)
         close(pmr.last.coefficients, want["coefficients"])  # type: ignore[union-attr]
         pmr.accumulate_prototypes(part, y[chunk * 8 : (chunk + 1) * 8])
     whole = PMRLoss(3, {"audio": 4, "visual": 4}, momentum=0.0)
