@@ -5,14 +5,18 @@ the encoder parameters ``theta_m`` of modality ``m`` the two gradients
 ``a = dL_mm/dtheta_m`` and ``b = dL_m/dtheta_m`` are combined per step (``<.,.>``, ``||.||`` over
 the whole flattened encoder)::
 
-    agreement (<a, b> > 0):  k_mm = k_m = 1/2
-    conflict  (<a, b> <= 0): k_mm = clip(<b - a, b> / ||a - b||^2, 0, 1),  k_m = 1 - k_mm
+    agreement (<a, b> > 0, or a or b zero):  k_mm = k_m = 1/2
+    conflict  (<a, b> <= 0, a and b non-zero): k_mm = clip(<b - a, b> / ||a - b||^2, 0, 1),
+                                               k_m = 1 - k_mm
                              (the min-norm point of the segment [a, b]: two-objective MGDA)
     d = 2 (k_mm a + k_m b)                               (= a + b under agreement)
     rescale="paper": g = gamma * (||a + b|| / ||d||) * d                 (one factor per encoder)
     rescale="code":  g_p = gamma * max(||a_p + b_p|| / ||d_p||, 1) * d_p  (per parameter tensor)
 
-with ``gamma = 1.5``; a zero ``d`` (or ``d_p``) gets factor 1 (a zero gradient). Every other
+with ``gamma = 1.5``; a zero ``d`` (or ``d_p``) gets factor 1 (a zero gradient); a zero ``a`` or
+``b`` gives ``gamma`` times the other one, as the official code does. Norms and
+inner products are formed from gradients divided by exact powers of two (scale-invariant: a
+``GradScaler`` factor or entries near ``1e19`` change nothing and overflow nothing). Every other
 parameter the losses reach (the fusion head, unimodal heads) gets the plain summed gradient
 ``d(L_mm + sum_m L_m)/dp``; a unimodal loss ``L_m`` must not reach another modality's encoder
 (``ValueError``: its gradient there would be in neither ``a`` nor ``b``). ``d`` never conflicts
@@ -22,6 +26,7 @@ with either objective: ``<d, a> >= 0`` and ``<d, b> >= 0``. See ``docs/mmpareto.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,9 +41,12 @@ from ._gradients import (
     average_over_ranks_,
     dots,
     min_norm_weight,
+    normalise_,
     norms,
     objective_gradients,
     reached_leaves,
+    segment_expand,
+    segment_max,
     segment_sum,
 )
 from ._params import SharedPolicy, modality_parameters
@@ -57,7 +65,8 @@ class MMParetoRecord(StepRecord):
     Attributes:
         cosine: ``<a, b> / (||a|| ||b||)`` of the fused and unimodal gradients on the encoder
             (0 when either is zero).
-        conflict: bool, ``<a, b> <= 0`` (the min-norm weights were used).
+        conflict: bool, ``<a, b> <= 0`` with both gradients non-zero (the min-norm weights
+            were used; a zero gradient counts as agreement).
         k_mm, k_m: the weights on ``a`` and ``b`` (``k_mm + k_m = 1``).
         rescale: ``||a + b|| / ||d||`` (``"paper"``), or the encoder's mean over tensors of
             ``max(||a_p + b_p|| / ||d_p||, 1)`` (``"code"``); gamma not included.
@@ -94,10 +103,12 @@ def pareto_weights(aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor, 
     0, 1\Big), \quad k_m = 1 - k_{mm} \;\; \text{if } \langle a, b \rangle \le 0, \qquad
     k_{mm} = k_m = \tfrac12 \;\; \text{otherwise}$$
 
-    ``k_mm = 1/2`` where ``<a, b> > 0``; elsewhere the min-norm weight
-    ``clip((<b,b> - <a,b>) / (<a,a> + <b,b> - 2<a,b>), 0, 1)`` (:func:`min_norm_weight`);
-    ``k_m = 1 - k_mm``. Chosen with ``torch.where`` (no host sync); a NaN Gram entry (a
-    non-finite gradient) gives NaN weights.
+    ``k_mm = 1/2`` where ``<a, b> > 0`` or either gradient is zero (``<a,a> = 0`` or
+    ``<b,b> = 0``: a zero gradient agrees with anything, so ``d = a + b``, the other gradient);
+    elsewhere the min-norm weight ``clip((<b,b> - <a,b>) / (<a,a> + <b,b> - 2<a,b>), 0, 1)``
+    (:func:`min_norm_weight`); ``k_m = 1 - k_mm``; ``conflict`` is where the min-norm weights
+    were used. Chosen with ``torch.where`` (no host sync); a NaN Gram entry (a non-finite
+    gradient) gives NaN weights.
 
     Example:
         >>> import torch
@@ -109,9 +120,9 @@ def pareto_weights(aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor, 
         >>> pareto_weights(a @ a, a @ a, a @ a)[:2]                     # agreeing: the plain sum
         (tensor(0.5000), tensor(0.5000))
     """
-    agree = ab > 0
-    k = torch.where(agree, torch.full_like(ab, 0.5), min_norm_weight(aa, ab, bb))
-    return k, 1.0 - k, ~agree
+    agree = (ab > 0) | (aa == 0) | (bb == 0)
+    k_mm, k_m = _weights(agree, aa, ab, bb)
+    return k_mm, k_m, ~agree
 
 
 def combine(
@@ -138,6 +149,18 @@ def magnitude_factors(summed: Tensor, combined: Tensor, *, floor_one: bool) -> T
     safe = torch.where(combined > 0, combined, torch.ones_like(combined))
     r = torch.where(combined > 0, summed / safe, torch.ones_like(combined))
     return torch.where(r > 1, r, torch.ones_like(r)) if floor_one else r
+
+
+def _weights(agree: Tensor, aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
+    """``(k_mm, k_m)``: 1/2 each where ``agree``, the min-norm weights elsewhere."""
+    k = torch.where(agree, torch.full_like(ab, 0.5), min_norm_weight(aa, ab, bb))
+    return k, 1.0 - k
+
+
+def _unit(scales: Tensor, sizes: Tensor, counts: list[int]) -> Tensor:
+    """``[M]``: per encoder, the largest scale of a tensor whose ``size`` is ``> 0`` (1 if none)."""
+    e = segment_max(torch.where(sizes > 0, scales, torch.zeros_like(scales)), counts)
+    return torch.where(e > 0, e, torch.ones_like(e))
 
 
 def _own(g: Tensor | None, like: Tensor, seen: set[int]) -> Tensor:
@@ -168,6 +191,8 @@ class MMPareto:
 
     $$d = 2 (k_{mm} a + k_m b), \qquad
     g_{\theta_m} = \gamma \frac{\lVert a + b \rVert}{\lVert d \rVert}\, d$$
+
+    A zero gradient ($a = 0$ or $b = 0$) counts as agreement.
 
     ::
 
@@ -352,34 +377,71 @@ class MMPareto:
         self, enc: list[Tensor], a: list[Tensor], b: list[Tensor], counts: list[int],
         touched: list[bool],
     ) -> None:  # fmt: skip
+        """The rule on the encoders, written to ``.grad``; ``a`` and ``b`` are consumed.
+
+        Scale-invariant: every vector whose norm or dot product is taken is first divided by a
+        power of two near its largest entry (:func:`~imbalance_losses._gradients.normalise_`,
+        exact), and the scales are folded back as exact powers of two, so a ``GradScaler``
+        factor of ``2^32`` or gradient entries near ``1e19`` neither overflow a square (fp32)
+        nor change a decision, while the combination itself is the formula's, bit for bit.
+        """
         dtype = accumulation_dtype(a)
-        index = [m for m, c in enumerate(counts) for _ in range(c)]
-        na, nb = norms(a, dtype), norms(b, dtype)
-        ns = norms(torch._foreach_add(a, b), dtype)  # ||a_p + b_p||, temporaries freed here
-        aa, bb = segment_sum(na.square(), counts), segment_sum(nb.square(), counts)
-        ab = segment_sum(dots(a, b, dtype), counts)
-        k_mm, k_m, conflict = pareto_weights(aa, ab, bb)
-        km, kn = k_mm.unbind(), k_m.unbind()
-        d = combine(a, b, [km[i] for i in index], [kn[i] for i in index])
+        # ||a_p + b_p|| = ns_p * ps_p (the temporary sum is freed here)
+        total = torch._foreach_add(a, b)
+        ps, _ = normalise_(total, dtype)
+        ns = norms(total, dtype)
+        del total
+        # the Gram entries, from a_p / pa_p and b_p / pb_p, in the units ea, eb of each encoder
+        pa, ma = normalise_(a, dtype)
+        pb, mb = normalise_(b, dtype)
+        big_a, big_b = segment_max(ma, counts), segment_max(mb, counts)
+        ea, eb = (_unit(p, m, counts) for p, m in ((pa, ma), (pb, mb)))
+        ua, vb = pa / segment_expand(ea, counts), pb / segment_expand(eb, counts)
+        aa = segment_sum(norms(a, dtype).square() * ua.square(), counts)  # ||a||^2 / ea^2
+        bb = segment_sum(norms(b, dtype).square() * vb.square(), counts)  # ||b||^2 / eb^2
+        ab = segment_sum(dots(a, b, dtype) * (ua * vb), counts)  # <a, b> / (ea eb)
+        cosine = ab / (aa * bb).sqrt().clamp_min(torch.finfo(dtype).tiny)
+        # a zero gradient agrees with anything (the official code's result there: gamma times
+        # the other gradient); a non-finite one gives NaN weights (the whole encoder non-finite)
+        agree = (ab > 0) | (big_a == 0) | (big_b == 0)
+        e = torch.maximum(ea, eb)
+        u, v = ea / e, eb / e  # the Gram in one unit e: <a, a> / e^2 = u^2 aa, ...
+        k_mm, k_m = _weights(agree, u.square() * aa, u * v * ab, v.square() * bb)
+        finite = torch.isfinite(big_a) & torch.isfinite(big_b)
+        k_mm, k_m = (torch.where(finite, k, torch.full_like(k, math.nan)) for k in (k_mm, k_m))
+        # d_p = 2 k_mm a_p + 2 k_m b_p in true units: (a_p / pa_p) * (2 k_mm pa_p) is exact
+        weight_a = (segment_expand(k_mm, counts) * pa).unbind()
+        weight_b = (segment_expand(k_m, counts) * pb).unbind()
+        d = combine(a, b, list(weight_a), list(weight_b))
+        pd, _ = normalise_(d, dtype)  # ||d_p|| = nd_p * pd_p; d_p / pd_p from here on
         nd = norms(d, dtype)
-        if self.rescale == "paper":
-            s_enc = segment_sum(ns.square(), counts).sqrt()
-            r = magnitude_factors(s_enc, segment_sum(nd.square(), counts).sqrt(), floor_one=False)
-            mean_r, per = r, r.unbind()
-            factors = [per[i] for i in index]
-        else:
-            r_p = magnitude_factors(ns, nd, floor_one=True)
-            mean_r = torch.stack([run.mean() for run in torch.split(r_p, counts)])
-            factors = list(r_p.unbind())
-        torch._foreach_mul_(
-            d, [(self.gamma * f).to(x.dtype) for f, x in zip(factors, d, strict=True)]
-        )
+        if self.rescale == "paper":  # ||a + b|| / ||d|| = (s_enc / d_enc) * (es / ed)
+            es, ed = _unit(ps, ns, counts), _unit(pd, nd, counts)
+            s_enc = segment_sum((ns * (ps / segment_expand(es, counts))).square(), counts).sqrt()
+            d_enc = segment_sum((nd * (pd / segment_expand(ed, counts))).square(), counts).sqrt()
+            ratio = magnitude_factors(s_enc, d_enc, floor_one=False)  # 1 where d = 0
+            nonzero = d_enc > 0
+            mean_r = torch.where(nonzero, ratio * (es / ed), ratio)
+            # g_p = (d_p / pd_p) * [gamma * ratio] * [es * (pd_p / ed)]: neither factor overflows
+            first = segment_expand(self.gamma * ratio, counts)
+            rescaled = segment_expand(es, counts) * (pd / segment_expand(ed, counts))
+            second = torch.where(segment_expand(nonzero, counts), rescaled, pd)
+        else:  # per tensor, never below 1: r_p = (ns_p / nd_p) * (ps_p / pd_p)
+            ratio = magnitude_factors(ns, nd, floor_one=False)  # 1 where d_p = 0
+            r_p = torch.where(nd > 0, ratio * (ps / pd), ratio)
+            up = r_p > 1  # NaN: no (as the official ``diff > 1`` test), factor 1
+            floored = torch.where(up, r_p, torch.ones_like(r_p))
+            mean_r = torch.stack([run.mean() for run in torch.split(floored, counts)])
+            # g_p = (d_p / pd_p) * [gamma * ns_p / nd_p] * [ps_p]  or  (d_p / pd_p) * gamma * pd_p
+            first = self.gamma * torch.where(up, ratio, torch.ones_like(ratio))
+            second = torch.where(up, ps, pd)
+        torch._foreach_mul_(d, [f.to(x.dtype) for f, x in zip(first.unbind(), d, strict=True)])
+        torch._foreach_mul_(d, [f.to(x.dtype) for f, x in zip(second.unbind(), d, strict=True)])
         for p, g, t in zip(enc, d, touched, strict=True):
             if t:
                 p.grad = g if p.grad is None else p.grad.add_(g)
-        cosine = ab / (aa * bb).sqrt().clamp_min(torch.finfo(dtype).tiny)
         self.last = MMParetoRecord(
-            modalities=self.modalities, cosine=cosine.float(), conflict=conflict, k_mm=k_mm.float(),
+            modalities=self.modalities, cosine=cosine.float(), conflict=~agree, k_mm=k_mm.float(),
             k_m=k_m.float(), rescale=mean_r.float(), step=self.steps,
         )  # fmt: skip
         self.steps += 1

@@ -158,11 +158,13 @@ def test_min_norm_weight_is_the_brute_force_minimiser(ab: tuple[list[float], lis
 def test_combined_direction_never_conflicts(ab: tuple[list[float], list[float]]) -> None:
     a, b = (torch.tensor(v, dtype=torch.float64) for v in ab)
     k_mm, k_m, conflict = pareto_weights(a @ a, a @ b, b @ b)
-    assert float(k_mm + k_m) == 1.0 and bool(conflict) == (float(a @ b) <= 0)
+    # a zero gradient (<a, a> = 0 or <b, b> = 0) agrees with anything (issue 19, point 10)
+    zero = float(a @ a) == 0 or float(b @ b) == 0
+    assert float(k_mm + k_m) == 1.0 and bool(conflict) == (float(a @ b) <= 0 and not zero)
     d = 2 * k_mm * a + 2 * k_m * b
     tol = 1e-9 * float(a @ a + b @ b + 1)
     assert float(d @ a) >= -tol and float(d @ b) >= -tol
-    if float(a @ b) > 0:  # agreement: the plain sum
+    if float(a @ b) > 0 or zero:  # agreement: the plain sum
         torch.testing.assert_close(d, a + b)
 
 
@@ -483,3 +485,123 @@ def test_ddp_combined_gradient_equals_one_process_on_the_global_batch() -> None:
             torch.testing.assert_close(
                 k_mm.double(), torch.tensor(info["k_mm"], dtype=torch.float64)
             )
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 19: scale invariance, zero gradients, the default rule, repeated calls
+
+
+def _fp32(seed: int) -> tuple[Net, dict[str, Tensor], Tensor]:
+    net = Net(2, seed).float()
+    x, y = data(2, 12, seed)
+    return net, {k: v.float() for k, v in x.items()}, y
+
+
+def _fp64_reference(
+    net: Net, x: dict[str, Tensor], y: Tensor, flip: float, mode: str, scale: float
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The formula (``reference``) in fp64 on an fp64 copy of ``net``: nothing overflows there."""
+    twin = Net(2, 0)
+    twin.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+    return reference(twin, {k: v.double() for k, v in x.items()}, y, flip, 1.5, mode, scale)
+
+
+def _cosines(net: Net, x: dict[str, Tensor], y: Tensor, flip: float) -> list[float]:
+    """<a, b> / (||a|| ||b||) per encoder, in fp64 from the unscaled fp32 gradients."""
+    fused, uni = net.losses(x, y, flip)
+    out = []
+    for n in uni:
+        ps = list(net.enc[n].parameters())
+        ga = torch.autograd.grad(fused, ps, retain_graph=True)
+        gb = torch.autograd.grad(uni[n], ps, retain_graph=True)
+        a = torch.cat([t.reshape(-1).double() for t in ga])
+        b = torch.cat([t.reshape(-1).double() for t in gb])
+        out.append(float(a @ b / (a.norm() * b.norm())))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["paper", "code"])
+@pytest.mark.parametrize("scale", [2.0**24, 2.0**32, 1e19, 2.0**100])
+def test_large_loss_scales_change_neither_cosine_nor_decision_and_stay_finite(
+    mode: str, scale: float
+) -> None:
+    # fp32, losses scaled as a GradScaler does (2^24, 2^32) and beyond (gradient entries near
+    # 1e19 and 1e30): <a, a> <b, b> and single squares overflow fp32 there
+    # sum: losses summed over the batch of 12 (not averaged), times 64 (larger gradients)
+    for seed, flip, sum_ in [(3, 0.9, 1.0), (2, 1.0, 1.0), (0, 0.0, 1.0), (3, 0.9, 12.0 * 64)]:
+        net, x, y = _fp32(seed)
+        cos = _cosines(net, x, y, flip)
+        want, info = _fp64_reference(net, x, y, flip, mode, scale * sum_)
+        mm = MMPareto(dict(net.enc.items()), rescale=mode)
+        fused, uni = net.losses(x, y, flip)
+        s = scale * sum_
+        rec = mm.backward(fused * s, {k: v * s for k, v in uni.items()})
+        torch.testing.assert_close(rec.cosine.double(), torch.tensor(cos, dtype=torch.float64))
+        assert rec.conflict.tolist() == info["conflict"]
+        torch.testing.assert_close(
+            rec.k_mm.double(), torch.tensor(info["k_mm"], dtype=torch.float64), rtol=1e-4, atol=0
+        )
+        got = grads(net)
+        assert all(torch.isfinite(g).all() for g in got.values())
+        for k, w in want.items():  # relative to the tensor's size: fp32 against fp64
+            torch.testing.assert_close(
+                got[k].double(), w, rtol=1e-4, atol=1e-5 * float(w.abs().max()), msg=k
+            )
+
+
+def test_a_power_of_two_scale_scales_the_result_exactly_and_keeps_the_record() -> None:
+    net, x, y = _fp32(3)
+    plain = MMPareto(dict(net.enc.items()), rescale="paper")
+    rec1 = plain.backward(*net.losses(x, y, 0.9))
+    g1 = grads(net)
+    for mode, s in (("paper", 2.0**32), ("paper", 2.0**60), ("code", 2.0**32)):
+        net.zero_grad(set_to_none=True)
+        if mode == "code":
+            MMPareto(dict(net.enc.items()), rescale="code").backward(*net.losses(x, y, 0.9))
+            g1 = grads(net)
+            net.zero_grad(set_to_none=True)
+        mm = MMPareto(dict(net.enc.items()), rescale=mode)
+        fused, uni = net.losses(x, y, 0.9)
+        rec = mm.backward(fused * s, {k: v * s for k, v in uni.items()})
+        # every gradient is s times the unscaled one, exactly: so is the combination
+        assert_grads(grads(net), {k: s * v for k, v in g1.items()}, rtol=0, atol=0)
+        torch.testing.assert_close(rec.cosine, rec1.cosine, rtol=0, atol=0)
+        torch.testing.assert_close(rec.k_mm, rec1.k_mm, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["paper", "code"])
+@pytest.mark.parametrize("zeroed", ["unimodal", "fused"])
+def test_a_zero_gradient_agrees_and_the_encoder_gets_gamma_times_the_other(
+    mode: str, zeroed: str
+) -> None:
+    # a unimodal loss weighted 0 by a schedule (or a fused loss weighted 0): its gradient on the
+    # encoder is exactly zero. The official code's min-norm solver returns 0.001 / 0.999 there,
+    # d = 0.002 x (x the other gradient), and its per-tensor rescale ||x_p|| / ||d_p|| = 500
+    # restores gamma * x_p; here: agreement, d = a + b = x, factor 1, g = gamma * x
+    net = Net(2, 1)
+    x, y = data(2, 12, 1)
+    fused, uni = net.losses(x, y, 0.9)
+    if zeroed == "unimodal":
+        uni = {"audio": 0.0 * uni["audio"], "visual": uni["visual"]}
+    else:
+        fused = 0.0 * fused
+    params = dict(net.named_parameters())
+    total = fused + sum(uni.values())
+    plain = dict(zip(params, torch.autograd.grad(total, list(params.values()),
+                                                 retain_graph=True), strict=True))  # fmt: skip
+    audio = [k for k in params if k.startswith("enc.audio.")]
+    other = fused if zeroed == "unimodal" else uni["audio"]
+    gx = torch.autograd.grad(other, [params[k] for k in audio], retain_graph=True)
+    visual = [k for k in params if k.startswith("enc.visual.")]
+    gv = torch.autograd.grad(uni["visual"], [params[k] for k in visual], retain_graph=True)
+    rec = MMPareto(dict(net.enc.items()), rescale=mode, gamma=1.5).backward(fused, uni)
+    got = grads(net)
+    for k, g in zip(audio, gx, strict=True):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(got[k], 1.5 * g, msg=k)
+    assert not bool(rec.conflict[0]) and float(rec.k_mm[0]) == 0.5 and float(rec.cosine[0]) == 0
+    for k in ("head.weight", "head.bias"):
+        torch.testing.assert_close(got[k], plain[k])
+    if zeroed == "fused":  # the other encoder: gamma times its own unimodal gradient, too
+        for k, g in zip(visual, gv, strict=True):
+            torch.testing.assert_close(got[k], 1.5 * g, msg=k)
