@@ -10,11 +10,12 @@ the whole flattened encoder)::
                                                k_m = 1 - k_mm
                              (the min-norm point of the segment [a, b]: two-objective MGDA)
     d = 2 (k_mm a + k_m b)                               (= a + b under agreement)
-    rescale="paper": g = gamma * (||a + b|| / ||d||) * d                 (one factor per encoder)
-    rescale="code":  g_p = gamma * max(||a_p + b_p|| / ||d_p||, 1) * d_p  (per parameter tensor)
+    rescale="code" (default): g_p = gamma * max(||a_p + b_p|| / ||d_p||, 1) * d_p  (per tensor)
+    rescale="paper":          g = gamma * (||a + b|| / ||d||) * d          (one factor per encoder)
 
-with ``gamma = 1.5``; a zero ``d`` (or ``d_p``) gets factor 1 (a zero gradient); a zero ``a`` or
-``b`` gives ``gamma`` times the other one, as the official code does. Norms and
+with ``gamma = 1.5``; a zero ``d`` (or ``d_p``) gets factor 1 (a zero gradient). The defaults
+follow the official code (``gamma``, the per-tensor rescale, a zero gradient giving ``gamma``
+times the other one); ``"paper"`` is our reading of the paper's encoder-level notation. Norms and
 inner products are formed from gradients divided by exact powers of two (scale-invariant: a
 ``GradScaler`` factor or entries near ``1e19`` change nothing and overflow nothing). Every other
 parameter the losses reach (the fusion head, unimodal heads) gets the plain summed gradient
@@ -68,8 +69,8 @@ class MMParetoRecord(StepRecord):
         conflict: bool, ``<a, b> <= 0`` with both gradients non-zero (the min-norm weights
             were used; a zero gradient counts as agreement).
         k_mm, k_m: the weights on ``a`` and ``b`` (``k_mm + k_m = 1``).
-        rescale: ``||a + b|| / ||d||`` (``"paper"``), or the encoder's mean over tensors of
-            ``max(||a_p + b_p|| / ||d_p||, 1)`` (``"code"``); gamma not included.
+        rescale: the encoder's mean over tensors of ``max(||a_p + b_p|| / ||d_p||, 1)``
+            (``"code"``), or ``||a + b|| / ||d||`` (``"paper"``); gamma not included.
         step: 0-based index of the :meth:`MMPareto.backward` call this record describes.
 
     Example:
@@ -190,9 +191,11 @@ class MMPareto:
     & \text{otherwise} \end{cases}, \qquad k_m = 1 - k_{mm}$$
 
     $$d = 2 (k_{mm} a + k_m b), \qquad
-    g_{\theta_m} = \gamma \frac{\lVert a + b \rVert}{\lVert d \rVert}\, d$$
+    g_p = \gamma \max\Big(\frac{\lVert a_p + b_p \rVert}{\lVert d_p \rVert}, 1\Big)\, d_p$$
 
-    A zero gradient ($a = 0$ or $b = 0$) counts as agreement.
+    per parameter tensor ``p`` (the official code's rule; ``rescale="paper"``:
+    $g = \gamma \frac{\lVert a + b \rVert}{\lVert d \rVert} d$ per encoder). A zero
+    gradient ($a = 0$ or $b = 0$) counts as agreement.
 
     ::
 
@@ -210,7 +213,8 @@ class MMPareto:
         modules: ordered mapping modality -> encoder (``nn.Module`` or iterable of parameters),
             at least two; frozen parameters (``requires_grad=False``) are skipped.
         gamma: magnitude factor ``> 0`` (1.5, the official value).
-        rescale: ``"paper"`` (one factor per encoder) or ``"code"`` (per tensor, never below 1).
+        rescale: ``"code"`` (the official code's rule, default: per tensor, never below 1) or
+            ``"paper"`` (one factor per encoder, our reading of the paper's notation).
         shared: a parameter listed under several modalities: ``"error"``, ``"exclude"`` (it then
             gets the plain summed gradient) or the modality that owns it.
         process_group: under DDP, each loss's gradients are averaged over this group before the
@@ -247,7 +251,7 @@ class MMPareto:
         modules: Mapping[str, object] | nn.ModuleDict,
         *,
         gamma: float = 1.5,
-        rescale: Rescale = "paper",
+        rescale: Rescale = "code",
         shared: SharedPolicy = "error",
         process_group: ProcessGroup | None = None,
     ) -> None:

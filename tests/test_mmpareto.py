@@ -237,7 +237,7 @@ def test_accumulation_adds_each_micro_batch_combination() -> None:
     (x1, y1), (x2, y2) = data(2, 8, 10), data(2, 8, 11)
     w1, _ = reference(net, x1, y1, 0.8, 1.5, "paper")
     w2, _ = reference(net, x2, y2, 0.8, 1.5, "paper")
-    mm = MMPareto(dict(net.enc.items()))
+    mm = MMPareto(dict(net.enc.items()), rescale="paper")
     for x, y in ((x1, y1), (x2, y2)):
         mm.backward(*net.losses(x, y, 0.8))
     assert_grads(grads(net), {k: w1[k] + w2[k] for k in w1})
@@ -248,12 +248,12 @@ def test_amp_scaled_losses_give_scaled_gradients_and_overflow_stays_non_finite()
     net = Net(2, 3)
     x, y = data(2, 12, 3)
     want, _ = reference(net, x, y, 0.9, 1.5, "paper")
-    mm = MMPareto(dict(net.enc.items()))
+    mm = MMPareto(dict(net.enc.items()), rescale="paper")
     fused, uni = net.losses(x, y, 0.9)
     s = 2.0**16
     rec = mm.backward(fused * s, {k: v * s for k, v in uni.items()})
     assert_grads(grads(net), {k: s * v for k, v in want.items()})
-    torch.testing.assert_close(rec.rescale, run(Net(2, 3), x, y, 0.9).rescale)
+    torch.testing.assert_close(rec.rescale, run(Net(2, 3), x, y, 0.9, rescale="paper").rescale)
     net.zero_grad(set_to_none=True)
     fused, uni = net.losses(x, y, 0.9)
     mm.backward(fused * math.inf, uni)
@@ -371,7 +371,7 @@ def test_aliased_gradients_get_the_rule_each_and_their_own_grad(flip: float) -> 
     d = 2 * k * u + 2 * (1 - k) * v
     factor = math.sqrt(2 * float(((u + v) ** 2).sum())) / math.sqrt(2 * float((d * d).sum()))
     want = 1.5 * factor * d
-    rec = MMPareto({"audio": ea, "visual": ev}).backward(*losses())
+    rec = MMPareto({"audio": ea, "visual": ev}, rescale="paper").backward(*losses())
     assert bool(rec.conflict[0]) == (ab <= 0)
     assert ea.w1.grad is not None and ea.w2.grad is not None
     assert ea.w1.grad is not ea.w2.grad
@@ -445,7 +445,7 @@ def _ddp_body(
         net = Net(2, 0)
         net.load_state_dict(state)
         xs, ys = {k: v.chunk(world)[rank] for k, v in x.items()}, y.chunk(world)[rank]
-        mm = MMPareto(dict(net.enc.items()))
+        mm = MMPareto(dict(net.enc.items()), rescale="paper")
         if wrapped:  # DDP for the broadcast; the step under no_sync so DDP adds no all-reduce
             ddp = DDP(net)
             with ddp.no_sync():
@@ -605,3 +605,14 @@ def test_a_zero_gradient_agrees_and_the_encoder_gets_gamma_times_the_other(
     if zeroed == "fused":  # the other encoder: gamma times its own unimodal gradient, too
         for k, g in zip(visual, gv, strict=True):
             torch.testing.assert_close(got[k], 1.5 * g, msg=k)
+
+
+def test_the_default_rescale_is_the_official_codes_per_tensor_rule() -> None:
+    net = Net(2, 2)
+    x, y = data(2, 12, 2)
+    want, info = reference(net, x, y, 1.0, 1.5, "code")
+    assert any(info["conflict"])
+    mm = MMPareto(dict(net.enc.items()))
+    assert mm.rescale == "code" and mm.gamma == 1.5
+    mm.backward(*net.losses(x, y, 1.0))
+    assert_grads(grads(net), want)
