@@ -28,12 +28,13 @@ with either objective: ``<d, a> >= 0`` and ``<d, b> >= 0``. See ``docs/mmpareto.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._distributed import ProcessGroup
 from ._gradients import (
@@ -264,6 +265,18 @@ class MMPareto:
         self.process_group = process_group
         self.steps = 0
         self.last: MMParetoRecord | None = None
+        # loss tensor -> the step it was passed in (weak: the user's tensors, not ours to keep)
+        self._passed: MutableMapping[Tensor, int] = WeakIdKeyDictionary()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling / deepcopy: everything but the weak table of the losses already passed."""
+        state = self.__dict__.copy()
+        state.pop("_passed", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._passed = WeakIdKeyDictionary()
 
     def _check(self, fused: object, unimodal: object) -> list[Tensor]:
         if not isinstance(unimodal, Mapping):
@@ -287,6 +300,16 @@ class MMPareto:
             if not loss.requires_grad:
                 raise ValueError(f"{name} does not require grad (computed under no_grad?)")
             out.append(loss)
+        again = [name for name, loss in zip(["fused_loss", *named], out, strict=True)
+                 if loss in self._passed]  # fmt: skip
+        if again:
+            raise ValueError(
+                f"{', '.join(again)} were already passed to this MMPareto's backward (step "
+                f"{max(self._passed[x] for x in out if x in self._passed)}): a second call with "
+                "the same loss tensors would add their combined gradient to .grad again and count "
+                "another step; call backward once per loss (each micro-batch of an accumulated "
+                "step computes new losses)"
+            )
         return out
 
     def _check_reach(self, raw: list[list[Tensor | None]], counts: list[int]) -> None:
@@ -329,9 +352,12 @@ class MMPareto:
             TypeError / ValueError: keys that differ from the modules' modalities, a loss that is
                 not a floating scalar requiring grad, a modality whose encoder the fused loss
                 or its own unimodal loss does not reach, or a unimodal loss that reaches another
-                modality's encoder (named in the message). Under DDP such a rank joins the ranks'
-                agreement with a failure flag before raising, and every other rank raises
-                ``RuntimeError`` (another rank's input failed) in the same call.
+                modality's encoder (named in the message), or a loss tensor already passed to
+                an earlier call (a repeat: it would add the same gradient twice and count two
+                steps; micro-batches compute new tensors and are not repeats). Under DDP such a
+                rank joins the ranks' agreement with a failure flag before raising, and every
+                other rank raises ``RuntimeError`` (another rank's input failed) in the same
+                call.
             ValueError: under DDP, on every rank, when the ranks' losses reach different
                 parameters outside the modules (a head one rank uses and another does not).
         """
@@ -372,6 +398,8 @@ class MMPareto:
             head.append(_own(total, p, seen))
         average_over_ranks_(a + b + head, group)
         self._apply(enc, a, b, counts, touched)
+        for loss in losses:
+            self._passed[loss] = self.steps - 1
         for p, g in zip(others, head, strict=True):
             p.grad = g if p.grad is None else p.grad.add_(g)
         assert self.last is not None
@@ -456,11 +484,19 @@ class MMPareto:
                 "modalities": list(self.modalities)}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the modalities must be the same, in the same order."""
+        """Restore :meth:`state_dict`; the modalities must be the same, in the same order.
+
+        Raises:
+            KeyError: a key is missing (all missing keys named).
+            ValueError: the state was saved for other modalities, or holds a bad ``gamma`` /
+                ``rescale``. Nothing is changed when it raises.
+        """
+        missing = [k for k in ("gamma", "rescale", "steps", "modalities") if k not in state]
+        if missing:
+            raise KeyError(f"MMPareto state is missing {missing}")
         check_same_modalities(self.modalities, dict.fromkeys(state["modalities"]),
                               expected_what="modules", actual_what="the state's")  # fmt: skip
-        self.gamma = real_param("gamma", state["gamma"], gt=0.0)
+        gamma = real_param("gamma", state["gamma"], gt=0.0)
         if state["rescale"] not in ("paper", "code"):
             raise ValueError(f"rescale must be 'paper' or 'code', got {state['rescale']!r}")
-        self.rescale = state["rescale"]
-        self.steps = int(state["steps"])
+        self.gamma, self.rescale, self.steps = gamma, state["rescale"], int(state["steps"])

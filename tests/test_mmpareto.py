@@ -616,3 +616,40 @@ def test_the_default_rescale_is_the_official_codes_per_tensor_rule() -> None:
     assert mm.rescale == "code" and mm.gamma == 1.5
     mm.backward(*net.losses(x, y, 1.0))
     assert_grads(grads(net), want)
+
+
+def test_accumulated_micro_batches_are_not_repeats_and_a_repeat_is_refused() -> None:
+    net = Net(2, 1)
+    (x1, y1), (x2, y2) = data(2, 8, 10), data(2, 8, 11)
+    w1, _ = reference(net, x1, y1, 0.8, 1.5, "code")
+    w2, _ = reference(net, x2, y2, 0.8, 1.5, "code")
+    mm = MMPareto(dict(net.enc.items()))
+    fused1, uni1 = net.losses(x1, y1, 0.8)
+    mm.backward(fused1, uni1, retain_graph=True)
+    once = grads(net)
+    # the same tensors again (retained graph): refused before anything is written or counted
+    with pytest.raises(ValueError, match=r"fused_loss.*unimodal_losses\['audio'\].*already"):
+        mm.backward(fused1, uni1)
+    with pytest.raises(ValueError, match=r"unimodal_losses\['visual'\].*already"):
+        mm.backward(net.losses(x1, y1, 0.8)[0], {**net.losses(x1, y1, 0.8)[1],
+                                                 "visual": uni1["visual"]})  # fmt: skip
+    assert_grads(grads(net), once, rtol=0, atol=0)
+    assert mm.steps == 1
+    mm.backward(*net.losses(x2, y2, 0.8))  # the next micro-batch: new tensors, accumulated
+    assert_grads(grads(net), {k: w1[k] + w2[k] for k in w1})
+    assert mm.steps == 2
+
+
+def test_a_copy_keeps_the_settings_and_forgets_the_losses_already_passed() -> None:
+    import copy
+    import pickle
+
+    net = Net(2, 0)
+    x, y = data(2, 8, 0)
+    mm = MMPareto(dict(net.enc.items()), gamma=2.0)
+    fused, uni = net.losses(x, y, 0.5)
+    mm.backward(fused, uni, retain_graph=True)
+    for twin in (copy.deepcopy(mm), pickle.loads(pickle.dumps(mm))):
+        assert twin.state_dict() == mm.state_dict()
+    with pytest.raises(ValueError, match="already passed"):
+        mm.backward(fused, uni)
