@@ -5,14 +5,19 @@ the encoder parameters ``theta_m`` of modality ``m`` the two gradients
 ``a = dL_mm/dtheta_m`` and ``b = dL_m/dtheta_m`` are combined per step (``<.,.>``, ``||.||`` over
 the whole flattened encoder)::
 
-    agreement (<a, b> > 0):  k_mm = k_m = 1/2
-    conflict  (<a, b> <= 0): k_mm = clip(<b - a, b> / ||a - b||^2, 0, 1),  k_m = 1 - k_mm
+    agreement (<a, b> > 0, or a or b zero):  k_mm = k_m = 1/2
+    conflict  (<a, b> <= 0, a and b non-zero): k_mm = clip(<b - a, b> / ||a - b||^2, 0, 1),
+                                               k_m = 1 - k_mm
                              (the min-norm point of the segment [a, b]: two-objective MGDA)
     d = 2 (k_mm a + k_m b)                               (= a + b under agreement)
-    rescale="paper": g = gamma * (||a + b|| / ||d||) * d                 (one factor per encoder)
-    rescale="code":  g_p = gamma * max(||a_p + b_p|| / ||d_p||, 1) * d_p  (per parameter tensor)
+    rescale="code" (default): g_p = gamma * max(||a_p + b_p|| / ||d_p||, 1) * d_p  (per tensor)
+    rescale="paper":          g = gamma * (||a + b|| / ||d||) * d          (one factor per encoder)
 
-with ``gamma = 1.5``; a zero ``d`` (or ``d_p``) gets factor 1 (a zero gradient). Every other
+with ``gamma = 1.5``; a zero ``d`` (or ``d_p``) gets factor 1 (a zero gradient). The defaults
+follow the official code (``gamma``, the per-tensor rescale, a zero gradient giving ``gamma``
+times the other one); ``"paper"`` is our reading of the paper's encoder-level notation. Norms and
+inner products are formed from gradients divided by exact powers of two (scale-invariant: a
+``GradScaler`` factor or entries near ``1e19`` change nothing and overflow nothing). Every other
 parameter the losses reach (the fusion head, unimodal heads) gets the plain summed gradient
 ``d(L_mm + sum_m L_m)/dp``; a unimodal loss ``L_m`` must not reach another modality's encoder
 (``ValueError``: its gradient there would be in neither ``a`` nor ``b``). ``d`` never conflicts
@@ -22,12 +27,14 @@ with either objective: ``<d, a> >= 0`` and ``<d, b> >= 0``. See ``docs/mmpareto.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._distributed import ProcessGroup
 from ._gradients import (
@@ -36,9 +43,12 @@ from ._gradients import (
     average_over_ranks_,
     dots,
     min_norm_weight,
+    normalise_,
     norms,
     objective_gradients,
     reached_leaves,
+    segment_expand,
+    segment_max,
     segment_sum,
 )
 from ._params import SharedPolicy, modality_parameters
@@ -57,10 +67,11 @@ class MMParetoRecord(StepRecord):
     Attributes:
         cosine: ``<a, b> / (||a|| ||b||)`` of the fused and unimodal gradients on the encoder
             (0 when either is zero).
-        conflict: bool, ``<a, b> <= 0`` (the min-norm weights were used).
+        conflict: bool, ``<a, b> <= 0`` with both gradients non-zero (the min-norm weights
+            were used; a zero gradient counts as agreement).
         k_mm, k_m: the weights on ``a`` and ``b`` (``k_mm + k_m = 1``).
-        rescale: ``||a + b|| / ||d||`` (``"paper"``), or the encoder's mean over tensors of
-            ``max(||a_p + b_p|| / ||d_p||, 1)`` (``"code"``); gamma not included.
+        rescale: the encoder's mean over tensors of ``max(||a_p + b_p|| / ||d_p||, 1)``
+            (``"code"``), or ``||a + b|| / ||d||`` (``"paper"``); gamma not included.
         step: 0-based index of the :meth:`MMPareto.backward` call this record describes.
 
     Example:
@@ -94,10 +105,12 @@ def pareto_weights(aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor, 
     0, 1\Big), \quad k_m = 1 - k_{mm} \;\; \text{if } \langle a, b \rangle \le 0, \qquad
     k_{mm} = k_m = \tfrac12 \;\; \text{otherwise}$$
 
-    ``k_mm = 1/2`` where ``<a, b> > 0``; elsewhere the min-norm weight
-    ``clip((<b,b> - <a,b>) / (<a,a> + <b,b> - 2<a,b>), 0, 1)`` (:func:`min_norm_weight`);
-    ``k_m = 1 - k_mm``. Chosen with ``torch.where`` (no host sync); a NaN Gram entry (a
-    non-finite gradient) gives NaN weights.
+    ``k_mm = 1/2`` where ``<a, b> > 0`` or either gradient is zero (``<a,a> = 0`` or
+    ``<b,b> = 0``: a zero gradient agrees with anything, so ``d = a + b``, the other gradient);
+    elsewhere the min-norm weight ``clip((<b,b> - <a,b>) / (<a,a> + <b,b> - 2<a,b>), 0, 1)``
+    (:func:`min_norm_weight`); ``k_m = 1 - k_mm``; ``conflict`` is where the min-norm weights
+    were used. Chosen with ``torch.where`` (no host sync); a NaN Gram entry (a non-finite
+    gradient) gives NaN weights.
 
     Example:
         >>> import torch
@@ -109,9 +122,9 @@ def pareto_weights(aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor, 
         >>> pareto_weights(a @ a, a @ a, a @ a)[:2]                     # agreeing: the plain sum
         (tensor(0.5000), tensor(0.5000))
     """
-    agree = ab > 0
-    k = torch.where(agree, torch.full_like(ab, 0.5), min_norm_weight(aa, ab, bb))
-    return k, 1.0 - k, ~agree
+    agree = (ab > 0) | (aa == 0) | (bb == 0)
+    k_mm, k_m = _weights(agree, aa, ab, bb)
+    return k_mm, k_m, ~agree
 
 
 def combine(
@@ -138,6 +151,18 @@ def magnitude_factors(summed: Tensor, combined: Tensor, *, floor_one: bool) -> T
     safe = torch.where(combined > 0, combined, torch.ones_like(combined))
     r = torch.where(combined > 0, summed / safe, torch.ones_like(combined))
     return torch.where(r > 1, r, torch.ones_like(r)) if floor_one else r
+
+
+def _weights(agree: Tensor, aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
+    """``(k_mm, k_m)``: 1/2 each where ``agree``, the min-norm weights elsewhere."""
+    k = torch.where(agree, torch.full_like(ab, 0.5), min_norm_weight(aa, ab, bb))
+    return k, 1.0 - k
+
+
+def _unit(scales: Tensor, sizes: Tensor, counts: list[int]) -> Tensor:
+    """``[M]``: per encoder, the largest scale of a tensor whose ``size`` is ``> 0`` (1 if none)."""
+    e = segment_max(torch.where(sizes > 0, scales, torch.zeros_like(scales)), counts)
+    return torch.where(e > 0, e, torch.ones_like(e))
 
 
 def _own(g: Tensor | None, like: Tensor, seen: set[int]) -> Tensor:
@@ -167,7 +192,11 @@ class MMPareto:
     & \text{otherwise} \end{cases}, \qquad k_m = 1 - k_{mm}$$
 
     $$d = 2 (k_{mm} a + k_m b), \qquad
-    g_{\theta_m} = \gamma \frac{\lVert a + b \rVert}{\lVert d \rVert}\, d$$
+    g_p = \gamma \max\Big(\frac{\lVert a_p + b_p \rVert}{\lVert d_p \rVert}, 1\Big)\, d_p$$
+
+    per parameter tensor ``p`` (the official code's rule; ``rescale="paper"``:
+    $g = \gamma \frac{\lVert a + b \rVert}{\lVert d \rVert} d$ per encoder). A zero
+    gradient ($a = 0$ or $b = 0$) counts as agreement.
 
     ::
 
@@ -185,7 +214,8 @@ class MMPareto:
         modules: ordered mapping modality -> encoder (``nn.Module`` or iterable of parameters),
             at least two; frozen parameters (``requires_grad=False``) are skipped.
         gamma: magnitude factor ``> 0`` (1.5, the official value).
-        rescale: ``"paper"`` (one factor per encoder) or ``"code"`` (per tensor, never below 1).
+        rescale: ``"code"`` (the official code's rule, default: per tensor, never below 1) or
+            ``"paper"`` (one factor per encoder, our reading of the paper's notation).
         shared: a parameter listed under several modalities: ``"error"``, ``"exclude"`` (it then
             gets the plain summed gradient) or the modality that owns it.
         process_group: under DDP, each loss's gradients are averaged over this group before the
@@ -222,7 +252,7 @@ class MMPareto:
         modules: Mapping[str, object] | nn.ModuleDict,
         *,
         gamma: float = 1.5,
-        rescale: Rescale = "paper",
+        rescale: Rescale = "code",
         shared: SharedPolicy = "error",
         process_group: ProcessGroup | None = None,
     ) -> None:
@@ -235,6 +265,18 @@ class MMPareto:
         self.process_group = process_group
         self.steps = 0
         self.last: MMParetoRecord | None = None
+        # loss tensor -> the step it was passed in (weak: the user's tensors, not ours to keep)
+        self._passed: MutableMapping[Tensor, int] = WeakIdKeyDictionary()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling / deepcopy: everything but the weak table of the losses already passed."""
+        state = self.__dict__.copy()
+        state.pop("_passed", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._passed = WeakIdKeyDictionary()
 
     def _check(self, fused: object, unimodal: object) -> list[Tensor]:
         if not isinstance(unimodal, Mapping):
@@ -258,6 +300,16 @@ class MMPareto:
             if not loss.requires_grad:
                 raise ValueError(f"{name} does not require grad (computed under no_grad?)")
             out.append(loss)
+        again = [name for name, loss in zip(["fused_loss", *named], out, strict=True)
+                 if loss in self._passed]  # fmt: skip
+        if again:
+            raise ValueError(
+                f"{', '.join(again)} were already passed to this MMPareto's backward (step "
+                f"{max(self._passed[x] for x in out if x in self._passed)}): a second call with "
+                "the same loss tensors would add their combined gradient to .grad again and count "
+                "another step; call backward once per loss (each micro-batch of an accumulated "
+                "step computes new losses)"
+            )
         return out
 
     def _check_reach(self, raw: list[list[Tensor | None]], counts: list[int]) -> None:
@@ -300,9 +352,12 @@ class MMPareto:
             TypeError / ValueError: keys that differ from the modules' modalities, a loss that is
                 not a floating scalar requiring grad, a modality whose encoder the fused loss
                 or its own unimodal loss does not reach, or a unimodal loss that reaches another
-                modality's encoder (named in the message). Under DDP such a rank joins the ranks'
-                agreement with a failure flag before raising, and every other rank raises
-                ``RuntimeError`` (another rank's input failed) in the same call.
+                modality's encoder (named in the message), or a loss tensor already passed to
+                an earlier call (a repeat: it would add the same gradient twice and count two
+                steps; micro-batches compute new tensors and are not repeats). Under DDP such a
+                rank joins the ranks' agreement with a failure flag before raising, and every
+                other rank raises ``RuntimeError`` (another rank's input failed) in the same
+                call.
             ValueError: under DDP, on every rank, when the ranks' losses reach different
                 parameters outside the modules (a head one rank uses and another does not).
         """
@@ -343,6 +398,8 @@ class MMPareto:
             head.append(_own(total, p, seen))
         average_over_ranks_(a + b + head, group)
         self._apply(enc, a, b, counts, touched)
+        for loss in losses:
+            self._passed[loss] = self.steps - 1
         for p, g in zip(others, head, strict=True):
             p.grad = g if p.grad is None else p.grad.add_(g)
         assert self.last is not None
@@ -352,34 +409,71 @@ class MMPareto:
         self, enc: list[Tensor], a: list[Tensor], b: list[Tensor], counts: list[int],
         touched: list[bool],
     ) -> None:  # fmt: skip
+        """The rule on the encoders, written to ``.grad``; ``a`` and ``b`` are consumed.
+
+        Scale-invariant: every vector whose norm or dot product is taken is first divided by a
+        power of two near its largest entry (:func:`~imbalance_losses._gradients.normalise_`,
+        exact), and the scales are folded back as exact powers of two, so a ``GradScaler``
+        factor of ``2^32`` or gradient entries near ``1e19`` neither overflow a square (fp32)
+        nor change a decision, while the combination itself is the formula's, bit for bit.
+        """
         dtype = accumulation_dtype(a)
-        index = [m for m, c in enumerate(counts) for _ in range(c)]
-        na, nb = norms(a, dtype), norms(b, dtype)
-        ns = norms(torch._foreach_add(a, b), dtype)  # ||a_p + b_p||, temporaries freed here
-        aa, bb = segment_sum(na.square(), counts), segment_sum(nb.square(), counts)
-        ab = segment_sum(dots(a, b, dtype), counts)
-        k_mm, k_m, conflict = pareto_weights(aa, ab, bb)
-        km, kn = k_mm.unbind(), k_m.unbind()
-        d = combine(a, b, [km[i] for i in index], [kn[i] for i in index])
+        # ||a_p + b_p|| = ns_p * ps_p (the temporary sum is freed here)
+        total = torch._foreach_add(a, b)
+        ps, _ = normalise_(total, dtype)
+        ns = norms(total, dtype)
+        del total
+        # the Gram entries, from a_p / pa_p and b_p / pb_p, in the units ea, eb of each encoder
+        pa, ma = normalise_(a, dtype)
+        pb, mb = normalise_(b, dtype)
+        big_a, big_b = segment_max(ma, counts), segment_max(mb, counts)
+        ea, eb = (_unit(p, m, counts) for p, m in ((pa, ma), (pb, mb)))
+        ua, vb = pa / segment_expand(ea, counts), pb / segment_expand(eb, counts)
+        aa = segment_sum(norms(a, dtype).square() * ua.square(), counts)  # ||a||^2 / ea^2
+        bb = segment_sum(norms(b, dtype).square() * vb.square(), counts)  # ||b||^2 / eb^2
+        ab = segment_sum(dots(a, b, dtype) * (ua * vb), counts)  # <a, b> / (ea eb)
+        cosine = ab / (aa * bb).sqrt().clamp_min(torch.finfo(dtype).tiny)
+        # a zero gradient agrees with anything (the official code's result there: gamma times
+        # the other gradient); a non-finite one gives NaN weights (the whole encoder non-finite)
+        agree = (ab > 0) | (big_a == 0) | (big_b == 0)
+        e = torch.maximum(ea, eb)
+        u, v = ea / e, eb / e  # the Gram in one unit e: <a, a> / e^2 = u^2 aa, ...
+        k_mm, k_m = _weights(agree, u.square() * aa, u * v * ab, v.square() * bb)
+        finite = torch.isfinite(big_a) & torch.isfinite(big_b)
+        k_mm, k_m = (torch.where(finite, k, torch.full_like(k, math.nan)) for k in (k_mm, k_m))
+        # d_p = 2 k_mm a_p + 2 k_m b_p in true units: (a_p / pa_p) * (2 k_mm pa_p) is exact
+        weight_a = (segment_expand(k_mm, counts) * pa).unbind()
+        weight_b = (segment_expand(k_m, counts) * pb).unbind()
+        d = combine(a, b, list(weight_a), list(weight_b))
+        pd, _ = normalise_(d, dtype)  # ||d_p|| = nd_p * pd_p; d_p / pd_p from here on
         nd = norms(d, dtype)
-        if self.rescale == "paper":
-            s_enc = segment_sum(ns.square(), counts).sqrt()
-            r = magnitude_factors(s_enc, segment_sum(nd.square(), counts).sqrt(), floor_one=False)
-            mean_r, per = r, r.unbind()
-            factors = [per[i] for i in index]
-        else:
-            r_p = magnitude_factors(ns, nd, floor_one=True)
-            mean_r = torch.stack([run.mean() for run in torch.split(r_p, counts)])
-            factors = list(r_p.unbind())
-        torch._foreach_mul_(
-            d, [(self.gamma * f).to(x.dtype) for f, x in zip(factors, d, strict=True)]
-        )
+        if self.rescale == "paper":  # ||a + b|| / ||d|| = (s_enc / d_enc) * (es / ed)
+            es, ed = _unit(ps, ns, counts), _unit(pd, nd, counts)
+            s_enc = segment_sum((ns * (ps / segment_expand(es, counts))).square(), counts).sqrt()
+            d_enc = segment_sum((nd * (pd / segment_expand(ed, counts))).square(), counts).sqrt()
+            ratio = magnitude_factors(s_enc, d_enc, floor_one=False)  # 1 where d = 0
+            nonzero = d_enc > 0
+            mean_r = torch.where(nonzero, ratio * (es / ed), ratio)
+            # g_p = (d_p / pd_p) * [gamma * ratio] * [es * (pd_p / ed)]: neither factor overflows
+            first = segment_expand(self.gamma * ratio, counts)
+            rescaled = segment_expand(es, counts) * (pd / segment_expand(ed, counts))
+            second = torch.where(segment_expand(nonzero, counts), rescaled, pd)
+        else:  # per tensor, never below 1: r_p = (ns_p / nd_p) * (ps_p / pd_p)
+            ratio = magnitude_factors(ns, nd, floor_one=False)  # 1 where d_p = 0
+            r_p = torch.where(nd > 0, ratio * (ps / pd), ratio)
+            up = r_p > 1  # NaN: no (as the official ``diff > 1`` test), factor 1
+            floored = torch.where(up, r_p, torch.ones_like(r_p))
+            mean_r = torch.stack([run.mean() for run in torch.split(floored, counts)])
+            # g_p = (d_p / pd_p) * [gamma * ns_p / nd_p] * [ps_p]  or  (d_p / pd_p) * gamma * pd_p
+            first = self.gamma * torch.where(up, ratio, torch.ones_like(ratio))
+            second = torch.where(up, ps, pd)
+        torch._foreach_mul_(d, [f.to(x.dtype) for f, x in zip(first.unbind(), d, strict=True)])
+        torch._foreach_mul_(d, [f.to(x.dtype) for f, x in zip(second.unbind(), d, strict=True)])
         for p, g, t in zip(enc, d, touched, strict=True):
             if t:
                 p.grad = g if p.grad is None else p.grad.add_(g)
-        cosine = ab / (aa * bb).sqrt().clamp_min(torch.finfo(dtype).tiny)
         self.last = MMParetoRecord(
-            modalities=self.modalities, cosine=cosine.float(), conflict=conflict, k_mm=k_mm.float(),
+            modalities=self.modalities, cosine=cosine.float(), conflict=~agree, k_mm=k_mm.float(),
             k_m=k_m.float(), rescale=mean_r.float(), step=self.steps,
         )  # fmt: skip
         self.steps += 1
@@ -390,11 +484,19 @@ class MMPareto:
                 "modalities": list(self.modalities)}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the modalities must be the same, in the same order."""
+        """Restore :meth:`state_dict`; the modalities must be the same, in the same order.
+
+        Raises:
+            KeyError: a key is missing (all missing keys named).
+            ValueError: the state was saved for other modalities, or holds a bad ``gamma`` /
+                ``rescale``. Nothing is changed when it raises.
+        """
+        missing = [k for k in ("gamma", "rescale", "steps", "modalities") if k not in state]
+        if missing:
+            raise KeyError(f"MMPareto state is missing {missing}")
         check_same_modalities(self.modalities, dict.fromkeys(state["modalities"]),
                               expected_what="modules", actual_what="the state's")  # fmt: skip
-        self.gamma = real_param("gamma", state["gamma"], gt=0.0)
+        gamma = real_param("gamma", state["gamma"], gt=0.0)
         if state["rescale"] not in ("paper", "code"):
             raise ValueError(f"rescale must be 'paper' or 'code', got {state['rescale']!r}")
-        self.rescale = state["rescale"]
-        self.steps = int(state["steps"])
+        self.gamma, self.rescale, self.steps = gamma, state["rescale"], int(state["steps"])

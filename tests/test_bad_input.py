@@ -962,3 +962,50 @@ def test_issue19_every_target_ignored_is_zero_not_nan() -> None:
     loss.backward()
     assert float(loss.detach()) == 0.0
     assert all(x.grad is not None and not x.grad.any() for x in f.values())
+
+
+# --- issue 19: MMPareto -----------------------------------------------------------------------
+
+
+def _mmpareto_losses(enc: nn.ModuleDict) -> tuple[Tensor, dict[str, Tensor]]:
+    """The fused loss and each modality's own unimodal loss (its slice of the concat head)."""
+    f = {m: enc[m](torch.randn(B, 2)) for m in WIDTHS}
+    fused_loss = nn.functional.cross_entropy(fused(f), target())
+    z = unimodal_logits(head(), f)
+    return fused_loss, {m: nn.functional.cross_entropy(z[m], target()) for m in WIDTHS}
+
+
+def test_mmpareto_load_state_dict_names_every_missing_key_and_changes_nothing() -> None:
+    mm = MMPareto(dict(encoders().items()), gamma=2.0, rescale="paper")
+    before = mm.state_dict()
+    with pytest.raises(KeyError, match=r"MMPareto state is missing \['gamma', 'rescale', "
+                       r"'steps', 'modalities'\]"):  # fmt: skip
+        mm.load_state_dict({})
+    with pytest.raises(KeyError, match=r"MMPareto state is missing \['steps'\]"):
+        mm.load_state_dict({k: v for k, v in before.items() if k != "steps"})
+    with pytest.raises(ValueError, match="rescale must be 'paper' or 'code', got 'both'"):
+        mm.load_state_dict({**before, "gamma": 3.0, "rescale": "both", "steps": 7})
+    with pytest.raises(ValueError, match=r"the state's modalities \['a', 'v'\] do not match"):
+        mm.load_state_dict({**before, "modalities": ["a", "v"]})
+    assert mm.state_dict() == before  # a failed load changed nothing (gamma was valid, too)
+
+
+def test_mmpareto_refuses_the_same_losses_twice_naming_them() -> None:
+    enc = encoders()
+    mm = MMPareto(dict(enc.items()))
+    fused_loss, uni = _mmpareto_losses(enc)
+    mm.backward(fused_loss, uni, retain_graph=True)
+    grads_once = {k: p.grad.clone() for k, p in enc.named_parameters() if p.grad is not None}
+    with pytest.raises(
+        ValueError,
+        match=r"fused_loss, unimodal_losses\['a'\], unimodal_losses\['v'\], "
+        r"unimodal_losses\['t'\] were already passed to this MMPareto's backward \(step 0\)",
+    ):
+        mm.backward(fused_loss, uni)
+    new_fused, _ = _mmpareto_losses(enc)  # one repeated tensor is enough
+    with pytest.raises(ValueError, match=r"^unimodal_losses\['v'\] were already passed"):
+        mm.backward(new_fused, {**_mmpareto_losses(enc)[1], "v": uni["v"]})
+    assert mm.steps == 1
+    assert all(torch.equal(p.grad, grads_once[k]) for k, p in enc.named_parameters())
+    mm.backward(*_mmpareto_losses(enc))  # new tensors (the next micro-batch): accepted
+    assert mm.steps == 2

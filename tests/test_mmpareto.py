@@ -158,11 +158,13 @@ def test_min_norm_weight_is_the_brute_force_minimiser(ab: tuple[list[float], lis
 def test_combined_direction_never_conflicts(ab: tuple[list[float], list[float]]) -> None:
     a, b = (torch.tensor(v, dtype=torch.float64) for v in ab)
     k_mm, k_m, conflict = pareto_weights(a @ a, a @ b, b @ b)
-    assert float(k_mm + k_m) == 1.0 and bool(conflict) == (float(a @ b) <= 0)
+    # a zero gradient (<a, a> = 0 or <b, b> = 0) agrees with anything (issue 19, point 10)
+    zero = float(a @ a) == 0 or float(b @ b) == 0
+    assert float(k_mm + k_m) == 1.0 and bool(conflict) == (float(a @ b) <= 0 and not zero)
     d = 2 * k_mm * a + 2 * k_m * b
     tol = 1e-9 * float(a @ a + b @ b + 1)
     assert float(d @ a) >= -tol and float(d @ b) >= -tol
-    if float(a @ b) > 0:  # agreement: the plain sum
+    if float(a @ b) > 0 or zero:  # agreement: the plain sum
         torch.testing.assert_close(d, a + b)
 
 
@@ -235,7 +237,7 @@ def test_accumulation_adds_each_micro_batch_combination() -> None:
     (x1, y1), (x2, y2) = data(2, 8, 10), data(2, 8, 11)
     w1, _ = reference(net, x1, y1, 0.8, 1.5, "paper")
     w2, _ = reference(net, x2, y2, 0.8, 1.5, "paper")
-    mm = MMPareto(dict(net.enc.items()))
+    mm = MMPareto(dict(net.enc.items()), rescale="paper")
     for x, y in ((x1, y1), (x2, y2)):
         mm.backward(*net.losses(x, y, 0.8))
     assert_grads(grads(net), {k: w1[k] + w2[k] for k in w1})
@@ -246,12 +248,12 @@ def test_amp_scaled_losses_give_scaled_gradients_and_overflow_stays_non_finite()
     net = Net(2, 3)
     x, y = data(2, 12, 3)
     want, _ = reference(net, x, y, 0.9, 1.5, "paper")
-    mm = MMPareto(dict(net.enc.items()))
+    mm = MMPareto(dict(net.enc.items()), rescale="paper")
     fused, uni = net.losses(x, y, 0.9)
     s = 2.0**16
     rec = mm.backward(fused * s, {k: v * s for k, v in uni.items()})
     assert_grads(grads(net), {k: s * v for k, v in want.items()})
-    torch.testing.assert_close(rec.rescale, run(Net(2, 3), x, y, 0.9).rescale)
+    torch.testing.assert_close(rec.rescale, run(Net(2, 3), x, y, 0.9, rescale="paper").rescale)
     net.zero_grad(set_to_none=True)
     fused, uni = net.losses(x, y, 0.9)
     mm.backward(fused * math.inf, uni)
@@ -369,7 +371,7 @@ def test_aliased_gradients_get_the_rule_each_and_their_own_grad(flip: float) -> 
     d = 2 * k * u + 2 * (1 - k) * v
     factor = math.sqrt(2 * float(((u + v) ** 2).sum())) / math.sqrt(2 * float((d * d).sum()))
     want = 1.5 * factor * d
-    rec = MMPareto({"audio": ea, "visual": ev}).backward(*losses())
+    rec = MMPareto({"audio": ea, "visual": ev}, rescale="paper").backward(*losses())
     assert bool(rec.conflict[0]) == (ab <= 0)
     assert ea.w1.grad is not None and ea.w2.grad is not None
     assert ea.w1.grad is not ea.w2.grad
@@ -443,7 +445,7 @@ def _ddp_body(
         net = Net(2, 0)
         net.load_state_dict(state)
         xs, ys = {k: v.chunk(world)[rank] for k, v in x.items()}, y.chunk(world)[rank]
-        mm = MMPareto(dict(net.enc.items()))
+        mm = MMPareto(dict(net.enc.items()), rescale="paper")
         if wrapped:  # DDP for the broadcast; the step under no_sync so DDP adds no all-reduce
             ddp = DDP(net)
             with ddp.no_sync():
@@ -483,3 +485,171 @@ def test_ddp_combined_gradient_equals_one_process_on_the_global_batch() -> None:
             torch.testing.assert_close(
                 k_mm.double(), torch.tensor(info["k_mm"], dtype=torch.float64)
             )
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 19: scale invariance, zero gradients, the default rule, repeated calls
+
+
+def _fp32(seed: int) -> tuple[Net, dict[str, Tensor], Tensor]:
+    net = Net(2, seed).float()
+    x, y = data(2, 12, seed)
+    return net, {k: v.float() for k, v in x.items()}, y
+
+
+def _fp64_reference(
+    net: Net, x: dict[str, Tensor], y: Tensor, flip: float, mode: str, scale: float
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The formula (``reference``) in fp64 on an fp64 copy of ``net``: nothing overflows there."""
+    twin = Net(2, 0)
+    twin.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+    return reference(twin, {k: v.double() for k, v in x.items()}, y, flip, 1.5, mode, scale)
+
+
+def _cosines(net: Net, x: dict[str, Tensor], y: Tensor, flip: float) -> list[float]:
+    """<a, b> / (||a|| ||b||) per encoder, in fp64 from the unscaled fp32 gradients."""
+    fused, uni = net.losses(x, y, flip)
+    out = []
+    for n in uni:
+        ps = list(net.enc[n].parameters())
+        ga = torch.autograd.grad(fused, ps, retain_graph=True)
+        gb = torch.autograd.grad(uni[n], ps, retain_graph=True)
+        a = torch.cat([t.reshape(-1).double() for t in ga])
+        b = torch.cat([t.reshape(-1).double() for t in gb])
+        out.append(float(a @ b / (a.norm() * b.norm())))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["paper", "code"])
+@pytest.mark.parametrize("scale", [2.0**24, 2.0**32, 1e19, 2.0**100])
+def test_large_loss_scales_change_neither_cosine_nor_decision_and_stay_finite(
+    mode: str, scale: float
+) -> None:
+    # fp32, losses scaled as a GradScaler does (2^24, 2^32) and beyond (gradient entries near
+    # 1e19 and 1e30): <a, a> <b, b> and single squares overflow fp32 there
+    # sum: losses summed over the batch of 12 (not averaged), times 64 (larger gradients)
+    for seed, flip, sum_ in [(3, 0.9, 1.0), (2, 1.0, 1.0), (0, 0.0, 1.0), (3, 0.9, 12.0 * 64)]:
+        net, x, y = _fp32(seed)
+        cos = _cosines(net, x, y, flip)
+        want, info = _fp64_reference(net, x, y, flip, mode, scale * sum_)
+        mm = MMPareto(dict(net.enc.items()), rescale=mode)
+        fused, uni = net.losses(x, y, flip)
+        s = scale * sum_
+        rec = mm.backward(fused * s, {k: v * s for k, v in uni.items()})
+        torch.testing.assert_close(rec.cosine.double(), torch.tensor(cos, dtype=torch.float64))
+        assert rec.conflict.tolist() == info["conflict"]
+        torch.testing.assert_close(
+            rec.k_mm.double(), torch.tensor(info["k_mm"], dtype=torch.float64), rtol=1e-4, atol=0
+        )
+        got = grads(net)
+        assert all(torch.isfinite(g).all() for g in got.values())
+        for k, w in want.items():  # relative to the tensor's size: fp32 against fp64
+            torch.testing.assert_close(
+                got[k].double(), w, rtol=1e-4, atol=1e-5 * float(w.abs().max()), msg=k
+            )
+
+
+def test_a_power_of_two_scale_scales_the_result_exactly_and_keeps_the_record() -> None:
+    net, x, y = _fp32(3)
+    plain = MMPareto(dict(net.enc.items()), rescale="paper")
+    rec1 = plain.backward(*net.losses(x, y, 0.9))
+    g1 = grads(net)
+    for mode, s in (("paper", 2.0**32), ("paper", 2.0**60), ("code", 2.0**32)):
+        net.zero_grad(set_to_none=True)
+        if mode == "code":
+            MMPareto(dict(net.enc.items()), rescale="code").backward(*net.losses(x, y, 0.9))
+            g1 = grads(net)
+            net.zero_grad(set_to_none=True)
+        mm = MMPareto(dict(net.enc.items()), rescale=mode)
+        fused, uni = net.losses(x, y, 0.9)
+        rec = mm.backward(fused * s, {k: v * s for k, v in uni.items()})
+        # every gradient is s times the unscaled one, exactly: so is the combination
+        assert_grads(grads(net), {k: s * v for k, v in g1.items()}, rtol=0, atol=0)
+        torch.testing.assert_close(rec.cosine, rec1.cosine, rtol=0, atol=0)
+        torch.testing.assert_close(rec.k_mm, rec1.k_mm, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["paper", "code"])
+@pytest.mark.parametrize("zeroed", ["unimodal", "fused"])
+def test_a_zero_gradient_agrees_and_the_encoder_gets_gamma_times_the_other(
+    mode: str, zeroed: str
+) -> None:
+    # a unimodal loss weighted 0 by a schedule (or a fused loss weighted 0): its gradient on the
+    # encoder is exactly zero. The official code's min-norm solver returns 0.001 / 0.999 there,
+    # d = 0.002 x (x the other gradient), and its per-tensor rescale ||x_p|| / ||d_p|| = 500
+    # restores gamma * x_p; here: agreement, d = a + b = x, factor 1, g = gamma * x
+    net = Net(2, 1)
+    x, y = data(2, 12, 1)
+    fused, uni = net.losses(x, y, 0.9)
+    if zeroed == "unimodal":
+        uni = {"audio": 0.0 * uni["audio"], "visual": uni["visual"]}
+    else:
+        fused = 0.0 * fused
+    params = dict(net.named_parameters())
+    total = fused + sum(uni.values())
+    plain = dict(zip(params, torch.autograd.grad(total, list(params.values()),
+                                                 retain_graph=True), strict=True))  # fmt: skip
+    audio = [k for k in params if k.startswith("enc.audio.")]
+    other = fused if zeroed == "unimodal" else uni["audio"]
+    gx = torch.autograd.grad(other, [params[k] for k in audio], retain_graph=True)
+    visual = [k for k in params if k.startswith("enc.visual.")]
+    gv = torch.autograd.grad(uni["visual"], [params[k] for k in visual], retain_graph=True)
+    rec = MMPareto(dict(net.enc.items()), rescale=mode, gamma=1.5).backward(fused, uni)
+    got = grads(net)
+    for k, g in zip(audio, gx, strict=True):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(got[k], 1.5 * g, msg=k)
+    assert not bool(rec.conflict[0]) and float(rec.k_mm[0]) == 0.5 and float(rec.cosine[0]) == 0
+    for k in ("head.weight", "head.bias"):
+        torch.testing.assert_close(got[k], plain[k])
+    if zeroed == "fused":  # the other encoder: gamma times its own unimodal gradient, too
+        for k, g in zip(visual, gv, strict=True):
+            torch.testing.assert_close(got[k], 1.5 * g, msg=k)
+
+
+def test_the_default_rescale_is_the_official_codes_per_tensor_rule() -> None:
+    net = Net(2, 2)
+    x, y = data(2, 12, 2)
+    want, info = reference(net, x, y, 1.0, 1.5, "code")
+    assert any(info["conflict"])
+    mm = MMPareto(dict(net.enc.items()))
+    assert mm.rescale == "code" and mm.gamma == 1.5
+    mm.backward(*net.losses(x, y, 1.0))
+    assert_grads(grads(net), want)
+
+
+def test_accumulated_micro_batches_are_not_repeats_and_a_repeat_is_refused() -> None:
+    net = Net(2, 1)
+    (x1, y1), (x2, y2) = data(2, 8, 10), data(2, 8, 11)
+    w1, _ = reference(net, x1, y1, 0.8, 1.5, "code")
+    w2, _ = reference(net, x2, y2, 0.8, 1.5, "code")
+    mm = MMPareto(dict(net.enc.items()))
+    fused1, uni1 = net.losses(x1, y1, 0.8)
+    mm.backward(fused1, uni1, retain_graph=True)
+    once = grads(net)
+    # the same tensors again (retained graph): refused before anything is written or counted
+    with pytest.raises(ValueError, match=r"fused_loss.*unimodal_losses\['audio'\].*already"):
+        mm.backward(fused1, uni1)
+    with pytest.raises(ValueError, match=r"unimodal_losses\['visual'\].*already"):
+        mm.backward(net.losses(x1, y1, 0.8)[0], {**net.losses(x1, y1, 0.8)[1],
+                                                 "visual": uni1["visual"]})  # fmt: skip
+    assert_grads(grads(net), once, rtol=0, atol=0)
+    assert mm.steps == 1
+    mm.backward(*net.losses(x2, y2, 0.8))  # the next micro-batch: new tensors, accumulated
+    assert_grads(grads(net), {k: w1[k] + w2[k] for k in w1})
+    assert mm.steps == 2
+
+
+def test_a_copy_keeps_the_settings_and_forgets_the_losses_already_passed() -> None:
+    import copy
+    import pickle
+
+    net = Net(2, 0)
+    x, y = data(2, 8, 0)
+    mm = MMPareto(dict(net.enc.items()), gamma=2.0)
+    fused, uni = net.losses(x, y, 0.5)
+    mm.backward(fused, uni, retain_graph=True)
+    for twin in (copy.deepcopy(mm), pickle.loads(pickle.dumps(mm))):
+        assert twin.state_dict() == mm.state_dict()
+    with pytest.raises(ValueError, match="already passed"):
+        mm.backward(fused, uni)
