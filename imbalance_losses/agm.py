@@ -300,13 +300,7 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
             repeat, mixed = False, err
         if repeat:  # the same tensors again in the open step: no statistics, no step
             check_modalities(features)
-            k = self._open_k
-            if k is None:
-                return dict(features)
-            return {
-                n: scale_grad(x, k[i]) if x.requires_grad else x
-                for i, (n, x) in enumerate(features.items())
-            }
+            return self._scaled(features)
         with self._pool.failing_together(
             size, device, self.process_group, due=not self.has_encoders
         ):
@@ -362,7 +356,13 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
                 RuntimeWarning,
                 stacklevel=4,
             )
+        return self._scaled(features)
+
+    def _scaled(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The features with their gradient scaled by the open step's ``k`` (if active)."""
         k = self._open_k
+        if k is None:
+            return dict(features)
         return {
             n: scale_grad(x, k[i]) if x.requires_grad else x
             for i, (n, x) in enumerate(features.items())
