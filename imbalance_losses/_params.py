@@ -17,6 +17,7 @@ from torch import Tensor, nn
 __all__ = [
     "ModalityParameter",
     "SharedPolicy",
+    "check_head_not_listed",
     "modality_parameters",
     "present_gradients",
     "scale_gradients_",
@@ -171,6 +172,44 @@ def modality_parameters(
                 "leaves none to it"
             )
     return out
+
+
+def check_head_not_listed(
+    params: Iterable[ModalityParameter],
+    head: object,
+    names: tuple[str, ...],
+    *,
+    who: str,
+    action: str,
+    what: str = "encoders",
+) -> None:
+    """Refuse ``params`` (from :func:`modality_parameters`) that hold a fusion head's parameters.
+
+    ``head`` is a module, a mapping of per-modality head modules (sum fusion), or any callable
+    (nothing to check). ``names[m]`` names modality ``m``; ``who`` / ``action`` complete the
+    message (``"ARL"``, ``"re-weight"``).
+
+    Raises:
+        ValueError: a head parameter is listed, naming its shape and the modality listing it.
+    """
+    heads = list(head.values()) if isinstance(head, Mapping) else [head]
+    listed = {id(p): names[m] for m, _, p in params}
+    shared: list[tuple[int, ...]] = []
+    where: list[str] = []
+    for module in heads:
+        if not isinstance(module, nn.Module):
+            continue
+        for p in module.parameters():
+            if id(p) in listed:
+                shared.append(tuple(p.shape))
+                if listed[id(p)] not in where:
+                    where.append(listed[id(p)])
+    if shared:
+        raise ValueError(
+            f"the fusion head's parameters {shared} are listed in {what} "
+            f"({', '.join(f'{what}[{n!r}]' for n in where)}); {who} must not {action} the "
+            "shared head"
+        )
 
 
 def present_gradients(params: Iterable[ModalityParameter]) -> tuple[list[Tensor], list[int]]:

@@ -32,7 +32,13 @@ from ._attachment import OptimizerAttachable
 from ._distributed import ProcessGroup
 from ._hooks import scale_grad
 from ._masking import masked_outputs, shapley_values
-from ._params import modality_parameters, present_gradients, scale_gradients_
+from ._params import (
+    check_head_not_listed,
+    modality_parameters,
+    present_gradients,
+    scale_gradients_,
+)
+from ._repeats import OpenTensors, repeated_call
 from ._running import RunningSums
 from ._stats import as_fp32, counted
 from ._validation import (
@@ -248,6 +254,9 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
         self.__dict__["_head"] = head
         self._params = [] if encoders is None else modality_parameters(encoders, what="encoders")
         self._encoder_names = () if encoders is None else tuple(encoders)
+        check_head_not_listed(
+            self._params, head, self._encoder_names, who="AGM", action="scale the gradient of"
+        )
         self.has_encoders = encoders is not None
         self._pool = RunningSums()
         self._steps = 0
@@ -255,6 +264,9 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
         self._seen: Tensor | None = None  # 0-dim: steps whose statistics entered S
         self._modalities: tuple[str, ...] | None = None
         self.last: AGMRecord | None = None
+        self._open = OpenTensors()  # the open step's feature tensors (repeat detection)
+        self._open_k: Tensor | None = None  # hook mode: the open step's k (None: not active)
+        self._warned_fp16 = False  # hook mode: the float16 overflow warning, once
 
     @property
     def head(self) -> Head:
@@ -282,9 +294,18 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
         size = len(features) if isinstance(features, Mapping) and len(features) > 1 else 2
         first = next(iter(features.values()), None) if isinstance(features, Mapping) else None
         device = first.device if isinstance(first, Tensor) else torch.device("cpu")
+        try:
+            repeat, mixed = self._repeat(features), None
+        except ValueError as err:
+            repeat, mixed = False, err
+        if repeat:  # the same tensors again in the open step: no statistics, no step
+            check_modalities(features)
+            return self._scaled(features)
         with self._pool.failing_together(
             size, device, self.process_group, due=not self.has_encoders
         ):
+            if mixed is not None:
+                raise mixed
             batch = check_modalities(features)
             if self.has_encoders:  # step() scales the encoders by position: same names, order
                 check_same_modalities(
@@ -306,6 +327,11 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
                 target, batch=batch, num_classes=values.shape[-1], ignore_index=self.ignore_index
             )
         self._modalities = names
+        for x in features.values():
+            if self.has_encoders:
+                self._open.add(x)
+            elif x.requires_grad:
+                self._open.add_until_backward(x)
         ce = mono_modal_cross_entropy(
             mono_modal_responses(as_fp32(values)), target, self.ignore_index
         )
@@ -314,13 +340,47 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
         if self.has_encoders:
             return dict(features)
         record = self._decide(names, device)
-        if record is None or not record.active:
+        self._open_k = None if record is None or not record.active else record.coefficients
+        if self._open_k is None:
             return dict(features)
-        k = record.coefficients.unbind()
+        if not self._warned_fp16 and any(
+            x.dtype == torch.float16 and x.requires_grad for x in features.values()
+        ):
+            self._warned_fp16 = True
+            warnings.warn(
+                "AGM hook mode on float16 features: the gradient is multiplied by k_m (up to "
+                f"exp(alpha * cap) = {math.exp(min(self.alpha * self.cap, 700.0)):.3g}) in "
+                "float16, where k_m * g can overflow for a finite g and make GradScaler skip "
+                "the step; pass encoders= and call agm.step() after scaler.unscale_(optimizer) "
+                "(the fp32 .grad is scaled there), see docs/agm.md",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return self._scaled(features)
+
+    def _scaled(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The features with their gradient scaled by the open step's ``k`` (if active)."""
+        k = self._open_k
+        if k is None:
+            return dict(features)
         return {
             n: scale_grad(x, k[i]) if x.requires_grad else x
             for i, (n, x) in enumerate(features.items())
         }
+
+    def _repeat(self, features: object) -> bool:
+        """Whether this call repeats the open step's (the same tensors again, by identity).
+
+        Hook mode: every feature that requires grad was passed in a call whose backward has not
+        reached it. Encoders mode: every feature was passed since the last :meth:`step`. A
+        ``ValueError`` for a mix (:func:`~imbalance_losses._repeats.repeated_call`).
+        """
+        hooks = not self.has_encoders
+        what = "whose backward has not run" if hooks else "since the last step()"
+        effect = "the same k, no statistics" if hooks else "no statistics"
+        return repeated_call(
+            features, self._open.pending, grad_only=hooks, who="AGM", what=what, effect=effect
+        )
 
     def _decide(self, names: tuple[str, ...], device: torch.device) -> AGMRecord | None:
         m = len(names)
@@ -356,6 +416,7 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
         names = self._modalities or self._encoder_names
         device = self._params[0][2].device if self._params else torch.device("cpu")
         record = self._decide(names, device)
+        self._open.reset()
         if record is not None and record.active:
             grads, index = present_gradients(self._params)
             scale_gradients_(grads, index, record.coefficients)

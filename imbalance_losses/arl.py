@@ -40,7 +40,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._attachment import OptimizerAttachable
 from ._branches import unimodal_branches
 from ._distributed import ProcessGroup
-from ._params import ModalityParameter, modality_parameters, present_gradients, scale_gradients_
+from ._params import (
+    ModalityParameter,
+    check_head_not_listed,
+    modality_parameters,
+    present_gradients,
+    scale_gradients_,
+)
+from ._repeats import repeated_call
 from ._running import RunningSums
 from ._stats import REDUCTIONS, Reduction, as_fp32, counted, entropy_sum, reduce_loss
 from ._validation import (
@@ -461,14 +468,7 @@ class ARLLoss(OptimizerAttachable, nn.Module):
         encoders: Mapping[str, EncoderSpec] | nn.ModuleDict, head: Head | None
     ) -> list[ModalityParameter]:
         params = modality_parameters(encoders, what="encoders")
-        if isinstance(head, nn.Module):
-            listed = {id(p) for _, _, p in params}
-            shared = [tuple(p.shape) for p in head.parameters() if id(p) in listed]
-            if shared:
-                raise ValueError(
-                    f"the fusion head's parameters {shared} are listed in encoders; ARL must not "
-                    "re-weight the shared head"
-                )
+        check_head_not_listed(params, head, tuple(encoders), who="ARL", action="re-weight")
         return params
 
     def __getstate__(self) -> dict[str, Any]:
@@ -629,25 +629,13 @@ class ARLLoss(OptimizerAttachable, nn.Module):
         """
         hooks = self.encoders is None
         source = features if features is not None or hooks else given
-        if not isinstance(source, Mapping):
-            return False
-        tracked = [
-            (name, x)
-            for name, x in source.items()
-            if isinstance(x, Tensor) and (x.requires_grad or not hooks)
-        ]
         if hooks:
-            pending = [name for name, x in tracked if (h := self._hooks.get(x)) and not h[0].fired]
+            pending = lambda x: (h := self._hooks.get(x)) is not None and not h[0].fired  # noqa: E731
         else:
-            pending = [name for name, x in tracked if x in self._added]
-        if not pending or len(pending) == len(tracked):
-            return bool(pending)
-        fresh = [name for name, _ in tracked if name not in pending]
+            pending = lambda x: x in self._added  # noqa: E731
         what = "whose backward has not run" if hooks else "since the last step()"
-        raise ValueError(
-            f"features {pending} were already passed to this ARLLoss in a training-mode call "
-            f"{what}, but features {fresh} are new tensors; pass the same tensors again (a "
-            "repeated call: the loss only, the same step) or all new ones"
+        return repeated_call(
+            source, pending, grad_only=hooks, who="ARLLoss", what=what, effect="the loss only"
         )
 
     def _hook(self, x: Tensor, factor: Tensor | None) -> None:

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ._distributed import ProcessGroup, is_distributed
+from ._repeats import OpenTensors, repeated_call
 from ._validation import (
     check_features,
     check_modalities,
@@ -142,8 +143,16 @@ def rescale_factor(q: Tensor, widths: Tensor) -> Tensor:
 def kept_mean(losses: Tensor, keep: Tensor) -> Tensor:
     """Mean of per-sample ``losses`` ``[B]`` over the kept samples (``keep`` ``[B]`` bool).
 
-    ``sum_b keep_b l_b / max(sum_b keep_b, 1)``: a batch whose samples were all removed gives 0
-    (zero gradients), never ``0 / 0``; no host sync.
+    ``sum_{b kept} l_b / max(#kept, 1)``: a batch whose samples were all removed gives 0 (zero
+    gradients), never ``0 / 0``; no host sync. The excluded samples' losses are *selected out*
+    (``torch.where``), not multiplied by 0, so a NaN or inf loss of an excluded sample does not
+    reach the mean (nor its gradient).
+
+    Raises:
+        TypeError: ``losses`` not floating point, or ``keep`` not bool.
+        ValueError: ``losses`` or ``keep`` not 1-D (an already-reduced scalar loss, or
+            ``[B, 1]`` losses that would broadcast against ``[B]`` to ``[B, B]``), of
+            different lengths, or on different devices.
 
     Example:
         >>> import torch
@@ -153,7 +162,28 @@ def kept_mean(losses: Tensor, keep: Tensor) -> Tensor:
         >>> kept_mean(torch.tensor([1.0]), torch.tensor([False]))      # nothing kept: 0, not NaN
         tensor(0.)
     """
-    return (losses * keep).sum() / keep.sum().clamp_min(1).to(losses.dtype)
+    if not isinstance(losses, Tensor) or not isinstance(keep, Tensor):
+        raise TypeError(
+            f"kept_mean takes tensors, got losses: {type(losses).__name__}, keep: "
+            f"{type(keep).__name__}"
+        )
+    if not losses.is_floating_point():
+        raise TypeError(f"losses must be floating point, got {losses.dtype}")
+    if keep.dtype != torch.bool:
+        raise TypeError(f"keep must be a bool mask [B] (OPMOutput.keep), got {keep.dtype}")
+    if losses.dim() != 1 or keep.dim() != 1 or losses.shape[0] != keep.shape[0]:
+        raise ValueError(
+            f"kept_mean needs per-sample losses [B] and keep [B] of the same length, got "
+            f"losses of shape {tuple(losses.shape)} and keep of shape {tuple(keep.shape)}; use "
+            "reduction='none' and flatten [B, 1] losses (losses.squeeze(1))"
+        )
+    if keep.device != losses.device:
+        raise ValueError(
+            f"keep of shape {tuple(keep.shape)} is on {keep.device} but losses of shape "
+            f"{tuple(losses.shape)} are on {losses.device}; put them on one device"
+        )
+    kept = torch.where(keep, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
+    return kept.sum() / keep.sum().clamp_min(1).to(losses.dtype)
 
 
 def _stream_seed(seed: int, step: int, stream: int) -> int:
@@ -351,6 +381,9 @@ class ModalityPredictionModulator(nn.Module):
         # (widths, device) -> widths [M] fp32 on device (one host-to-device copy per layout)
         self._widths: tuple[tuple[tuple[int, ...], torch.device], Tensor] | None = None
         self.last: OPMRecord | None = None
+        self._open = OpenTensors()  # the open step's feature tensors (repeat detection)
+        # the open step's decision: per-sample factors [B, M] (None: identity) and keep [B]
+        self._open_out: tuple[Tensor | None, Tensor] | None = None
 
     @property
     def head(self) -> Head | None:
@@ -407,12 +440,22 @@ class ModalityPredictionModulator(nn.Module):
             return OPMOutput(dict(features), torch.ones(batch, dtype=torch.bool, device=device))
 
         device = self._device_of(features)
+        try:
+            repeat, mixed = self._repeat(features), None
+        except ValueError as err:
+            repeat, mixed = False, err
+        if repeat and self._open_out is not None:  # same tensors in the open step: same drop
+            check_modalities(features)
+            factors, keep = self._open_out
+            return OPMOutput(self._masked(features, factors), keep)
         with self._scorer.failing_together(device):
+            if mixed is not None:
+                raise mixed
             batch = check_modalities(features)
             check_same_modalities(
                 self.modalities, features, expected_what="the OPM's", actual_what="features"
             )
-            check_features(features)
+            check_features(features, finite=True, by="the OPM's fusion head")
             if unimodal_logits is None:
                 if self.head is None:
                     raise ValueError(
@@ -426,9 +469,20 @@ class ModalityPredictionModulator(nn.Module):
                 raise ValueError(
                     f"unimodal_logits have batch {zb} but the features have batch {batch}"
                 )
+            for name, z in unimodal_logits.items():
+                if z.device != device:
+                    raise ValueError(
+                        f"unimodal_logits[{name!r}] of shape {tuple(z.shape)} are on {z.device} "
+                        f"but the features are on {device}; put the logits on the features' "
+                        "device"
+                    )
             self._scorer.observe(unimodal_logits, target)
         found = self._scorer.decide(device, missing="nothing observed")  # one all-reduce
         keep_all = torch.ones(batch, dtype=torch.bool, device=device)
+        self._open_out = (None, keep_all)
+        for x in features.values():
+            if x.requires_grad:
+                self._open.add_until_backward(x)
         if found is None:  # no sample on any rank: nothing decided, nothing counted
             return OPMOutput(dict(features), keep_all)
         q = drop_probabilities(found.ratios, self.q_base, self.lam)
@@ -449,11 +503,9 @@ class ModalityPredictionModulator(nn.Module):
         factor = rescale_factor(q, widths)
         scale = torch.where(execute, factor, factor.new_ones(()))
         factors = (~dropped).float() * scale  # [B, M]
-        out = {
-            name: x * factors[:, i].reshape((batch,) + (1,) * (x.dim() - 1)).to(x.dtype)
-            for i, (name, x) in enumerate(features.items())
-        }
+        out = self._masked(features, factors)
         keep = (~dropped).any(1)
+        self._open_out = (factors, keep)
         self.last = OPMRecord(
             modalities=self.modalities,
             scores=found.scores,
@@ -470,6 +522,28 @@ class ModalityPredictionModulator(nn.Module):
         return OPMOutput(out, keep)
 
     # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _masked(features: Mapping[str, Tensor], factors: Tensor | None) -> dict[str, Tensor]:
+        """``x_m * factors[:, m]`` per sample (``None``: the features as they are)."""
+        if factors is None:
+            return dict(features)
+        return {
+            name: x * factors[:, i].reshape((x.shape[0],) + (1,) * (x.dim() - 1)).to(x.dtype)
+            for i, (name, x) in enumerate(features.items())
+        }
+
+    def _repeat(self, features: object) -> bool:
+        """Whether this call repeats the open step's: every feature that requires grad was
+        passed in a call whose backward has not reached it (the same tensors, by identity)."""
+        return repeated_call(
+            features,
+            self._open.pending,
+            grad_only=True,
+            who="ModalityPredictionModulator",
+            what="whose backward has not run",
+            effect="the same drop",
+        )
 
     def _record(
         self, found: Discrepancy, q: Tensor, step: int, *, active: bool, device: torch.device

@@ -163,6 +163,7 @@ def test_cap_ema_warmup_eval_and_no_grad() -> None:
     assert agm(x, y)["a"] is x["a"]  # warm-up: no modulation
     s1 = agm.last.scores
     torch.testing.assert_close(agm.last.running_scores, s1)  # first step takes the batch
+    x = {n: f.clone().requires_grad_() for n, f in feats.items()}  # a new step: new tensors
     agm(x, y)
     torch.testing.assert_close(agm.last.running_scores, 0.9 * s1 + 0.1 * agm.last.scores)
     agm.eval()
@@ -212,6 +213,7 @@ def test_encoders_must_name_the_features_modalities_in_order() -> None:
         renamed(feats, y)
 
 
+@pytest.mark.filterwarnings("ignore:AGM hook mode on float16:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_gives_fp32_statistics(dtype: torch.dtype) -> None:
     head = _mlp(2)
@@ -320,3 +322,111 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch() -> None:
     for r in results:
         torch.testing.assert_close(r["k_uneven"], agm.last.coefficients)
         assert r["failed"].item() == 1.0
+
+
+# ---------------------------------------------------------------------------- issue 19
+
+
+def test_repeated_call_is_one_step_with_one_k() -> None:
+    """The same tensors again before their backward: no second step, the same k_m on both."""
+    head = nn.Linear(7, 3)
+    feats, y = _feats(2, 6, 0), torch.tensor([0, 1, 2, 0, 1, 2])
+    agm = AdaptiveGradientModulator(head, alpha=1.0)
+    warm = {n: f.clone().requires_grad_() for n, f in feats.items()}
+    out = agm(warm, y)
+    sum(o.sum() for o in out.values()).backward()  # step 0 ends; S now holds its scores
+    x = {n: (f + 0.5 * torch.randn_like(f)).requires_grad_() for n, f in feats.items()}
+    first = agm(x, y)
+    record = agm.last
+    second = agm(x, y)  # a repeat: the same step
+    assert agm.steps == 2 and agm.last is record
+    k = [float(c) for c in record.coefficients]
+    assert k[0] != 1.0 and k[1] != 1.0
+    # gradient into x_m: k_m times the sum of the two uses' gradients (2 g + 3 g)
+    (2 * first["a"].sum() + 3 * second["a"].sum() + first["b"].sum()).backward()
+    torch.testing.assert_close(x["a"].grad, torch.full_like(x["a"], 5 * k[0]))
+    torch.testing.assert_close(x["b"].grad, torch.full_like(x["b"], k[1]))
+    agm(x, y)  # the backward reached x: the same leaves are a new step
+    assert agm.steps == 3
+
+
+def test_repeat_in_encoders_mode_adds_no_statistics() -> None:
+    """Encoders mode: a call on tensors already added since step() adds nothing; micro-batches
+    (new tensors) are pooled as before."""
+    torch.manual_seed(0)
+    encs = nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(4, 4)})
+    head = nn.Linear(7, 3)
+    feats, y = _feats(2, 8, 1), torch.arange(8) % 3
+    ref = AdaptiveGradientModulator(head, encoders=encs)
+    agm = AdaptiveGradientModulator(head, encoders=encs)
+    x = {n: encs[n](f) for n, f in feats.items()}
+    ref(x, y)
+    agm(x, y)
+    agm(x, y)  # repeat: ignored
+    for p in encs.parameters():
+        p.grad = torch.ones_like(p)
+    a, b = ref.step(), agm.step()
+    torch.testing.assert_close(b.scores, a.scores)
+    assert agm.steps == ref.steps == 1
+    agm(x, y)  # step() closed the step: the same tensors count again
+    assert agm.step() is not None and agm.steps == 2
+    mixed = {"a": x["a"], "b": encs["b"](feats["b"])}
+    agm(x, y)
+    with pytest.raises(ValueError, match=r"\['a'\].*\['b'\] are new tensors"):
+        agm(mixed, y)
+
+
+def _fp16_agm_step(mode: str) -> tuple[bool, list[Tensor], float, Tensor]:
+    """One CPU fp16-autocast step with a GradScaler: one modality right, one wrong, alpha=10
+    (``k_b`` about ``exp(9.9)``). Returns (step skipped, encoder grads after unscale_, scale,
+    k)."""
+    torch.manual_seed(0)
+    encs = nn.ModuleDict({"a": nn.Linear(3, 3, bias=False), "b": nn.Linear(3, 3, bias=False)})
+    head = nn.Linear(6, 3, bias=False)
+    with torch.no_grad():
+        for e in encs.values():
+            e.weight.copy_(torch.eye(3))
+        head.weight.zero_()
+        head.weight[:, :3] = 5 * torch.eye(3)  # modality a: the true class, margin 5
+        head.weight[:, 3:] = 5 * torch.eye(3)  # modality b: fed the wrong class below
+    y = torch.arange(6) % 3
+    xa, xb = F.one_hot(y, 3).float(), F.one_hot((y + 1) % 3, 3).float()
+    agm = AdaptiveGradientModulator(head, alpha=10.0, encoders=encs if mode == "encoders" else None)
+    opt = torch.optim.SGD(encs.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in encs.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    with torch.autocast("cpu", dtype=torch.float16):
+        f = {"a": encs["a"](xa), "b": encs["b"](xb)}
+        assert f["a"].dtype == torch.float16
+        if mode != "plain":
+            f = agm(f, y)
+        loss = F.cross_entropy(head(torch.cat(list(f.values()), 1)), y)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    if mode == "encoders":
+        agm.step()  # on the fp32 .grad, after unscale_
+    grads = [p.grad.clone() for p in encs.parameters()]
+    scaler.step(opt)
+    scale = scaler.get_scale()
+    scaler.update()
+    skipped = all(torch.equal(p, q) for p, q in zip(encs.parameters(), before, strict=True))
+    k = agm.last.coefficients if agm.last is not None else torch.ones(2)
+    return skipped, grads, scale, k
+
+
+def test_fp16_hook_mode_overflows_where_encoders_mode_is_exact() -> None:
+    """Under fp16, ``k * g`` on the fp16 feature gradient overflows for a finite ``g`` (the
+    scaler skips the step); ``encoders=`` scales the fp32 ``.grad`` after ``unscale_``: finite,
+    ``k_m`` times the plain step's gradient, and the step is taken."""
+    plain_skipped, plain, _, _ = _fp16_agm_step("plain")
+    assert not plain_skipped and all(bool(g.isfinite().all()) for g in plain)
+    with pytest.warns(RuntimeWarning, match=r"float16.*encoders="):  # said once, up front
+        hook_skipped, hook, _, k = _fp16_agm_step("hook")
+    assert float(k[1]) > 65504 / 8  # k_b * |g| (scaled by 2^10) is past fp16's max
+    assert hook_skipped and not all(bool(g.isfinite().all()) for g in hook)
+    enc_skipped, enc, _, k_enc = _fp16_agm_step("encoders")
+    assert not enc_skipped
+    torch.testing.assert_close(k_enc, k)
+    for g, ref, km in zip(enc, plain, k_enc.tolist(), strict=True):
+        assert bool(g.isfinite().all())
+        torch.testing.assert_close(g, km * ref, rtol=1e-3, atol=0.0)

@@ -1009,3 +1009,85 @@ def test_mmpareto_refuses_the_same_losses_twice_naming_them() -> None:
     assert all(torch.equal(p.grad, grads_once[k]) for k, p in enc.named_parameters())
     mm.backward(*_mmpareto_losses(enc))  # new tensors (the next micro-batch): accepted
     assert mm.steps == 2
+
+
+# --- issue 19: AGM and OPM ---------------------------------------------------------------------
+
+
+def test_opm_nan_features_raise_the_same_with_unimodal_logits_as_with_head() -> None:
+    bad = feats(v=nan_at((B, 2)))
+    with_head = ModalityPredictionModulator(list(WIDTHS), head=head())
+    without = ModalityPredictionModulator(list(WIDTHS))
+    with pytest.raises(ValueError) as a:
+        with_head(bad, target())
+    with pytest.raises(ValueError) as b:
+        without(bad, target(), unimodal_logits=logits())
+    assert str(a.value) == str(b.value)
+    assert "features['v']" in str(b.value) and "non-finite" in str(b.value)
+    assert without.step_count == 0
+
+
+def test_opm_logits_on_another_device_name_both_devices() -> None:
+    opm = ModalityPredictionModulator(list(WIDTHS))
+    z = logits(v=torch.randn(B, C, device="meta"))
+    with pytest.raises(ValueError, match=r"unimodal_logits\['v'\].*\(4, 3\).*meta.*cpu"):
+        opm(feats(), target(), unimodal_logits=z)
+
+
+@pytest.mark.parametrize(
+    ("losses", "keep", "error", "match"),
+    [
+        (
+            torch.tensor([[1.0], [2.0], [6.0]]),
+            torch.tensor([1, 0, 1]).bool(),
+            ValueError,
+            r"\(3, 1\).*\(3,\)",
+        ),
+        (torch.tensor(3.0), torch.tensor([True, False]), ValueError, r"shape \(\).*\(2,\)"),
+        (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, False]), ValueError, r"\(3,\).*\(2,\)"),
+        (torch.tensor([1.0, 2.0]), torch.tensor([1, 0]), TypeError, r"bool"),
+        (torch.tensor([1, 2]), torch.tensor([True, False]), TypeError, r"floating point"),
+        (
+            torch.tensor([1.0, 2.0]),
+            torch.ones(2, dtype=torch.bool, device="meta"),
+            ValueError,
+            r"meta.*cpu",
+        ),
+    ],
+    ids=["[B,1] losses", "reduced scalar", "length mismatch", "int keep", "int losses", "devices"],
+)
+def test_kept_mean_refuses_what_would_broadcast_or_mislead(
+    losses: Tensor, keep: Tensor, error: type[Exception], match: str
+) -> None:
+    from imbalance_losses import kept_mean
+
+    with pytest.raises(error, match=match):
+        kept_mean(losses, keep)
+
+
+def test_agm_refuses_the_head_in_encoders_like_arl() -> None:
+    h = head()
+    encs: dict[str, Any] = {"a": h, "v": nn.Linear(2, 2), "t": nn.Linear(1, 1)}
+    with pytest.raises(ValueError, match=r"fusion head's parameters .*encoders\['a'\].*AGM"):
+        AdaptiveGradientModulator(h, encoders=encs)
+    with pytest.raises(ValueError, match=r"fusion head's parameters .*encoders\['a'\].*ARL"):
+        ARLLoss(head=h, encoders=encs)
+    per = {m: nn.Linear(d, C) for m, d in WIDTHS.items()}  # sum fusion: a mapping of heads
+    with pytest.raises(ValueError, match=r"\(3, 2\).*encoders\['v'\]"):
+        AdaptiveGradientModulator(
+            per, encoders={"a": nn.Linear(3, 3), "v": per["v"].weight, "t": nn.Linear(1, 1)}
+        )
+
+
+@pytest.mark.parametrize("which", ["agm", "opm"])
+def test_a_mix_of_open_and_new_tensors_is_refused(which: str) -> None:
+    f = {m: x.requires_grad_() for m, x in feats().items()}
+    module: Any = (
+        AdaptiveGradientModulator(head())
+        if which == "agm"
+        else ModalityPredictionModulator(list(WIDTHS), head=head())
+    )
+    module(f, target())
+    mixed = {**f, "v": f["v"].detach().clone().requires_grad_()}
+    with pytest.raises(ValueError, match=r"\['a', 't'\] were already passed.*\['v'\] are new"):
+        module(mixed, target())

@@ -588,3 +588,93 @@ def test_ddp_same_q_and_execute_on_both_ranks_equal_to_one_process() -> None:
     assert r1["fail"].startswith("ValueError"), r1["fail"]
     assert r0["fail"].startswith("RuntimeError") and "another rank" in r0["fail"], r0["fail"]
     assert r0["count"] == r1["count"] == steps
+
+
+# ---------------------------------------------------------------------------- issue 19
+
+
+def test_kept_mean_selects_out_excluded_samples_exactly() -> None:
+    """``sum_{b kept} l_b / max(#kept, 1)``; a NaN / inf loss of an excluded sample is not in it."""
+    losses = torch.tensor([1.0, float("nan"), 6.0, float("inf")], requires_grad=True)
+    keep = torch.tensor([True, False, True, False])
+    out = kept_mean(losses, keep)
+    assert out.item() == (1.0 + 6.0) / 2
+    out.backward()
+    assert losses.grad.tolist() == [0.5, 0.0, 0.5, 0.0]  # no NaN through the excluded ones
+    nothing = torch.tensor([float("nan"), 2.0], requires_grad=True)
+    zero = kept_mean(nothing, torch.tensor([False, False]))
+    assert zero.item() == 0.0
+    zero.backward()
+    assert nothing.grad.tolist() == [0.0, 0.0]
+    half = kept_mean(torch.tensor([1.0, 2.0], dtype=torch.float16), torch.tensor([True, True]))
+    assert half.dtype == torch.float16 and half.item() == 1.5
+
+
+def _grad_leaves(batch: int, seed: int = 0) -> dict[str, Tensor]:
+    return {k: t.requires_grad_() for k, t in feats(batch, seed=seed).items()}
+
+
+def test_repeated_call_is_the_same_step_and_the_same_drop() -> None:
+    """The same tensors again before their backward: the first call's masks, no step counted."""
+    z, y = dominant_logits(64, (0.9, 0.2))
+    opm = make(q_base=0.5, lam=0.5, p_exe=1.0, seed=3)
+    x = _grad_leaves(64)
+    first = opm(x, y, unimodal_logits=z)
+    assert opm.step_count == 1 and bool(first.keep.all())
+    again = opm(x, y, unimodal_logits=z)
+    assert opm.step_count == 1 and opm.last.step == 0
+    for name in x:
+        assert torch.equal(again.features[name], first.features[name])
+    assert torch.equal(again.keep, first.keep)
+    dropped = first.features["a"].abs().sum(1) == 0
+    assert 0 < int(dropped.sum()) < 64  # the drop did happen (a real test of "the same")
+    # both outputs back-propagate: the gradient is the sum of the two uses, each the mask /
+    # (1 - theta) of the one decision
+    (first.features["a"].sum() + again.features["a"].sum() + first.features["v"].sum()).backward()
+    theta = (3 * float(opm.last.drop_probabilities[0])) / (3 + 2)
+    expected = torch.where(dropped, 0.0, 2.0 / (1 - theta))
+    torch.testing.assert_close(x["a"].grad, expected[:, None].expand(64, 3))
+    # the backward ended the step: the same leaves again are a new step (new masks)
+    opm(x, y, unimodal_logits=z)
+    assert opm.step_count == 2 and opm.last.step == 1
+
+
+def test_repeat_does_not_spend_the_warm_up() -> None:
+    z, y = dominant_logits(8, (0.9, 0.2))
+    opm = make(p_exe=1.0, warmup_steps=2)
+    for _ in range(2):  # two steps, each called twice before its backward
+        x = _grad_leaves(8)
+        for _ in range(2):
+            out = opm(x, y, unimodal_logits=z)
+            assert out.features["a"] is x["a"]  # warm-up: identity
+        sum(f.sum() for f in out.features.values()).backward()
+    assert opm.step_count == 2 and not opm.last.active
+    x = _grad_leaves(8)
+    opm(x, y, unimodal_logits=z)
+    assert opm.last.active and opm.step_count == 3
+
+
+def test_micro_batches_are_not_repeats() -> None:
+    """Gradient accumulation: new tensors per micro-batch, each one call (as before)."""
+    z, y = dominant_logits(4, (0.9, 0.2))
+    opm = make(p_exe=1.0)
+    for i in range(3):
+        opm(_grad_leaves(4, seed=i), y, unimodal_logits=z)  # no backward in between
+    assert opm.step_count == 3
+    plain = make(p_exe=1.0)
+    x = feats(4)  # features that need no gradient: never tracked, every call counts
+    for _ in range(3):
+        plain(x, y, unimodal_logits=z)
+    assert plain.step_count == 3
+
+
+def test_repeat_survives_a_deep_copy_as_a_fresh_module() -> None:
+    import copy
+
+    z, y = dominant_logits(4, (0.9, 0.2))
+    opm = make(p_exe=1.0)
+    x = _grad_leaves(4)
+    opm(x, y, unimodal_logits=z)
+    twin = copy.deepcopy(opm)
+    twin(x, y, unimodal_logits=z)  # a copy has no open step: a new call
+    assert twin.step_count == 2 and opm.step_count == 1
