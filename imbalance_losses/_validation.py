@@ -36,6 +36,11 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``a`` and ``b`` are one device (``cuda`` without an index matches any ``cuda:i``)."""
+    return a == b or (a.type == b.type and (a.index is None or b.index is None))
+
+
 def _assert_on_device(condition: Tensor, message: str, error: type[Exception] = ValueError) -> None:
     """Raise ``error(message)`` when ``condition`` (a bool scalar tensor) is false.
 
@@ -293,6 +298,8 @@ def check_target(
     num_classes: int,
     name: str = "target",
     ignore_index: int | None = None,
+    device: torch.device | None = None,
+    device_of: str = "the logits",
 ) -> None:
     """Validate single-label or soft targets against ``batch`` and ``num_classes``.
 
@@ -300,9 +307,19 @@ def check_target(
       ``ignore_index`` (a sample the criterion skips, e.g. ``-100`` for
       ``nn.CrossEntropyLoss``; the methods leave it out of their statistics too);
     * soft targets: floating ``[B, C]``, finite, non-negative, each row summing to 1.
+
+    With ``device`` (that of the logits the target is scored against, named ``device_of`` in
+    the message) the target must live there: checked first, on the tensors' metadata only (no
+    host sync), so a target left on the CPU fails with a clear ``ValueError`` instead of a raw
+    "Expected all tensors to be on the same device" from deep inside a ``gather``.
     """
     if not isinstance(target, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(target).__name__}")
+    if device is not None and not _same_device(target.device, device):
+        raise ValueError(
+            f"{name} of shape {_shape(target)} is on {target.device} but {device_of} are on "
+            f"{device}; move the target to the logits' device ({name}.to({str(device)!r}))"
+        )
     if target.is_floating_point():
         if target.dim() == 1:
             raise ValueError(

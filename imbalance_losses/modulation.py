@@ -197,7 +197,7 @@ class ModalityScorer:
         Raises:
             ValueError: modalities that differ from the owner's, logits that are not ``[B, C]``
                 or differ in shape between modalities, batch-size mismatch, targets out of
-                range, non-finite logits.
+                range, non-finite logits, a target on another device than the logits.
             TypeError: non-floating-point logits, non-tensor input.
         """
         batch, classes = check_unimodal_logits(unimodal_logits)
@@ -207,7 +207,15 @@ class ModalityScorer:
             expected_what=self.owner,
             actual_what="unimodal_logits",
         )
-        check_target(target, batch=batch, num_classes=classes, ignore_index=self.ignore_index)
+        first = next(iter(unimodal_logits))
+        check_target(
+            target,
+            batch=batch,
+            num_classes=classes,
+            ignore_index=self.ignore_index,
+            device=unimodal_logits[first].device,
+            device_of=f"unimodal_logits[{first!r}]",
+        )
         scores = torch.stack(
             [
                 true_class_probability(z, target, self.ignore_index).sum()
@@ -554,7 +562,7 @@ class ModalityGradientModulator(OptimizerAttachable):
         Raises:
             ValueError: modalities that differ from the modulator's, logits that are not
                 ``[B, C]`` or differ in shape between modalities, batch-size mismatch, targets
-                out of range, non-finite logits.
+                out of range, non-finite logits, a target on another device than the logits.
             TypeError: logits that are not floating point (integer logits), non-tensor input.
         """
         self._scorer.observe(unimodal_logits, target)

@@ -24,7 +24,15 @@ steps with a non-finite gradient left out)::
 
 Soft targets ``[B, C]`` count ``y_b = argmax_c t_bc`` for the accuracy and
 ``sum_c softmax(z_m)_bc t_bc`` for the confidence; class indices equal to ``ignore_index`` are
-left out of every sum and of ``N``.
+left out of every sum and of ``N``. A window with ``N = 0`` (every target ``ignore_index``, or
+only empty batches) has no accuracy, confidence or ratio: :meth:`~ImbalanceMonitor.compute`
+raises, as it does for a window with no :meth:`~ImbalanceMonitor.update` at all.
+
+Under DDP every rank observes the same optimiser steps (each holds the all-reduced gradients),
+so ``T`` is the number of optimiser steps, not steps x ranks: the pooled count of observed steps
+is divided by the number of ranks that observed any (a rank that observed no gradient adds
+neither norms nor steps), and ``grad_norm_m`` is the mean over every observed step of every rank
+(the same as one rank's when the ranks' gradients agree).
 """
 
 from __future__ import annotations
@@ -199,7 +207,8 @@ class ImbalanceMonitor:
         Raises:
             ValueError: modalities that differ from the monitor's, logits that are not
                 ``[B, C]`` or differ in shape between modalities, batch-size mismatch, targets
-                out of range, non-finite logits (messages name the modality and the shapes).
+                out of range, non-finite logits, a target on another device than the logits
+                (messages name the modality and the shapes or devices).
             TypeError: non-tensor input, non-floating-point logits or features.
         """
         if self.head is not None:
@@ -214,7 +223,15 @@ class ImbalanceMonitor:
         check_same_modalities(
             self.modalities, logits, expected_what="the monitor's", actual_what="unimodal_logits"
         )
-        check_target(target, batch=batch, num_classes=classes, ignore_index=self.ignore_index)
+        first = next(iter(logits))
+        check_target(
+            target,
+            batch=batch,
+            num_classes=classes,
+            ignore_index=self.ignore_index,
+            device=logits[first].device,
+            device_of=f"unimodal_logits[{first!r}]",
+        )
         mask = counted(target, self.ignore_index)
         labels = target.detach().argmax(-1) if target.is_floating_point() else target.detach()
         zs = list(logits.values())
@@ -291,13 +308,18 @@ class ImbalanceMonitor:
     # ------------------------------------------------------------------ reading
 
     def _pooled(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(correct [M], confidence sums [M], samples, gradient sums [M] + steps)``, pooled."""
+        """``(correct [M], confidence sums [M], samples, gradients)``, pooled over the ranks.
+
+        ``gradients`` is ``[M + 2]``: the gradient-norm sums, the observed steps and the number
+        of ranks that observed at least one step (each summed over the ranks).
+        """
         m = len(self.modalities)
         device = self._device or torch.device("cpu")
         if self._grad_sums is None or self._grad_steps is None:
-            grads = torch.zeros(m + 1, device=device)
+            grads = torch.zeros(m + 2, device=device)
         else:
-            grads = torch.cat([self._grad_sums, self._grad_steps.reshape(1)])
+            steps = self._grad_steps.reshape(1)
+            grads = torch.cat([self._grad_sums, steps, (steps > 0).to(steps.dtype)])
         saved = self._pool.state_dict()  # compute() reads; it does not reset
         try:
             pooled = self._pool.pool(
@@ -320,7 +342,9 @@ class ImbalanceMonitor:
 
         Raises:
             RuntimeError: nothing was passed to :meth:`update` since the last reset (on any
-                rank).
+                rank), or no sample was counted (every target ``ignore_index`` or every batch
+                empty, on every rank): the decision is taken on the pooled count, so under DDP
+                every rank raises in the same call.
         """
         m = len(self.modalities)
         correct, confidence, samples, grads = self._pooled()
@@ -329,12 +353,22 @@ class ImbalanceMonitor:
         conf = confidence.double() / n
         ratio = capped_ratio(confidence, self.max_ratio)
         rows = [acc, conf, ratio.double()]
-        steps = grads[m]
-        grad_norm = grads[:m].double() / steps.clamp_min(1.0)
+        steps, ranks = grads[m].double(), grads[m + 1].double()
+        grad_norm = grads[:m].double() / steps.clamp_min(1.0)  # over every rank's steps
         total = grad_norm.sum()
         share = torch.where(total > 0, grad_norm / total.clamp_min(1e-300), 0.0)
-        host = torch.cat([*rows, grad_norm, share, samples.reshape(1).double(), steps.reshape(1)])
+        per_rank = (steps / ranks.clamp_min(1.0)).reshape(1)  # optimiser steps, not x ranks
+        host = torch.cat([*rows, grad_norm, share, samples.reshape(1).double(), per_rank])
         values = host.cpu().tolist()
+        if values[-2] == 0:  # pooled: every rank reads the same count and raises alike
+            why = "every batch was empty"
+            if self.ignore_index is not None:
+                why = f"every target was ignore_index={self.ignore_index} or every batch was empty"
+            raise RuntimeError(
+                "ImbalanceMonitor.compute(): the window since reset() had no countable sample "
+                f"({why}, on every rank), so accuracy, confidence and ratio are undefined; call "
+                "update(inputs, target) on at least one batch with a counted target first"
+            )
         out: dict[str, float] = {}
         names = ("acc", "confidence", "ratio", "grad_norm", "grad_share")
         observed_grads = values[-1] > 0

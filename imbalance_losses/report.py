@@ -75,8 +75,8 @@ def linear_probe_accuracy(
         the accuracy in ``[0, 1]``.
 
     Raises:
-        ValueError: shapes that do not match, ``N < 2``, non-finite features, labels out of
-            range.
+        ValueError: shapes that do not match, ``N < 2``, an empty held-out set (``n = 0``),
+            non-finite features, labels out of range.
 
     Example:
         >>> import torch
@@ -98,6 +98,11 @@ def linear_probe_accuracy(
         if not x.is_floating_point():
             raise ValueError(f"the probe's {name} features must be floating point, got {x.dtype}")
         check_finite(x, name=f"the probe's {name} features")
+        if name == "eval" and x.shape[0] == 0:
+            raise ValueError(
+                f"the probe's held-out (eval) set is empty: features {tuple(x.shape)}, targets "
+                f"{tuple(y.shape)}; an accuracy on no sample is undefined"
+            )
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(
                 f"the probe's {name} targets must be class indices in [0, {num_classes}), got "
@@ -111,8 +116,6 @@ def linear_probe_accuracy(
         )
     train_x, test_x = xs
     train_y, test_y = fit_y.detach().long().cpu(), eval_y.detach().long().cpu()
-    if test_y.numel() == 0:
-        return math.nan
     # the fit needs autograd, also when called under no_grad or inference_mode (Lightning's
     # validation hooks): every tensor it differentiates through is made here, outside both
     with torch.inference_mode(False), torch.enable_grad():
@@ -333,6 +336,15 @@ def _listing(alone: Mapping[str, float], probe: Mapping[str, float]) -> str:
     return "; ".join(f"{m}: {_pct(probe[m])} % vs {_pct(a)} % alone" for m, a in alone.items())
 
 
+def _require_samples(target: Tensor, what: str, meaning: str) -> None:
+    """``ValueError`` when a held-out set has no sample (every accuracy would be ``0 / 0``)."""
+    if target.shape[0] == 0:
+        raise ValueError(
+            f"{what} ({meaning}) is empty: targets of shape {tuple(target.shape)}; every accuracy "
+            "and the diagnosis are measured on it, so it needs at least one sample"
+        )
+
+
 def imbalance_report(
     fit: Features,
     evaluate: Features,
@@ -365,7 +377,8 @@ def imbalance_report(
 
     Raises:
         ValueError: features that are not ``[N, D]``, sets whose modalities differ, an
-            ``alone`` modality the model does not have, labels out of range.
+            ``alone`` modality the model does not have, labels out of range, an empty held-out
+            set (``evaluate`` or ``alone[1]`` with no sample: every accuracy would be ``0 / 0``).
 
     Example:
         >>> import torch
@@ -389,12 +402,14 @@ def imbalance_report(
     """
     fit_x, fit_y = _collect(fit, "fit")
     eval_x, eval_y = _collect(evaluate, "evaluate")
+    _require_samples(eval_y, "evaluate", "the held-out set")
     modalities = tuple(fit_x)
     if tuple(eval_x) != modalities:
         raise ValueError(f"evaluate has modalities {list(eval_x)} but fit has {list(modalities)}")
     alone_sets: tuple[FeatureSet, FeatureSet] | None = None
     if alone is not None:
         alone_sets = (_collect(alone[0], "alone[0]"), _collect(alone[1], "alone[1]"))
+        _require_samples(alone_sets[1][1], "alone[1]", "the held-out set of the encoders alone")
         if list(alone_sets[0][0]) != list(alone_sets[1][0]):
             raise ValueError(
                 f"alone: the fitting set has modalities {list(alone_sets[0][0])} but the "

@@ -1091,3 +1091,107 @@ def test_a_mix_of_open_and_new_tensors_is_refused(which: str) -> None:
     mixed = {**f, "v": f["v"].detach().clone().requires_grad_()}
     with pytest.raises(ValueError, match=r"\['a', 't'\] were already passed.*\['v'\] are new"):
         module(mixed, target())
+
+
+# --- issue 19: monitor, report, plots ---
+
+
+def _meta_target() -> Tensor:
+    """Class indices on another device than the (CPU) logits: the meta device stands in for a
+    GPU on a CPU-only machine (only the tensors' metadata is read by the check)."""
+    return torch.tensor([0, 1, 2, 1], device="meta")
+
+
+def test_issue19_check_target_names_both_devices() -> None:
+    from imbalance_losses._validation import check_target
+
+    cpu = torch.device("cpu")
+    check_target(target(), batch=B, num_classes=C, device=cpu)  # same device: fine
+    with pytest.raises(
+        ValueError, match=r"target of shape \(4,\) is on meta but the logits are on cpu"
+    ):
+        check_target(_meta_target(), batch=B, num_classes=C, device=cpu)
+    # a device without an index (``cuda``) matches the same type with any index
+    from imbalance_losses._validation import _same_device
+
+    assert _same_device(torch.device("cuda", 1), torch.device("cuda"))
+    assert not _same_device(torch.device("cuda", 1), torch.device("cuda", 0))
+
+
+def test_issue19_monitor_target_on_another_device() -> None:
+    from imbalance_losses import ImbalanceMonitor
+
+    monitor = ImbalanceMonitor(list(WIDTHS))
+    with pytest.raises(ValueError, match=r"target .* is on meta but unimodal_logits\['a'\] .* cpu"):
+        monitor.update(logits(), _meta_target())
+    with_head = ImbalanceMonitor(list(WIDTHS), head=head())
+    with pytest.raises(ValueError, match=r"is on meta but unimodal_logits\['a'\] are on cpu"):
+        with_head.update(feats(), _meta_target())
+    with pytest.raises(RuntimeError, match="nothing observed"):  # the bad batch added nothing
+        monitor.compute()
+
+
+def test_issue19_modulator_target_on_another_device() -> None:
+    with pytest.raises(ValueError, match=r"target .* is on meta but unimodal_logits\['a'\] .* cpu"):
+        call_modulator(logits(), _meta_target())
+    enc = encoders()
+    modulator = ModalityGradientModulator(dict(enc.items()), alpha=0.5)
+    with pytest.raises(ValueError, match=r"is on meta but unimodal_logits\['a'\] are on cpu"):
+        modulator.observe(logits(), _meta_target())
+
+
+def test_issue19_monitor_window_without_a_countable_sample() -> None:
+    from imbalance_losses import ImbalanceMonitor
+
+    monitor = ImbalanceMonitor(list(WIDTHS), ignore_index=-100)
+    monitor.update(logits(), torch.full((B,), -100))
+    with pytest.raises(RuntimeError, match=r"no countable sample .*ignore_index=-100"):
+        monitor.compute()
+
+
+def _probe_sets(n_eval: int) -> tuple[Any, Any]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(20) % 2
+    x = {m: torch.randn(20, 3, generator=g) + y[:, None] for m in ("a", "v")}
+    fit = ({m: v[:12] for m, v in x.items()}, y[:12])
+    held = ({m: v[12 : 12 + n_eval] for m, v in x.items()}, y[12 : 12 + n_eval])
+    return fit, held
+
+
+def test_issue19_report_with_an_empty_held_out_set() -> None:
+    from imbalance_losses import imbalance_report
+    from imbalance_losses.report import linear_probe_accuracy
+
+    fit, held = _probe_sets(0)
+    with pytest.raises(ValueError, match=r"evaluate \(the held-out set\) is empty.*\(0,\)"):
+        imbalance_report(fit, held)
+    with pytest.raises(ValueError, match=r"held-out set\) is empty"):
+        imbalance_report(fit, [held, held])  # batches that are all empty
+    fit, good = _probe_sets(4)
+    with pytest.raises(ValueError, match=r"alone\[1\] \(the held-out set .*\) is empty"):
+        imbalance_report(
+            fit, good, alone=(({"a": fit[0]["a"]}, fit[1]), ({"a": held[0]["a"]}, held[1]))
+        )
+    with pytest.raises(ValueError, match=r"held-out \(eval\) set is empty: features \(0, 3\)"):
+        linear_probe_accuracy(fit[0]["a"], fit[1], held[0]["a"], held[1], 2)
+
+
+def test_issue19_plot_history_says_what_to_give(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from imbalance_losses import plot_history
+
+    one = {"imbalance/a/acc": 0.5, "imbalance/v/acc": 0.7}
+    out = tmp_path / "x.png"
+    with pytest.raises(TypeError, match=r"list of \{key: number\} dicts.*one point.*\[values\]"):
+        plot_history(one, out)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"history\[0\]\['imbalance/a/acc'\] is str '0.5'.*number"):
+        plot_history([{"imbalance/a/acc": "0.5", "imbalance/v/acc": 0.7}], out)  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match=r"history\['sgd'\]\[1\]\['imbalance/v/acc'\] is str"):
+        plot_history({"sgd": [one, {**one, "imbalance/v/acc": "high"}]}, out)  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match=r"list of \{key: number\} dicts.*got str"):
+        plot_history("imbalance/a/acc", out)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"history\[0\] is float"):
+        plot_history([0.5, 0.7], out)  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"value for 'sgd' is str"):
+        plot_history({"sgd": "history.json"}, out)  # type: ignore[dict-item]
+    assert not out.exists()

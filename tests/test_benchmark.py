@@ -761,3 +761,51 @@ def test_methods_option_runs_only_the_named_rows(
 
     with pytest.raises(SystemExit):  # an unknown key is refused by argparse
         benchmark.parse_args(["--methods", "nope"])
+
+
+# ----------------------------------------------------- issue 19: the quick demo's plots read well
+
+
+def test_plots_name_the_y_axes_and_mark_where_ogm_ge_stops(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    from imbalance_losses import plotting
+
+    real = plotting._figure_class()
+    figures: list[Any] = []
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        figures.append(real(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(plotting, "_figure_class", lambda: make)
+    labels = [f"method {i}" for i in range(12)]  # more rows than matplotlib has colours
+    runs = [f"{lab} / {opt}" for lab in labels for opt in ("sgd", "adam")]
+    curves = {"t": {run: [0.1, 0.2 + 0.01 * i] for i, run in enumerate(runs)}}
+    # OGM-GE's record: active for points 1-3, then k = 1 from point 4 (its stop step) on
+    ogm = [
+        {"coefficients/a": k, "coefficients/v": 1.0, "active": float(on)}
+        for k, on in [(0.9, 1), (0.8, 1), (0.7, 1), (1.0, 0), (1.0, 0)]
+    ]
+    heads = [{"num_heads/a": 1.0, "num_heads/v": float(n)} for n in (1, 1, 2, 2, 3)]
+    traces = {"t": {"joint + OGM-GE / sgd": ogm, "boosting / sgd": heads}}
+    note = report.plots(tmp_path, curves, traces, {"t": ["a", "v"]})
+    assert "benchmark_t_val.png" in note and "benchmark_t_coefficients.png" in note
+    val, coefficients = figures
+    styles = {
+        line.get_label(): (str(line.get_color()), line.get_linestyle())
+        for ax in val.axes
+        for line in ax.get_lines()
+    }
+    assert len(styles) == 12 and len(set(styles.values())) == 12
+    assert {ax.get_ylabel() for ax in val.axes} == {"validation accuracy %"}
+    assert all(ax.get_legend() is None for ax in val.axes) and len(val.legends) == 1
+    panels = {ax.get_title(): ax.get_ylabel() for ax in coefficients.axes if ax.get_visible()}
+    assert panels == {
+        "joint + OGM-GE: coefficients\n(modulation stops at step 4: coefficients 1 from there on)":
+            "coefficient",
+        "boosting: num_heads": "number of heads",
+    }  # fmt: skip
+    assert report._window_end([{"active": 1.0}, {"active": 1.0}]) is None  # never stopped
+    assert report._window_end([{"coefficients/a": 0.5}]) is None  # no window at all

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -362,9 +363,96 @@ def test_two_ranks_pool_to_what_one_process_computes() -> None:
         _set_grads(enc, scale_a, scale_b)
         one.observe_gradients()
     want = one.compute()
+    # each rank observed its own 2 optimiser steps: T counts steps, not steps x ranks (issue 19)
+    want["imbalance/grad_steps"] = float(grads.shape[1])
     plain = ImbalanceMonitor(["a", "b"])
     plain.update(z, y)
     want.update({f"only_rank0/{k}": v for k, v in plain.compute().items()})
     assert set(r0) == set(want)
     for key in want:
         assert r0[key] == pytest.approx(want[key], rel=1e-6), key
+
+
+# ------------------------------------------------- issue 19: DDP step count, no countable sample
+
+
+def _grad_steps_body(
+    rank: int, size: int, steps: list[list[tuple[float, float]]]
+) -> dict[str, float]:
+    enc = Encoders()
+    monitor = ImbalanceMonitor(["a", "b"], encoders={"a": enc.a, "b": enc.b})
+    monitor.update({"a": torch.zeros(2, 2), "b": torch.zeros(2, 2)}, torch.tensor([0, 1]))
+    for scale_a, scale_b in steps[rank]:
+        _set_grads(enc, scale_a, scale_b)
+        monitor.observe_gradients()
+    return monitor.compute()
+
+
+def test_ddp_grad_steps_are_optimiser_steps_not_steps_times_ranks() -> None:
+    """Under DDP every rank holds the same all-reduced gradients at each optimiser step."""
+    same = [(1.0, 0.5), (0.25, 2.0), (3.0, 1.0)]
+    r0, r1 = run_distributed(_grad_steps_body, [same, same])
+    assert r0 == r1
+    assert r0["imbalance/grad_steps"] == 3.0  # 3 steps on 2 ranks, not 6
+    norms = [_set_grads(Encoders(), a, b) for a, b in same]
+    mean_a = sum(n[0] for n in norms) / 3
+    mean_b = sum(n[1] for n in norms) / 3
+    assert r0["imbalance/a/grad_norm"] == pytest.approx(mean_a, rel=1e-6)
+    assert r0["imbalance/b/grad_norm"] == pytest.approx(mean_b, rel=1e-6)
+    assert r0["imbalance/a/grad_share"] == pytest.approx(mean_a / (mean_a + mean_b), rel=1e-6)
+
+
+def test_ddp_a_rank_that_observed_no_gradient_adds_no_step() -> None:
+    steps = [(1.0, 0.5), (0.25, 2.0)]
+    r0, r1 = run_distributed(_grad_steps_body, [steps, []])
+    assert r0 == r1
+    assert r0["imbalance/grad_steps"] == 2.0  # not 2 / 2 ranks = 1, nor 2 x 2
+    norms = [_set_grads(Encoders(), a, b) for a, b in steps]
+    assert r0["imbalance/a/grad_norm"] == pytest.approx((norms[0][0] + norms[1][0]) / 2, rel=1e-6)
+    assert r0["imbalance/b/grad_norm"] == pytest.approx((norms[0][1] + norms[1][1]) / 2, rel=1e-6)
+
+
+def test_a_window_with_no_countable_sample_raises() -> None:
+    z = {"a": torch.tensor([[3.0, 0.0], [0.0, 3.0]]), "b": torch.zeros(2, 2)}
+    monitor = ImbalanceMonitor(["a", "b"], ignore_index=-1)
+    monitor.update(z, torch.tensor([-1, -1]))  # every target ignored
+    monitor.update({m: x[:0] for m, x in z.items()}, torch.tensor([], dtype=torch.long))
+    with pytest.raises(RuntimeError, match="no countable sample"):
+        monitor.compute()
+    only_empty = ImbalanceMonitor(["a", "b"])
+    only_empty.update({m: x[:0] for m, x in z.items()}, torch.tensor([], dtype=torch.long))
+    with pytest.raises(RuntimeError, match="no countable sample"):
+        only_empty.compute()
+    # compute() does not reset: one counted sample later, the window has values again
+    monitor.update(z, torch.tensor([-1, 1]))
+    got = monitor.compute()
+    assert got["imbalance/samples"] == 1.0
+    assert got["imbalance/a/acc"] == 1.0 and got["imbalance/b/acc"] == 0.0
+
+
+def _no_countable_body(rank: int, size: int, targets: list[list[int]]) -> dict[str, Any]:
+    z = {"a": torch.tensor([[3.0, 0.0], [0.0, 3.0]]), "b": torch.tensor([[0.0, 1.0], [0.0, 1.0]])}
+    monitor = ImbalanceMonitor(["a", "b"], ignore_index=-1)
+    y = torch.tensor(targets[rank], dtype=torch.long)
+    monitor.update({m: x[: len(y)] for m, x in z.items()}, y)
+    try:
+        return {"values": monitor.compute()}
+    except RuntimeError as err:
+        return {"error": str(err)}
+
+
+def test_ddp_no_countable_sample_raises_on_every_rank() -> None:
+    # rank 0: every target ignored; rank 1: an empty batch (B = 0)
+    r0, r1 = run_distributed(_no_countable_body, [[-1, -1], []])
+    assert "no countable sample" in r0.get("error", "")
+    assert "no countable sample" in r1.get("error", "")
+    # one counted sample on rank 1 is enough: both ranks report it, neither raises
+    r0, r1 = run_distributed(_no_countable_body, [[-1, -1], [-1, 1]])
+    assert r0 == r1 and "values" in r0
+    got = r0["values"]
+    assert got["imbalance/samples"] == 1.0
+    assert got["imbalance/a/acc"] == 1.0 and got["imbalance/b/acc"] == 1.0
+    p_a = math.exp(3) / (1 + math.exp(3))  # softmax([0, 3])[1]
+    p_b = math.exp(1) / (1 + math.exp(1))  # softmax([0, 1])[1]
+    assert got["imbalance/a/confidence"] == pytest.approx(p_a, rel=1e-6)
+    assert got["imbalance/a/ratio"] == pytest.approx(p_a / p_b, rel=1e-6)

@@ -147,3 +147,45 @@ def test_missing_matplotlib_names_the_extra(
     with pytest.raises(ImportError, match=r'pip install "imbalance-losses\[plots\]"'):
         plot_history(_history(2), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+# ----------------------------------------- issue 19: distinct styles, legend outside, y labels
+
+
+def test_every_line_has_its_own_style_and_keeps_it_in_every_panel(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    figures = _drawn(monkeypatch)
+    runs = {
+        f"run {i}": [{"sgd": float(i), "adam": float(i) + 0.5}, {"sgd": i + 1.0, "adam": i + 1.5}]
+        for i in range(12)  # more lines than matplotlib's 10 colours
+    }
+    runs["run 3"] = [{"adam": 3.5}, {"adam": 4.5}]  # no "sgd" line: the styles do not shift
+    plot_history(runs, tmp_path / "many.png", modalities=[])
+    fig = figures[-1]
+    styles = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            style = (str(line.get_color()), line.get_linestyle())
+            assert styles.setdefault(line.get_label(), style) == style  # same in every panel
+    assert len(styles) == 12 and len(set(styles.values())) == 12  # no two lines alike
+    # one legend for the figure, right of every panel, none inside an axes
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == list(runs)
+    fig.canvas.draw()  # a renderer, for the extents (the Agg canvas savefig used)
+    right = max(ax.get_window_extent().x1 for ax in fig.axes if ax.get_visible())
+    assert legend.get_window_extent().x0 >= right
+    width, _ = _png_size(tmp_path / "many.png")
+    assert width >= legend.get_window_extent().x1 - 1  # the saved image takes the legend in
+
+
+def test_y_labels(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    figures = _drawn(monkeypatch)
+    history = _history(2)
+    plot_history(history, tmp_path / "a.png", metrics=["acc", "ratio"])
+    assert [ax.get_ylabel() for ax in figures[-1].axes] == ["acc", "ratio"]  # default: metric
+    plot_history(history, tmp_path / "b.png", metrics=["acc", "ratio"], ylabel="value")
+    assert [ax.get_ylabel() for ax in figures[-1].axes] == ["value", "value"]
+    plot_history(history, tmp_path / "c.png", metrics=["acc", "ratio"], ylabel={"acc": "acc %"})
+    assert [ax.get_ylabel() for ax in figures[-1].axes] == ["acc %", "ratio"]

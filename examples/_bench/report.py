@@ -329,10 +329,13 @@ def plots(
 ) -> str:
     """Validation accuracy per epoch per method, and each method's diagnostics over training.
 
-    Both figures are drawn by the library's ``plot_history``: the first with one panel per
-    optimiser and one line per row, the second with one panel per method's coefficient field and
-    one line per optimiser and modality. Returns a one-line note (where the plots went, or why
-    they were skipped).
+    Both figures are drawn by the library's ``plot_history`` (every line its own colour and dash,
+    one legend outside the panels): the first with one panel per optimiser and one line per row,
+    the second with one panel per method's coefficient field (its y axis named after the field)
+    and one line per optimiser and modality. A method whose record says when its modulation
+    window ended (OGM-GE's ``stop_step``: ``active`` turns 0 and the coefficients are 1 from
+    then on) has that step in its panel's title. Returns a one-line note (where the plots went,
+    or why they were skipped).
     """
     written = []
     try:
@@ -345,18 +348,35 @@ def plots(
                 ])  # fmt: skip
             written.append(
                 plot_history(
-                    val, directory / f"benchmark_{task}_val.png", modalities=[], title=task
+                    val,
+                    directory / f"benchmark_{task}_val.png",
+                    modalities=[],
+                    ylabel="validation accuracy %",
+                    title=task,
                 )
             )
             runs = traces.get(task, {})
             if not runs:
                 continue
             per_opt: dict[str, list[dict[str, float]]] = {}
+            stops: dict[str, dict[str, int]] = {}  # method -> optimiser -> window end (1-based)
             for name, trace in runs.items():
                 label, opt = name.rsplit(" / ", 1)
-                keys = _diagnostic_keys(trace)
+                stop = _window_end(trace)
+                if stop is not None:
+                    stops.setdefault(label, {})[opt] = stop
+            ylabels: dict[str, str] = {}  # panel (metric) -> its y axis
+            for name, trace in runs.items():
+                label, opt = name.rsplit(" / ", 1)
+                note = _stop_note(stops.get(label))
+                renamed: dict[str, str] = {}  # trace key -> plotted key
+                for k in _diagnostic_keys(trace):
+                    field, _, modality = k.partition("/")
+                    panel = f"{label}: {field}{note}"
+                    ylabels[panel] = _FIELD_LABELS.get(field, field.replace("_", " "))
+                    renamed[k] = f"{panel}/{modality}" if modality else panel
                 _merge(per_opt.setdefault(opt, []), [
-                    {f"{label}: {k}": step[k] for k in keys if k in step} for step in trace
+                    {renamed[k]: step[k] for k in renamed if k in step} for step in trace
                 ])  # fmt: skip
             written.append(
                 plot_history(
@@ -364,12 +384,56 @@ def plots(
                     directory / f"benchmark_{task}_coefficients.png",
                     modalities=list((modalities or {}).get(task, ())),
                     xlabel="optimiser step",
+                    ylabel=ylabels,
                     title=f"{task}: each method's coefficients over training (seed 0)",
                 )
             )
     except ImportError:
         return "(plots skipped: matplotlib is not installed; `pip install matplotlib`)"
     return "(plots: " + ", ".join(str(p) for p in written) + ")"
+
+
+_FIELD_LABELS = {
+    "coefficient": "coefficient",
+    "coefficients": "coefficient",
+    "beta": "beta",
+    "num_heads": "number of heads",
+    "heads": "number of heads",
+    "head_counts": "number of heads",
+    "weights": "loss weight",
+    "k": "coefficient k",
+    "drop_probabilities": "drop probability",
+    "cosine": "cosine (fused, unimodal gradient)",
+}
+"""The y-axis label of each diagnostic field's panel."""
+
+
+def _window_end(trace: Sequence[dict[str, float]]) -> int | None:
+    """The point (1-based, as plotted) from which ``active`` stays 0 after having been 1.
+
+    OGM-GE's records say ``active = 0`` from its ``stop_step`` on, where its coefficients are
+    1 (no modulation): the jump to 1 in its curve is that step, not a change of the ratio.
+    """
+    active = [step.get("active") for step in trace]
+    if 1.0 not in active or active[-1] != 0.0:
+        return None
+    end = len(active)
+    while end > 0 and active[end - 1] == 0.0:
+        end -= 1
+    return end + 1
+
+
+def _stop_note(stops: Mapping[str, int] | None) -> str:
+    """`` (window ends at step N: coefficients 1 after)`` for a panel title, or ``""``."""
+    if not stops:
+        return ""
+    at = set(stops.values())
+    where = (
+        str(next(iter(at)))
+        if len(at) == 1
+        else ", ".join(f"{opt} {step}" for opt, step in stops.items())
+    )
+    return f"\n(modulation stops at step {where}: coefficients 1 from there on)"
 
 
 def _merge(into: list[dict[str, float]], points: Sequence[dict[str, float]]) -> None:
