@@ -95,9 +95,10 @@ class _EvalBackward:
         warnings.warn(
             "ARLLoss is in eval mode but a backward pass went through its loss: in eval mode it "
             "takes no step and re-weights nothing (the re-weighting silently stops). Forgot "
-            "criterion.train() after a validation pass? The criterion is not a submodule of your "
-            "model, so model.train() does not reach it: call criterion.train() too (and run "
-            "validation under torch.no_grad()). Shown once per ARLLoss",
+            "criterion.train() after a validation pass? Unless you registered it on your model "
+            "(model.criterion = criterion), model.train() does not reach it: call "
+            "criterion.train() too (and run validation under torch.no_grad()). Shown once per "
+            "ARLLoss",
             RuntimeWarning,
             stacklevel=level,
         )
