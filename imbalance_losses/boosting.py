@@ -40,15 +40,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._distributed import ProcessGroup, is_distributed, world_size
 from ._running import RunningSums
@@ -66,12 +70,54 @@ from .diagnostics import StepRecord
 
 __all__ = ["BoostingRecord", "SustainedBoostingLoss"]
 
+_OpenSteps = MutableMapping[Tensor, "_StepMark"]
+
 
 _NO_SAMPLES = (
     "check() needs at least one training-mode forward with samples since the last check; none "
     "was pooled (no training-mode forward, only empty batches, or every target equal to "
     "ignore_index)"
 )
+
+
+class _StepMark:
+    """One training step's feature tensors; ``fired`` once a backward went through its loss."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def __call__(self, grad: Tensor) -> None:
+        self.fired = True
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+class _EvalBackward:
+    """Loss hook of an eval-mode call: a backward through it means training in eval mode."""
+
+    def __init__(self, module: SustainedBoostingLoss) -> None:
+        self.module = weakref.ref(module)
+
+    def __call__(self, grad: Tensor) -> None:
+        module = self.module()
+        if module is None or module._warned_eval:
+            return
+        module._warned_eval = True
+        level = 2  # point the warning at the first frame outside torch: the backward() call
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
+            level, frame = level + 1, frame.f_back
+        warnings.warn(
+            "SustainedBoostingLoss is in eval mode but a backward pass went through its loss: in "
+            "eval mode it pools no confidence score and runs no check, so no head is ever added "
+            "(plain ensemble training). Forgot boost.train() after a validation pass? Unless you "
+            "registered it on your model (model.boost = boost), model.train() does not reach it: "
+            "call boost.train() too (and run validation under torch.no_grad()). Shown once per "
+            "module",
+            RuntimeWarning,
+            stacklevel=level,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,6 +201,22 @@ class SustainedBoostingLoss(nn.Module):
         loss = boost({"audio": a, "visual": v}, target)      # training step
         loss.backward(); opt.step(); opt.zero_grad()
         logits = boost.predict({"audio": a, "visual": v})    # inference
+
+    **Checkpoints: its heads are not in your model.** The heads and the shared output layer are
+    this module's parameters, so ``model.state_dict()`` leaves them out unless the module is
+    registered on the model. Either register it (``model.boost = boost``: then
+    ``model.state_dict()``, ``model.to(device)``, ``model.train()`` / ``model.eval()`` and a
+    trainer's checkpoint all include it), or save and load it beside the model::
+
+        torch.save({"model": model.state_dict(), "boost": boost.state_dict(),
+                    "optimizer": opt.state_dict()}, path)
+        state = torch.load(path)
+        model.load_state_dict(state["model"]); boost.load_state_dict(state["boost"])
+
+    Build it **once, before the training loop** (a module built per epoch would start over with
+    new, untrained heads). It is not switched by ``model.train()`` / ``model.eval()`` unless
+    registered on the model: a backward pass through an eval-mode call (the module left in eval
+    mode after validation) warns once, since in eval mode no head is ever added.
 
     **The check schedule must be chosen** (``check_every`` has no default): the module cannot
     know how long an epoch or the training is, and with no check it would silently be plain
@@ -315,6 +377,8 @@ class SustainedBoostingLoss(nn.Module):
             self._activate(i, initial=True)
 
         self._pool = RunningSums()
+        self._open: _OpenSteps = WeakIdKeyDictionary()  # feature tensor -> its step's mark
+        self._warned_eval = False
         self._since_check = 0  # steps since the last check
         self._checked = False  # whether a check ran yet (first_check applies before it)
         self.last: BoostingRecord | None = None
@@ -361,10 +425,17 @@ class SustainedBoostingLoss(nn.Module):
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickling (``torch.save(module)``) drops the optimiser binding (weak references)."""
+        """Pickling (``torch.save(module)``) drops the optimiser binding (weak references) and
+        the table of open steps (tied to this process's tensors)."""
         state = dict(self.__dict__)
         state["_optimizers"] = []
+        state.pop("_open", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._open = WeakIdKeyDictionary()
+        self.__dict__.setdefault("_warned_eval", False)
 
     # ------------------------------------------------------------------ heads and optimisers
     @property
@@ -585,6 +656,14 @@ class SustainedBoostingLoss(nn.Module):
         before the update, detached, fp32) and, with an automatic schedule, runs the check first
         when it is due.
 
+        **The same call twice in one step** (a logging call, then the real one, on the very
+        same feature tensors, before a backward pass has reached either loss) is one step, as in
+        :class:`~imbalance_losses.ARLLoss`: the repeat returns the loss and pools nothing, counts
+        no step and runs no check, so no extra head appears. Tensors are recognised by identity,
+        and only those that require grad (features of frozen or precomputed encoders are never
+        a repeat: each such call is a step). New tensors are a new step: the micro-batches of an
+        accumulated step are each a step, as before.
+
         An **empty batch** (``B = 0``) gives a zero loss that is still part of the graph (every
         parameter gets a zero gradient, so ``backward`` and DDP work) and pools no sample. In a
         single process it is not a step (the schedule does not advance); under DDP every
@@ -612,7 +691,9 @@ class SustainedBoostingLoss(nn.Module):
         m = len(self.modalities)
         device = self.head_counts.device
         distributed = is_distributed(self.process_group)
-        due = self.training and self._check_due()
+        mark = self._open_step(features) if self.training else None
+        repeat = mark is not None  # the same tensors again, before a backward: the same step
+        due = self.training and not repeat and self._check_due()
         joins = due and distributed
         try:
             with self._pool.failing_together(
@@ -639,7 +720,7 @@ class SustainedBoostingLoss(nn.Module):
         zero = self._inactive_zero()
         if zero is not None:
             loss = loss + zero.to(loss.dtype)
-        if self.training and (batch > 0 or distributed):
+        if self.training and not repeat and (batch > 0 or distributed):
             scores = torch.stack(
                 [true_class_probability(z.sum(1), target, self.ignore_index).sum() for z in logits]
             )
@@ -647,7 +728,40 @@ class SustainedBoostingLoss(nn.Module):
             self._since_check += 1
         if self.training:
             self._trained = True
+            self._track(features, loss, mark)
+        elif not self._warned_eval and torch.is_grad_enabled() and loss.requires_grad:
+            loss.register_hook(_EvalBackward(self))  # type: ignore[no-untyped-call]
         return loss
+
+    def _open_step(self, features: object) -> _StepMark | None:
+        """The open step these very tensors were passed in, or ``None`` (a new step).
+
+        As in :class:`~imbalance_losses.ARLLoss`, only features that require grad are tracked:
+        a repeat is a call whose every such tensor was passed, together, in one earlier
+        training-mode call that no backward pass has reached yet (a logging call, then the real
+        one). New tensors are a new step (micro-batches of an accumulated step are new tensors);
+        so is any call whose features do not require grad (frozen, precomputed).
+        """
+        if not isinstance(features, Mapping):
+            return None
+        tracked = [x for x in features.values() if isinstance(x, Tensor) and x.requires_grad]
+        if not tracked:
+            return None
+        first = self._open.get(tracked[0])
+        if first is None or first.fired or any(self._open.get(x) is not first for x in tracked):
+            return None
+        return first
+
+    def _track(self, features: Mapping[str, Tensor], loss: Tensor, mark: _StepMark | None) -> None:
+        """Remember this training call's features until a backward reaches its loss."""
+        tracked = [x for x in features.values() if x.requires_grad]
+        if not tracked or not loss.requires_grad:  # not trackable (see _open_step), or no_grad
+            return
+        if mark is None:
+            mark = _StepMark()
+            for x in tracked:
+                self._open[x] = mark
+        loss.register_hook(mark)  # type: ignore[no-untyped-call]  # either call's backward ends it
 
     def head_logits(self, features: Mapping[str, Tensor]) -> dict[str, list[Tensor]]:
         """Per modality, the logits ``z_mj`` ``[B, C]`` of each of its heads, oldest first."""

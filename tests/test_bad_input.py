@@ -1195,3 +1195,242 @@ def test_issue19_plot_history_says_what_to_give(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"value for 'sgd' is str"):
         plot_history({"sgd": "history.json"}, out)  # type: ignore[dict-item]
     assert not out.exists()
+
+
+# --- issue 19: ARL, boosting -----------------------------------------------------------------
+# Silent misuse of ARLLoss and SustainedBoostingLoss: a module left in eval mode while training,
+# the same call twice in one step, a reordered mapping, a criterion rebuilt every epoch. Each
+# warns or raises with what to do; the normal use (below, last) warns about nothing.
+
+WIDE = {"a": 3, "v": 2}  # two modalities of different widths, so that a swap is detectable
+
+
+def _encoded(seed: int = 0, batch: int = B) -> dict[str, Tensor]:
+    """Features as an encoder gives them: non-leaf tensors that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    return {m: (torch.randn(batch, d, generator=g).requires_grad_() * 1.0) for m, d in WIDE.items()}
+
+
+def _fused(head_: nn.Linear, f: dict[str, Tensor]) -> Tensor:
+    return head_(torch.cat(list(f.values()), 1))
+
+
+def _boost(**kw: Any) -> SustainedBoostingLoss:
+    boost = SustainedBoostingLoss(C, WIDE, hidden=4, **{"check_every": "manual", **kw})
+    boost.optimizer = torch.optim.SGD(boost.parameters(), lr=0.1)  # kept alive with the module
+    boost.attach_optimizer(boost.optimizer)
+    return boost
+
+
+def test_boosting_same_features_twice_is_one_step() -> None:
+    """A logging call then the real one on the same tensors: one step, B samples, no extra check.
+
+    check_every=2 with the pattern (log, real, backward) per step: the check is due after two
+    steps, i.e. at the third step's first call, and pools 2 B samples (4 B if repeats counted,
+    with a check already at the second step's logging call)."""
+    boost = _boost(check_every=2)
+    y = target()
+    checked_at = []
+    for step in range(3):
+        f = _encoded(seed=step)
+        before = boost.last
+        logged = boost(f, y).detach()  # the logging call
+        loss = boost(f, y)  # the real one
+        torch.testing.assert_close(loss.detach(), logged)
+        loss.backward()
+        if boost.last is not before:
+            checked_at.append(step)
+    assert checked_at == [2]
+    assert boost.last is not None and float(boost.last.samples) == 2 * B
+    assert sum(boost.num_heads.values()) <= len(WIDE) + 1  # at most the one head of one check
+
+
+def test_boosting_micro_batches_and_a_second_update_are_steps() -> None:
+    """New tensors are new steps; the same tensors after a backward are a new step too."""
+    y = target()
+    boost = _boost()
+    total = boost(_encoded(1), y) + boost(_encoded(2), y)  # two micro-batches, one backward
+    total.backward()
+    assert boost._since_check == 2
+    f = _encoded(3)
+    boost(f, y).backward(retain_graph=True)
+    boost(f, y).backward()  # a second update on the same batch: its own step
+    assert boost._since_check == 4
+    assert float(boost.check().samples) == 4 * B
+
+
+def test_boosting_features_without_grad_are_never_a_repeat() -> None:
+    """Precomputed (frozen) features carry no identity across steps: each call is a step."""
+    boost = _boost()
+    f, y = feats(t=None, a=torch.randn(B, 3)), target()
+    boost(f, y)
+    boost(f, y)
+    assert boost._since_check == 2
+
+
+def _boost_eval_then_train(y: Tensor) -> SustainedBoostingLoss:
+    boost = _boost(check_every=1)
+    boost(_encoded(0), y).backward()
+    boost.eval()  # a validation pass ...
+    return boost  # ... and no boost.train()
+
+
+def test_boosting_left_in_eval_mode_warns_once_at_backward() -> None:
+    y = target()
+    boost = _boost_eval_then_train(y)
+    loss = boost(_encoded(1), y)  # the forward alone may be a validation pass: no warning
+    with pytest.warns(RuntimeWarning, match=r"eval mode.*boost\.train\(\)") as caught:
+        loss.backward()
+    assert caught[0].filename == __file__  # points at the user's backward() line
+    heads = dict(boost.num_heads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per module
+        boost(_encoded(2), y).backward()
+    # indeed nothing happened: the check due since the first step (check_every=1) never ran
+    assert boost.num_heads == heads and boost.last is None and boost._since_check == 1
+
+
+def test_arl_left_in_eval_mode_warns_once_at_backward() -> None:
+    h, y = nn.Linear(5, C), target()
+    crit = ARLLoss(head=h)
+    f = _encoded(0)
+    crit(_fused(h, f), y, f).backward()
+    crit.eval()
+    f = _encoded(1)
+    loss = crit(_fused(h, f), y, f)
+    with pytest.warns(RuntimeWarning, match=r"eval mode.*criterion\.train\(\)") as caught:
+        loss.backward()
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = _encoded(2)
+        crit(_fused(h, f), y, f).backward()
+    assert crit.steps == 1  # no step in eval mode: what the warning is about
+
+
+def test_eval_mode_without_backward_does_not_warn() -> None:
+    """Validation, with or without torch.no_grad(): no backward, no warning."""
+    h, y = nn.Linear(5, C), target()
+    crit, boost = ARLLoss(head=h).eval(), _boost().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = _encoded(0)
+        crit(_fused(h, f), y, f)
+        boost(f, y)
+        with torch.no_grad():
+            crit(_fused(h, f), y, f)
+            boost(f, y)
+
+
+def _arl_trained(h: nn.Linear) -> ARLLoss:
+    crit = ARLLoss(head=h)
+    f = _encoded(0)
+    crit(_fused(h, f), target(), f).backward()
+    return crit
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_arl_refuses_a_mapping_in_another_order(training: bool) -> None:
+    """After training on {a, v}, {v, a} would split the head's weight wrongly: refused."""
+    h = nn.Linear(5, C)
+    crit = _arl_trained(h).train(training)
+    f = _encoded(1)
+    swapped = {"v": f["v"], "a": f["a"]}
+    with pytest.raises(ValueError, match=r"same order"):
+        crit(h(torch.cat([f["v"], f["a"]], 1)), target(), swapped)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_arl_refuses_tensors_under_each_others_names(training: bool) -> None:
+    """{a: v's tensor, v: a's tensor}: the widths add up to the head's, but not per name."""
+    h = nn.Linear(5, C)
+    crit = _arl_trained(h).train(training)
+    f = _encoded(1)
+    relabelled = {"a": f["v"], "v": f["a"]}
+    with pytest.raises(ValueError, match=r"widths \{'a': 2, 'v': 3\} differ.*\{'a': 3, 'v': 2\}"):
+        crit(_fused(h, relabelled), target(), relabelled)
+    assert crit.steps == 1
+
+
+def test_arl_widths_survive_a_checkpoint() -> None:
+    h = nn.Linear(5, C)
+    resumed = ARLLoss(head=h)
+    resumed.load_state_dict(_arl_trained(h).state_dict())
+    f = _encoded(1)
+    relabelled = {"a": f["v"], "v": f["a"]}
+    with pytest.raises(ValueError, match=r"widths"):
+        resumed(_fused(h, relabelled), target(), relabelled)
+
+
+def _epochs(h: nn.Linear, epochs: int, steps: int, **kw: Any) -> list[ARLLoss]:
+    """The mistake: the criterion built inside the epoch loop."""
+    built = []
+    for epoch in range(epochs):
+        crit = ARLLoss(head=h, **kw)
+        built.append(crit)
+        for s in range(steps):
+            f = _encoded(10 * epoch + s)
+            crit(_fused(h, f), target(), f).backward()
+    return built
+
+
+def test_arl_rebuilt_every_epoch_warns() -> None:
+    h = nn.Linear(5, C)
+    with pytest.warns(RuntimeWarning, match=r"3 training steps.*warm-up of 5 steps.*once, before"):
+        built = _epochs(h, epochs=2, steps=3, warmup_steps=5)
+    assert not any(c.last is not None and c.last.active for c in built)  # indeed never started
+
+
+def test_arl_rebuilt_with_an_ema_warns() -> None:
+    with pytest.warns(RuntimeWarning, match=r"fresh EMA statistics"):
+        _epochs(nn.Linear(5, C), epochs=2, steps=1, momentum=0.9)
+
+
+def test_arl_second_criterion_without_a_mistake_does_not_warn() -> None:
+    """Nothing to restart (no warm-up, no EMA), another head, a deleted or resumed criterion."""
+    h = nn.Linear(5, C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _epochs(h, epochs=2, steps=2)  # rebuilt, but the same coefficients as one criterion
+        _epochs(nn.Linear(5, C), epochs=1, steps=1, warmup_steps=5)
+        first = _epochs(h, epochs=1, steps=1, warmup_steps=5)[0]
+        resumed = ARLLoss(head=h, warmup_steps=5)
+        resumed.load_state_dict(first.state_dict())  # a resume
+        f = _encoded(1)
+        resumed(_fused(h, f), target(), f).backward()
+        del first, resumed
+        fresh = ARLLoss(head=h, warmup_steps=5)  # the old one deleted: a deliberate restart
+        fresh(_fused(h, f), target(), f)
+
+
+def test_arl_head_registry_keeps_nothing_alive() -> None:
+    import gc
+    import weakref
+
+    h = nn.Linear(5, C)
+    crit = _arl_trained(h)
+    refs = weakref.ref(h), weakref.ref(crit)
+    del h, crit
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None
+
+
+def test_normal_use_warns_about_nothing() -> None:
+    """Built once, logging calls, accumulation, validation under no_grad, back to train()."""
+    h, y = nn.Linear(5, C), target()
+    crit = ARLLoss(head=h, warmup_steps=1, momentum=0.5)
+    boost = _boost(check_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _epoch in range(2):
+            crit.train(), boost.train()
+            for s in range(2):
+                f = _encoded(s)
+                crit(_fused(h, f), y, f).detach()  # a logging call
+                for micro in (_encoded(s + 10), f):
+                    (crit(_fused(h, micro), y, micro) + boost(micro, y)).backward()
+            crit.eval(), boost.eval()
+            with torch.no_grad():
+                f = _encoded(99)
+                crit(_fused(h, f), y, f), boost(f, y), boost.predict(f)
+    assert crit.steps == 8 and boost.last is not None
