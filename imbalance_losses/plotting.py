@@ -16,7 +16,7 @@ share one: matplotlib's colour cycle, then the same colours dashed, dash-dotted 
 distinct styles with the default 10 colours). One legend for the whole figure sits outside the
 panels, on the right, so it never covers a curve.
 
-matplotlib is imported only when a figure is drawn (``pip install "imbalance-losses[plots]"``);
+matplotlib is imported only when a figure is drawn (``pip install matplotlib``, or the ``plots`` extra from a clone);
 no pyplot state is touched (the figure is a bare ``matplotlib.figure.Figure``).
 """
 
@@ -36,7 +36,7 @@ __all__ = ["History", "plot_history"]
 History = Sequence[Mapping[str, float]]
 """One entry per point (epoch, logging window, step): ``{key: value}``."""
 
-INSTALL = 'pip install "imbalance-losses[plots]"'
+INSTALL = 'pip install matplotlib (or pip install -e ".[plots]" from a clone of this library)'
 LINESTYLES = ("-", "--", "-.", ":")
 """The line styles, one per round of the colour cycle."""
 EXPECTED = (

@@ -301,7 +301,7 @@ def pmr() -> Case:
         mu=0.1,
         entropy_epochs=2,
         momentum=0.3,
-        coefficient="paper",
+        coefficient="graded",
         modulation=(0, None),
         ignore_index=-100,
         process_group=None,
