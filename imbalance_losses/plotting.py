@@ -16,7 +16,8 @@ share one: matplotlib's colour cycle, then the same colours dashed, dash-dotted 
 distinct styles with the default 10 colours). One legend for the whole figure sits outside the
 panels, on the right, so it never covers a curve.
 
-matplotlib is imported only when a figure is drawn (``pip install matplotlib``, or the ``plots`` extra from a clone);
+matplotlib is imported only when a figure is drawn (``pip install matplotlib``, or the ``plots``
+extra from a clone);
 no pyplot state is touched (the figure is a bare ``matplotlib.figure.Figure``).
 """
 
