@@ -2,7 +2,7 @@
 
 :func:`plot_history` draws what :meth:`~imbalance_losses.ImbalanceMonitor.compute` returned at
 each epoch (or any list of flat ``{key: float}`` dicts, such as records'
-:meth:`~imbalance_losses.diagnostics.StepRecord.to_dict`): one panel per metric, one line per
+:meth:`~imbalance_losses.core.records.StepRecord.to_dict`): one panel per metric, one line per
 modality. A key's **modality** is the path component that names one of the modalities; the
 **metric** is the key without it and without the monitor's leading ``imbalance/``::
 
@@ -16,7 +16,8 @@ share one: matplotlib's colour cycle, then the same colours dashed, dash-dotted 
 distinct styles with the default 10 colours). One legend for the whole figure sits outside the
 panels, on the right, so it never covers a curve.
 
-matplotlib is imported only when a figure is drawn (``pip install matplotlib``, or the ``plots`` extra from a clone);
+matplotlib is imported only when a figure is drawn (``pip install matplotlib``, or the ``plots``
+extra from a clone);
 no pyplot state is touched (the figure is a bare ``matplotlib.figure.Figure``).
 """
 
