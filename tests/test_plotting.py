@@ -144,7 +144,9 @@ def test_missing_matplotlib_names_the_extra(
         return real(name, *a)
 
     monkeypatch.setattr(importlib, "import_module", no_matplotlib)
-    with pytest.raises(ImportError, match=r'pip install matplotlib \(or pip install -e "\.\[plots\]" from a clone'):
+    with pytest.raises(
+        ImportError, match=r'pip install matplotlib \(or pip install -e "\.\[plots\]" from a clone'
+    ):
         plot_history(_history(2), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
