@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 
 # module path (from the repository root) -> the optional package its examples need
-NEEDS = {"imbalance_losses/plotting.py": "matplotlib"}
+NEEDS = {"imbalance_losses/diagnosis/plotting.py": "matplotlib"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imbalance_losses.agm import AdaptiveGradientModulator
+from imbalance_losses.methods.agm import AdaptiveGradientModulator
 
 CLASSES, DIM = 4, 8
 SIGMA = {"clean": 1.0, "medium": 2.0, "noisy": 3.0}

@@ -88,7 +88,11 @@ from data import MissingDataError, Split, Task, load_task
 
 import imbalance_losses
 from imbalance_losses import unimodal_logits
-from imbalance_losses.report import ImbalanceReport, imbalance_report, linear_probe_accuracy
+from imbalance_losses.diagnosis.report import (
+    ImbalanceReport,
+    imbalance_report,
+    linear_probe_accuracy,
+)
 
 Config = dict[str, float]
 
@@ -224,7 +228,7 @@ def batches(n: int, size: int, generator: torch.Generator) -> Iterator[Tensor]:
 def linear_probe(
     train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, classes: int
 ) -> float:
-    """Test accuracy of the library's linear probe (``imbalance_losses.report``), fixed L2."""
+    """Test accuracy of the library's linear probe (``diagnosis.report``), fixed L2."""
     return linear_probe_accuracy(train_x, train_y, test_x, test_y, classes, l2=PROBE_L2)
 
 

@@ -34,9 +34,9 @@ from _bench.models import FusionModel, build_encoder
 from data import Split, Task, load_task
 
 from imbalance_losses import ARLLoss
-from imbalance_losses.monitor import ImbalanceMonitor
-from imbalance_losses.plotting import plot_history
-from imbalance_losses.report import ImbalanceReport, imbalance_report
+from imbalance_losses.diagnosis.monitor import ImbalanceMonitor
+from imbalance_losses.diagnosis.plotting import plot_history
+from imbalance_losses.diagnosis.report import ImbalanceReport, imbalance_report
 
 BATCH = 64
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from imbalance_losses.blending import GradientBlending, blending_weights, window_changes
+from imbalance_losses.methods.blending import GradientBlending, blending_weights, window_changes
 
 CLASSES, BATCH = 4, 32
 DIMS = {"clean": 8, "wide": 124}

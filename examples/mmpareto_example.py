@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imbalance_losses import unimodal_logits
-from imbalance_losses.mmpareto import MMPareto
+from imbalance_losses.methods.mmpareto import MMPareto
 
 CLASSES, DIM, WIDTH = 5, 16, 32
 NOISE = {"strong": 0.7, "weak": 2.5}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imbalance_losses import unimodal_logits
-from imbalance_losses.opm import ModalityPredictionModulator, kept_mean
+from imbalance_losses.methods.opm import ModalityPredictionModulator, kept_mean
 
 CLASSES = 8
 DIM = 16

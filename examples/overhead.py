@@ -14,7 +14,7 @@ few steps of the row over what was allocated before them. On CUDA every timed st
 
 Host reads are counted with a ``TorchFunctionMode`` during one training step: every
 ``bool(t)``, ``t.item()``, ``float(t)``, ``t.tolist()``, ``t.cpu()`` made from the package.
-Reads from ``imbalance_losses/_validation.py`` are the input checks, immediate on CPU and
+Reads from ``imbalance_losses/core/validation.py`` are the input checks, immediate on CPU and
 queued without a sync (``torch._assert_async``) on accelerators; every other read is a host sync
 the module adds to the hot path, and the target is zero of them (listed by file and line).
 
@@ -336,7 +336,7 @@ class HostReads(TorchFunctionMode):
     """Counts the Python-level reads of tensor values on the host made from the package.
 
     ``bool(t)``, ``t.item()``, ``float(t)``, ``t.tolist()``, ``t.cpu()``... called (directly or
-    indirectly) from ``imbalance_losses``, split into the input checks of ``_validation.py``
+    indirectly) from ``imbalance_losses``, split into the input checks of ``core/validation.py``
     (immediate on CPU, ``torch._assert_async`` with no sync on accelerators) and the rest.
     """
 
@@ -348,7 +348,7 @@ class HostReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if getattr(func, "__name__", "") in _HOST_READS:
             files = [f.filename for f in traceback.extract_stack()]
-            if any("_validation.py" in f for f in files):
+            if any("core/validation.py" in f for f in files):
                 self.validation += 1
             elif any("imbalance_losses" in f for f in files):
                 frame = next(

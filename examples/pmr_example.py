@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imbalance_losses.pmr import PMRLoss, prototype_logits
+from imbalance_losses.methods.pmr import PMRLoss, prototype_logits
 
 CLASSES, DIM, WIDTH = 5, 16, 32
 NOISE = {"strong": 0.7, "weak": 2.5}

@@ -11,7 +11,12 @@ Conventions shared by every module (see ``docs/index.md``):
   record.
 """
 
-from .agm import (
+from .core.records import StepRecord
+from .core.unimodal import Head, unimodal_logits
+from .diagnosis.monitor import ImbalanceMonitor
+from .diagnosis.plotting import plot_history
+from .diagnosis.report import ImbalanceReport, imbalance_report
+from .methods.agm import (
     AdaptiveGradientModulator,
     AGMRecord,
     agm_coefficients,
@@ -19,14 +24,14 @@ from .agm import (
     mono_modal_cross_entropy,
     mono_modal_responses,
 )
-from .arl import (
+from .methods.arl import (
     ARLCoefficients,
     ARLLoss,
     ARLRecord,
     arl_coefficients,
     inverse_variance_weights,
 )
-from .blending import (
+from .methods.blending import (
     BlendingRecord,
     GradientBlending,
     blending_weights,
@@ -34,12 +39,10 @@ from .blending import (
     overfitting_to_generalization_ratio,
     window_changes,
 )
-from .boosting import BoostingRecord, SustainedBoostingLoss
-from .diagnostics import StepRecord
-from .mmpareto import MMPareto, MMParetoRecord, pareto_weights
-from .modulation import ModalityGradientModulator, ModulationRecord
-from .monitor import ImbalanceMonitor
-from .opm import (
+from .methods.boosting import BoostingRecord, SustainedBoostingLoss
+from .methods.mmpareto import MMPareto, MMParetoRecord, pareto_weights
+from .methods.modulation import ModalityGradientModulator, ModulationRecord
+from .methods.opm import (
     ModalityPredictionModulator,
     OPMOutput,
     OPMRecord,
@@ -47,8 +50,7 @@ from .opm import (
     kept_mean,
     rescale_factor,
 )
-from .plotting import plot_history
-from .pmr import (
+from .methods.pmr import (
     PMRLoss,
     PMRRecord,
     entropy_weights,
@@ -57,8 +59,6 @@ from .pmr import (
     prototypical_cross_entropy,
     rebalance_coefficients,
 )
-from .report import ImbalanceReport, imbalance_report
-from .unimodal import Head, unimodal_logits
 
 __all__ = [
     "AGMRecord",

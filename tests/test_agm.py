@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from imbalance_losses._masking import masked_outputs, shapley_values
-from imbalance_losses.agm import AdaptiveGradientModulator
+from imbalance_losses.core.masking import masked_outputs, shapley_values
+from imbalance_losses.methods.agm import AdaptiveGradientModulator
 from tests.ddp import run_distributed
 
 WIDTHS = {"a": 3, "b": 4, "c": 2, "d": 3}

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import imbalance_losses
 from imbalance_losses import unimodal_logits
-from imbalance_losses.arl import (
+from imbalance_losses.methods.arl import (
     ARLLoss,
     ARLRecord,
     arl_coefficients,
@@ -465,9 +465,9 @@ def test_zero_parameters_and_state_keys() -> None:
     for crit in (ARLLoss(head=head), ARLLoss(head=head, encoders=encs)):
         assert list(crit.parameters()) == []
         assert list(crit.state_dict()) == ["_extra_state"]
-    assert "ARLLoss" in imbalance_losses.arl.__all__
+    assert "ARLLoss" in imbalance_losses.methods.arl.__all__
     assert {"ARLLoss", "ARLRecord", "inverse_variance_weights", "arl_coefficients"} <= set(
-        imbalance_losses.arl.__all__
+        imbalance_losses.methods.arl.__all__
     )
 
 

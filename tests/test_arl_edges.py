@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from imbalance_losses import unimodal_logits
-from imbalance_losses.arl import ARLLoss, arl_coefficients, inverse_variance_weights
+from imbalance_losses.methods.arl import ARLLoss, arl_coefficients, inverse_variance_weights
 from tests.ddp import run_distributed
 from tests.test_arl import (
     TwoTower,

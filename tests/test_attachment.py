@@ -23,7 +23,7 @@ from imbalance_losses import (
     ModalityGradientModulator,
     unimodal_logits,
 )
-from imbalance_losses._attachment import OptimizerAttachable, unwrap_optimizer
+from imbalance_losses.core.attachment import OptimizerAttachable, unwrap_optimizer
 from tests.pages import run_page
 
 ALPHA = 0.7

@@ -1103,7 +1103,7 @@ def _meta_target() -> Tensor:
 
 
 def test_issue19_check_target_names_both_devices() -> None:
-    from imbalance_losses._validation import check_target
+    from imbalance_losses.core.validation import check_target
 
     cpu = torch.device("cpu")
     check_target(target(), batch=B, num_classes=C, device=cpu)  # same device: fine
@@ -1112,7 +1112,7 @@ def test_issue19_check_target_names_both_devices() -> None:
     ):
         check_target(_meta_target(), batch=B, num_classes=C, device=cpu)
     # a device without an index (``cuda``) matches the same type with any index
-    from imbalance_losses._validation import _same_device
+    from imbalance_losses.core.validation import _same_device
 
     assert _same_device(torch.device("cuda", 1), torch.device("cuda"))
     assert not _same_device(torch.device("cuda", 1), torch.device("cuda", 0))
@@ -1160,7 +1160,7 @@ def _probe_sets(n_eval: int) -> tuple[Any, Any]:
 
 def test_issue19_report_with_an_empty_held_out_set() -> None:
     from imbalance_losses import imbalance_report
-    from imbalance_losses.report import linear_probe_accuracy
+    from imbalance_losses.diagnosis.report import linear_probe_accuracy
 
     fit, held = _probe_sets(0)
     with pytest.raises(ValueError, match=r"evaluate \(the held-out set\) is empty.*\(0,\)"):

@@ -770,7 +770,7 @@ def test_plots_name_the_y_axes_and_mark_where_ogm_ge_stops(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     pytest.importorskip("matplotlib")
-    from imbalance_losses import plotting
+    from imbalance_losses.diagnosis import plotting
 
     real = plotting._figure_class()
     figures: list[Any] = []

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imbalance_losses.report import ImbalanceReport
+from imbalance_losses.diagnosis.report import ImbalanceReport
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from imbalance_losses.blending import (
+from imbalance_losses.methods.blending import (
     BlendingRecord,
     GradientBlending,
     blending_weights,

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from imbalance_losses import BoostingRecord, StepRecord, SustainedBoostingLoss
-from imbalance_losses.boosting import _choose_modality
+from imbalance_losses.methods.boosting import _choose_modality
 from tests.ddp import run_distributed
 
 WIDTHS = {"audio": 5, "visual": 7}

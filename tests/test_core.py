@@ -10,9 +10,9 @@ import pytest
 import torch
 from hypothesis import given
 
-from imbalance_losses._running import OTHER_RANK_FAILED, RunningSums
-from imbalance_losses._stats import counted, true_class_probability
-from imbalance_losses._validation import (
+from imbalance_losses.core.running import OTHER_RANK_FAILED, RunningSums
+from imbalance_losses.core.stats import counted, true_class_probability
+from imbalance_losses.core.validation import (
     check_features,
     check_logits,
     check_target,
@@ -221,7 +221,7 @@ def test_a_rank_that_dies_gives_the_others_a_clear_error(tmp_path: object) -> No
 
 def _three_ranks_body(rank: int, size: int) -> dict[str, object]:
     from imbalance_losses import SustainedBoostingLoss
-    from imbalance_losses._distributed import same_on_all_ranks
+    from imbalance_losses.core.distributed import same_on_all_ranks
 
     out: dict[str, object] = {
         "same": same_on_all_ranks(torch.tensor([1.5, -2.0, 1e300])),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from imbalance_losses.report import ImbalanceReport
+from imbalance_losses.diagnosis.report import ImbalanceReport
 from tests.pages import run_page
 
 pytest.importorskip("matplotlib")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from imbalance_losses._distributed import all_reduce_sum, is_distributed, world_size
+from imbalance_losses.core.distributed import all_reduce_sum, is_distributed, world_size
 from tests.ddp import run_distributed
 
 
@@ -61,7 +61,7 @@ def test_harness_reports_failures_and_hangs() -> None:
 
 
 def _running_body(rank: int, size: int, values: torch.Tensor) -> torch.Tensor:
-    from imbalance_losses._running import RunningSums
+    from imbalance_losses.core.running import RunningSums
 
     acc = RunningSums()
     for chunk in values[rank].split(2):  # micro-batches of this rank's samples

@@ -101,7 +101,7 @@ def test_every_public_class_and_function_has_an_example(name: str) -> None:
 
 
 def _head_docstring() -> str:
-    tree = ast.parse((ROOT / "imbalance_losses" / "unimodal.py").read_text())
+    tree = ast.parse((ROOT / "imbalance_losses" / "core" / "unimodal.py").read_text())
     for i, node in enumerate(tree.body):
         if isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == "Head" for t in node.targets
@@ -109,7 +109,7 @@ def _head_docstring() -> str:
             doc = tree.body[i + 1]
             assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
             return str(doc.value.value)
-    raise AssertionError("no `Head = ...` in imbalance_losses/unimodal.py")
+    raise AssertionError("no `Head = ...` in imbalance_losses/core/unimodal.py")
 
 
 def test_head_alias_example() -> None:

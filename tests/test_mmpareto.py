@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from imbalance_losses._gradients import min_norm_weight
-from imbalance_losses._running import OTHER_RANK_FAILED
-from imbalance_losses.mmpareto import MMPareto, MMParetoRecord, pareto_weights
+from imbalance_losses.core.gradients import min_norm_weight
+from imbalance_losses.core.running import OTHER_RANK_FAILED
+from imbalance_losses.methods.mmpareto import MMPareto, MMParetoRecord, pareto_weights
 from tests.ddp import run_distributed
 
 NAMES = ["audio", "visual", "text"]

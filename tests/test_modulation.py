@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from imbalance_losses import unimodal_logits
-from imbalance_losses.modulation import ModalityGradientModulator, ModulationRecord
+from imbalance_losses.methods.modulation import ModalityGradientModulator, ModulationRecord
 from tests.ddp import run_distributed
 from tests.host_reads import HostReads
 
@@ -158,7 +158,7 @@ def test_coefficient_properties(m: int, data: st.DataObject, alpha: float, form:
 @given(rho=st.lists(st.floats(0.0, 12.0), min_size=2, max_size=8), alpha=st.floats(0.01, 3.0))
 def test_coefficient_is_monotone_function_of_rho(rho: list[float], alpha: float) -> None:
     """Both forms against rho values directly (covers ratios a batch rarely produces)."""
-    from imbalance_losses.modulation import _coefficients
+    from imbalance_losses.methods.modulation import _coefficients
 
     r = torch.tensor(sorted(rho), dtype=torch.float64)
     for form in ("paper", "code"):

@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from imbalance_losses.modulation import ModalityGradientModulator
-from imbalance_losses.monitor import ImbalanceMonitor
-from imbalance_losses.unimodal import unimodal_logits
+from imbalance_losses.core.unimodal import unimodal_logits
+from imbalance_losses.diagnosis.monitor import ImbalanceMonitor
+from imbalance_losses.methods.modulation import ModalityGradientModulator
 from tests.ddp import run_distributed
 from tests.host_reads import HostReads
 

@@ -15,10 +15,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import imbalance_losses.opm as opm_module
+import imbalance_losses.methods.opm as opm_module
 from imbalance_losses import unimodal_logits
-from imbalance_losses.modulation import ModalityGradientModulator
-from imbalance_losses.opm import (
+from imbalance_losses.methods.modulation import ModalityGradientModulator
+from imbalance_losses.methods.opm import (
     ModalityPredictionModulator,
     OPMRecord,
     drop_probabilities,

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from imbalance_losses._params import modality_parameters
+from imbalance_losses.core.params import modality_parameters
 
 
 class Trunked(nn.Module):

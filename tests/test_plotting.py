@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from imbalance_losses import plotting
-from imbalance_losses.monitor import ImbalanceMonitor
-from imbalance_losses.plotting import _split, plot_history
+from imbalance_losses.diagnosis import plotting
+from imbalance_losses.diagnosis.monitor import ImbalanceMonitor
+from imbalance_losses.diagnosis.plotting import _split, plot_history
 
 pytest.importorskip("matplotlib")
 

@@ -8,7 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from imbalance_losses.report import ImbalanceReport, imbalance_report, linear_probe_accuracy
+from imbalance_losses.diagnosis.report import (
+    ImbalanceReport,
+    imbalance_report,
+    linear_probe_accuracy,
+)
 
 
 def _blobs(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from imbalance_losses.monitor import ImbalanceMonitor
+from imbalance_losses.diagnosis.monitor import ImbalanceMonitor
 
 
 def _head() -> nn.Sequential:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from imbalance_losses import plotting
-from imbalance_losses.plotting import plot_history
+from imbalance_losses.diagnosis import plotting
+from imbalance_losses.diagnosis.plotting import plot_history
 
 pytest.importorskip("matplotlib")
 

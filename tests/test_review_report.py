@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from imbalance_losses.report import imbalance_report, linear_probe_accuracy
+from imbalance_losses.diagnosis.report import imbalance_report, linear_probe_accuracy
 
 
 def _data() -> tuple[dict[str, torch.Tensor], torch.Tensor]:

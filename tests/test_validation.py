@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from imbalance_losses import StepRecord
-from imbalance_losses._stats import as_fp32, entropy_sum, true_class_probability
-from imbalance_losses._validation import (
+from imbalance_losses.core.stats import as_fp32, entropy_sum, true_class_probability
+from imbalance_losses.core.validation import (
     check_logits,
     check_modalities,
     check_same_modalities,
@@ -116,7 +116,7 @@ def test_step_record_to_dict() -> None:
 
 @given(st.lists(st.just(0.0) | st.floats(1e-3, 50.0), min_size=2, max_size=6))
 def test_one_vs_rest_ratio_formula(values: list[float]) -> None:
-    from imbalance_losses._stats import one_vs_rest_ratio
+    from imbalance_losses.core.stats import one_vs_rest_ratio
 
     s = torch.tensor(values, dtype=torch.float64)
     rho = one_vs_rest_ratio(s)
@@ -136,7 +136,7 @@ def test_one_vs_rest_ratio_formula(values: list[float]) -> None:
 
 
 def test_running_sums_pool_and_resume() -> None:
-    from imbalance_losses._running import RunningSums
+    from imbalance_losses.core.running import RunningSums
 
     acc = RunningSums()
     assert acc.empty
@@ -174,7 +174,7 @@ def test_float_class_indices_are_told_to_be_integers() -> None:
 
 
 def test_sample_counts_avoid_fp64_where_the_device_has_none() -> None:
-    from imbalance_losses._running import _count_dtype
+    from imbalance_losses.core.running import _count_dtype
 
     assert _count_dtype(torch.device("cpu")) == torch.float64
     assert _count_dtype(torch.device("mps")) == torch.float32

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from data import Task
 
-from imbalance_losses.plotting import plot_history
-from imbalance_losses.report import ImbalanceReport
+from imbalance_losses.diagnosis.plotting import plot_history
+from imbalance_losses.diagnosis.report import ImbalanceReport
 
 __all__ = [
     "NOTES",

@@ -38,8 +38,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.optim import Optimizer
 
-from ..diagnostics import StepRecord
-from ..monitor import ImbalanceMonitor
+from ..core.records import StepRecord
+from ..diagnosis.monitor import ImbalanceMonitor
 
 __all__ = ["ModulatorCallback", "MonitorCallback", "RecordLogger"]
 

@@ -5,7 +5,7 @@ The ``Trainer`` owns the loop, so two things move out of the user's hands:
 * **the step.** :class:`ModulatorCallback` attaches each module that acts between backward and
   the optimiser step (:class:`~imbalance_losses.ModalityGradientModulator`; ARL and AGM built
   with ``encoders=``) to the ``Trainer``'s optimiser at ``on_train_begin``
-  (:meth:`~imbalance_losses._attachment.OptimizerAttachable.attach`), and detaches it at
+  (:meth:`~imbalance_losses.core.attachment.OptimizerAttachable.attach`), and detaches it at
   ``on_train_end``. Its ``step()`` then runs inside the real ``optimizer.step()``: once per
   accumulated step, after the ``Trainer``'s gradient clipping and AMP unscaling, never on a step
   the scaler skips (``on_pre_optimizer_step`` would also run on those);
@@ -43,8 +43,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from .._attachment import OptimizerAttachable
-from ..monitor import ImbalanceMonitor
+from ..core.attachment import OptimizerAttachable
+from ..diagnosis.monitor import ImbalanceMonitor
 
 __all__ = ["MONITOR_STATE_FILE", "STATE_FILE", "ModulatorCallback", "MonitorCallback"]
 

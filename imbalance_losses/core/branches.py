@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import (
+from .unimodal import Head, unimodal_logits
+from .validation import (
     _assert_on_device,
     check_features,
     check_logits,
@@ -25,7 +26,6 @@ from ._validation import (
     check_unimodal_logits,
     real_param,
 )
-from .unimodal import Head, unimodal_logits
 
 __all__ = [
     "FUSED",

@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._distributed import ProcessGroup, all_reduce_sum, is_distributed
-from ._running import OTHER_RANK_FAILED, _count_dtype
-from ._validation import check_features, check_modalities, check_target
+from .distributed import ProcessGroup, all_reduce_sum, is_distributed
+from .running import OTHER_RANK_FAILED, _count_dtype
+from .validation import check_features, check_modalities, check_target
 
 __all__ = ["ClassMeans", "PrototypeStore", "Prototypes", "blend_prototypes"]
 

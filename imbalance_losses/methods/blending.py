@@ -25,19 +25,25 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ._branches import FUSED, branch_logits, branch_names, branch_vector, per_sample_cross_entropy
-from ._distributed import ProcessGroup
-from ._evaluation import branch_losses, check_same_on_ranks
-from ._stats import Reduction, counted, reduce_loss
-from ._validation import (
+from ..core.branches import (
+    FUSED,
+    branch_logits,
+    branch_names,
+    branch_vector,
+    per_sample_cross_entropy,
+)
+from ..core.distributed import ProcessGroup
+from ..core.evaluation import branch_losses, check_same_on_ranks
+from ..core.records import StepRecord
+from ..core.stats import Reduction, counted, reduce_loss
+from ..core.unimodal import Head
+from ..core.validation import (
     _assert_on_device,
     check_same_modalities,
     int_param,
     real_param,
     reduction_param,
 )
-from .diagnostics import StepRecord
-from .unimodal import Head
 
 __all__ = [
     "BlendingRecord",

@@ -3,7 +3,7 @@
 G-Blending needs each branch's train and validation loss at the end of every window; a diagnosis
 report needs the same numbers. :func:`branch_losses` runs the user's forward over a
 loader in eval mode under ``torch.no_grad()``, adds each batch's per-branch loss *sums* and
-sample count to a :class:`~imbalance_losses._running.RunningSums`, and pools them over the ranks
+sample count to a :class:`~imbalance_losses.core.running.RunningSums`, and pools them over the ranks
 in one all-reduce, so that every rank gets the mean over the global set of samples:
 
     L_k = sum_{ranks} sum_{batches} sum_b l_kb  /  sum_{ranks} sum_{batches} n_counted
@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._branches import FUSED, branch_logits, branch_names, per_sample_cross_entropy
-from ._distributed import ProcessGroup, same_on_all_ranks
-from ._running import RunningSums
-from ._stats import counted
-from ._validation import check_same_modalities
+from .branches import FUSED, branch_logits, branch_names, per_sample_cross_entropy
+from .distributed import ProcessGroup, same_on_all_ranks
+from .running import RunningSums
+from .stats import counted
 from .unimodal import Head
+from .validation import check_same_modalities
 
 __all__ = ["BranchOutputs", "branch_losses", "check_same_on_ranks"]
 
@@ -156,7 +156,7 @@ def branch_losses(
 def check_same_on_ranks(values: Tensor, group: ProcessGroup | None, *, message: str) -> None:
     """Under DDP, raise ``ValueError(message)`` on every rank unless all ranks hold ``values``.
 
-    Exact (:func:`~imbalance_losses._distributed.same_on_all_ranks`: one all-reduce of the
+    Exact (:func:`~imbalance_losses.core.distributed.same_on_all_ranks`: one all-reduce of the
     maximum of ``[v, -v]``); every rank decides from the same result, so all raise or none does.
     A no-op without DDP.
     """

@@ -2,7 +2,7 @@
 
 :func:`plot_history` draws what :meth:`~imbalance_losses.ImbalanceMonitor.compute` returned at
 each epoch (or any list of flat ``{key: float}`` dicts, such as records'
-:meth:`~imbalance_losses.diagnostics.StepRecord.to_dict`): one panel per metric, one line per
+:meth:`~imbalance_losses.core.records.StepRecord.to_dict`): one panel per metric, one line per
 modality. A key's **modality** is the path component that names one of the modalities; the
 **metric** is the key without it and without the monitor's leading ``imbalance/``::
 

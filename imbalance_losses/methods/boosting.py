@@ -54,10 +54,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._distributed import ProcessGroup, is_distributed, world_size
-from ._running import RunningSums
-from ._stats import Reduction, counted, one_vs_rest_ratio, reduce_loss, true_class_probability
-from ._validation import (
+from ..core.distributed import ProcessGroup, is_distributed, world_size
+from ..core.records import StepRecord
+from ..core.running import RunningSums
+from ..core.stats import Reduction, counted, one_vs_rest_ratio, reduce_loss, true_class_probability
+from ..core.validation import (
     check_features,
     check_modalities,
     check_same_modalities,
@@ -66,7 +67,6 @@ from ._validation import (
     real_param,
     reduction_param,
 )
-from .diagnostics import StepRecord
 
 __all__ = ["BoostingRecord", "SustainedBoostingLoss"]
 

@@ -41,28 +41,28 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._attachment import OptimizerAttachable
-from ._branches import unimodal_branches
-from ._distributed import ProcessGroup
-from ._params import (
+from ..core.attachment import OptimizerAttachable
+from ..core.branches import unimodal_branches
+from ..core.distributed import ProcessGroup
+from ..core.params import (
     ModalityParameter,
     check_head_not_listed,
     modality_parameters,
     present_gradients,
     scale_gradients_,
 )
-from ._repeats import repeated_call
-from ._running import RunningSums
-from ._stats import REDUCTIONS, Reduction, as_fp32, counted, entropy_sum, reduce_loss
-from ._validation import (
+from ..core.records import StepRecord
+from ..core.repeats import repeated_call
+from ..core.running import RunningSums
+from ..core.stats import REDUCTIONS, Reduction, as_fp32, counted, entropy_sum, reduce_loss
+from ..core.unimodal import Head
+from ..core.validation import (
     _assert_on_device,
     check_finite,
     check_same_modalities,
     int_param,
     real_param,
 )
-from .diagnostics import StepRecord
-from .unimodal import Head
 
 __all__ = [
     "ARLCoefficients",

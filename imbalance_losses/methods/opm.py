@@ -3,7 +3,7 @@
 Wei, Hu, Du, Wen, "On-the-fly Modulation for Balanced Multimodal Learning", TPAMI 2024
 (arXiv 2410.11582; official code github GeWu-Lab/BML_TPAMI2024). OGM, the same paper's gradient
 action, is :class:`~imbalance_losses.ModalityGradientModulator`; both act on one measurement,
-:class:`~imbalance_losses.modulation.ModalityScorer`.
+:class:`~imbalance_losses.methods.modulation.ModalityScorer`.
 
 Each training-mode call, on the features of the batch *before* they reach the fusion head:
 
@@ -45,19 +45,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._distributed import ProcessGroup, is_distributed
-from ._repeats import OpenTensors, repeated_call
-from ._validation import (
+from ..core.distributed import ProcessGroup, is_distributed
+from ..core.records import StepRecord
+from ..core.repeats import OpenTensors, repeated_call
+from ..core.unimodal import Head
+from ..core.unimodal import unimodal_logits as _unimodal_logits
+from ..core.validation import (
     check_features,
     check_modalities,
     check_same_modalities,
     int_param,
     real_param,
 )
-from .diagnostics import StepRecord
 from .modulation import Discrepancy, ModalityScorer
-from .unimodal import Head
-from .unimodal import unimodal_logits as _unimodal_logits
 
 __all__ = [
     "ModalityPredictionModulator",

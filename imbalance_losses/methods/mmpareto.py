@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._distributed import ProcessGroup
-from ._gradients import (
+from ..core.distributed import ProcessGroup
+from ..core.gradients import (
     accumulation_dtype,
     agree_over_ranks,
     average_over_ranks_,
@@ -51,9 +51,9 @@ from ._gradients import (
     segment_max,
     segment_sum,
 )
-from ._params import SharedPolicy, modality_parameters
-from ._validation import check_same_modalities, real_param
-from .diagnostics import StepRecord
+from ..core.params import SharedPolicy, modality_parameters
+from ..core.records import StepRecord
+from ..core.validation import check_same_modalities, real_param
 
 __all__ = ["MMPareto", "MMParetoRecord", "combine", "magnitude_factors", "pareto_weights"]
 
@@ -412,7 +412,7 @@ class MMPareto:
         """The rule on the encoders, written to ``.grad``; ``a`` and ``b`` are consumed.
 
         Scale-invariant: every vector whose norm or dot product is taken is first divided by a
-        power of two near its largest entry (:func:`~imbalance_losses._gradients.normalise_`,
+        power of two near its largest entry (:func:`~imbalance_losses.core.gradients.normalise_`,
         exact), and the scales are folded back as exact powers of two, so a ``GradScaler``
         factor of ``2^32`` or gradient entries near ``1e19`` neither overflow a square (fp32)
         nor change a decision, while the combination itself is the formula's, bit for bit.

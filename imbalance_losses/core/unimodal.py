@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import check_features, check_modalities
+from .validation import check_features, check_modalities
 
 __all__ = ["Head", "unimodal_logits"]
 

@@ -35,7 +35,7 @@ Each optimiser step, after ``backward()`` and before ``optimizer.step()``:
    from one sum and one ``dot(g, g)`` per gradient (no temporary of a gradient's size).
 
 Steps 1-2 are :class:`ModalityScorer`, shared with OPM
-(:class:`~imbalance_losses.opm.ModalityPredictionModulator`): one measurement, two actions.
+(:class:`~imbalance_losses.methods.opm.ModalityPredictionModulator`): one measurement, two actions.
 Steps 4-5 happen only inside the window ``start_step <= t < stop_step`` (``t`` counts calls to
 :meth:`ModalityGradientModulator.step` that saw at least one sample on some rank); outside it
 gradients are untouched. Each gradient is modulated at most once per backward (a second
@@ -56,19 +56,19 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._attachment import OptimizerAttachable
-from ._distributed import ProcessGroup
-from ._params import SharedPolicy, modality_parameters, present_gradients, scale_gradients_
-from ._running import RunningSums
-from ._stats import counted, one_vs_rest_ratio, true_class_probability
-from ._validation import (
+from ..core.attachment import OptimizerAttachable
+from ..core.distributed import ProcessGroup
+from ..core.params import SharedPolicy, modality_parameters, present_gradients, scale_gradients_
+from ..core.records import StepRecord
+from ..core.running import RunningSums
+from ..core.stats import counted, one_vs_rest_ratio, true_class_probability
+from ..core.validation import (
     check_same_modalities,
     check_target,
     check_unimodal_logits,
     int_param,
     real_param,
 )
-from .diagnostics import StepRecord
 
 __all__ = ["Discrepancy", "ModalityGradientModulator", "ModalityScorer", "ModulationRecord"]
 
@@ -126,7 +126,8 @@ def capped_ratio(scores: Tensor, max_ratio: float) -> Tensor:
     """Discrepancy ratios ``[M]`` of the scores ``[M]``, capped at ``max_ratio``.
 
     ``rho_m = min(s_m / mean_{k != m} s_k, R)``, ``R = max_ratio > 1``, with ``0 / 0 = 1``
-    (:func:`~imbalance_losses._stats.one_vs_rest_ratio`). Without the cap a score that underflows
+    (:func:`~imbalance_losses.core.stats.one_vs_rest_ratio`). Without the cap a score that
+    underflows
     to 0 (every true-class probability below ``1e-45`` in fp32) makes the other ratios infinite,
     and then ``k = 1 - tanh(alpha * inf) = 0`` for every ``alpha > 0``, however small, while
     ``alpha = 0`` gives ``k = 1``: a jump, and a silent full stop of those encoders. With the cap
@@ -151,13 +152,13 @@ class ModalityScorer:
     """The discrepancy measurement OGM and OPM share: observe, pool, capped ratio.
 
     One computation, two actions: :class:`ModalityGradientModulator` scales gradients with it,
-    :class:`~imbalance_losses.opm.ModalityPredictionModulator` drops features with it. Both
+    :class:`~imbalance_losses.methods.opm.ModalityPredictionModulator` drops features with it. Both
     hold one scorer and call the same three methods, so their scores and ratios on the same
     input are the same tensors' values bit for bit.
 
     * :meth:`observe` adds ``s_m += sum_b softmax(z_m)[b, y_b]`` (fp32, detached, one
       ``gather`` per modality) and the counted samples of one (micro-)batch to a
-      :class:`~imbalance_losses._running.RunningSums`;
+      :class:`~imbalance_losses.core.running.RunningSums`;
     * :meth:`decide` pools them over the process group (one all-reduce, which also carries the
       empty-step and failure flags), resets the pool and returns :class:`Discrepancy`, or
       ``None`` when no rank had a single row (an empty step: the caller makes it a no-op);

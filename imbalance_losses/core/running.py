@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._distributed import ProcessGroup, all_reduce_sum, is_distributed
-from ._validation import _assert_on_device
+from .distributed import ProcessGroup, all_reduce_sum, is_distributed
+from .validation import _assert_on_device
 
 __all__ = ["Pooled", "RunningSums", "sample_mean"]
 

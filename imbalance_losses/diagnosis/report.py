@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import check_finite, int_param, real_param
-from .unimodal import Head, unimodal_logits
+from ..core.unimodal import Head, unimodal_logits
+from ..core.validation import check_finite, int_param, real_param
 
 __all__ = ["FeatureSet", "ImbalanceReport", "imbalance_report", "linear_probe_accuracy"]
 

@@ -29,12 +29,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._distributed import ProcessGroup
-from ._prototypes import Prototypes
-from ._running import RunningSums, sample_mean
-from ._stats import counted, one_vs_rest_ratio
-from ._validation import check_logits, int_param, real_param
-from .diagnostics import StepRecord
+from ..core.distributed import ProcessGroup
+from ..core.prototypes import Prototypes
+from ..core.records import StepRecord
+from ..core.running import RunningSums, sample_mean
+from ..core.stats import counted, one_vs_rest_ratio
+from ..core.validation import check_logits, int_param, real_param
 
 __all__ = [
     "PMRLoss",

@@ -4,7 +4,7 @@
 what the loop already has (the features and the fusion head, or the unimodal logits, and the
 target; optionally the encoders' gradients), it keeps per-modality **sums** on the device and
 pools them over micro-batches and DDP ranks in :meth:`ImbalanceMonitor.compute`, with the same
-machinery (:class:`~imbalance_losses._running.RunningSums`, one all-reduce) the methods use for
+machinery (:class:`~imbalance_losses.core.running.RunningSums`, one all-reduce) the methods use for
 their own statistics. Per modality ``m``, over the ``N`` counted samples since the last
 :meth:`~ImbalanceMonitor.reset` (every micro-batch, every rank), with ``z_m`` the unimodal logits
 through the shared head (:func:`~imbalance_losses.unimodal_logits`)::
@@ -14,7 +14,8 @@ through the shared head (:func:`~imbalance_losses.unimodal_logits`)::
     ratio_m      = min(s_m / mean_{k != m} s_k, max_ratio)               (OGM's rho_m)
 
 ``s_m = sum_b softmax(z_m)[b, y_b]`` is OGM's score and ``ratio_m`` is computed by the very
-function the modulator uses (:func:`~imbalance_losses.modulation.capped_ratio`): above 1, the
+function the modulator uses
+(:func:`~imbalance_losses.methods.modulation.capped_ratio`): above 1, the
 modality is more confident on the true class than the others on average (it dominates). Over the
 ``T`` optimiser steps whose gradients were observed (:meth:`~ImbalanceMonitor.observe_gradients`,
 steps with a non-finite gradient left out)::
@@ -44,21 +45,21 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ._distributed import ProcessGroup
-from ._gradients import norms, segment_sum
-from ._params import modality_parameters
-from ._running import RunningSums
-from ._stats import as_fp32, counted, true_class_probability
-from ._validation import (
+from ..core.distributed import ProcessGroup
+from ..core.gradients import norms, segment_sum
+from ..core.params import modality_parameters
+from ..core.records import StepRecord
+from ..core.running import RunningSums
+from ..core.stats import as_fp32, counted, true_class_probability
+from ..core.unimodal import Head, unimodal_logits
+from ..core.validation import (
     check_same_modalities,
     check_target,
     check_unimodal_logits,
     int_param,
     real_param,
 )
-from .diagnostics import StepRecord
-from .modulation import capped_ratio
-from .unimodal import Head, unimodal_logits
+from ..methods.modulation import capped_ratio
 
 __all__ = ["PREFIX", "ImbalanceMonitor"]
 

@@ -3,7 +3,7 @@
 Each training step (statistics fp32, detached, pooled over micro-batches and DDP ranks):
 
 1. ``v(S) = head(x_S)`` for every subset ``S`` of the ``M`` modalities (the others zeroed; one
-   head call on ``2^M`` stacked copies, :mod:`._masking`), and the mono-modal response
+   head call on ``2^M`` stacked copies, :mod:`..core.masking`), and the mono-modal response
    ``phi_m = Shapley_m(v) + v(empty) / M``, so that ``sum_m phi_m = head(x)``;
 2. ``s_m = mean_b -log max(softmax(phi_m)_b[y_b], 1e-8)``           (mono-modal cross-entropy)
 3. ``r_m = exp(mean_{k != m} s_k - s_m)``                          (discrepancy ratio)
@@ -28,20 +28,22 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ._attachment import OptimizerAttachable
-from ._distributed import ProcessGroup
-from ._hooks import scale_grad
-from ._masking import masked_outputs, shapley_values
-from ._params import (
+from ..core.attachment import OptimizerAttachable
+from ..core.distributed import ProcessGroup
+from ..core.hooks import scale_grad
+from ..core.masking import masked_outputs, shapley_values
+from ..core.params import (
     check_head_not_listed,
     modality_parameters,
     present_gradients,
     scale_gradients_,
 )
-from ._repeats import OpenTensors, repeated_call
-from ._running import RunningSums
-from ._stats import as_fp32, counted
-from ._validation import (
+from ..core.records import StepRecord
+from ..core.repeats import OpenTensors, repeated_call
+from ..core.running import RunningSums
+from ..core.stats import as_fp32, counted
+from ..core.unimodal import Head
+from ..core.validation import (
     check_features,
     check_finite,
     check_modalities,
@@ -50,8 +52,6 @@ from ._validation import (
     int_param,
     real_param,
 )
-from .diagnostics import StepRecord
-from .unimodal import Head
 
 __all__ = [
     "AGMRecord",
@@ -70,7 +70,7 @@ def mono_modal_responses(values: Tensor) -> Tensor:
     """``phi_m = sum_S w(|S|) (v(S + {m}) - v(S)) + v(empty) / M`` from ``values`` ``[2^M, ...]``.
 
     ``w(k) = k! (M - k - 1)! / M!``; ``values[s]`` is the head's output with the modalities
-    of subset ``s`` kept (:func:`~imbalance_losses._masking.masked_outputs`). The exact Shapley
+    of subset ``s`` kept (:func:`~imbalance_losses.core.masking.masked_outputs`). The exact Shapley
     values sum to ``v(all) - v(empty)``; sharing ``v(empty)`` equally makes the responses sum
     to the fused output ``v(all)``. Returns ``[M, ...]`` in the dtype of ``values``.
 
@@ -373,7 +373,7 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
 
         Hook mode: every feature that requires grad was passed in a call whose backward has not
         reached it. Encoders mode: every feature was passed since the last :meth:`step`. A
-        ``ValueError`` for a mix (:func:`~imbalance_losses._repeats.repeated_call`).
+        ``ValueError`` for a mix (:func:`~imbalance_losses.core.repeats.repeated_call`).
         """
         hooks = not self.has_encoders
         what = "whose backward has not run" if hooks else "since the last step()"

@@ -37,14 +37,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._distributed import (
+from .distributed import (
     ProcessGroup,
     all_reduce_sum,
     is_distributed,
     same_on_all_ranks,
     world_size,
 )
-from ._running import OTHER_RANK_FAILED
+from .running import OTHER_RANK_FAILED
 
 __all__ = [
     "accumulation_dtype",
