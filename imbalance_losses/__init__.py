@@ -39,7 +39,13 @@ from .methods.blending import (
     overfitting_to_generalization_ratio,
     window_changes,
 )
-from .methods.boosting import BoostingRecord, SustainedBoostingLoss
+from .methods.boosting import (
+    BoostingRecord,
+    SustainedBoostingLoss,
+    assign_head,
+    boosting_residual_loss,
+    confidence_scores,
+)
 from .methods.mmpareto import MMPareto, MMParetoRecord, pareto_weights
 from .methods.modulation import ModalityGradientModulator, ModulationRecord
 from .methods.opm import (
@@ -85,8 +91,11 @@ __all__ = [
     "SustainedBoostingLoss",
     "agm_coefficients",
     "arl_coefficients",
+    "assign_head",
     "blending_weights",
+    "boosting_residual_loss",
     "branch_losses",
+    "confidence_scores",
     "discrepancy_ratios",
     "drop_probabilities",
     "entropy_weights",

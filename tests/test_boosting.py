@@ -22,7 +22,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from imbalance_losses import BoostingRecord, StepRecord, SustainedBoostingLoss
+from imbalance_losses import (
+    BoostingRecord,
+    StepRecord,
+    SustainedBoostingLoss,
+    assign_head,
+    boosting_residual_loss,
+    confidence_scores,
+)
 from imbalance_losses.methods.boosting import _choose_modality
 from tests.ddp import run_distributed
 
@@ -685,3 +692,164 @@ def test_low_precision_features_outside_autocast_get_a_clear_error() -> None:
         boost(feats, torch.zeros(5, dtype=torch.long))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(boost(feats, torch.zeros(5, dtype=torch.long)))
+
+
+# ------------------------------------------------------------------ the pure formula functions
+LOG2, LOG3, LOG43, LOG32 = math.log(2), math.log(3), math.log(4 / 3), math.log(3 / 2)
+
+
+def test_residual_loss_one_head_is_cross_entropy_by_hand() -> None:
+    z = torch.tensor([[[LOG3, 0.0]], [[0.0, 0.0]]], dtype=torch.float64)  # [B=2, n=1, C=2]
+    got = boosting_residual_loss(z, torch.tensor([0, 1]), lam=0.5)
+    # softmax([log 3, 0]) = [3/4, 1/4]; softmax([0, 0]) = [1/2, 1/2]
+    assert got.tolist() == pytest.approx([LOG43, LOG2], abs=1e-12)
+
+
+def test_residual_loss_two_heads_by_hand() -> None:
+    # sample 0: z1 = [0, 0], z2 = [log 3, 0], y = 0; sample 1: z1 = [0, log 3], z2 = [0, 0],
+    # y = 1; sample 2: ignored
+    z = torch.tensor(
+        [
+            [[0.0, 0.0], [LOG3, 0.0]],
+            [[0.0, LOG3], [0.0, 0.0]],
+            [[5.0, -1.0], [2.0, 3.0]],
+        ],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    got = boosting_residual_loss(z, torch.tensor([0, 1, -100]), lam=0.5, ignore_index=-100)
+    # sample 0: CE(Z=[log3,0], 0) = log 4/3; CE(P=[0,0], 0) = log 2, p = 1/2;
+    #           (1 - 0.5 * 1/2) CE(z2, 0) = 0.75 log 4/3
+    # sample 1: CE(Z=[0,log3], 1) = log 4/3; CE(P=[0,log3], 1) = log 4/3, p = 3/4;
+    #           (1 - 0.5 * 3/4) CE(z2=[0,0], 1) = 0.625 log 2
+    expected = [LOG43 + LOG2 + 0.75 * LOG43, 2 * LOG43 + 0.625 * LOG2, 0.0]
+    assert got.tolist() == pytest.approx(expected, abs=1e-12)
+    # p is detached: the gradient is that of the formula with p a constant
+    got.sum().backward()
+    assert z.grad is not None
+    zc = z.detach().clone().requires_grad_(True)
+    y = torch.tensor([0, 1])
+    ce = [
+        -torch.log_softmax(zc[b].sum(0), -1)[y[b]]
+        - torch.log_softmax(zc[b, 0], -1)[y[b]]
+        - w * torch.log_softmax(zc[b, 1], -1)[y[b]]
+        for b, w in ((0, 0.75), (1, 0.625))
+    ]
+    (ce[0] + ce[1]).backward()
+    assert zc.grad is not None
+    assert torch.allclose(z.grad[:2], zc.grad[:2], atol=1e-12)
+    assert torch.equal(z.grad[2], torch.zeros(2, 2, dtype=torch.float64))
+
+
+def test_residual_loss_three_heads_and_no_ignore_index_by_hand() -> None:
+    # z1 = z2 = [0, 0], z3 = [log 2, 0], y = 0: Z = [log 2, 0], P = [0, 0]
+    z = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [math.log(2), 0.0]]], dtype=torch.float64)
+    got = boosting_residual_loss(z, torch.tensor([0]), lam=0.2, ignore_index=None)
+    # CE(Z, 0) = log 3/2; CE(P, 0) = log 2, p = 1/2; (1 - 0.2/2) CE(z3, 0) = 0.9 log 3/2
+    assert got.tolist() == pytest.approx([LOG32 + LOG2 + 0.9 * LOG32], abs=1e-12)
+
+
+def test_residual_loss_soft_target_by_hand() -> None:
+    z = torch.tensor([[[0.0, 0.0], [LOG3, 0.0]]], dtype=torch.float64)  # Z = [log 3, 0]
+    t = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
+    got = boosting_residual_loss(z, t, lam=0.5)
+    log_q = [math.log(0.75), math.log(0.25)]  # log softmax of Z and of z2
+    ce_z = -(0.25 * log_q[0] + 0.75 * log_q[1])
+    # P = [0, 0]: CE(P, t) = log 2; residual target t * (1 - 0.5 * [1/2, 1/2]) = 0.75 t
+    ce_res = -(0.1875 * log_q[0] + 0.5625 * log_q[1])
+    assert got.tolist() == pytest.approx([ce_z + LOG2 + ce_res], abs=1e-12)
+    # a one-hot soft target is the class-index loss
+    onehot = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    hard = boosting_residual_loss(z, torch.tensor([0]), lam=0.5)
+    assert torch.allclose(boosting_residual_loss(z, onehot, lam=0.5), hard, atol=1e-12)
+
+
+def test_confidence_scores_by_hand() -> None:
+    # modality a, one head: softmax([log 3, 0])[0] = 3/4, softmax([0, 0])[1] = 1/2
+    a = torch.tensor([[[LOG3, 0.0]], [[0.0, 0.0]]], dtype=torch.float64)
+    # modality b, two heads summed: Z_0 = [0, log 3] -> p[0] = 1/4; Z_1 = [log 2, 0] -> p[1] = 1/3
+    b = torch.tensor(
+        [[[0.0, 0.0], [0.0, LOG3]], [[math.log(2), 0.0], [0.0, 0.0]]], dtype=torch.float64
+    )
+    got = confidence_scores([a, b], torch.tensor([0, 1]))
+    assert got.dtype == torch.float64  # fp64 stays fp64, fp16 / bf16 become fp32
+    assert confidence_scores([a.half(), b.bfloat16()], torch.tensor([0, 1])).dtype == torch.float32
+    assert got.tolist() == pytest.approx([0.75 + 0.5, 0.25 + 1 / 3], abs=1e-6)
+    ignored = confidence_scores([a, b], torch.tensor([0, -1]), ignore_index=-1)
+    assert ignored.tolist() == pytest.approx([0.75, 0.25], abs=1e-6)
+    soft = confidence_scores([a, b], torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
+    # sample 0 soft: a: (3/4 + 1/4) / 2 = 1/2, b: (1/4 + 3/4) / 2 = 1/2
+    assert soft.tolist() == pytest.approx([0.5 + 0.5, 0.5 + 1 / 3], abs=1e-6)
+
+
+def _assign(scores: list[float], sigma: float = 1.0, tau: float = 0.25) -> int | None:
+    return assign_head(torch.tensor(scores, dtype=torch.float64), sigma=sigma, tau=tau)[0]
+
+
+def test_assign_head_two_modalities_by_hand() -> None:
+    # r = s_1 / s_2 against the band [sigma - tau, sigma + tau] = [0.75, 1.25], edges included
+    assert _assign([1.5, 1.0]) == 1  # r = 1.5 > 1.25: modality 2 is the weak one
+    assert _assign([1.25, 1.0]) is None  # r = 1.25: upper edge, no head
+    assert _assign([1.0, 1.0]) is None
+    assert _assign([0.75, 1.0]) is None  # r = 0.75: lower edge, no head
+    assert _assign([0.5, 1.0]) == 0  # r = 0.5 < 0.75
+    assert _assign([1.0, 0.0]) == 1  # r = inf
+    assert _assign([0.0, 0.0]) is None  # 0 / 0 is 1
+    assert _assign([0.5, 1.0], sigma=0.5, tau=0.0) is None  # r = sigma exactly
+    assert _assign([0.5, 1.0], sigma=0.25, tau=0.125) == 1  # r = 0.5 > 0.375
+    _, ratios = assign_head(torch.tensor([0.5, 1.0], dtype=torch.float64), sigma=1.0, tau=0.25)
+    assert ratios.tolist() == [0.5, 2.0]
+
+
+def test_assign_head_many_modalities_by_hand() -> None:
+    # [1, 2, 3]: r = [1 / 2.5, 2 / 2, 3 / 1.5] = [0.4, 1, 2]
+    choice, ratios = assign_head(
+        torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), sigma=1.0, tau=0.25
+    )
+    assert choice == 0 and ratios.tolist() == pytest.approx([0.4, 1.0, 2.0], abs=1e-12)
+    assert _assign([2.0, 3.0, 1.0]) == 2  # the weakest, wherever it is
+    assert _assign([1.0, 2.0, 3.0], sigma=0.5, tau=0.25) is None  # 0.4 is not < 0.25
+    # [3, 4, 4]: r_1 = 3 / 4 = 0.75, exactly the lower edge: no head; inside it with tau = 1/8
+    assert _assign([3.0, 4.0, 4.0]) is None
+    assert _assign([3.0, 4.0, 4.0], tau=0.125) == 0
+    assert _assign([1.0, 1.0, 4.0]) == 0  # tie r = [0.4, 0.4, 4]: the first in mapping order
+    assert _assign([2.0, 2.0, 2.0, 2.0], tau=0.0) is None  # all r = 1 = sigma, not < sigma
+
+
+@given(
+    scores=st.lists(st.floats(0.01, 1.0), min_size=2, max_size=5),
+    sigma=st.one_of(st.just(1.0), st.floats(0.5, 2.0)),
+    tau=st.floats(0.0, 0.3),
+)
+def test_assign_head_properties(scores: list[float], sigma: float, tau: float) -> None:
+    choice, ratios = assign_head(torch.tensor(scores, dtype=torch.float64), sigma=sigma, tau=tau)
+    r = ratios.tolist()
+    assert len(r) == len(scores)
+    # at most one modality: an index or nothing
+    assert choice is None or (isinstance(choice, int) and 0 <= choice < len(scores))
+    # the chosen one is the (first) argmin of the ratios; for two modalities the rule compares
+    # r = s_1 / s_2 with sigma on both sides, which picks the argmin when sigma = 1
+    if choice is not None and (len(scores) > 2 or sigma == 1.0):
+        assert choice == int(ratios.argmin()) and r[choice] == min(r)
+    # nothing is chosen when every ratio is inside the band sigma +- tau
+    if all(sigma - tau <= x <= sigma + tau for x in r):
+        assert choice is None
+
+
+def test_module_uses_the_pure_functions_exactly() -> None:
+    boost = SustainedBoostingLoss(
+        3, WIDTHS, hidden=8, check_every="manual", reduction="none", lam=0.3
+    )
+    boost.add_head("audio")
+    boost.add_head("audio")
+    x = _feats(6)
+    y = torch.tensor([0, 1, 2, -100, 1, 0])
+    heads = [torch.stack(z, 1) for z in boost.head_logits(x).values()]
+    expected = sum(
+        (boosting_residual_loss(z, y, lam=0.3, ignore_index=-100) for z in heads[1:]),
+        boosting_residual_loss(heads[0], y, lam=0.3, ignore_index=-100),
+    )
+    assert torch.equal(boost(x, y), expected)
+    # the check's score: the pooled sums over the 5 counted samples, divided in fp64
+    scores = (confidence_scores(heads, y, ignore_index=-100).double() / 5).float()
+    assert torch.equal(boost.check().scores, scores)

@@ -68,7 +68,13 @@ from ..core.validation import (
     reduction_param,
 )
 
-__all__ = ["BoostingRecord", "SustainedBoostingLoss"]
+__all__ = [
+    "BoostingRecord",
+    "SustainedBoostingLoss",
+    "assign_head",
+    "boosting_residual_loss",
+    "confidence_scores",
+]
 
 _OpenSteps = MutableMapping[Tensor, "_StepMark"]
 
@@ -159,16 +165,95 @@ class BoostingRecord(StepRecord):
     capped: str | None = None
 
 
-def _choose_modality(scores: Tensor, *, sigma: float, tau: float) -> tuple[int | None, Tensor]:
+def boosting_residual_loss(
+    logits_heads: Tensor, target: Tensor, *, lam: float, ignore_index: int | None = -100
+) -> Tensor:
+    """Per-sample sustained-boosting loss ``l_mb`` ``[B]`` of one modality's stack of heads.
+
+    ``logits_heads`` is ``[B, n, C]``, the logits ``z_mj`` of the modality's ``n`` heads, oldest
+    first. With ``Z = sum_j z_mj`` and ``P = sum_{j<n} z_mj`` (the previous ensemble)::
+
+        n = 1:  l_b = CE(z_m1, y)_b
+        n > 1:  l_b = CE(Z, y)_b + CE(P, y)_b + (1 - lam p_b) CE(z_mn, y)_b
+                p_b = stopgrad(softmax(P))[b, y_b]
+
+    For soft targets ``t`` ``[B, C]`` the last term is ``CE(z_mn, t - lam t ⊙ stopgrad(softmax(
+    P)))``, the official code's residual target (for a one-hot ``t`` both forms agree). Samples
+    whose class index is ``ignore_index`` give 0 in every term (``None``: no index is ignored;
+    the cross-entropies then use ``F.cross_entropy``'s default ``-100``). The cross-entropies
+    run in ``promote_types(dtype, float32)`` for soft targets; ``p`` is detached, at least fp32.
+
+    Example:
+        >>> import torch
+        >>> z = torch.zeros(2, 1, 3)                    # one head, uniform logits
+        >>> boosting_residual_loss(z, torch.tensor([0, 2]), lam=0.5)
+        tensor([1.0986, 1.0986])
+    """
+    ignore = -100 if ignore_index is None else ignore_index
+    soft = target.is_floating_point()
+    dtype = torch.promote_types(logits_heads.dtype, torch.float32)
+    tgt = target.to(dtype) if soft else target
+
+    def ce(logits: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(logits, t, reduction="none", ignore_index=ignore)
+
+    per = ce(logits_heads.sum(1), tgt)  # eps_all (= CE(z_m1, y) for one head)
+    if logits_heads.shape[1] == 1:
+        return per
+    previous = logits_heads[:, :-1].sum(1)
+    newest = logits_heads[:, -1]
+    per = per + ce(previous, tgt)  # eps_pre
+    if soft:
+        # soft targets: CE(z_n, t - lam t ⊙ p) with p the detached previous softmax.
+        p = torch.softmax(previous.detach().to(dtype), dim=-1)
+        return per + ce(newest, tgt * (1.0 - lam * p))
+    p_true = true_class_probability(previous, target, ignore_index)  # detached, 0 if ignored
+    return per + (1.0 - lam * p_true) * ce(newest, target)  # eps
+
+
+def confidence_scores(
+    logits_heads: Sequence[Tensor], target: Tensor, *, ignore_index: int | None = -100
+) -> Tensor:
+    """Per modality the summed true-class probability of its ensemble, ``[M]``, at least fp32.
+
+    ``logits_heads[m]`` is ``[B, n_m, C]`` (the logits ``z_mj`` of modality ``m``'s heads)::
+
+        S_m = sum_b softmax(Z_m)[b, y_b]          Z_m = sum_j z_mj
+
+    (``sum_c softmax(Z_m)_bc t_bc`` for soft targets ``t`` ``[B, C]``). Samples whose target is
+    ``ignore_index`` add 0. These are *sums*: the confidence score of a check is
+    ``s_m = S_m / (number of counted samples)``, pooled over steps and ranks first. Not part of
+    the graph (detached probabilities; fp16 / bf16 logits are promoted to fp32 first).
+
+    Example:
+        >>> import torch
+        >>> z = [torch.zeros(2, 1, 4), torch.zeros(2, 3, 4)]   # uniform: p = 1/4 per sample
+        >>> confidence_scores(z, torch.tensor([1, 3]))
+        tensor([0.5000, 0.5000])
+    """
+    return torch.stack(
+        [true_class_probability(z.sum(1), target, ignore_index).sum() for z in logits_heads]
+    )
+
+
+def assign_head(scores: Tensor, *, sigma: float, tau: float) -> tuple[int | None, Tensor]:
     """The adaptive assignment rule: ``(index of the modality to boost or None, ratios [M])``.
 
     ``scores`` is ``[M]`` on the host; the ratios are :func:`one_vs_rest_ratio`'s
     ``r_m = s_m / mean_{k != m} s_k`` (``x / 0`` is ``inf``, ``0 / 0`` is 1).
 
-    * ``M = 2``: ``r = s_1 / s_2``; ``r > sigma + tau`` -> modality 2, ``r < sigma - tau`` ->
-      modality 1, otherwise none (the dead zone).
+    * ``M = 2``: ``r = s_1 / s_2``; ``r > sigma + tau`` -> modality 2 (index 1),
+      ``r < sigma - tau`` -> modality 1 (index 0), otherwise none (the dead zone, edges
+      included).
     * ``M > 2``: the modality with the smallest ``r_m`` (first in mapping order on a tie) if
       ``r_m < sigma - tau``, otherwise none.
+
+    Example:
+        >>> import torch
+        >>> assign_head(torch.tensor([0.4, 0.8]), sigma=1.0, tau=0.01)[0]
+        0
+        >>> assign_head(torch.tensor([0.5, 0.5, 0.5]), sigma=1.0, tau=0.01)[0] is None
+        True
     """
     ratios = one_vs_rest_ratio(scores)
     values = scores.tolist()
@@ -178,6 +263,9 @@ def _choose_modality(scores: Tensor, *, sigma: float, tau: float) -> tuple[int |
         return (1 if r > sigma + tau else 0 if r < sigma - tau else None), ratios
     best = int(ratios.argmin())  # argmin returns the first index on a tie
     return (best if float(ratios[best]) < sigma - tau else None), ratios
+
+
+_choose_modality = assign_head  # the former private name
 
 
 class SustainedBoostingLoss(nn.Module):
@@ -609,34 +697,6 @@ class SustainedBoostingLoss(nn.Module):
         ]
         return torch.cat(empty).sum() if empty else None
 
-    def _per_sample(self, z: Tensor, target: Tensor) -> Tensor:
-        """``l_mb`` ``[B]`` for one modality from its heads' logits ``z`` ``[B, n, C]``.
-
-        Samples whose target is ``ignore_index`` give 0 in every term.
-        """
-        ignore = -100 if self.ignore_index is None else self.ignore_index
-        soft = target.is_floating_point()
-        dtype = torch.promote_types(z.dtype, torch.float32)
-        tgt = target.to(dtype) if soft else target
-
-        def ce(logits: Tensor, t: Tensor) -> Tensor:
-            return F.cross_entropy(logits, t, reduction="none", ignore_index=ignore)
-
-        per = ce(z.sum(1), tgt)  # eps_all (= CE(z_m1, y) for one head)
-        if z.shape[1] == 1:
-            return per
-        previous = z[:, :-1].sum(1)
-        newest = z[:, -1]
-        per = per + ce(previous, tgt)  # eps_pre
-        if soft:
-            # soft targets: CE(z_n, t - lam t ⊙ p) with p the detached previous softmax.
-            p = torch.softmax(previous.detach().to(dtype), dim=-1)
-            return per + ce(newest, tgt * (1.0 - self.lam * p))
-        p_true = true_class_probability(
-            previous, target, self.ignore_index
-        )  # detached, 0 if ignored
-        return per + (1.0 - self.lam * p_true) * ce(newest, target)  # eps
-
     def _check_due(self) -> bool:
         if self.check_every == "manual":
             return False
@@ -714,16 +774,19 @@ class SustainedBoostingLoss(nn.Module):
         if due and (batch > 0 or distributed):  # one process: an empty forward is no step
             self._check(explicit=False, stacklevel=6)
         logits = self._head_tensors(features)
-        per = torch.stack([self._per_sample(z, target) for z in logits]).sum(0)  # [B]
+        per = torch.stack(
+            [
+                boosting_residual_loss(z, target, lam=self.lam, ignore_index=self.ignore_index)
+                for z in logits
+            ]
+        ).sum(0)  # [B]
         mask = counted(target, self.ignore_index)
         loss = reduce_loss(per, self.reduction, mask)
         zero = self._inactive_zero()
         if zero is not None:
             loss = loss + zero.to(loss.dtype)
         if self.training and not repeat and (batch > 0 or distributed):
-            scores = torch.stack(
-                [true_class_probability(z.sum(1), target, self.ignore_index).sum() for z in logits]
-            )
+            scores = confidence_scores(logits, target, ignore_index=self.ignore_index)
             self._pool.add(scores, batch if mask is None else mask.sum(), rows=batch)
             self._since_check += 1
         if self.training:
@@ -844,7 +907,7 @@ class SustainedBoostingLoss(nn.Module):
                 raise RuntimeError(_NO_SAMPLES + " on any rank")
             return None  # a scheduled check over empty steps: no decision, no record
         scores = host[:m] / count
-        choice, ratios = _choose_modality(scores, sigma=self.sigma, tau=self.tau)
+        choice, ratios = assign_head(scores, sigma=self.sigma, tau=self.tau)
         added: str | None = None
         capped: str | None = None
         if choice is not None:
