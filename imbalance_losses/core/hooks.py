@@ -8,12 +8,19 @@ input; no hook table and no removal are needed.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+import weakref
+from types import FrameType
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-__all__ = ["scale_grad"]
+__all__ = ["scale_grad", "warn_on_backward"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -37,3 +44,37 @@ def scale_grad(x: Tensor, factor: Tensor) -> Tensor:
     returned tensor, so under ``GradScaler`` it is the scaled gradient (scaling commutes).
     """
     return cast(Tensor, _ScaleGrad.apply(x, factor.detach()))  # type: ignore[no-untyped-call]
+
+
+class _WarnOnBackward:
+    """Loss hook: the first backward through it warns once per module (its ``_warned_eval``)."""
+
+    def __init__(self, module: object, message: str) -> None:
+        self.module = weakref.ref(module)
+        self.message = message
+
+    def __call__(self, grad: Tensor) -> None:
+        module = self.module()
+        if module is None or module.__dict__.get("_warned_eval", False):
+            return
+        module.__dict__["_warned_eval"] = True
+        level = 2  # point the warning at the first frame outside torch: the backward() call
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
+            level, frame = level + 1, frame.f_back
+        warnings.warn(self.message, RuntimeWarning, stacklevel=level)
+
+
+def warn_on_backward(loss: Tensor, module: object, message: str) -> None:
+    """Warn (``RuntimeWarning``, at the user's ``backward()`` line) if a backward reaches ``loss``.
+
+    For a module that returned ``loss`` from a call that cannot be a training step (eval mode):
+    a backward through it means the user trains with the module in the wrong mode. Warns once per
+    module (``module._warned_eval``); nothing is registered once it has warned, nor without
+    gradients.
+    """
+    if module.__dict__.get("_warned_eval", False):
+        return
+    if not (torch.is_grad_enabled() and loss.requires_grad):
+        return
+    loss.register_hook(_WarnOnBackward(module, message))  # type: ignore[no-untyped-call]

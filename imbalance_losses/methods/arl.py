@@ -26,13 +26,10 @@ See ``docs/arl.md`` for the semantics under gradient accumulation, AMP and DDP.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -44,6 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..core.attachment import OptimizerAttachable
 from ..core.branches import unimodal_branches
 from ..core.distributed import ProcessGroup
+from ..core.hooks import warn_on_backward
 from ..core.params import (
     ModalityParameter,
     check_head_not_listed,
@@ -81,34 +79,14 @@ _NOTHING_POOLED = "step() called without a training-mode forward since the last 
 _BUILT_ON: MutableMapping[object, weakref.ref[ARLLoss]] = WeakIdKeyDictionary()
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-
-
-class _EvalBackward:
-    """Loss hook of an eval-mode call: a backward through it means training in eval mode."""
-
-    def __init__(self, module: ARLLoss) -> None:
-        self.module = weakref.ref(module)
-
-    def __call__(self, grad: Tensor) -> None:
-        module = self.module()
-        if module is None or module._warned_eval:
-            return
-        module._warned_eval = True
-        level = 2  # point the warning at the first frame outside torch: the backward() call
-        frame: FrameType | None = sys._getframe(1)
-        while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
-            level, frame = level + 1, frame.f_back
-        warnings.warn(
-            "ARLLoss is in eval mode but a backward pass went through its loss: in eval mode it "
-            "takes no step and re-weights nothing (the re-weighting silently stops). Forgot "
-            "criterion.train() after a validation pass? Unless you registered it on your model "
-            "(model.criterion = criterion), model.train() does not reach it: call "
-            "criterion.train() too (and run validation under torch.no_grad()). Shown once per "
-            "ARLLoss",
-            RuntimeWarning,
-            stacklevel=level,
-        )
+_EVAL_BACKWARD = (
+    "ARLLoss is in eval mode but a backward pass went through its loss: in eval mode it "
+    "takes no step and re-weights nothing (the re-weighting silently stops). Forgot "
+    "criterion.train() after a validation pass? Unless you registered it on your model "
+    "(model.criterion = criterion), model.train() does not reach it: call "
+    "criterion.train() too (and run validation under torch.no_grad()). Shown once per "
+    "ARLLoss"
+)
 
 
 def inverse_variance_weights(variances: Tensor) -> Tensor:
@@ -655,8 +633,7 @@ class ARLLoss(OptimizerAttachable, nn.Module):
             loss = self._loss(logits, target, zs, batch, mask)
 
         if not training:  # evaluation: no statistics, no collective
-            if not self._warned_eval and torch.is_grad_enabled() and loss.requires_grad:
-                loss.register_hook(_EvalBackward(self))  # type: ignore[no-untyped-call]
+            warn_on_backward(loss, self, _EVAL_BACKWARD)
             return loss
         if repeat:
             return loss  # a repeated call: the same step, nothing new

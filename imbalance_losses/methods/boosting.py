@@ -40,13 +40,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, Literal, cast
 
 import torch
@@ -55,6 +52,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.distributed import ProcessGroup, is_distributed, world_size
+from ..core.hooks import warn_on_backward
 from ..core.records import StepRecord
 from ..core.running import RunningSums
 from ..core.stats import Reduction, counted, one_vs_rest_ratio, reduce_loss, true_class_probability
@@ -96,34 +94,14 @@ class _StepMark:
         self.fired = True
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-
-
-class _EvalBackward:
-    """Loss hook of an eval-mode call: a backward through it means training in eval mode."""
-
-    def __init__(self, module: SustainedBoostingLoss) -> None:
-        self.module = weakref.ref(module)
-
-    def __call__(self, grad: Tensor) -> None:
-        module = self.module()
-        if module is None or module._warned_eval:
-            return
-        module._warned_eval = True
-        level = 2  # point the warning at the first frame outside torch: the backward() call
-        frame: FrameType | None = sys._getframe(1)
-        while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
-            level, frame = level + 1, frame.f_back
-        warnings.warn(
-            "SustainedBoostingLoss is in eval mode but a backward pass went through its loss: in "
-            "eval mode it pools no confidence score and runs no check, so no head is ever added "
-            "(plain ensemble training). Forgot boost.train() after a validation pass? Unless you "
-            "registered it on your model (model.boost = boost), model.train() does not reach it: "
-            "call boost.train() too (and run validation under torch.no_grad()). Shown once per "
-            "module",
-            RuntimeWarning,
-            stacklevel=level,
-        )
+_EVAL_BACKWARD = (
+    "SustainedBoostingLoss is in eval mode but a backward pass went through its loss: in "
+    "eval mode it pools no confidence score and runs no check, so no head is ever added "
+    "(plain ensemble training). Forgot boost.train() after a validation pass? Unless you "
+    "registered it on your model (model.boost = boost), model.train() does not reach it: "
+    "call boost.train() too (and run validation under torch.no_grad()). Shown once per "
+    "module"
+)
 
 
 @dataclass(frozen=True)
@@ -792,8 +770,8 @@ class SustainedBoostingLoss(nn.Module):
         if self.training:
             self._trained = True
             self._track(features, loss, mark)
-        elif not self._warned_eval and torch.is_grad_enabled() and loss.requires_grad:
-            loss.register_hook(_EvalBackward(self))  # type: ignore[no-untyped-call]
+        else:
+            warn_on_backward(loss, self, _EVAL_BACKWARD)
         return loss
 
     def _open_step(self, features: object) -> _StepMark | None:
