@@ -24,6 +24,7 @@ __all__ = [
     "check_logits",
     "check_modalities",
     "check_same_modalities",
+    "check_scored_logits",
     "check_target",
     "check_unimodal_logits",
     "int_param",
@@ -289,6 +290,34 @@ def check_unimodal_logits(
                 f"{shape}; every modality must give logits over the same classes"
             )
     return shape[0], shape[1]
+
+
+def check_scored_logits(
+    logits: Mapping[str, Tensor],
+    target: Tensor,
+    modalities: tuple[str, ...],
+    *,
+    owner: str,
+    ignore_index: int | None,
+) -> tuple[int, int]:
+    """Per-modality logits of exactly ``modalities`` (in order) and their target; ``(B, C)``.
+
+    :func:`check_unimodal_logits`, :func:`check_same_modalities` against the owner's
+    modalities, and :func:`check_target` with the logits' batch, classes and device: what every
+    consumer of per-modality scores (OGM's and OPM's scorer, the monitor) checks.
+    """
+    batch, classes = check_unimodal_logits(logits)
+    check_same_modalities(modalities, logits, expected_what=owner, actual_what="unimodal_logits")
+    first = next(iter(logits))
+    check_target(
+        target,
+        batch=batch,
+        num_classes=classes,
+        ignore_index=ignore_index,
+        device=logits[first].device,
+        device_of=f"unimodal_logits[{first!r}]",
+    )
+    return batch, classes
 
 
 def check_target(

@@ -54,8 +54,7 @@ from ..core.stats import as_fp32, counted, true_class_probability
 from ..core.unimodal import Head, unimodal_logits
 from ..core.validation import (
     check_same_modalities,
-    check_target,
-    check_unimodal_logits,
+    check_scored_logits,
     int_param,
     real_param,
 )
@@ -220,18 +219,8 @@ class ImbalanceMonitor:
                 logits = unimodal_logits(self.head, inputs)
         else:
             logits = dict(inputs)
-        batch, classes = check_unimodal_logits(logits)
-        check_same_modalities(
-            self.modalities, logits, expected_what="the monitor's", actual_what="unimodal_logits"
-        )
-        first = next(iter(logits))
-        check_target(
-            target,
-            batch=batch,
-            num_classes=classes,
-            ignore_index=self.ignore_index,
-            device=logits[first].device,
-            device_of=f"unimodal_logits[{first!r}]",
+        batch, _ = check_scored_logits(
+            logits, target, self.modalities, owner="the monitor's", ignore_index=self.ignore_index
         )
         mask = counted(target, self.ignore_index)
         labels = target.detach().argmax(-1) if target.is_floating_point() else target.detach()

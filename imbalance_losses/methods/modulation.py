@@ -63,9 +63,7 @@ from ..core.records import StepRecord
 from ..core.running import RunningSums
 from ..core.stats import counted, one_vs_rest_ratio, true_class_probability
 from ..core.validation import (
-    check_same_modalities,
-    check_target,
-    check_unimodal_logits,
+    check_scored_logits,
     int_param,
     real_param,
 )
@@ -201,21 +199,12 @@ class ModalityScorer:
                 range, non-finite logits, a target on another device than the logits.
             TypeError: non-floating-point logits, non-tensor input.
         """
-        batch, classes = check_unimodal_logits(unimodal_logits)
-        check_same_modalities(
-            self.modalities,
+        batch, _ = check_scored_logits(
             unimodal_logits,
-            expected_what=self.owner,
-            actual_what="unimodal_logits",
-        )
-        first = next(iter(unimodal_logits))
-        check_target(
             target,
-            batch=batch,
-            num_classes=classes,
+            self.modalities,
+            owner=self.owner,
             ignore_index=self.ignore_index,
-            device=unimodal_logits[first].device,
-            device_of=f"unimodal_logits[{first!r}]",
         )
         scores = torch.stack(
             [
