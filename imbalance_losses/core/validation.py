@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,6 +26,7 @@ __all__ = [
     "check_modalities",
     "check_same_modalities",
     "check_scored_logits",
+    "check_state_keys",
     "check_target",
     "check_unimodal_logits",
     "int_param",
@@ -318,6 +320,14 @@ def check_scored_logits(
         device_of=f"unimodal_logits[{first!r}]",
     )
     return batch, classes
+
+
+def check_state_keys(state: Mapping[str, Any], keys: tuple[str, ...], *, who: str) -> None:
+    """``KeyError`` naming every key of ``keys`` that ``state`` lacks (``"<who> state is missing
+    [...]"``), before a ``load_state_dict`` changes anything."""
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise KeyError(f"{who} state is missing {missing}")
 
 
 def check_target(

@@ -55,6 +55,7 @@ from ..core.unimodal import Head, unimodal_logits
 from ..core.validation import (
     check_same_modalities,
     check_scored_logits,
+    check_state_keys,
     int_param,
     real_param,
 )
@@ -401,9 +402,9 @@ class ImbalanceMonitor:
             KeyError: a key is missing.
             ValueError: the state was saved for other modalities.
         """
-        missing = [k for k in ("modalities", "pool", "grad_sums", "grad_steps") if k not in state]
-        if missing:
-            raise KeyError(f"ImbalanceMonitor state is missing {missing}")
+        check_state_keys(
+            state, ("modalities", "pool", "grad_sums", "grad_steps"), who="ImbalanceMonitor"
+        )
         if list(state["modalities"]) != list(self.modalities):
             raise ValueError(
                 f"the state is for modalities {list(state['modalities'])}, this monitor has "

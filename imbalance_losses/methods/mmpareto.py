@@ -53,7 +53,7 @@ from ..core.gradients import (
 )
 from ..core.params import SharedPolicy, modality_parameters
 from ..core.records import StepRecord
-from ..core.validation import check_same_modalities, real_param
+from ..core.validation import check_same_modalities, check_state_keys, real_param
 
 __all__ = ["MMPareto", "MMParetoRecord", "combine", "magnitude_factors", "pareto_weights"]
 
@@ -491,9 +491,7 @@ class MMPareto:
             ValueError: the state was saved for other modalities, or holds a bad ``gamma`` /
                 ``rescale``. Nothing is changed when it raises.
         """
-        missing = [k for k in ("gamma", "rescale", "steps", "modalities") if k not in state]
-        if missing:
-            raise KeyError(f"MMPareto state is missing {missing}")
+        check_state_keys(state, ("gamma", "rescale", "steps", "modalities"), who="MMPareto")
         check_same_modalities(self.modalities, dict.fromkeys(state["modalities"]),
                               expected_what="modules", actual_what="the state's")  # fmt: skip
         gamma = real_param("gamma", state["gamma"], gt=0.0)

@@ -64,6 +64,7 @@ from ..core.running import RunningSums
 from ..core.stats import counted, one_vs_rest_ratio, true_class_probability
 from ..core.validation import (
     check_scored_logits,
+    check_state_keys,
     int_param,
     real_param,
 )
@@ -783,9 +784,9 @@ class ModalityGradientModulator(OptimizerAttachable):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned: the run continues exactly (same noise)."""
-        missing = [key for key in ("step", "seed", "generator", "pool") if key not in state]
-        if missing:
-            raise KeyError(f"ModalityGradientModulator state is missing {missing}")
+        check_state_keys(
+            state, ("step", "seed", "generator", "pool"), who="ModalityGradientModulator"
+        )
         self._step = int(state["step"])
         self.seed = int(state["seed"])
         gen_state = state["generator"]
