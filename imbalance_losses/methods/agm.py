@@ -18,29 +18,22 @@ Behind its running level (``r_m < rbar_m``): ``k_m > 1``; ahead: ``k_m < 1``. Se
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from ..core.attachment import OptimizerAttachable
 from ..core.distributed import ProcessGroup
 from ..core.hooks import scale_grad
 from ..core.masking import masked_outputs, shapley_values
-from ..core.params import (
-    check_head_not_listed,
-    modality_parameters,
-    present_gradients,
-    scale_gradients_,
-)
+from ..core.params import check_head_not_listed
 from ..core.records import StepRecord
-from ..core.repeats import OpenTensors, repeated_call
-from ..core.running import RunningSums
+from ..core.remedy import EncoderSpec, Remedy
+from ..core.running import Pooled
 from ..core.stats import as_fp32, counted
 from ..core.unimodal import Head
 from ..core.validation import (
@@ -63,7 +56,6 @@ __all__ = [
 ]
 
 _FLOOR = math.log(1e-8)  # the official probability floor: s_b <= -log(1e-8) = 18.42
-_MISSING = "step() called without a training-mode call since the last step"
 
 
 def mono_modal_responses(values: Tensor) -> Tensor:
@@ -173,7 +165,7 @@ class AGMRecord(StepRecord):
     """Whether the modulation was applied (training mode, after warm-up)."""
 
 
-class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
+class AdaptiveGradientModulator(Remedy[AGMRecord]):
     r"""AGM: scales each modality's feature gradient by ``k_m`` from Shapley responses.
 
     $$\phi_m = \operatorname{Shapley}_m(v) + \frac{v(\emptyset)}{M}, \qquad
@@ -228,6 +220,10 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
         (True, ('audio', 'visual'))
     """
 
+    record_type = AGMRecord
+    who = "AGM"
+    repeat_effect = "the same k, no statistics"
+
     def __init__(
         self,
         head: Head,
@@ -237,34 +233,28 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
         warmup_steps: int = 0,
         cap: float = 10.0,
         ignore_index: int | None = -100,
-        encoders: Mapping[str, nn.Module | Iterable[nn.Parameter]] | nn.ModuleDict | None = None,
+        encoders: Mapping[str, EncoderSpec] | nn.ModuleDict | None = None,
         process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__()
         if not callable(head) and not isinstance(head, Mapping):
             raise TypeError(f"head must be a callable or a mapping of heads, got {type(head)}")
+        super().__init__(warmup_steps=warmup_steps, encoders=encoders, process_group=process_group)
         self.alpha = real_param("alpha", alpha, ge=0.0)
         self.momentum = None if momentum is None else real_param("momentum", momentum, ge=0, lt=1)
-        self.warmup_steps = int_param("warmup_steps", warmup_steps, ge=0)
         self.cap = real_param("cap", cap, gt=0.0)
         self.ignore_index = (
             None if ignore_index is None else int_param("ignore_index", ignore_index)
         )
-        self.process_group = process_group
         self.__dict__["_head"] = head
-        self._params = [] if encoders is None else modality_parameters(encoders, what="encoders")
-        self._encoder_names = () if encoders is None else tuple(encoders)
         check_head_not_listed(
-            self._params, head, self._encoder_names, who="AGM", action="scale the gradient of"
+            self._encoder_params,
+            head,
+            self._encoder_names,
+            who="AGM",
+            action="scale the gradient of",
         )
-        self.has_encoders = encoders is not None
-        self._pool = RunningSums()
-        self._steps = 0
         self._running: Tensor | None = None  # [M] S, fp32
         self._seen: Tensor | None = None  # 0-dim: steps whose statistics entered S
-        self._modalities: tuple[str, ...] | None = None
-        self.last: AGMRecord | None = None
-        self._open = OpenTensors()  # the open step's feature tensors (repeat detection)
         self._open_k: Tensor | None = None  # hook mode: the open step's k (None: not active)
         self._warned_fp16 = False  # hook mode: the float16 overflow warning, once
 
@@ -273,10 +263,9 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
         """The fusion head the masked copies go through (not a submodule)."""
         return cast(Head, self.__dict__["_head"])
 
-    steps = property(lambda self: self._steps, doc="Steps taken (empty steps not counted).")
-
     def forward(self, features: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         """Add this batch's statistics; hook mode: decide ``k``, return gradient-scaled features.
+
         Args:
             features: ordered ``{modality: [B, D_m]}``, the tensors the head fuses.
             target: class indices ``[B]`` (or ``ignore_index``) or soft targets ``[B, C]``.
@@ -286,77 +275,69 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
                 and shapes), non-finite head outputs, modalities that change between steps.
                 Under DDP (hook mode) every rank raises in the same call.
         """
-        training = self.training and torch.is_grad_enabled()
-        if self.training and not training:
-            warnings.warn("AGM: gradients disabled in training mode: eval", RuntimeWarning, 2)
-        if not training:
+        if not self._training_call():
             return dict(features)
-        size = len(features) if isinstance(features, Mapping) and len(features) > 1 else 2
-        first = next(iter(features.values()), None) if isinstance(features, Mapping) else None
-        device = first.device if isinstance(first, Tensor) else torch.device("cpu")
-        try:
-            repeat, mixed = self._repeat(features), None
-        except ValueError as err:
-            repeat, mixed = False, err
+        repeat, mixed = self._classify(features)
         if repeat:  # the same tensors again in the open step: no statistics, no step
             check_modalities(features)
             return self._scaled(features)
-        with self._pool.failing_together(
-            size, device, self.process_group, due=not self.has_encoders
-        ):
+        size = len(features) if isinstance(features, Mapping) and len(features) > 1 else 2
+        first = next(iter(features.values()), None) if isinstance(features, Mapping) else None
+        device = first.device if isinstance(first, Tensor) else torch.device("cpu")
+        with self._validating(size, device, pools=not self.has_encoders):
             if mixed is not None:
                 raise mixed
-            batch = check_modalities(features)
-            if self.has_encoders:  # step() scales the encoders by position: same names, order
-                check_same_modalities(
-                    self._encoder_names, features, expected_what="encoders", actual_what="features"
-                )
-            check_features(features, finite=True, by="the fusion head")
-            names = tuple(features)
-            if self._modalities is not None and names != self._modalities:
-                raise ValueError(
-                    f"modalities {list(names)} differ from those of earlier steps "
-                    f"{list(self._modalities)}; keep the same modalities in the same order"
-                )
-            with torch.no_grad():
-                values = masked_outputs(self.head, {n: x.detach() for n, x in features.items()})
-            if values.dim() != 3:
-                raise ValueError(f"the head must return [B, C] logits, got {values.shape[1:]}")
-            check_finite(values, name="the head's outputs on the masked features")
-            check_target(
-                target, batch=batch, num_classes=values.shape[-1], ignore_index=self.ignore_index
-            )
+            values, batch = self._checked_values(features, target)
+        names = tuple(features)
         self._modalities = names
-        for x in features.values():
-            if self.has_encoders:
-                self._open.add(x)
-            elif x.requires_grad:
-                self._open.add_until_backward(x)
+        self._remember(features.values())
         ce = mono_modal_cross_entropy(
             mono_modal_responses(as_fp32(values)), target, self.ignore_index
         )
         mask = counted(target, self.ignore_index)
-        self._pool.add(ce.sum(1), batch if mask is None else mask.sum(), rows=batch)
+        self._add(ce.sum(1), batch if mask is None else mask.sum(), rows=batch)
         if self.has_encoders:
             return dict(features)
         record = self._decide(names, device)
         self._open_k = None if record is None or not record.active else record.coefficients
-        if self._open_k is None:
-            return dict(features)
-        if not self._warned_fp16 and any(
+        if self._open_k is not None:
+            self._warn_fp16(features)
+        return self._scaled(features)
+
+    def _checked_values(self, features: Mapping[str, Tensor], target: Tensor) -> tuple[Tensor, int]:
+        """Validate one call's input; the head's outputs on every subset ``[2^M, B, C]``."""
+        batch = check_modalities(features)
+        if self.has_encoders:  # step() scales the encoders by position: same names, order
+            check_same_modalities(
+                self._encoder_names, features, expected_what="encoders", actual_what="features"
+            )
+        check_features(features, finite=True, by="the fusion head")
+        self._keep_modalities(tuple(features))
+        with torch.no_grad():
+            values = masked_outputs(self.head, {n: x.detach() for n, x in features.items()})
+        if values.dim() != 3:
+            raise ValueError(f"the head must return [B, C] logits, got {values.shape[1:]}")
+        check_finite(values, name="the head's outputs on the masked features")
+        check_target(
+            target, batch=batch, num_classes=values.shape[-1], ignore_index=self.ignore_index
+        )
+        return values, batch
+
+    def _warn_fp16(self, features: Mapping[str, Tensor]) -> None:
+        if self._warned_fp16 or not any(
             x.dtype == torch.float16 and x.requires_grad for x in features.values()
         ):
-            self._warned_fp16 = True
-            warnings.warn(
-                "AGM hook mode on float16 features: the gradient is multiplied by k_m (up to "
-                f"exp(alpha * cap) = {math.exp(min(self.alpha * self.cap, 700.0)):.3g}) in "
-                "float16, where k_m * g can overflow for a finite g and make GradScaler skip "
-                "the step; pass encoders= and call agm.step() after scaler.unscale_(optimizer) "
-                "(the fp32 .grad is scaled there), see docs/agm.md",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return self._scaled(features)
+            return
+        self._warned_fp16 = True
+        warnings.warn(
+            "AGM hook mode on float16 features: the gradient is multiplied by k_m (up to "
+            f"exp(alpha * cap) = {math.exp(min(self.alpha * self.cap, 700.0)):.3g}) in "
+            "float16, where k_m * g can overflow for a finite g and make GradScaler skip "
+            "the step; pass encoders= and call agm.step() after scaler.unscale_(optimizer) "
+            "(the fp32 .grad is scaled there), see docs/agm.md",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _scaled(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The features with their gradient scaled by the open step's ``k`` (if active)."""
@@ -368,25 +349,8 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
             for i, (n, x) in enumerate(features.items())
         }
 
-    def _repeat(self, features: object) -> bool:
-        """Whether this call repeats the open step's (the same tensors again, by identity).
-
-        Hook mode: every feature that requires grad was passed in a call whose backward has not
-        reached it. Encoders mode: every feature was passed since the last :meth:`step`. A
-        ``ValueError`` for a mix (:func:`~imbalance_losses.core.repeats.repeated_call`).
-        """
-        hooks = not self.has_encoders
-        what = "whose backward has not run" if hooks else "since the last step()"
-        effect = "the same k, no statistics" if hooks else "no statistics"
-        return repeated_call(
-            features, self._open.pending, grad_only=hooks, who="AGM", what=what, effect=effect
-        )
-
-    def _decide(self, names: tuple[str, ...], device: torch.device) -> AGMRecord | None:
-        m = len(names)
-        pooled = self._pool.pool(m, device, self.process_group, missing=_MISSING)
-        if pooled.empty:
-            return None
+    def _formula(self, pooled: Pooled, names: tuple[str, ...], active: bool) -> AGMRecord:
+        """Steps 3-5 of the module doc from the pooled mean scores; updates ``S``."""
         scores, has = pooled.mean(), pooled.samples > 0
         running = torch.zeros_like(scores) if self._running is None else self._running.to(scores)
         seen = torch.zeros_like(scores[0]) if self._seen is None else self._seen.to(scores)
@@ -396,64 +360,13 @@ class AdaptiveGradientModulator(OptimizerAttachable, nn.Module):
         beta = seen / (seen + 1) if self.momentum is None else (seen > 0) * self.momentum
         self._running = torch.where(has, torch.lerp(scores, running, beta), running)
         self._seen = seen + has
-        active = self._steps >= self.warmup_steps
-        self._steps += 1
-        self.last = AGMRecord(names, scores, ratios, running_ratios, self._running, k, active)
-        return self.last
+        return AGMRecord(names, scores, ratios, running_ratios, self._running, k, active)
 
-    @torch.no_grad()
-    def step(self) -> AGMRecord | None:
-        """Encoders mode: pool every call since the last step, scale each encoder's ``.grad``.
+    def _method_state(self) -> dict[str, Any]:
+        return {"running": self._running, "seen": self._seen}  # never changed in place
 
-        Call on every rank after the last ``backward`` (after ``GradScaler.unscale_``), before
-        ``optimizer.step()``. ``None`` and no change when no rank had a sample.
-
-        Raises:
-            RuntimeError: not in encoders mode, or no training-mode call since the last step.
-        """
-        if not self.has_encoders:
-            raise RuntimeError("step() needs encoders=; without them AGM scales by hooks")
-        names = self._modalities or self._encoder_names
-        device = self._params[0][2].device if self._params else torch.device("cpu")
-        record = self._decide(names, device)
-        self._open.reset()
-        if record is not None and record.active:
-            grads, index = present_gradients(self._params)
-            scale_gradients_(grads, index, record.coefficients)
-        return record
-
-    def _before_optimizer_step(self) -> None:
-        self.step()
-
-    @property
-    def attachable(self) -> bool:
-        """Encoders mode only: without ``encoders=`` AGM acts during backward (no step)."""
-        return self.has_encoders
-
-    def _attached_parameters(self) -> list[tuple[str, Tensor]]:
-        return [(self._encoder_names[m], p) for m, _, p in self._params]
-
-    def get_extra_state(self) -> dict[str, Any]:
-        """Steps, running means, pending sums and the last record: part of ``state_dict()``."""
-        return {
-            "steps": self._steps,
-            "running": self._running,  # never changed in place: no copy needed
-            "seen": self._seen,
-            "pending": self._pool.state_dict(),
-            "modalities": self._modalities,
-            "last": None if self.last is None else dataclasses.asdict(self.last),
-        }
-
-    def set_extra_state(self, state: Any) -> None:
-        """Restore what :meth:`get_extra_state` returned (via ``load_state_dict``)."""
-        self._steps = int(state["steps"])
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
         self._running, self._seen = state["running"], state["seen"]
-        self._pool.load_state_dict(dict(state["pending"]))
-        mods, last = state["modalities"], state["last"]
-        self._modalities = None if mods is None else tuple(mods)
-        self.last = (
-            None if last is None else AGMRecord(**{**last, "modalities": tuple(last["modalities"])})
-        )
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, momentum={self.momentum}, warmup_steps={self.warmup_steps}"
