@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
@@ -57,11 +57,12 @@ from .params import ModalityParameter, modality_parameters, present_gradients, s
 from .records import StepRecord
 from .repeats import OpenTensors, repeated_call
 from .running import Pooled, RunningSums
-from .validation import int_param
+from .validation import check_modalities, check_same_modalities, int_param
 
 __all__ = ["EncoderSpec", "Remedy"]
 
 R = TypeVar("R", bound=StepRecord)
+T = TypeVar("T")
 
 EncoderSpec = nn.Module | Iterable[nn.Parameter]
 """One modality's encoder for the encoders mode: a module or its parameters."""
@@ -161,6 +162,39 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
         """Run a call's input checks; ``pools``: this call all-reduces afterwards."""
         with self._pool.failing_together(size, device, self.process_group, due=pools):
             yield
+
+    def _open_call(
+        self, features: Mapping[str, Tensor], check: Callable[[int], T], *, pools: bool
+    ) -> tuple[bool, T | None]:
+        """Steps 2-4 for one training-mode call: ``(repeat, check's result)``.
+
+        A repeat (the open step's tensors again) is checked for its mapping only and returns
+        ``(True, None)``. Otherwise, inside :meth:`_validating` (``pools``: this call
+        all-reduces): the mapping (:func:`~imbalance_losses.core.validation.check_modalities`),
+        the encoders' names and order in encoders mode, ``check(batch)`` (the method's own
+        checks, returning what it computed on the way) and the modalities of earlier steps;
+        then the modalities are kept and the tensors open the step.
+        """
+        repeat, mixed = self._classify(features)
+        if repeat:
+            check_modalities(features)
+            return True, None
+        size = len(features) if isinstance(features, Mapping) and len(features) > 1 else 2
+        first = next(iter(features.values()), None) if isinstance(features, Mapping) else None
+        device = first.device if isinstance(first, Tensor) else torch.device("cpu")
+        with self._validating(size, device, pools=pools):
+            if mixed is not None:
+                raise mixed
+            batch = check_modalities(features)
+            if self.has_encoders:  # step() acts on the encoders by position: same names, order
+                check_same_modalities(
+                    self._encoder_names, features, expected_what="encoders", actual_what="features"
+                )
+            out = check(batch)
+            self._keep_modalities(tuple(features))
+        self._modalities = tuple(features)
+        self._remember(features.values())
+        return False, out
 
     def _keep_modalities(self, names: tuple[str, ...]) -> None:
         """Raise when ``names`` differ from earlier steps' (call inside :meth:`_validating`)."""

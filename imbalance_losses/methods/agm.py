@@ -39,8 +39,6 @@ from ..core.unimodal import Head
 from ..core.validation import (
     check_features,
     check_finite,
-    check_modalities,
-    check_same_modalities,
     check_target,
     int_param,
     real_param,
@@ -277,20 +275,14 @@ class AdaptiveGradientModulator(Remedy[AGMRecord]):
         """
         if not self._training_call():
             return dict(features)
-        repeat, mixed = self._classify(features)
-        if repeat:  # the same tensors again in the open step: no statistics, no step
-            check_modalities(features)
+        _, checked = self._open_call(
+            features,
+            lambda batch: self._checked(features, target, batch),
+            pools=not self.has_encoders,
+        )
+        if checked is None:  # the same tensors again in the open step: no statistics, no step
             return self._scaled(features)
-        size = len(features) if isinstance(features, Mapping) and len(features) > 1 else 2
-        first = next(iter(features.values()), None) if isinstance(features, Mapping) else None
-        device = first.device if isinstance(first, Tensor) else torch.device("cpu")
-        with self._validating(size, device, pools=not self.has_encoders):
-            if mixed is not None:
-                raise mixed
-            values, batch = self._checked_values(features, target)
-        names = tuple(features)
-        self._modalities = names
-        self._remember(features.values())
+        values, batch = checked
         ce = mono_modal_cross_entropy(
             mono_modal_responses(as_fp32(values)), target, self.ignore_index
         )
@@ -298,21 +290,17 @@ class AdaptiveGradientModulator(Remedy[AGMRecord]):
         self._add(ce.sum(1), batch if mask is None else mask.sum(), rows=batch)
         if self.has_encoders:
             return dict(features)
-        record = self._decide(names, device)
+        record = self._decide(tuple(features), values.device)
         self._open_k = None if record is None or not record.active else record.coefficients
         if self._open_k is not None:
             self._warn_fp16(features)
         return self._scaled(features)
 
-    def _checked_values(self, features: Mapping[str, Tensor], target: Tensor) -> tuple[Tensor, int]:
-        """Validate one call's input; the head's outputs on every subset ``[2^M, B, C]``."""
-        batch = check_modalities(features)
-        if self.has_encoders:  # step() scales the encoders by position: same names, order
-            check_same_modalities(
-                self._encoder_names, features, expected_what="encoders", actual_what="features"
-            )
+    def _checked(
+        self, features: Mapping[str, Tensor], target: Tensor, batch: int
+    ) -> tuple[Tensor, int]:
+        """The call's own checks; the head's outputs on every subset ``[2^M, B, C]``."""
         check_features(features, finite=True, by="the fusion head")
-        self._keep_modalities(tuple(features))
         with torch.no_grad():
             values = masked_outputs(self.head, {n: x.detach() for n, x in features.items()})
         if values.dim() != 3:
