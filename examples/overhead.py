@@ -29,6 +29,7 @@ minute). ``--large`` adds the three-modality setting, ``--device cuda`` runs on 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import itertools
 import json
@@ -47,6 +48,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from imbalance_losses import (
     AdaptiveGradientModulator,
@@ -67,8 +69,13 @@ CLASSES = 10
 FEATURE = 256
 
 
-def encoder(in_channels: int, width: int) -> nn.Sequential:
-    """A small CNN: four stride-2 3x3 conv blocks, global average pooling, ``FEATURE`` wide."""
+def encoder(in_channels: int, width: int, *, mlp: bool = False) -> nn.Sequential:
+    """A small CNN: four stride-2 3x3 conv blocks, global average pooling, ``FEATURE`` wide.
+
+    ``mlp``: one ``Linear(in_channels, FEATURE)`` and a ReLU instead (the op-count model).
+    """
+    if mlp:
+        return nn.Sequential(nn.Linear(in_channels, FEATURE), nn.ReLU())
     chans = [in_channels, width, 2 * width, 4 * width, FEATURE]
     layers: list[nn.Module] = []
     for cin, cout in itertools.pairwise(chans):
@@ -80,9 +87,11 @@ def encoder(in_channels: int, width: int) -> nn.Sequential:
 class Model(nn.Module):
     """One encoder per modality, concatenation fusion, one linear head."""
 
-    def __init__(self, channels: dict[str, int], width: int) -> None:
+    def __init__(self, channels: dict[str, int], width: int, *, mlp: bool = False) -> None:
         super().__init__()
-        self.encoders = nn.ModuleDict({m: encoder(c, width) for m, c in channels.items()})
+        self.encoders = nn.ModuleDict(
+            {m: encoder(c, width, mlp=mlp) for m, c in channels.items()}
+        )
         self.head = nn.Linear(FEATURE * len(channels), CLASSES)
 
     def features(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -99,9 +108,12 @@ class Setting:
     channels: dict[str, int]
     width: int
     size: int
+    mlp: bool = False
+    """One Linear + ReLU per modality on ``[B, channels]`` inputs (the op-count model)."""
 
 
 SMALL = Setting("2 modalities, ~1M params", {"audio": 1, "visual": 3}, 40, 32)
+TINY = Setting("2 modalities, one Linear encoder each", {"audio": 16, "visual": 24}, 0, 0, True)
 LARGE = Setting("3 modalities, ~1.6M params", {"audio": 1, "visual": 3, "depth": 1}, 40, 32)
 
 
@@ -109,8 +121,9 @@ def make_data(
     setting: Setting, seed: int = 0, device: str = "cpu"
 ) -> tuple[dict[str, Tensor], Tensor]:
     g = torch.Generator().manual_seed(seed)
+    shape = () if setting.mlp else (setting.size, setting.size)
     inputs = {
-        m: torch.randn(BATCH, c, setting.size, setting.size, generator=g).to(device)
+        m: torch.randn(BATCH, c, *shape, generator=g).to(device)
         for m, c in setting.channels.items()
     }
     return inputs, torch.randint(CLASSES, (BATCH,), generator=g).to(device)
@@ -122,7 +135,7 @@ Step = Callable[[], None]
 def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -> dict[str, Step]:
     """One closure per row, each owning its model copy, optimiser and method object."""
     torch.manual_seed(0)
-    base = Model(setting.channels, setting.width).to(device)
+    base = Model(setting.channels, setting.width, mlp=setting.mlp).to(device)
     inputs, target = make_data(setting, device=device)
     widths = dict.fromkeys(setting.channels, FEATURE)
     ce = nn.CrossEntropyLoss()
@@ -369,6 +382,80 @@ def host_reads(step: Step) -> tuple[int, list[str]]:
     return reads.validation, reads.other
 
 
+_NOT_COUNTED = {"detach", "alias", "lift_fresh", "empty", "empty_like", "empty_strided"}
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the compute ops dispatched (forward, backward, optimiser), by ATen name.
+
+    Views (``func.is_view``), detaches, aliases and bare allocations (``empty*``, which launch
+    no kernel) are not counted: what is left is, on a GPU, one kernel launch each (or a copy).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NOT_COUNTED:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(step: Step, warmup: int = 3) -> collections.Counter[str]:
+    """The ops of one training step (after ``warmup`` steps: warm-up, lazy state), by name."""
+    for _ in range(warmup):
+        step()
+    with OpCount() as counter:
+        step()
+    return counter.ops
+
+
+OP_BUDGETS = {
+    "ARLLoss": 66,
+    "ModalityGradientModulator ogm": 42,
+    "ModalityGradientModulator ogm_ge": 42,
+    "SustainedBoostingLoss, 1 head": 75,
+    "PMRLoss": 93,
+    "GradientBlending": 32,
+    "AdaptiveGradientModulator (AGM)": 49,
+    "MMPareto": 69,
+    "ModalityPredictionModulator (OPM)": 53,
+}
+"""Issue 22's budget: at most half of each module's extra ops over plain (counted 2026-11)."""
+
+
+def op_table(threads: int = 1, rounds: int = 30) -> str:
+    """``--count-ops``: ops per step of every row on :data:`TINY`, extra over plain, host time.
+
+    The host time is the median over ``rounds`` interleaved rounds of (row step - plain step)
+    on this tiny model, where the step is almost all host work (Python and dispatch).
+    """
+    torch.set_num_threads(threads)
+    rows = build_rows(TINY)
+    counts = {name: count_ops(step) for name, step in rows.items()}
+    times = time_rows(rows, warmup=3, rounds=rounds)
+    ref = next(iter(rows))
+    plain_ops = sum(counts[ref].values())
+    lines = [
+        f"### Ops per training step: {TINY.name} (batch {BATCH}, {threads} thread)",
+        "",
+        "| row | ops per step | module's own ops | budget | module's host time per step (us) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, ops in counts.items():
+        own = sum(ops.values()) - plain_ops
+        extra = [t - r for t, r in zip(times[name], times[ref], strict=True)]
+        budget = OP_BUDGETS.get(name)
+        flag = "" if budget is None else f"{budget}" + (" ok" if own <= budget else " OVER")
+        lines.append(
+            f"| {name} | {sum(ops.values())} | {own if name != ref else '-'} | {flag} | "
+            f"{statistics.median(extra) * 1e6:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def peak_rss_mib(setting_name: str, row: str | None, steps: int) -> float:
     """Peak RSS (MiB) of a fresh process running ``steps`` steps of ``row`` (None: build only)."""
     cmd = [sys.executable, __file__, "--_memory", setting_name, json.dumps(row), str(steps)]
@@ -518,8 +605,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument(
+        "--count-ops", action="store_true", help="ops per step and host time per module, only"
+    )
     parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.count_ops:
+        print(op_table(threads=1 if args.threads == 2 else args.threads, rounds=args.rounds or 30))
+        return
     if args._memory:
         _memory_child(args._memory[0], args._memory[1], int(args._memory[2]))
         return
