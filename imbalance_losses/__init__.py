@@ -12,7 +12,7 @@ Conventions shared by every module (see ``docs/index.md``):
 """
 
 from .core.records import StepRecord
-from .core.unimodal import Head, unimodal_logits
+from .core.unimodal import Head, MappingHead, unimodal_logits
 from .diagnosis.monitor import ImbalanceMonitor
 from .diagnosis.plotting import plot_history
 from .diagnosis.report import ImbalanceReport, imbalance_report
@@ -80,6 +80,7 @@ __all__ = [
     "ImbalanceReport",
     "MMPareto",
     "MMParetoRecord",
+    "MappingHead",
     "ModalityGradientModulator",
     "ModalityPredictionModulator",
     "ModulationRecord",

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .unimodal import _check_concat, _check_dtype_device
+from .unimodal import MappingHead, _check_concat, _check_dtype_device
 
 __all__ = ["masked_outputs", "shapley_values", "shapley_weights", "subset_masks"]
 
@@ -84,6 +84,8 @@ def shapley_values(values: Tensor) -> Tensor:
 
 def _eval_mode(head: object) -> list[tuple[nn.Module, bool]]:
     """Put a module head in eval mode (no dropout, no batch-norm update); return the old flags."""
+    if isinstance(head, MappingHead):
+        head = head.fn
     if not isinstance(head, nn.Module):
         return []
     flags = [(mod, mod.training) for mod in head.modules()]
@@ -91,14 +93,40 @@ def _eval_mode(head: object) -> list[tuple[nn.Module, bool]]:
     return flags
 
 
+def _mapping_subsets(head: MappingHead, features: Mapping[str, Tensor], masks: Tensor) -> Tensor:
+    """``[2^M, B, C]`` through a :class:`MappingHead`.
+
+    ``absent="zeros"``: one call on the ``2^M`` masked copies of every modality stacked into
+    one batch. ``"omit"``: ``2^M - 1`` calls, one per non-empty subset (omitted modalities cannot
+    be stacked into one batch), and zero logits for the empty subset (no modality, no evidence;
+    an attention head cannot be run on no tokens).
+    """
+    names, n = list(features), masks.shape[0]
+    batch = next(iter(features.values())).shape[0]
+    if head.absent == "zeros":
+        stacked = {
+            name: torch.where(
+                masks[:, j].reshape(n, *([1] * x.dim())), x.unsqueeze(0), x.new_zeros(())
+            ).reshape(n * batch, *x.shape[1:])
+            for j, (name, x) in enumerate(features.items())
+        }
+        y = head(stacked)
+        return y.reshape(n, batch, *y.shape[1:])
+    subsets = [tuple(m for j, m in enumerate(names) if s >> j & 1) for s in range(1, n)]
+    outs = [head.subset(features, keep) for keep in subsets]
+    return torch.stack([torch.zeros_like(outs[0]), *outs])
+
+
 def masked_outputs(
-    head: Callable[[Tensor], Tensor] | Mapping[str, Callable[[Tensor], Tensor]],
+    head: MappingHead | Callable[[Tensor], Tensor] | Mapping[str, Callable[[Tensor], Tensor]],
     features: Mapping[str, Tensor],
 ) -> Tensor:
     """The head's output on every subset mask of the modalities: ``[2^M, B, ...]``.
 
     Args:
-        head: a callable over the concatenation ``cat(x_1, ..., x_M)`` (mapping order; an
+        head: a :class:`~imbalance_losses.MappingHead` (``absent="omit"``: ``2^M - 1`` calls,
+            the empty subset zero logits; ``"zeros"``: one call on the stacked masked copies);
+            a callable over the concatenation ``cat(x_1, ..., x_M)`` (mapping order; an
             ``nn.Linear``, an MLP, a wrapped FiLM / gated head, ...), evaluated once on the
             ``2^M`` zero-masked copies stacked into one batch; or a mapping modality -> head of
             a late-fusion model ``sum_m heads[m](x_m)`` (each head called once on ``[x_m; 0]``).
@@ -120,6 +148,9 @@ def masked_outputs(
     masks = subset_masks(m, next(iter(features.values())).device)
     flags = _eval_mode(head)
     try:
+        if isinstance(head, MappingHead):
+            _check_dtype_device(features, head, by="the MappingHead")
+            return _mapping_subsets(head, features, masks)
         if isinstance(head, Mapping | nn.ModuleDict):
             if set(head) != set(names):
                 raise ValueError(

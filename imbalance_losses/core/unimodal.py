@@ -18,6 +18,12 @@ the model already has:
 * **A mapping of per-modality heads** (sum / late fusion, ``{"audio": head_a, ...}``): ``z_m`` is
   ``heads[m](x_m)``. If the model fuses by ``sum_m heads[m](x_m)``, the identity above holds too.
 
+* **A** :class:`MappingHead` ``(fn)``: a head over the modality mapping itself (attention fusion
+  over token sequences of different lengths, ``fn({"audio": [B, 100, 768], "visual": [B, 16,
+  768]}) -> [B, C]``). ``z_m = fn({m: x_m})``, the other modalities omitted (attention handles a
+  missing sequence without padding), or, with ``absent="zeros"``, replaced by zeros of their
+  shape (for an ``fn`` that needs every key). Features may have any shape ``[B, ...]``.
+
 * **Any other callable over the concatenation** (an MLP, a gated or bilinear head, your own
   module): ``z_m = head(cat(0, ..., x_m, ..., 0))``, the other modalities' features replaced by
   zeros. For a non-linear head this is an *approximation* of the modality's contribution (the
@@ -28,7 +34,8 @@ the model already has:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +43,73 @@ from torch import Tensor, nn
 
 from .validation import check_features, check_modalities
 
-__all__ = ["Head", "unimodal_logits"]
+__all__ = ["Head", "MappingHead", "unimodal_logits"]
+
+Absent = Literal["omit", "zeros"]
+
+
+class MappingHead:
+    r"""A fusion head over the modality mapping: ``fn({modality: [B, ...]}) -> [B, C]`` logits.
+
+    For models that fuse by attention over each modality's token sequence, where features of
+    different shapes cannot be concatenated. The unimodal prediction of modality ``m`` is the
+    head run on that modality alone:
+
+    $$z_m = f(\{m: x_m\})\ \ (\texttt{absent="omit"}), \qquad
+    z_m = f(\{m: x_m,\ k: 0_{\text{shape}(x_k)}\ \forall k \ne m\})\ \ (\texttt{"zeros"})$$
+
+    and a subset ``S`` of modalities (AGM's Shapley game) is ``f`` on the modalities of ``S``.
+    ``fn`` may close over what the model needs beyond the features (padding masks of each
+    modality's tokens, say). It is called as given: a module ``fn`` is the model's own (not
+    registered here; :meth:`parameters` reads its parameters for the dtype and device checks).
+
+    Args:
+        fn: the fusion: a callable (or ``nn.Module``) taking ``{modality: tensor}``, returning
+            ``[B, C]`` logits. With ``absent="omit"`` it must accept any non-empty subset of
+            the modalities; the empty subset is never evaluated (no modality, no evidence: zero
+            logits where a method needs it).
+        absent: ``"omit"`` (default) or ``"zeros"``, how a modality left out is passed.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import MappingHead, unimodal_logits
+        >>> proj = nn.Linear(8, 3)
+        >>> head = MappingHead(lambda f: proj(torch.stack([x.mean(1) for x in f.values()]).sum(0)))
+        >>> feats = {"audio": torch.randn(2, 100, 8), "visual": torch.randn(2, 16, 8)}  # tokens
+        >>> tuple(head(feats).shape), tuple(unimodal_logits(head, feats)["visual"].shape)
+        ((2, 3), (2, 3))
+    """
+
+    def __init__(self, fn: Callable[[dict[str, Tensor]], Tensor], absent: Absent = "omit") -> None:
+        if not callable(fn):
+            raise TypeError(f"MappingHead needs a callable fn, got {type(fn).__name__}")
+        if absent not in ("omit", "zeros"):
+            raise ValueError(f"absent must be 'omit' or 'zeros', got {absent!r}")
+        self.fn = fn
+        self.absent: Absent = absent
+
+    def __call__(self, features: Mapping[str, Tensor]) -> Tensor:
+        """``fn(features)``: the fused logits."""
+        return self.fn(dict(features))
+
+    def subset(self, features: Mapping[str, Tensor], keep: Collection[str]) -> Tensor:
+        """The head on the modalities in ``keep`` only (the others omitted or zeros)."""
+        if self.absent == "omit":
+            return self.fn({m: x for m, x in features.items() if m in keep})
+        return self.fn({m: x if m in keep else torch.zeros_like(x) for m, x in features.items()})
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters of ``fn`` when it is a module (nothing otherwise)."""
+        return self.fn.parameters() if isinstance(self.fn, nn.Module) else iter(())
+
+    def __repr__(self) -> str:
+        return f"MappingHead({self.fn!r}, absent={self.absent!r})"
+
 
 Head = (
-    nn.Linear
+    MappingHead
+    | nn.Linear
     | nn.ModuleDict
     | Mapping[str, Callable[[Tensor], Tensor]]
     | Callable[[Tensor], Tensor]
@@ -103,7 +173,7 @@ def _linear(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor
 
 def _first_parameter(head: object) -> Tensor | None:
     """The first parameter of a module head (``None`` for plain callables and bare modules)."""
-    if isinstance(head, nn.Module):
+    if isinstance(head, nn.Module | MappingHead):
         return next(head.parameters(), None)
     return None
 
@@ -180,10 +250,12 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
     \qquad (W = [W_1 \mid \dots \mid W_M],\ x = [x_1, \dots, x_M])$$
 
     Args:
-        head: the fusion head: an ``nn.Linear`` over the concatenation of the features (exact
-            split, ``z_m = x_m W_m^T + b/M``, ``sum_m z_m == head(cat(x))``); a mapping
-            modality -> head for per-modality (sum / late) fusion; or any other callable over the
-            concatenation, evaluated with the other modalities zeroed (an approximation for
+        head: the fusion head: a :class:`MappingHead` (``z_m`` = the head on modality ``m``
+            alone; features of any shape ``[B, ...]``); an ``nn.Linear`` over the concatenation
+            of the features (exact split, ``z_m = x_m W_m^T + b/M``,
+            ``sum_m z_m == head(cat(x))``); a mapping modality -> head for per-modality (sum /
+            late) fusion; or any other callable over the concatenation, evaluated with the
+            other modalities zeroed (an approximation for
             non-linear heads).
         features: ordered mapping modality -> features ``[B, ..., D_m]``, batch first, in the
             order the model concatenates them. At least two modalities.
@@ -223,7 +295,10 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
         True
     """
     batch = check_modalities(features)
-    if isinstance(head, nn.Linear):
+    if isinstance(head, MappingHead):
+        _check_dtype_device(features, head, by="the MappingHead")
+        out = {name: head.subset(features, (name,)) for name in features}
+    elif isinstance(head, nn.Linear):
         _check_concat(features)
         check_features(
             features, dtype=head.weight.dtype, device=head.weight.device, by="the nn.Linear head"
