@@ -160,6 +160,8 @@ def _linear(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor
             f"modalities' widths, but the features give {total} ({_widths(features)}); check "
             "that every modality is present, in the concatenation order, with its width"
         )
+    if _sharded(head):
+        return _linear_by_forward(head, features)
     m = len(features)
     bias = None if head.bias is None else head.bias / m
     out: dict[str, Tensor] = {}
@@ -169,6 +171,32 @@ def _linear(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor
         out[name] = F.linear(x, head.weight[:, offset : offset + width], bias)
         offset += width
     return out
+
+
+def _sharded(head: nn.Module) -> bool:
+    """Whether ``head``'s parameters are sharded outside its forward (FSDP2's ``fully_shard``)."""
+    weight = getattr(head, "weight", None)
+    return weight is not None and type(weight).__name__ == "DTensor"
+
+
+def _linear_by_forward(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The split of :func:`_linear` through the head's own forward (a sharded head).
+
+    One call on the ``M`` zero-padded copies plus one zero row, ``y_0 = head(0) = b``:
+    ``z_m = head([0, .., x_m, .., 0]) - (M - 1) / M * b``, the same ``x_m W_m^T + b / M`` and the
+    same gradients, with the parameters gathered by the head's own forward hooks.
+    """
+    x = torch.cat(list(features.values()), dim=-1)
+    m, batch = len(features), x.shape[0]
+    widths = torch.tensor([f.shape[-1] for f in features.values()], device=x.device)
+    owner = torch.repeat_interleave(torch.arange(m, device=x.device), widths)
+    keep = torch.arange(m, device=x.device).unsqueeze(1) == owner  # [M, D]
+    keep = keep.reshape(m, *([1] * (x.dim() - 1)), x.shape[-1])
+    padded = torch.where(keep, x.unsqueeze(0), x.new_zeros(())).reshape(-1, *x.shape[1:])
+    y = head(torch.cat([padded, x.new_zeros(1, *x.shape[1:])]))
+    bias = y[-1:] * ((m - 1) / m)
+    z = y[:-1].reshape(m, batch, *y.shape[1:]) - bias
+    return {name: z[j] for j, name in enumerate(features)}
 
 
 def _first_parameter(head: object) -> Tensor | None:
