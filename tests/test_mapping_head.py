@@ -138,3 +138,51 @@ def test_subsets_cover_every_combination_once() -> None:
     expected = [c for r in range(1, 4) for c in itertools.combinations("abc", r)]
     assert sorted(calls) == sorted(expected)
     assert values[:, 0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_report_probes_pooled_tokens_and_scores_the_head_batch_by_batch() -> None:
+    from imbalance_losses import imbalance_report
+    from imbalance_losses.diagnosis.report import linear_probe_accuracy, pooled_tokens
+
+    torch.manual_seed(0)
+    fusion = AttentionFusion(("audio", "visual")).eval()
+    y = torch.arange(24) % 3
+    # batches with different token counts, as a loader of variable-length sequences gives
+    batches = [
+        (
+            {
+                "audio": torch.randn(8, t, 8) + y[i * 8 : i * 8 + 8, None, None],
+                "visual": torch.randn(8, 2, 8),
+            },
+            y[i * 8 : i * 8 + 8],
+        )
+        for i, t in enumerate((5, 9, 3))
+    ]
+    report = imbalance_report(batches[:2], batches[2:], head=MappingHead(fusion))
+    fit = {m: torch.cat([pooled_tokens(f[m]) for f, _ in batches[:2]]) for m in ("audio", "visual")}
+    ev = {m: pooled_tokens(batches[2][0][m]) for m in ("audio", "visual")}
+    for m in ("audio", "visual"):
+        expected = linear_probe_accuracy(fit[m], y[:16], ev[m], y[16:], 3)
+        assert report.probe[m] == pytest.approx(expected)
+        with torch.no_grad():
+            hits = (fusion({m: batches[2][0][m]}).argmax(-1) == y[16:]).float().mean()
+        assert report.head[m] == pytest.approx(float(hits))
+    assert torch.equal(pooled_tokens(batches[0][0]["audio"]), batches[0][0]["audio"].mean(1))
+
+
+def test_monitor_reads_a_mapping_head_in_eval_mode() -> None:
+    from imbalance_losses import ImbalanceMonitor
+
+    torch.manual_seed(0)
+    fusion = AttentionFusion(("audio", "visual")).train()
+    monitor = ImbalanceMonitor(["audio", "visual"], head=MappingHead(fusion))
+    feats = _tokens(batch=6, lengths=(4, 7))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    monitor.update(feats, y)
+    assert fusion.training
+    fusion.eval()
+    with torch.no_grad():
+        hits = {m: float((fusion({m: x}).argmax(-1) == y).float().mean()) for m, x in feats.items()}
+    stats = monitor.compute()
+    for m in feats:
+        assert stats[f"imbalance/{m}/acc"] == pytest.approx(hits[m])

@@ -51,7 +51,7 @@ from ..core.params import modality_parameters
 from ..core.records import StepRecord
 from ..core.running import RunningSums
 from ..core.stats import as_fp32, counted, true_class_probability
-from ..core.unimodal import Head, unimodal_logits
+from ..core.unimodal import Head, MappingHead, unimodal_logits
 from ..core.validation import (
     check_same_modalities,
     check_scored_logits,
@@ -79,6 +79,8 @@ def _eval_mode(head: Head) -> Iterator[None]:
     Reading the head must not change training: in train mode a BatchNorm would update its
     running statistics with the one-modality inputs and a dropout would draw from the RNG.
     """
+    if isinstance(head, MappingHead):
+        head = head.fn  # type: ignore[assignment]
     roots = list(head.values()) if isinstance(head, Mapping) else [head]
     modules = [m for r in roots if isinstance(r, nn.Module) for m in r.modules()]
     modes = [m.training for m in modules]

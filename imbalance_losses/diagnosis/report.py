@@ -37,10 +37,17 @@ from torch import Tensor
 from ..core.unimodal import Head, unimodal_logits
 from ..core.validation import check_finite, int_param, real_param
 
-__all__ = ["FeatureSet", "ImbalanceReport", "imbalance_report", "linear_probe_accuracy"]
+__all__ = [
+    "FeatureSet",
+    "ImbalanceReport",
+    "imbalance_report",
+    "linear_probe_accuracy",
+    "pooled_tokens",
+]
 
 FeatureSet = tuple[Mapping[str, Tensor], Tensor]
-"""``(features, target)``: modality -> features ``[N, D_m]`` and class indices ``[N]``."""
+"""``(features, target)``: modality -> features ``[N, D_m]`` (or tokens ``[N, ..., D_m]``) and
+class indices ``[N]``."""
 
 Features = FeatureSet | Iterable[FeatureSet]
 """One :data:`FeatureSet`, or batches of them (a loader's), concatenated in order."""
@@ -137,11 +144,26 @@ def linear_probe_accuracy(
             return float((((xte @ w + b).argmax(dim=-1)) == test_y).float().mean())
 
 
-def _collect(data: Features, what: str) -> FeatureSet:
-    """One feature set from a set or from batches of sets (concatenated, detached)."""
+def pooled_tokens(x: Tensor) -> Tensor:
+    """``[N, D]`` features for a probe: tokens ``[N, T..., D]`` averaged over ``T...``.
+
+    Features that are already vectors are returned as they are. Padding tokens are averaged
+    too: to leave them out, pass features pooled with your own mask instead.
+    """
+    return x if x.dim() == 2 else x.flatten(1, -2).mean(1)
+
+
+def _collect(data: Features, what: str) -> tuple[FeatureSet, list[FeatureSet]]:
+    """One feature set from a set or from batches of sets, and the batches as given.
+
+    The set holds the features pooled over tokens (:func:`pooled_tokens`), concatenated and
+    detached, for the probes; the batches keep the tokens for the head (token counts may differ
+    from one batch to the next).
+    """
     expected = (
-        f"{what} must be (features, target), features a mapping modality -> [N, D] tensor and "
-        "target [N] class indices, or an iterable of such pairs (a loader's batches)"
+        f"{what} must be (features, target), features a mapping modality -> [N, D] (or tokens "
+        "[N, T, D]) tensor and target [N] class indices, or an iterable of such pairs (a "
+        "loader's batches)"
     )
     if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], Mapping):
         parts: list[FeatureSet] = [(data[0], data[1])]
@@ -168,19 +190,19 @@ def _collect(data: Features, what: str) -> FeatureSet:
                 f"{what} batch {i} has modalities {list(feats)} but batch 0 has {names}"
             )
         for m, x in feats.items():
-            if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != y.shape[0]:
+            if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != y.shape[0]:
                 shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(
-                    f"{what}: features[{m!r}] must be [N, D] with N = the target's length "
-                    f"{tuple(y.shape)}; got {shape}"
+                    f"{what}: features[{m!r}] must be [N, D] (or tokens [N, T, D]) with N = "
+                    f"the target's length {tuple(y.shape)}; got {shape}"
                 )
         if y.dim() != 1 or y.is_floating_point():
             raise ValueError(
                 f"{what}: the target must be class indices [N] (integers), got "
                 f"{y.dtype} {tuple(y.shape)}"
             )
-    features = {m: torch.cat([f[m].detach() for f, _ in parts]) for m in names}
-    return features, torch.cat([y.detach() for _, y in parts])
+    features = {m: torch.cat([pooled_tokens(f[m].detach()) for f, _ in parts]) for m in names}
+    return (features, torch.cat([y.detach() for _, y in parts])), parts
 
 
 @dataclass(frozen=True)
@@ -360,6 +382,8 @@ def imbalance_report(
     Args:
         fit: ``(features, target)`` (or batches of them) of a **training** set, on which the
             probes are fitted: the encoders' frozen features (``model.eval()``, ``no_grad``).
+            Token features ``[N, T, D]`` (attention fusion) are probed averaged over their
+            tokens (:func:`pooled_tokens`); the head still sees the tokens.
         evaluate: ``(features, target)`` (or batches) of a **held-out** set, on which every
             accuracy is measured.
         head: the shared fusion head; when given, the unimodal logits of ``evaluate``'s features
@@ -400,15 +424,15 @@ def imbalance_report(
         >>> print(report.table().splitlines()[0])     # print(report): the table and the verdict
         | modality | probe acc % | alone probe acc % | deficit (points) |
     """
-    fit_x, fit_y = _collect(fit, "fit")
-    eval_x, eval_y = _collect(evaluate, "evaluate")
+    (fit_x, fit_y), _ = _collect(fit, "fit")
+    (eval_x, eval_y), eval_parts = _collect(evaluate, "evaluate")
     _require_samples(eval_y, "evaluate", "the held-out set")
     modalities = tuple(fit_x)
     if tuple(eval_x) != modalities:
         raise ValueError(f"evaluate has modalities {list(eval_x)} but fit has {list(modalities)}")
     alone_sets: tuple[FeatureSet, FeatureSet] | None = None
     if alone is not None:
-        alone_sets = (_collect(alone[0], "alone[0]"), _collect(alone[1], "alone[1]"))
+        alone_sets = (_collect(alone[0], "alone[0]")[0], _collect(alone[1], "alone[1]")[0])
         _require_samples(alone_sets[1][1], "alone[1]", "the held-out set of the encoders alone")
         if list(alone_sets[0][0]) != list(alone_sets[1][0]):
             raise ValueError(
@@ -424,8 +448,11 @@ def imbalance_report(
                 )
     head_logits: dict[str, Tensor] = {}
     if head is not None:
-        with torch.no_grad():
-            head_logits = unimodal_logits(head, eval_x)
+        with torch.no_grad():  # batch by batch: the head sees the features as given (tokens)
+            per_batch = [
+                unimodal_logits(head, {m: x.detach() for m, x in f.items()}) for f, _ in eval_parts
+            ]
+        head_logits = {m: torch.cat([z[m] for z in per_batch]) for m in per_batch[0]}
     if num_classes is None:
         if head_logits:
             num_classes = int(next(iter(head_logits.values())).shape[-1])
