@@ -252,6 +252,17 @@ def test_identity_settings_reduce_to_plain_cross_entropy() -> None:
         fresh(logits, y, feats)
 
 
+def test_training_mode_without_gradients_warns_and_acts_as_eval() -> None:
+    """The base's mode decision (Remedy): no statistics, no step, no collective under no_grad."""
+    pmr, feats, y = ready()
+    logits = torch.randn(len(y), 3)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="PMRLoss: gradients disabled"):
+        loss = pmr(logits, y, feats)
+    assert torch.equal(loss, F.cross_entropy(logits, y)) and pmr.steps == 0 and pmr.last is None
+    pmr(logits, y, feats)
+    assert pmr.steps == 1 and set(pmr.state_dict()["_extra_state"]) == {"epoch", "steps", "last"}
+
+
 def test_entropy_window() -> None:
     pmr, feats, y = ready(mu=0.5, entropy_epochs=2, modulation=(1, None))
     logits = torch.randn(len(y), 3)

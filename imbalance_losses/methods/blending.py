@@ -13,6 +13,18 @@ held out of the training data (paper Sec. 2.2-2.4, Eq. 3, Prop. 1, Algorithm 1):
     w_k*     = (1/Z) ΔG_k / ΔO_k^2,   Z such that sum_k w_k* = 1
 
 See ``docs/gradient_blending.md`` for the schedule, what the paper leaves open and what we chose.
+
+Why :class:`GradientBlending` is not on :class:`~imbalance_losses.core.remedy.Remedy`: the base's
+lifecycle is that of a decision taken at every training step (a training-mode call adds
+statistics, repeats and warm-up are counted in steps, the encoders mode acts on ``.grad``),
+while G-Blending decides nothing during a step: between window boundaries its loss is a fixed
+weighted sum, the same in training and in evaluation. Its one decision,
+:meth:`GradientBlending.update`, runs once per window on losses that :func:`branch_losses` has
+already pooled over the ranks, so the base's mode decision, repeat detection, pooling and
+encoders mode would go unused, and its ``steps`` / ``pending`` / ``modalities`` state would add
+keys that no saved state has. It stays an ``nn.Module`` with its own extra state (branches,
+weights, the window's start losses, window count, ``last``): the per-window action the base
+leaves to the method.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ with either objective: ``<d, a> >= 0`` and ``<d, b> >= 0``. See ``docs/mmpareto.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -163,6 +163,15 @@ def _unit(scales: Tensor, sizes: Tensor, counts: list[int]) -> Tensor:
     """``[M]``: per encoder, the largest scale of a tensor whose ``size`` is ``> 0`` (1 if none)."""
     e = segment_max(torch.where(sizes > 0, scales, torch.zeros_like(scales)), counts)
     return torch.where(e > 0, e, torch.ones_like(e))
+
+
+def _summed(terms: Iterable[Tensor | None]) -> Tensor | None:
+    """The sum of the terms that are not ``None``, out of place (a term may share its storage
+    with another's); ``None`` when every term is."""
+    total: Tensor | None = None
+    for g in terms:
+        total = g if total is None else total if g is None else total + g
+    return total
 
 
 def _own(g: Tensor | None, like: Tensor, seen: set[int]) -> Tensor:
@@ -349,6 +358,43 @@ class MMPareto:
             retain_graph: keep the graph after the last pass.
 
         Raises:
+            TypeError / ValueError: bad input (:meth:`_gradients`: keys, losses, an encoder not
+                reached or reached by another modality's loss, a loss tensor already passed).
+                Under DDP every other rank raises ``RuntimeError`` in the same call.
+            ValueError: under DDP, on every rank, when the ranks' losses reach different
+                parameters outside the modules (a head one rank uses and another does not).
+        """
+        enc, counts, others, raw, losses = self._gradients(
+            fused_loss, unimodal_losses, retain_graph
+        )
+        n, device = len(enc), enc[0].device if enc else torch.device("cpu")
+        index = [m for m, c in enumerate(counts) for _ in range(c)]
+        a_raw, b_raw = raw[0][:n], [raw[index[i] + 1][i] for i in range(n)]
+        reached = [x is not None or y is not None for x, y in zip(a_raw, b_raw, strict=True)]
+        touched = agree_over_ranks(reached, others, device, self.process_group)
+        seen: set[int] = set()  # storages handed out in this call (autograd may alias them)
+        a = [_own(g, p, seen) for g, p in zip(a_raw, enc, strict=True)]
+        b = [_own(g, p, seen) for g, p in zip(b_raw, enc, strict=True)]
+        # the plain sum on every other parameter; zero where no pass produced one
+        head = [_own(_summed(g[n + i] for g in raw), p, seen) for i, p in enumerate(others)]
+        average_over_ranks_(a + b + head, self.process_group)
+        self._apply(enc, a, b, counts, touched)
+        for loss in losses:
+            self._passed[loss] = self.steps - 1
+        for p, g in zip(others, head, strict=True):
+            p.grad = g if p.grad is None else p.grad.add_(g)
+        assert self.last is not None
+        return self.last
+
+    def _gradients(
+        self, fused_loss: Tensor, unimodal_losses: Mapping[str, Tensor], retain_graph: bool
+    ) -> tuple[list[Tensor], list[int], list[Tensor], list[list[Tensor | None]], list[Tensor]]:
+        """Validate; every loss's gradient on the encoders and the other parameters it reaches.
+
+        Returns ``(encoder parameters, their count per modality, the other parameters, the
+        gradients [loss][parameter], the losses)``.
+
+        Raises:
             TypeError / ValueError: keys that differ from the modules' modalities, a loss that is
                 not a floating scalar requiring grad, a modality whose encoder the fused loss
                 or its own unimodal loss does not reach, or a unimodal loss that reaches another
@@ -358,14 +404,10 @@ class MMPareto:
                 rank joins the ranks' agreement with a failure flag before raising, and every
                 other rank raises ``RuntimeError`` (another rank's input failed) in the same
                 call.
-            ValueError: under DDP, on every rank, when the ranks' losses reach different
-                parameters outside the modules (a head one rank uses and another does not).
         """
         mods = range(len(self.modalities))
         own = [[p for i, _, p in self._params if i == m and p.requires_grad] for m in mods]
         enc, counts = [p for ps in own for p in ps], [len(ps) for ps in own]
-        n, group = len(enc), self.process_group
-        device = enc[0].device if enc else torch.device("cpu")
         try:  # a rank whose input fails joins the ranks' agreement with a failure flag
             losses = self._check(fused_loss, unimodal_losses)
             if not all(own):
@@ -379,31 +421,10 @@ class MMPareto:
                                       retain_graph=retain_graph)  # fmt: skip
             self._check_reach(raw, counts)
         except Exception:
-            agree_over_ranks([False] * n, [], device, group, failed=True)
+            device = enc[0].device if enc else torch.device("cpu")
+            agree_over_ranks([False] * len(enc), [], device, self.process_group, failed=True)
             raise
-        index = [m for m, c in enumerate(counts) for _ in range(c)]
-        a_raw = raw[0][:n]
-        b_raw = [raw[index[i] + 1][i] for i in range(n)]
-        reached = [x is not None or y is not None for x, y in zip(a_raw, b_raw, strict=True)]
-        touched = agree_over_ranks(reached, others, device, group)
-        seen: set[int] = set()  # storages handed out in this call (autograd may alias them)
-        a = [_own(g, p, seen) for g, p in zip(a_raw, enc, strict=True)]
-        b = [_own(g, p, seen) for g, p in zip(b_raw, enc, strict=True)]
-        head: list[Tensor] = []
-        for i, p in enumerate(others):  # the plain sum; zero where no pass produced one
-            total: Tensor | None = None
-            for grads in raw:  # out of place: a term may share its storage with another's
-                g = grads[n + i]
-                total = g if total is None else total if g is None else total + g
-            head.append(_own(total, p, seen))
-        average_over_ranks_(a + b + head, group)
-        self._apply(enc, a, b, counts, touched)
-        for loss in losses:
-            self._passed[loss] = self.steps - 1
-        for p, g in zip(others, head, strict=True):
-            p.grad = g if p.grad is None else p.grad.add_(g)
-        assert self.last is not None
-        return self.last
+        return enc, counts, others, raw, losses
 
     def _apply(
         self, enc: list[Tensor], a: list[Tensor], b: list[Tensor], counts: list[int],

@@ -20,7 +20,6 @@ schedule, DDP, accumulation and AMP.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from torch import Tensor, nn
 from ..core.distributed import ProcessGroup
 from ..core.prototypes import Prototypes
 from ..core.records import StepRecord
-from ..core.running import RunningSums, sample_mean
+from ..core.remedy import Remedy
+from ..core.running import Pooled, RunningSums, sample_mean
 from ..core.stats import counted, one_vs_rest_ratio
 from ..core.validation import check_logits, int_param, real_param
 
@@ -210,7 +210,7 @@ class PMRRecord(StepRecord):
     """The epoch set with :meth:`PMRLoss.set_epoch`."""
 
 
-class PMRLoss(nn.Module):
+class PMRLoss(Remedy[PMRRecord]):
     r"""Prototypical Modal Rebalance loss (CVPR 2023): drop-in for the criterion.
 
     $$\mathcal{L} = \ell(z, y) + \sum_m \beta_m\, \mathcal{L}_{p,m} - \sum_m \eta_m E_m, \qquad
@@ -232,8 +232,11 @@ class PMRLoss(nn.Module):
 
     Holds the prototypes as buffers (no parameters). In training mode inside the modulation
     window it returns ``criterion(z, y) + sum_m beta_m L_p,m - sum_m eta_m E_m``; otherwise (and
-    in eval mode) ``criterion(z, y)`` with no statistics and no collective. A batch whose every
-    target is ``ignore_index`` gives a zero loss whose gradients are all zero (no NaN).
+    in eval mode, or with gradients disabled: a warning) ``criterion(z, y)`` with no statistics
+    and no collective. A batch whose every target is ``ignore_index`` gives a zero loss whose
+    gradients are all zero (no NaN). The training-step lifecycle (mode, failing together under
+    DDP, pooling, step count, ``last``, state) is :class:`~imbalance_losses.core.remedy.Remedy`'s;
+    the prototypes, a per-epoch action, are this class's own methods (:mod:`..core.prototypes`).
 
     Args:
         num_classes: ``C``.
@@ -268,6 +271,9 @@ class PMRLoss(nn.Module):
         (torch.Size([]), ('audio', 'visual'))
     """
 
+    record_type = PMRRecord
+    who = "PMRLoss"
+
     def __init__(
         self,
         num_classes: int,
@@ -283,7 +289,7 @@ class PMRLoss(nn.Module):
         ignore_index: int | None = -100,
         process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(process_group=process_group)
         self.num_classes = int_param("num_classes", num_classes, ge=2)
         if not isinstance(in_features, Mapping) or len(in_features) < 2:
             raise ValueError(f"in_features must map >= 2 modalities to widths, got {in_features!r}")
@@ -317,11 +323,9 @@ class PMRLoss(nn.Module):
             if criterion is None
             else criterion
         )
-        self.process_group = process_group
         self.store = Prototypes(num_classes, self.in_features, self.momentum, self.ignore_index)
-        self._pool = RunningSums()
-        self.epoch = self.steps = 0
-        self.last: PMRRecord | None = None
+        self.epoch = 0
+        self._terms: tuple[Tensor, Tensor] | None = None  # this call's detached L_p, E
 
     @property
     def prototypes(self) -> dict[str, Tensor]:
@@ -360,10 +364,10 @@ class PMRLoss(nn.Module):
         self.store.momentum = self.momentum
         return self.store.update(batches, self.process_group)
 
-    def _window(self) -> tuple[bool, bool]:
+    def _in_window(self) -> bool:
+        """The epoch is inside the modulation window ``(start, end)``."""
         start, end = self.modulation
-        on = self.training and self.epoch >= start and (end is None or self.epoch <= end)
-        return on, on and self.epoch < start + self.entropy_epochs
+        return self.epoch >= start and (end is None or self.epoch <= end)
 
     def forward(self, logits: Tensor, target: Tensor, features: Mapping[str, Tensor]) -> Tensor:
         """The PMR loss (see the class docstring); raises ``ValueError``/``TypeError`` on bad input.
@@ -371,22 +375,8 @@ class PMRLoss(nn.Module):
         Raises:
             RuntimeError: inside the modulation window before any :meth:`compute_prototypes`.
         """
-        on, with_entropy = self._window()
-        m, device = len(self.in_features), self.known.device
-        with self._pool.failing_together(m, device, self.process_group, due=on):
-            check_logits(logits, name="logits")
-            if logits.shape[1] != self.num_classes:
-                raise ValueError(
-                    f"logits have shape {tuple(logits.shape)} but num_classes={self.num_classes}"
-                )
-            batch = self.store.check(features, target, _BY)
-            if batch != logits.shape[0]:
-                raise ValueError(f"features have batch {batch}, logits {tuple(logits.shape)}")
-            if on and self.updates == 0:
-                raise RuntimeError(
-                    "PMRLoss has no prototypes yet: call update_prototypes(...) (or "
-                    "accumulate_prototypes + compute_prototypes) before training"
-                )
+        on = self._in_window() and self._training_call()
+        batch = self._checked(logits, target, features, on)
         zero = logits.sum() * 0.0
         mask = counted(target, self.ignore_index)
         loss = self.criterion(logits, target) if batch else zero
@@ -403,27 +393,60 @@ class PMRLoss(nn.Module):
         pce = torch.stack([prototypical_cross_entropy(z, target, mask) for z in zs])
         ent = torch.stack([prototype_entropy(z, mask) for z in zs])
         probs = [torch.softmax(z.detach(), -1).gather(1, index[:, None]).squeeze(1) for z in zs]
-        scores = torch.stack([torch.where(mask, p, 0.0).sum() for p in probs])
-        self._pool.add(scores, mask.sum(), rows=batch)
-        pooled = self._pool.pool(m, device, self.process_group, missing="PMRLoss: nothing to pool")
-        if pooled.empty:
+        self._add(torch.stack([torch.where(mask, p, 0.0).sum() for p in probs]), mask.sum(), batch)
+        self._terms = (pce.detach(), ent.detach())
+        record = self._decide(tuple(self.in_features), self.known.device)
+        if record is None:
             return zero  # no sample on any rank: no step, no record change
-        ratios = one_vs_rest_ratio(pooled.sums)
-        beta = rebalance_coefficients(ratios, self.alpha, self.coefficient)
-        eta = entropy_weights(ratios, self.mu) * float(with_entropy)
-        self.steps += 1
-        fields = (pooled.mean(), ratios, beta, eta, pce.detach(), ent.detach(), self.epoch)
-        self.last = PMRRecord(tuple(self.in_features), *fields)
+        beta, eta = record.coefficients, record.entropy_weights
         return loss + (beta.to(pce) * pce).sum() - (eta.to(ent) * ent).sum()
 
+    def _checked(
+        self, logits: Tensor, target: Tensor, features: Mapping[str, Tensor], on: bool
+    ) -> int:
+        """Validate one call's input (every rank fails together when ``on``); the batch size."""
+        with self._validating(len(self.in_features), self.known.device, pools=on):
+            check_logits(logits, name="logits")
+            if logits.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"logits have shape {tuple(logits.shape)} but num_classes={self.num_classes}"
+                )
+            batch = self.store.check(features, target, _BY)
+            if batch != logits.shape[0]:
+                raise ValueError(f"features have batch {batch}, logits {tuple(logits.shape)}")
+            if on and self.updates == 0:
+                raise RuntimeError(
+                    "PMRLoss has no prototypes yet: call update_prototypes(...) (or "
+                    "accumulate_prototypes + compute_prototypes) before training"
+                )
+        return batch
+
+    def _formula(self, pooled: Pooled, names: tuple[str, ...], active: bool) -> PMRRecord:
+        """``rho`` from the pooled scores, then ``beta`` and ``eta`` (entropy window only)."""
+        ratios = one_vs_rest_ratio(pooled.sums)
+        beta = rebalance_coefficients(ratios, self.alpha, self.coefficient)
+        with_entropy = self.epoch < self.modulation[0] + self.entropy_epochs
+        eta = entropy_weights(ratios, self.mu) * float(with_entropy)
+        assert self._terms is not None
+        return PMRRecord(names, pooled.mean(), ratios, beta, eta, *self._terms, self.epoch)
+
+    def _method_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch}
+
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
+        self.epoch = state["epoch"]
+
     def get_extra_state(self) -> dict[str, Any]:
-        """Epoch, step count and the last record: part of ``state_dict()``."""
-        last = None if self.last is None else dataclasses.asdict(self.last)
-        return {"epoch": self.epoch, "steps": self.steps, "last": last}
+        """Epoch, step count and the last record: part of ``state_dict()`` (the 0.1.0 keys).
+
+        The base's ``pending`` and ``modalities`` are left out: every training call pools at
+        once (nothing is pending between calls) and the modalities are ``in_features``.
+        """
+        state = super().get_extra_state()
+        return {key: state[key] for key in ("epoch", "steps", "last")}
 
     def set_extra_state(self, state: Any) -> None:
         """Restore what :meth:`get_extra_state` returned (via ``load_state_dict``)."""
-        self.epoch, self.steps, last = state["epoch"], state["steps"], state["last"]
-        self.last = (
-            None if last is None else PMRRecord(**{**last, "modalities": tuple(last["modalities"])})
+        super().set_extra_state(
+            {"pending": RunningSums().state_dict(), "modalities": None, **state}
         )
