@@ -245,7 +245,8 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
         """
         if not self.has_encoders:
             raise RuntimeError(
-                f"step() needs encoders=; without them {self.who} acts by gradient hooks"
+                f"step() is for the encoders mode ({self.who}(..., encoders={{...}})); "
+                f"without encoders {self.who} acts in its call"
             )
         names = self._modalities or self._encoder_names
         record = self._decide(names, self._device(), self._statistics_size(len(names)))
