@@ -46,3 +46,128 @@ def test_unimodal_logits_of_a_sharded_linear_head_go_through_its_forward() -> No
     # FSDP2 averages the gradients over the ranks: the mean of the two halves' sums is half
     torch.testing.assert_close(results[0]["weight_grad"], head.weight.grad / 2)
     torch.testing.assert_close(results[0]["bias_grad"], head.bias.grad / 2)
+
+
+# ------------------------------------------------------------------ every method, 3 SGD steps
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict({"a": nn.Linear(5, 3), "b": nn.Linear(6, 4)})
+        self.head = nn.Linear(7, 3)
+
+    def features(self, xa: Tensor, xb: Tensor) -> dict[str, Tensor]:
+        return {"a": torch.tanh(self.encoders["a"](xa)), "b": torch.tanh(self.encoders["b"](xb))}
+
+
+def _data() -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return (
+        torch.randn(48, 5, generator=g),
+        torch.randn(48, 6, generator=g),
+        torch.randint(0, 3, (48,), generator=g),
+    )
+
+
+def _method_step(method: str, model: _Model) -> Any:
+    """``step(features, target)``: the method's loss and backward, as its docs page shows."""
+    import imbalance_losses as il
+
+    ce = nn.CrossEntropyLoss()
+
+    def fused(f: dict[str, Tensor]) -> Tensor:
+        return model.head(torch.cat(list(f.values()), 1))
+
+    if method == "joint":
+        return lambda f, y: ce(fused(f), y).backward()
+    if method == "agm":
+        agm = il.AdaptiveGradientModulator(model.head, alpha=1.0)
+        return lambda f, y: ce(fused(agm(f, y)), y).backward()
+    if method == "agm_encoders":
+        agm = il.AdaptiveGradientModulator(model.head, alpha=1.0, encoders=model.encoders)
+
+        def agm_step(f: dict[str, Tensor], y: Tensor) -> None:
+            ce(fused(agm(f, y)), y).backward()
+            agm.step()
+
+        return agm_step
+    if method == "gblend":
+        blend = il.GradientBlending(head=model.head, modalities=["a", "b"])
+        blend.set_weights({"a": 0.3, "b": 0.5, "fused": 1.0})
+        return lambda f, y: blend(fused(f), y, features=f).backward()
+    if method == "pmr":
+        pmr = il.PMRLoss(3, {"a": 3, "b": 4}, alpha=1.0)
+
+        def pmr_step(f: dict[str, Tensor], y: Tensor) -> None:
+            with torch.no_grad():
+                pmr.update_prototypes([({m: x.detach() for m, x in f.items()}, y)])
+            pmr(fused(f), y, f).backward()
+
+        return pmr_step
+    raise ValueError(method)
+
+
+def _train(rank: int, world: int, method: str, data: Any, shard: bool) -> dict[str, Tensor]:
+    """Three SGD steps of 16 rows (each rank its share); the full parameters after them."""
+    torch.manual_seed(0)
+    model = _Model()
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        for enc in model.encoders.values():
+            fully_shard(enc)
+        fully_shard(model.head)
+    step = _method_step(method, model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    xa, xb, y = data
+    per = 16 // world
+    for i in range(3):
+        rows = slice(16 * i + rank * per, 16 * i + rank * per + per)
+        opt.zero_grad()
+        step(model.features(xa[rows], xb[rows]), y[rows])
+        opt.step()
+    full = {}
+    for name, p in model.named_parameters():
+        full[name] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+    return full
+
+
+METHODS = ("joint", "agm", "agm_encoders", "gblend", "pmr")
+
+
+def _fsdp_body(rank: int, world: int, data: Any) -> dict[str, dict[str, Tensor]]:
+    return {method: _train(rank, world, method, data, shard=True) for method in METHODS}
+
+
+def test_sharded_encoders_and_head_equal_one_process() -> None:
+    """Every method in one pair of processes (a spawn costs seconds)."""
+    data = _data()
+    results = run_distributed(_fsdp_body, data)
+    for method in METHODS:
+        reference = _train(0, 1, method, data, shard=False)
+        for r in results:
+            for name, value in reference.items():
+                torch.testing.assert_close(
+                    r[method][name], value, atol=1e-5, rtol=1e-5, msg=f"{method}: {name}"
+                )
+
+
+def _mmpareto_body(rank: int, world: int) -> str:
+    from torch.distributed.fsdp import fully_shard
+
+    import imbalance_losses as il
+
+    model = _Model()
+    for enc in model.encoders.values():
+        fully_shard(enc)
+    try:
+        il.MMPareto(dict(model.encoders.items()))
+    except NotImplementedError as err:
+        return str(err)
+    return ""
+
+
+def test_mmpareto_refuses_sharded_parameters_clearly() -> None:
+    for message in run_distributed(_mmpareto_body):
+        assert "FSDP2" in message and "['a', 'b']" in message

@@ -271,6 +271,15 @@ class MMPareto:
         self.rescale: Rescale = rescale
         self.modalities = tuple(modules)
         self._params = modality_parameters(modules, what="modules", shared=shared)
+        sharded = sorted({m for m, _, p in self._params if type(p).__name__ == "DTensor"})
+        if sharded:
+            names = [self.modalities[m] for m in sharded]
+            raise NotImplementedError(
+                f"MMPareto does not support FSDP2 (the parameters of {names} are sharded "
+                "DTensors): its per-objective torch.autograd.grad cannot reach them (the forward "
+                "runs on gathered copies) and would bypass FSDP's gradient reduce-scatter. Use "
+                "DDP, or shard only what MMPareto does not modulate (docs/attention.md)"
+            )
         self.process_group = process_group
         self.steps = 0
         self.last: MMParetoRecord | None = None
