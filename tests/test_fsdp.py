@@ -171,3 +171,37 @@ def _mmpareto_body(rank: int, world: int) -> str:
 def test_mmpareto_refuses_sharded_parameters_clearly() -> None:
     for message in run_distributed(_mmpareto_body):
         assert "FSDP2" in message and "['a', 'b']" in message
+
+
+def _bf16_body(rank: int, world: int, data: Any) -> dict[str, Tensor]:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import imbalance_losses as il
+
+    torch.manual_seed(0)
+    model = _Model()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    for enc in model.encoders.values():
+        fully_shard(enc, mp_policy=policy)
+    fully_shard(model.head, mp_policy=policy)
+    agm = il.AdaptiveGradientModulator(model.head, alpha=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    xa, xb, y = data
+    for i in range(3):
+        rows = slice(16 * i + rank * 8, 16 * i + rank * 8 + 8)
+        opt.zero_grad()
+        feats = agm(model.features(xa[rows], xb[rows]), y[rows])
+        assert feats["a"].dtype == torch.bfloat16
+        logits = model.head(torch.cat(list(feats.values()), 1))
+        torch.nn.functional.cross_entropy(logits.float(), y[rows]).backward()
+        opt.step()
+    assert agm.last is not None
+    return {"k": agm.last.coefficients, "weight": model.head.weight.full_tensor()}  # type: ignore[operator]
+
+
+def test_bf16_mixed_precision_policy_is_accepted_and_stays_finite() -> None:
+    results = run_distributed(_bf16_body, _data())
+    for r in results:
+        assert r["k"].dtype == torch.float32 and bool(torch.isfinite(r["k"]).all())
+        assert bool(torch.isfinite(r["weight"]).all())
+    torch.testing.assert_close(results[0]["k"], results[1]["k"])

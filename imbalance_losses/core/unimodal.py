@@ -201,16 +201,25 @@ def _linear_by_forward(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[
 
 def _first_parameter(head: object) -> Tensor | None:
     """The first parameter of a module head (``None`` for plain callables and bare modules)."""
+    if isinstance(head, nn.Linear):
+        return head.weight
     if isinstance(head, nn.Module | MappingHead):
         return next(head.parameters(), None)
     return None
 
 
 def _check_dtype_device(features: Mapping[str, Tensor], head: object, by: str) -> None:
-    """Floating-point features; of the dtype and on the device of the head's first parameter."""
+    """Floating-point features; of the dtype and on the device of the head's first parameter.
+
+    A parameter sharded by FSDP2 (a ``DTensor``) is checked for its device only: under a
+    ``MixedPrecisionPolicy`` the forward computes in ``param_dtype`` while the shard keeps its
+    own (fp32) dtype.
+    """
     p = _first_parameter(head)
     if p is None:
         check_features(features, by=by)
+    elif type(p).__name__ == "DTensor":
+        check_features(features, device=p.device, by=by)
     else:
         check_features(features, dtype=p.dtype, device=p.device, by=by)
 
@@ -328,9 +337,7 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
         out = {name: head.subset(features, (name,)) for name in features}
     elif isinstance(head, nn.Linear):
         _check_concat(features)
-        check_features(
-            features, dtype=head.weight.dtype, device=head.weight.device, by="the nn.Linear head"
-        )
+        _check_dtype_device(features, head, by="the nn.Linear head")
         out = _linear(head, features)
     elif isinstance(head, Mapping | nn.ModuleDict):
         out = _per_modality(head, features)
