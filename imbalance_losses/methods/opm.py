@@ -61,6 +61,7 @@ from ..core.validation import (
     check_same_modalities,
     check_scored_logits,
     int_param,
+    modality_names,
     real_param,
 )
 from .modulation import capped_ratio
@@ -244,21 +245,6 @@ def _stream_seed(seed: int, step: int, stream: int) -> int:
     return x & ((1 << 63) - 1)
 
 
-def _modality_names(modalities: Sequence[str]) -> tuple[str, ...]:
-    """The constructor's ``modalities``, checked: a sequence of at least two distinct strings."""
-    if isinstance(modalities, str | Mapping) or not isinstance(modalities, Sequence):
-        raise TypeError(
-            "modalities must be a sequence of modality names in the features' order (e.g. "
-            f"['audio', 'visual']), got {type(modalities).__name__}"
-        )
-    names = tuple(modalities)
-    if not all(isinstance(m, str) for m in names):
-        raise TypeError(f"modalities must be strings, got {names!r}")
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise ValueError(f"modalities needs at least two distinct names, got {list(names)}")
-    return names
-
-
 def _device_of(features: object) -> torch.device:
     """The device of the first tensor of ``features`` (the CPU when there is none)."""
     if isinstance(features, Mapping):
@@ -434,7 +420,7 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
         seed: int = 0,
         process_group: ProcessGroup | None = None,
     ) -> None:
-        names = _modality_names(modalities)
+        names = modality_names(modalities)
         super().__init__(warmup_steps=warmup_steps, process_group=process_group)
         self.modalities = names
         self.q_base = real_param("q_base", q_base, ge=0.0, le=1.0)
