@@ -464,9 +464,8 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
             unimodal_logits: optional ``{modality: [B, C]}`` for the scores; default: from
                 ``head`` on the features under ``torch.no_grad``.
 
-        Returns :class:`OPMOutput` ``(features, keep)``: the input tensors and an all-True
-        ``keep`` in eval mode, without gradients, with no sample on any rank and in the warm-up
-        (which still counts the call and records the scores).
+        Returns :class:`OPMOutput` ``(features, keep)``; the input tensors and an all-True ``keep``
+        in eval mode, without gradients, with no sample on any rank, in the warm-up (counted).
 
         Raises ``ValueError`` / ``TypeError`` for bad input (every rank raises in the same call:
         ``RuntimeError`` on the others), and when there is neither ``head`` nor logits.
