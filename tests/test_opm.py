@@ -21,6 +21,7 @@ from imbalance_losses.methods.modulation import ModalityGradientModulator
 from imbalance_losses.methods.opm import (
     ModalityPredictionModulator,
     OPMRecord,
+    drop_factors,
     drop_probabilities,
     kept_mean,
     rescale_factor,
@@ -257,6 +258,34 @@ def test_rescale_factor_formula(q: list[float], widths: list[int]) -> None:
     got = rescale_factor(torch.tensor(q, dtype=torch.float64), torch.tensor(d))
     assert float(got) == pytest.approx(1 / (1 - theta), rel=1e-12)
     assert float(got) >= 1.0
+
+
+@given(
+    data=st.data(),
+    m=st.integers(2, 4),
+    batch=st.integers(0, 6),
+    execute=st.booleans(),
+)
+def test_drop_factors_formula(data: st.DataObject, m: int, batch: int, execute: bool) -> None:
+    """delta = [u < q] and execute; f = (1 - delta) / (1 - theta) executed, else 1."""
+    q = data.draw(st.lists(st.floats(0.0, 0.99), min_size=m, max_size=m))
+    d = data.draw(st.lists(st.integers(1, 600), min_size=m, max_size=m))
+    u = [data.draw(st.lists(st.floats(0.0, 0.999), min_size=m, max_size=m)) for _ in range(batch)]
+    factors, dropped, scale = drop_factors(
+        torch.tensor(q, dtype=torch.float64),
+        torch.tensor(d),
+        torch.tensor(u, dtype=torch.float64).reshape(batch, m),
+        torch.tensor(execute),
+    )
+    theta = sum(di * qi for di, qi in zip(d, q, strict=True)) / sum(d)
+    want_scale = 1 / (1 - theta) if execute else 1.0
+    assert float(scale) == pytest.approx(want_scale, rel=1e-12)
+    assert factors.shape == dropped.shape == (batch, m) and dropped.dtype == torch.bool
+    for b in range(batch):
+        for j in range(m):
+            gone = execute and u[b][j] < q[j]
+            assert bool(dropped[b, j]) == gone
+            assert float(factors[b, j]) == pytest.approx(0.0 if gone else want_scale, rel=1e-6)
 
 
 def test_kept_features_are_rescaled_and_dropped_ones_zeroed_values_and_gradients() -> None:

@@ -16,6 +16,7 @@ from imbalance_losses.core.validation import (
     check_modalities,
     check_same_modalities,
     check_target,
+    modality_names,
 )
 
 
@@ -25,6 +26,19 @@ def test_check_modalities_returns_batch() -> None:
         check_modalities({"a": torch.zeros(3, 2), "b": [1, 2, 3]})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match=r"at least 1 dimension.*shape \(\)"):
         check_modalities({"a": torch.zeros(3, 2), "b": torch.tensor(1.0)})
+
+
+def test_modality_names() -> None:
+    assert modality_names(["a", "b", "c"]) == ("a", "b", "c")
+    assert modality_names(("a", "b")) == ("a", "b")
+    for bad in ("ab", {"a": 1, "b": 2}, {"a", "b"}, 3):
+        with pytest.raises(TypeError, match="sequence of modality names"):
+            modality_names(bad)
+    with pytest.raises(TypeError, match="must be strings"):
+        modality_names(["a", 1])
+    for bad_names in (["a"], ["a", "b", "a"], []):
+        with pytest.raises(ValueError, match=r"two distinct names, got \["):
+            modality_names(bad_names)
 
 
 def test_check_same_modalities() -> None:

@@ -85,6 +85,8 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
     """The method's name in messages."""
     repeat_effect: ClassVar[str] = "no statistics"
     """What a repeated call does, for the message of a mixed call."""
+    no_grad_warning: ClassVar[str] = "{who}: gradients disabled in training mode: eval"
+    """The warning of a training-mode call with gradients disabled (``{who}``: :attr:`who`)."""
 
     def __init__(
         self,
@@ -117,9 +119,7 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
     def _training_call(self) -> bool:
         """Training mode with gradients enabled; warns when only the first holds."""
         if self.training and not torch.is_grad_enabled():
-            warnings.warn(
-                f"{self.who}: gradients disabled in training mode: eval", RuntimeWarning, 3
-            )
+            warnings.warn(self.no_grad_warning.format(who=self.who), RuntimeWarning, 3)
         return self.training and torch.is_grad_enabled()
 
     # -- 2. repeats -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ synchronisation point, without stalling the step.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "check_target",
     "check_unimodal_logits",
     "int_param",
+    "modality_names",
     "real_param",
     "reduction_param",
 ]
@@ -109,6 +110,27 @@ def int_param(name: str, value: object, *, ge: int | None = None) -> int:
     if ge is not None and value < ge:
         raise ValueError(f"{name} must be an integer >= {ge}, got {value}")
     return int(value)
+
+
+def modality_names(modalities: object) -> tuple[str, ...]:
+    """A constructor's ``modalities``: a sequence (not a string or a mapping) of at least two
+    distinct strings, as a tuple.
+
+    Raises:
+        TypeError: not such a sequence, or a name that is not a string.
+        ValueError: fewer than two names, or a repeated name.
+    """
+    if isinstance(modalities, str | Mapping) or not isinstance(modalities, Sequence):
+        raise TypeError(
+            "modalities must be a sequence of modality names in the features' order (e.g. "
+            f"['audio', 'visual']), got {type(modalities).__name__}"
+        )
+    names = tuple(modalities)
+    if not all(isinstance(m, str) for m in names):
+        raise TypeError(f"modalities must be strings, got {names!r}")
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"modalities needs at least two distinct names, got {list(names)}")
+    return names
 
 
 def autocast_enabled(device_type: str) -> bool:

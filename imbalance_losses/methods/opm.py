@@ -3,7 +3,8 @@
 Wei, Hu, Du, Wen, "On-the-fly Modulation for Balanced Multimodal Learning", TPAMI 2024
 (arXiv 2410.11582; official code github GeWu-Lab/BML_TPAMI2024). OGM, the same paper's gradient
 action, is :class:`~imbalance_losses.ModalityGradientModulator`; both act on one measurement,
-:class:`~imbalance_losses.methods.modulation.ModalityScorer`.
+computed by the same functions (:func:`~imbalance_losses.core.stats.true_class_probability`,
+:func:`~imbalance_losses.methods.modulation.capped_ratio`).
 
 Each training-mode call, on the features of the batch *before* they reach the fusion head:
 
@@ -27,6 +28,7 @@ Each training-mode call, on the features of the batch *before* they reach the fu
 
    Every kept feature is divided by ``1 - theta``, the expected kept fraction of the
    concatenated feature vector; the backward pass gets the same factor (autograd of a product).
+   (:func:`drop_factors`).
 5. **Samples with every modality dropped** are excluded from the loss: the call returns a keep
    mask ``[B]`` (:func:`kept_mean`).
 
@@ -36,33 +38,39 @@ returned as they are (identity).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
+import torch.distributed as dist
+from torch import Tensor
 
 from ..core.distributed import ProcessGroup, is_distributed
 from ..core.records import StepRecord
-from ..core.repeats import OpenTensors, repeated_call
+from ..core.remedy import Remedy
+from ..core.running import Pooled
+from ..core.stats import counted, true_class_probability
 from ..core.unimodal import Head
 from ..core.unimodal import unimodal_logits as _unimodal_logits
 from ..core.validation import (
     check_features,
     check_modalities,
     check_same_modalities,
+    check_scored_logits,
     int_param,
+    modality_names,
     real_param,
 )
-from .modulation import Discrepancy, ModalityScorer
+from .modulation import capped_ratio
 
 __all__ = [
     "ModalityPredictionModulator",
     "OPMOutput",
     "OPMRecord",
+    "drop_factors",
     "drop_probabilities",
     "kept_mean",
     "rescale_factor",
@@ -140,6 +148,44 @@ def rescale_factor(q: Tensor, widths: Tensor) -> Tensor:
     return 1.0 / (1.0 - theta)
 
 
+def drop_factors(
+    q: Tensor, widths: Tensor, draws: Tensor, execute: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One call's drop from its uniform draws: ``(factors [B, M], dropped [B, M], scale)``.
+
+    ::
+
+        delta_bm = [u_bm < q_m] and execute                 (dropped, bool)
+        scale    = 1 / (1 - theta) if execute, else 1       (theta: :func:`rescale_factor`)
+        f_bm     = (1 - delta_bm) * scale                   (x~_bm = f_bm x_bm)
+
+    ``u_bm`` are ``draws`` in ``[0, 1)``, one per sample and modality, so each sample drops
+    modality ``m`` with probability ``q_m`` independently; ``execute`` is the 0-dim bool draw of
+    the whole call (False: every factor is 1). A sample is kept in the loss when some modality
+    survives: ``keep_b = any_m not delta_bm``.
+
+    Args:
+        q: ``[M]`` drop probabilities (:func:`drop_probabilities`).
+        widths: ``[M]`` features per sample ``d_m``.
+        draws: ``[B, M]`` uniform draws.
+        execute: 0-dim bool.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import drop_factors
+        >>> q, widths = torch.tensor([0.5, 0.0]), torch.tensor([2, 2])    # theta = 1/4
+        >>> draws = torch.tensor([[0.2, 0.9], [0.7, 0.1]])
+        >>> factors, dropped, scale = drop_factors(q, widths, draws, torch.tensor(True))
+        >>> factors, dropped.tolist(), scale
+        (tensor([[0.0000, 1.3333],
+                [1.3333, 1.3333]]), [[True, False], [False, False]], tensor(1.3333))
+    """
+    dropped = (draws < q) & execute
+    factor = rescale_factor(q, widths)
+    scale = torch.where(execute, factor, factor.new_ones(()))
+    return (~dropped).float() * scale, dropped, scale
+
+
 def kept_mean(losses: Tensor, keep: Tensor) -> Tensor:
     """Mean of per-sample ``losses`` ``[B]`` over the kept samples (``keep`` ``[B]`` bool).
 
@@ -197,6 +243,25 @@ def _stream_seed(seed: int, step: int, stream: int) -> int:
     x = (x * 0x94D049BB133111EB) & _MASK64
     x ^= x >> 31
     return x & ((1 << 63) - 1)
+
+
+def _device_of(features: object) -> torch.device:
+    """The device of the first tensor of ``features`` (the CPU when there is none)."""
+    if isinstance(features, Mapping):
+        for x in features.values():
+            if isinstance(x, Tensor):
+                return x.device
+    return torch.device("cpu")
+
+
+def _scaled(features: Mapping[str, Tensor], factors: Tensor | None) -> dict[str, Tensor]:
+    """``x_m * factors[:, m]`` per sample (``None``: the features as they are)."""
+    if factors is None:
+        return dict(features)
+    return {
+        name: x * factors[:, i].reshape((x.shape[0],) + (1,) * (x.dim() - 1)).to(x.dtype)
+        for i, (name, x) in enumerate(features.items())
+    }
 
 
 class OPMOutput(NamedTuple):
@@ -261,7 +326,7 @@ class OPMRecord(StepRecord):
     step: int
 
 
-class ModalityPredictionModulator(nn.Module):
+class ModalityPredictionModulator(Remedy[OPMRecord]):
     r"""OPM: in training, drop the dominant modalities' features per sample, before fusion.
 
     $$q_m = \begin{cases} \min\big(q_{\text{base}} (1 + \lambda \tanh(\rho_m - 1)), 1\big)
@@ -332,6 +397,15 @@ class ModalityPredictionModulator(nn.Module):
         ((6,), ('audio', 'visual'))
     """
 
+    record_type = OPMRecord
+    who = "ModalityPredictionModulator"
+    repeat_effect = "the same drop"
+    no_grad_warning = (
+        "ModalityPredictionModulator is in training mode but gradients are disabled "
+        "(torch.no_grad or inference_mode): nothing can be trained, so it acts as in eval mode "
+        "(no drop, no collective, no step counted)"
+    )
+
     def __init__(
         self,
         modalities: Sequence[str],
@@ -346,42 +420,21 @@ class ModalityPredictionModulator(nn.Module):
         seed: int = 0,
         process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__()
-        if isinstance(modalities, str | Mapping) or not isinstance(modalities, Sequence):
-            raise TypeError(
-                "modalities must be a sequence of modality names in the features' order (e.g. "
-                f"['audio', 'visual']), got {type(modalities).__name__}"
-            )
-        names = tuple(modalities)
-        if not all(isinstance(m, str) for m in names):
-            raise TypeError(f"modalities must be strings, got {names!r}")
-        if len(names) < 2 or len(set(names)) != len(names):
-            raise ValueError(f"modalities needs at least two distinct names, got {list(names)}")
+        names = modality_names(modalities)
+        super().__init__(warmup_steps=warmup_steps, process_group=process_group)
         self.modalities = names
         self.q_base = real_param("q_base", q_base, ge=0.0, le=1.0)
         self.lam = real_param("lam", lam, ge=0.0)
         self.p_exe = real_param("p_exe", p_exe, ge=0.0, le=1.0)
-        self.warmup_steps = int_param("warmup_steps", warmup_steps, ge=0)
         self.max_ratio = real_param("max_ratio", max_ratio, gt=1.0)
         self.ignore_index = (
             None if ignore_index is None else int_param("ignore_index", ignore_index)
         )
         self.seed = int_param("seed", seed)
-        self.process_group = process_group
         self.__dict__["_head"] = head  # not a submodule: OPM owns no parameters
-        self._scorer = ModalityScorer(
-            names,
-            max_ratio=self.max_ratio,
-            ignore_index=self.ignore_index,
-            process_group=process_group,
-            owner="the OPM's",
-        )
-        self._step = 0
         self._generator: torch.Generator | None = None
         # (widths, device) -> widths [M] fp32 on device (one host-to-device copy per layout)
         self._widths: tuple[tuple[tuple[int, ...], torch.device], Tensor] | None = None
-        self.last: OPMRecord | None = None
-        self._open = OpenTensors()  # the open step's feature tensors (repeat detection)
         # the open step's decision: per-sample factors [B, M] (None: identity) and keep [B]
         self._open_out: tuple[Tensor | None, Tensor] | None = None
 
@@ -394,9 +447,7 @@ class ModalityPredictionModulator(nn.Module):
     @property
     def step_count(self) -> int:
         """Counted calls so far (training-mode forwards with a sample on some rank)."""
-        return self._step
-
-    # ------------------------------------------------------------------ the call
+        return self._steps
 
     def forward(
         self,
@@ -407,192 +458,122 @@ class ModalityPredictionModulator(nn.Module):
         """Drop and rescale the features of this batch (training mode), else the identity.
 
         Args:
-            features: ordered mapping modality -> floating features ``[B, ...]`` (batch first),
-                the module's modalities in the same order; ``d_m`` is the number of features
-                per sample (``x_m[0].numel()``).
+            features: ordered ``{modality: floating [B, ...]}``, the module's modalities in
+                order (``d_m = x_m[0].numel()``).
             target: class indices ``[B]`` (``ignore_index`` allowed) or soft targets ``[B, C]``.
-            unimodal_logits: optional ``{modality: [B, C]}`` for the scores; default: computed
-                from ``head`` on the features under ``torch.no_grad``.
+            unimodal_logits: optional ``{modality: [B, C]}`` for the scores; default: from
+                ``head`` on the features under ``torch.no_grad``.
 
-        Returns:
-            :class:`OPMOutput` ``(features, keep)``. A step with no sample on any rank, the
-            warm-up, eval mode and gradient-free calls return the input tensors and an
-            all-True ``keep`` (and the warm-up still counts the call and records the scores).
+        Returns :class:`OPMOutput` ``(features, keep)``; the input tensors and an all-True ``keep``
+        in eval mode, without gradients, with no sample on any rank, in the warm-up (counted).
 
-        Raises:
-            ValueError: modalities that differ from the module's (names or order), batch sizes
-                that differ, bad targets, non-finite logits, neither ``head`` nor
-                ``unimodal_logits``; or (``RuntimeError``) the input failed on another rank in
-                this same call.
-            TypeError: non-floating-point features or logits, a non-mapping.
+        Raises ``ValueError`` / ``TypeError`` for bad input (every rank raises in the same call:
+        ``RuntimeError`` on the others), and when there is neither ``head`` nor logits.
         """
-        if not self.training or not torch.is_grad_enabled():
-            batch = check_modalities(features)
-            if self.training:
-                warnings.warn(
-                    "ModalityPredictionModulator is in training mode but gradients are disabled "
-                    "(torch.no_grad or inference_mode): nothing can be trained, so it acts as in "
-                    "eval mode (no drop, no collective, no step counted)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            device = next(iter(features.values())).device
+        if not self._training_call():
+            batch, device = check_modalities(features), _device_of(features)
             return OPMOutput(dict(features), torch.ones(batch, dtype=torch.bool, device=device))
-
-        device = self._device_of(features)
-        try:
-            repeat, mixed = self._repeat(features), None
-        except ValueError as err:
-            repeat, mixed = False, err
+        repeat, mixed = self._classify(features)
         if repeat and self._open_out is not None:  # same tensors in the open step: same drop
             check_modalities(features)
-            factors, keep = self._open_out
-            return OPMOutput(self._masked(features, factors), keep)
-        with self._scorer.failing_together(device):
+            return OPMOutput(_scaled(features, self._open_out[0]), self._open_out[1])
+        device = _device_of(features)
+        with self._validating(len(self.modalities), device, pools=True):
             if mixed is not None:
                 raise mixed
-            batch = check_modalities(features)
-            check_same_modalities(
-                self.modalities, features, expected_what="the OPM's", actual_what="features"
-            )
-            check_features(features, finite=True, by="the OPM's fusion head")
-            if unimodal_logits is None:
-                if self.head is None:
-                    raise ValueError(
-                        "ModalityPredictionModulator needs unimodal logits for its scores: "
-                        "construct it with head=model.fusion_head or pass unimodal_logits="
-                    )
-                with torch.no_grad():
-                    unimodal_logits = _unimodal_logits(self.head, features)
-            zb = check_modalities(unimodal_logits, what="unimodal_logits")
-            if zb != batch:
-                raise ValueError(
-                    f"unimodal_logits have batch {zb} but the features have batch {batch}"
-                )
-            for name, z in unimodal_logits.items():
-                if z.device != device:
-                    raise ValueError(
-                        f"unimodal_logits[{name!r}] of shape {tuple(z.shape)} are on {z.device} "
-                        f"but the features are on {device}; put the logits on the features' "
-                        "device"
-                    )
-            self._scorer.observe(unimodal_logits, target)
-        found = self._scorer.decide(device, missing="nothing observed")  # one all-reduce
-        keep_all = torch.ones(batch, dtype=torch.bool, device=device)
-        self._open_out = (None, keep_all)
-        for x in features.values():
-            if x.requires_grad:
-                self._open.add_until_backward(x)
-        if found is None:  # no sample on any rank: nothing decided, nothing counted
-            return OPMOutput(dict(features), keep_all)
-        q = drop_probabilities(found.ratios, self.q_base, self.lam)
-        step, active = self._step, self._step >= self.warmup_steps
-        self._step += 1
-        if not active:
-            self.last = self._record(found, q, step, active=False, device=device)
-            return OPMOutput(dict(features), keep_all)
-
-        gen = self._get_generator(device)
-        gen.manual_seed(_stream_seed(self.seed, step, 0))  # the same on every rank
-        execute = torch.rand((), generator=gen, device=device) < self.p_exe
-        gen.manual_seed(_stream_seed(self.seed, step, 1 + self._rank()))  # this rank's samples
-        size = len(self.modalities)
-        draws = torch.rand(batch, size, generator=gen, device=device)
-        dropped = (draws < q) & execute  # [B, M]
-        widths = self._widths_on(features, device)
-        factor = rescale_factor(q, widths)
-        scale = torch.where(execute, factor, factor.new_ones(()))
-        factors = (~dropped).float() * scale  # [B, M]
-        out = self._masked(features, factors)
-        keep = (~dropped).any(1)
+            batch = self._observe(features, target, unimodal_logits, device)
+        record = self._decide(self.modalities, device)  # one all-reduce; counts the call
+        factors, keep = None, torch.ones(batch, dtype=torch.bool, device=device)
+        if record is not None and record.active:
+            factors, keep = self._drop(record, features, batch, device)
         self._open_out = (factors, keep)
-        self.last = OPMRecord(
-            modalities=self.modalities,
-            scores=found.scores,
-            num_samples=found.num_samples,
-            ratios=found.ratios,
-            drop_probabilities=q,
+        self._remember(features.values())
+        return OPMOutput(_scaled(features, factors), keep)
+
+    def _observe(
+        self,
+        features: Mapping[str, Tensor],
+        target: Tensor,
+        logits: Mapping[str, Tensor] | None,
+        device: torch.device,
+    ) -> int:
+        """Check one call's input; add ``s_m = sum_b softmax(z_m)[b, y_b]`` and its count."""
+        batch = check_modalities(features)
+        check_same_modalities(
+            self.modalities, features, expected_what="the OPM's", actual_what="features"
+        )
+        check_features(features, finite=True, by="the OPM's fusion head")
+        if logits is None:
+            if self.head is None:
+                raise ValueError(
+                    "ModalityPredictionModulator needs unimodal logits for its scores: "
+                    "construct it with head=model.fusion_head or pass unimodal_logits="
+                )
+            with torch.no_grad():
+                logits = _unimodal_logits(self.head, features)
+        if (zb := check_modalities(logits, what="unimodal_logits")) != batch:
+            raise ValueError(f"unimodal_logits have batch {zb} but the features have batch {batch}")
+        for name, z in logits.items():
+            if z.device != device:
+                raise ValueError(
+                    f"unimodal_logits[{name!r}] of shape {tuple(z.shape)} are on {z.device} "
+                    f"but the features are on {device}; put the logits on the features' device"
+                )
+        check_scored_logits(
+            logits, target, self.modalities, owner="the OPM's", ignore_index=self.ignore_index
+        )
+        ii = self.ignore_index
+        scores = torch.stack([true_class_probability(z, target, ii).sum() for z in logits.values()])
+        mask = counted(target, ii)
+        self._add(scores, batch if mask is None else mask.sum(), rows=batch)
+        return batch
+
+    def _formula(self, pooled: Pooled, names: tuple[str, ...], active: bool) -> OPMRecord:
+        """Steps 1-2 of the module doc: ratios and ``q`` (nothing dropped yet)."""
+        ratios = capped_ratio(pooled.sums, self.max_ratio)
+        q = drop_probabilities(ratios, self.q_base, self.lam)
+        zero = torch.zeros((), device=ratios.device)  # nothing drawn yet: _drop draws
+        none = (zero.bool(), zero + 1, zero.repeat(len(names)), zero.long())
+        return OPMRecord(names, pooled.sums, pooled.samples, ratios, q, *none, active, self._steps)
+
+    def _drop(
+        self, record: OPMRecord, features: Mapping[str, Tensor], batch: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """Steps 3-5: draw the call's drop, complete ``last``; ``(factors [B, M], keep [B])``."""
+        gen = self._generator
+        if gen is None or gen.device != device:
+            gen = self._generator = torch.Generator(device=device)
+        gen.manual_seed(_stream_seed(self.seed, record.step, 0))  # the same on every rank
+        execute = torch.rand((), generator=gen, device=device) < self.p_exe
+        rank = dist.get_rank(group=self.process_group) if is_distributed(self.process_group) else 0
+        gen.manual_seed(_stream_seed(self.seed, record.step, 1 + rank))  # this rank's samples
+        draws = torch.rand(batch, len(self.modalities), generator=gen, device=device)
+        q = record.drop_probabilities
+        factors, dropped, scale = drop_factors(q, self._widths_on(features, device), draws, execute)
+        keep = (~dropped).any(1)
+        self.last = dataclasses.replace(
+            record,
             executed=execute,
             rescale=scale,
             dropped=dropped.sum(0).float() / max(batch, 1),
             removed=(~keep).sum(),
-            active=True,
-            step=step,
         )
-        return OPMOutput(out, keep)
-
-    # ------------------------------------------------------------------ helpers
-
-    @staticmethod
-    def _masked(features: Mapping[str, Tensor], factors: Tensor | None) -> dict[str, Tensor]:
-        """``x_m * factors[:, m]`` per sample (``None``: the features as they are)."""
-        if factors is None:
-            return dict(features)
-        return {
-            name: x * factors[:, i].reshape((x.shape[0],) + (1,) * (x.dim() - 1)).to(x.dtype)
-            for i, (name, x) in enumerate(features.items())
-        }
-
-    def _repeat(self, features: object) -> bool:
-        """Whether this call repeats the open step's: every feature that requires grad was
-        passed in a call whose backward has not reached it (the same tensors, by identity)."""
-        return repeated_call(
-            features,
-            self._open.pending,
-            grad_only=True,
-            who="ModalityPredictionModulator",
-            what="whose backward has not run",
-            effect="the same drop",
-        )
-
-    def _record(
-        self, found: Discrepancy, q: Tensor, step: int, *, active: bool, device: torch.device
-    ) -> OPMRecord:
-        return OPMRecord(
-            modalities=self.modalities,
-            scores=found.scores,
-            num_samples=found.num_samples,
-            ratios=found.ratios,
-            drop_probabilities=q,
-            executed=torch.zeros((), dtype=torch.bool, device=device),
-            rescale=torch.ones((), device=device),
-            dropped=torch.zeros(len(self.modalities), device=device),
-            removed=torch.zeros((), dtype=torch.long, device=device),
-            active=active,
-            step=step,
-        )
-
-    @staticmethod
-    def _device_of(features: Mapping[str, Tensor]) -> torch.device:
-        if isinstance(features, Mapping):
-            for x in features.values():
-                if isinstance(x, Tensor):
-                    return x.device
-        return torch.device("cpu")
-
-    def _rank(self) -> int:
-        if not is_distributed(self.process_group):
-            return 0
-        return int(torch.distributed.get_rank(group=self.process_group))
+        return factors, keep
 
     def _widths_on(self, features: Mapping[str, Tensor], device: torch.device) -> Tensor:
         """``d_m`` (features per sample) as an fp32 ``[M]`` tensor on ``device``, cached."""
-        widths = tuple(math.prod(x.shape[1:]) for x in features.values())
-        key = (widths, device)
+        key = (tuple(math.prod(x.shape[1:]) for x in features.values()), device)
         if self._widths is None or self._widths[0] != key:
-            self._widths = (key, torch.tensor(widths, dtype=torch.float32).to(device))
+            self._widths = (key, torch.tensor(key[0], dtype=torch.float32).to(device))
         return self._widths[1]
 
-    def _get_generator(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-        return self._generator
-
-    # ------------------------------------------------------------------ state
-
     def get_extra_state(self) -> dict[str, Any]:
-        """Step counter and seed (the generator is re-seeded from them on every call)."""
-        return {"step": self._step, "seed": self.seed, "modalities": self.modalities}
+        """Step counter and seed (the generator is re-seeded from them on every call).
+
+        The 0.1.0 keys; nothing is pending between calls (each call decides), and ``last``
+        is not kept.
+        """
+        return {"step": self._steps, "seed": self.seed, "modalities": self.modalities}
 
     def set_extra_state(self, state: Any) -> None:
         """Restore what :meth:`get_extra_state` returned (via ``load_state_dict``)."""
@@ -601,7 +582,7 @@ class ModalityPredictionModulator(nn.Module):
                 f"the OPM state is for modalities {list(state['modalities'])}, this module has "
                 f"{list(self.modalities)}"
             )
-        self._step = int(state["step"])
+        self._steps = int(state["step"])
         self.seed = int(state["seed"])
         self.last = None
 
