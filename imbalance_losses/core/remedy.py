@@ -84,6 +84,8 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
     """The method's name in messages."""
     repeat_effect: ClassVar[str] = "no statistics"
     """What a repeated call does, for the message of a mixed call."""
+    nothing_pooled: ClassVar[str] = "step() called without a training-mode call since the last step"
+    """The ``RuntimeError`` of a decision with nothing added since the last one."""
 
     def __init__(
         self,
@@ -184,8 +186,7 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
         ``None`` and no change when no rank added a row since the last decision.
         """
         size = len(names) if size is None else size
-        missing = "step() called without a training-mode call since the last step"
-        pooled = self._pool.pool(size, device, self.process_group, missing=missing)
+        pooled = self._pool.pool(size, device, self.process_group, missing=self.nothing_pooled)
         if pooled.empty:
             return None
         record = self._formula(pooled, names, self._steps >= self.warmup_steps)
