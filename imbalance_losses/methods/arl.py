@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import functools
 import warnings
-import weakref
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.branches import unimodal_branches
 from ..core.distributed import ProcessGroup
 from ..core.hooks import warn_on_backward
 from ..core.params import check_head_not_listed, present_gradients, scale_gradients_
+from ..core.rebuilt import built_on, warn_rebuilt
 from ..core.records import StepRecord
 from ..core.remedy import EncoderSpec, Remedy
 from ..core.running import Pooled
@@ -64,11 +63,6 @@ __all__ = [
 ]
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
-
-# head -> the latest ARLLoss built on it (weak both ways: nothing here outlives its head or loss),
-# so that a criterion rebuilt inside the training loop can say that its warm-up restarted.
-_BUILT_ON: MutableMapping[object, weakref.ref[ARLLoss]] = WeakIdKeyDictionary()
-
 
 _EVAL_BACKWARD = (
     "ARLLoss is in eval mode but a backward pass went through its loss: in eval mode it "
@@ -368,23 +362,6 @@ class ARLRecord(StepRecord):
     """Whether the re-weighting was applied on this step (training mode, after warm-up)."""
 
 
-def _register_head(head: object, loss: ARLLoss) -> int:
-    """Steps taken by an earlier, still alive ARLLoss on the same head (0 if none).
-
-    A criterion built inside the epoch loop replaces one that already stepped: its warm-up
-    and statistics restart every epoch. Cheap and local: one weak entry per head.
-    """
-    if head is None:
-        return 0
-    try:
-        ref = _BUILT_ON.get(head)
-        _BUILT_ON[head] = weakref.ref(loss)
-    except TypeError:  # a head that cannot be weakly referenced (a plain dict of heads)
-        return 0
-    earlier = None if ref is None else ref()
-    return 0 if earlier is None else earlier.steps
-
-
 class ARLLoss(Remedy[ARLRecord]):
     r"""Asymmetric Representation Learning loss (ICCV 2025): drop-in for the criterion.
 
@@ -566,7 +543,7 @@ class ARLLoss(Remedy[ARLRecord]):
         self._ema_seen: Tensor | None = None  # 0-dim bool: the EMA holds a sample
         self._widths: tuple[int, ...] | None = None  # the features' last dims at earlier steps
         self._warned_eval = False
-        self._predecessor_steps = _register_head(head, self)
+        self._predecessor_steps = built_on(head, self)
 
     @property
     def head(self) -> Head | None:
@@ -588,12 +565,9 @@ class ARLLoss(Remedy[ARLRecord]):
     ) -> Tensor:
         """``criterion(z, y) + gamma * sum_m criterion(z_m, y)``; in training, one step.
 
-        Args: ``logits`` the fused ``z`` ``[B, C]``; ``target`` class indices ``[B]`` (or the
-        criterion's ``ignore_index``) or soft targets ``[B, C]``; ``features`` the tensors the
-        model fused, ``{modality: x_m}`` ``[B, D_m]`` in concatenation order (unimodal logits
-        from ``head``; in hook mode, re-weighted); ``unimodal_logits`` precomputed
-        ``{modality: z_m}`` ``[B, C]``, used instead of ``head``. What it returns and raises
-        (empty batches, DDP): see the class ("Calling it").
+        ``logits`` ``[B, C]``, ``target`` ``[B]`` (or soft ``[B, C]``), ``features`` the tensors
+        the model fused, ``{modality: [B, D_m]}`` in concatenation order (or only
+        ``unimodal_logits``, ``{modality: [B, C]}``). More: the class doc, "Calling it".
         """
         training = self._training_call()
         hooks = not self.has_encoders
@@ -607,7 +581,7 @@ class ARLLoss(Remedy[ARLRecord]):
             zs, mask, loss = self._checked_loss(logits, target, features, unimodal_logits, training)
         if not training:  # evaluation: no statistics, no collective
             warn_on_backward(loss, self, _EVAL_BACKWARD)
-        if not training or repeat:  # a repeated call: the same step, nothing new
+        if not training or repeat:  # (a repeat: the same step again, nothing new)
             return loss
         if self._predecessor_steps and not self._steps:
             self._warn_rebuilt()
@@ -630,12 +604,9 @@ class ARLLoss(Remedy[ARLRecord]):
 
     def _modality_count(self, *mappings: object) -> int:
         """M for the failure all-reduce: earlier steps, the encoders, or the mappings (else 2)."""
-        if self._modalities is not None:
-            return len(self._modalities)
-        if self.has_encoders:
-            return len(self._encoder_names)
+        known = self._modalities or self._encoder_names
         sizes = [len(x) for x in mappings if isinstance(x, Mapping) and len(x) >= 2]
-        return sizes[0] if sizes else 2
+        return len(known) if known else next(iter(sizes), 2)
 
     def _checked_loss(
         self,
@@ -694,23 +665,9 @@ class ARLLoss(Remedy[ARLRecord]):
     def _warn_rebuilt(self) -> None:
         """First step of an ARLLoss built on a head whose earlier ARLLoss had already stepped."""
         steps, self._predecessor_steps = self._predecessor_steps, 0
-        if self.warmup_steps == 0 and self.momentum is None:
-            return  # nothing restarts that matters: the same coefficients as the earlier one
-        fresh = []
-        if self.warmup_steps:
-            fresh.append(f"a fresh warm-up of {self.warmup_steps} steps")
-        if self.momentum is not None:
-            fresh.append("fresh EMA statistics")
-        warnings.warn(
-            f"ARLLoss: another ARLLoss on the same head had already taken {steps} training "
-            f"steps when this one was built; this one starts from step 0, with "
-            f"{' and '.join(fresh)}. Built inside the epoch loop, the re-weighting restarts "
-            "every epoch (and never starts when an epoch is shorter than the warm-up): build the "
-            "criterion once, before the training loop. For a deliberate fresh start on the same "
-            "model, delete the old criterion first; to resume, load its state_dict()",
-            RuntimeWarning,
-            stacklevel=5,
-        )
+        fresh = [f"a fresh warm-up of {self.warmup_steps} steps"] if self.warmup_steps else []
+        fresh += [] if self.momentum is None else ["fresh EMA statistics"]
+        warn_rebuilt("ARLLoss", "head", steps, fresh, stacklevel=5)
 
     def _formula(self, pooled: Pooled, names: tuple[str, ...], active: bool) -> ARLRecord:
         """Spec steps 2-6 from the pooled means ``cat(V, c)`` (their EMA with ``momentum``)."""
