@@ -87,6 +87,8 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
     """What a repeated call does, for the message of a mixed call."""
     no_grad_warning: ClassVar[str] = "{who}: gradients disabled in training mode: eval"
     """The warning of a training-mode call with gradients disabled (``{who}``: :attr:`who`)."""
+    nothing_pooled: ClassVar[str] = "step() called without a training-mode call since the last step"
+    """The ``RuntimeError`` of a decision with nothing added since the last one."""
 
     def __init__(
         self,
@@ -119,7 +121,7 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
     def _training_call(self) -> bool:
         """Training mode with gradients enabled; warns when only the first holds."""
         if self.training and not torch.is_grad_enabled():
-            warnings.warn(self.no_grad_warning.format(who=self.who), RuntimeWarning, 3)
+            warnings.warn(self.no_grad_warning.format(who=self.who), RuntimeWarning, 5)
         return self.training and torch.is_grad_enabled()
 
     # -- 2. repeats -------------------------------------------------------------------------
@@ -218,8 +220,7 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
         ``None`` and no change when no rank added a row since the last decision.
         """
         size = len(names) if size is None else size
-        missing = "step() called without a training-mode call since the last step"
-        pooled = self._pool.pool(size, device, self.process_group, missing=missing)
+        pooled = self._pool.pool(size, device, self.process_group, missing=self.nothing_pooled)
         if pooled.empty:
             return None
         record = self._formula(pooled, names, self._steps >= self.warmup_steps)

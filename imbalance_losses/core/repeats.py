@@ -70,15 +70,21 @@ def repeated_call(
 
 
 class _Reached:
-    """Gradient hook that records that a backward pass reached the tensor; changes nothing."""
+    """Gradient hook that records that a backward pass reached the tensor.
 
-    __slots__ = ("fired",)
+    It changes nothing, unless given ``then``: a gradient hook of the method's own (``g -> g'``
+    or ``None``), run behind it, so that one hook per tensor both marks and acts.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("fired", "then")
+
+    def __init__(self, then: Callable[[Tensor], Tensor | None] | None = None) -> None:
         self.fired = False
+        self.then = then
 
-    def __call__(self, grad: Tensor) -> None:
+    def __call__(self, grad: Tensor) -> Tensor | None:
         self.fired = True
+        return None if self.then is None else self.then(grad)
 
 
 class OpenTensors:
@@ -96,12 +102,19 @@ class OpenTensors:
     def __reduce__(self) -> tuple[Any, ...]:
         return (OpenTensors, ())
 
-    def add_until_backward(self, x: Tensor) -> None:
-        """Open ``x`` until a backward pass reaches it (``x`` must require grad)."""
+    def add_until_backward(
+        self, x: Tensor, then: Callable[[Tensor], Tensor | None] | None = None
+    ) -> None:
+        """Open ``x`` until a backward pass reaches it (``x`` must require grad).
+
+        ``then``: a gradient hook run on ``x``'s gradient in that backward (its result, if not
+        ``None``, replaces the gradient); it is removed with the mark when ``x`` is opened
+        again or the step is reset. ARL's hook mode scales the gradient this way.
+        """
         old = self._table.get(x)
         if old is not None:
             old[1].remove()
-        reached = _Reached()
+        reached = _Reached(then)
         handle: RemovableHandle = x.register_hook(reached)  # type: ignore[no-untyped-call]
         self._table[x] = (reached, handle)
 

@@ -29,6 +29,7 @@ __all__ = [
     "check_state_keys",
     "check_target",
     "check_unimodal_logits",
+    "criterion_reduction",
     "int_param",
     "modality_names",
     "real_param",
@@ -95,6 +96,42 @@ def reduction_param(value: object, *, name: str = "reduction") -> str:
     if value not in ("mean", "sum", "none"):
         raise ValueError(f'{name} must be "mean", "sum" or "none", got {value!r}')
     return str(value)
+
+
+def criterion_reduction(criterion: object, reduction: object, *, who: str) -> str | None:
+    """The reduction of a loss that adds the outputs of a ``criterion`` (``None``: the default).
+
+    ``reduction`` is ``"mean"``, ``"sum"``, ``"none"`` or ``None``. Without a criterion it is
+    the reduction to use (``None``: ``"mean"``). With one, the criterion's own ``reduction``
+    attribute decides (``None`` if it has none): a ``reduction`` given as well must agree with
+    it, since ``who`` adds the criterion's outputs as they are and cannot re-reduce them.
+
+    Example:
+        >>> from torch import nn
+        >>> criterion_reduction(nn.CrossEntropyLoss(reduction="sum"), None, who="ARLLoss")
+        'sum'
+    """
+    if reduction is not None and reduction not in ("mean", "sum", "none"):
+        raise ValueError(f'reduction must be "mean", "sum", "none" or None, got {reduction!r}')
+    if criterion is None:
+        return "mean" if reduction is None else str(reduction)
+    own = getattr(criterion, "reduction", None)
+    if own not in ("mean", "sum", "none"):
+        if reduction is not None:
+            raise ValueError(
+                f"reduction={reduction!r} was given with a criterion that has no "
+                f"reduction attribute ({type(criterion).__name__}); {who} adds the "
+                "criterion's outputs as they are and cannot re-reduce them: reduce inside "
+                "your criterion and leave reduction=None"
+            )
+        return None
+    if reduction is not None and reduction != own:
+        raise ValueError(
+            f"reduction={reduction!r} conflicts with the criterion's reduction={own!r}; "
+            f"set it on the criterion (e.g. nn.CrossEntropyLoss(reduction={reduction!r})) "
+            "or leave reduction=None"
+        )
+    return str(own)
 
 
 def int_param(name: str, value: object, *, ge: int | None = None) -> int:

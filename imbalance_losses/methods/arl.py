@@ -25,39 +25,31 @@ See ``docs/arl.md`` for the semantics under gradient accumulation, AMP and DDP.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import warnings
-import weakref
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ..core.attachment import OptimizerAttachable
 from ..core.branches import unimodal_branches
 from ..core.distributed import ProcessGroup
 from ..core.hooks import warn_on_backward
-from ..core.params import (
-    ModalityParameter,
-    check_head_not_listed,
-    modality_parameters,
-    present_gradients,
-    scale_gradients_,
-)
+from ..core.params import check_head_not_listed, present_gradients, scale_gradients_
+from ..core.rebuilt import built_on, warn_rebuilt
 from ..core.records import StepRecord
-from ..core.repeats import repeated_call
-from ..core.running import RunningSums
-from ..core.stats import REDUCTIONS, Reduction, as_fp32, counted, entropy_sum, reduce_loss
+from ..core.remedy import EncoderSpec, Remedy
+from ..core.running import Pooled
+from ..core.stats import Reduction, as_fp32, counted, entropy_sum, reduce_loss
 from ..core.unimodal import Head
 from ..core.validation import (
     _assert_on_device,
     check_finite,
     check_same_modalities,
+    criterion_reduction,
     int_param,
     real_param,
 )
@@ -71,13 +63,6 @@ __all__ = [
 ]
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
-EncoderSpec = nn.Module | Iterable[nn.Parameter]
-_NOTHING_POOLED = "step() called without a training-mode forward since the last step"
-
-# head -> the latest ARLLoss built on it (weak both ways: nothing here outlives its head or loss),
-# so that a criterion rebuilt inside the training loop can say that its warm-up restarted.
-_BUILT_ON: MutableMapping[object, weakref.ref[ARLLoss]] = WeakIdKeyDictionary()
-
 
 _EVAL_BACKWARD = (
     "ARLLoss is in eval mode but a backward pass went through its loss: in eval mode it "
@@ -86,6 +71,11 @@ _EVAL_BACKWARD = (
     "(model.criterion = criterion), model.train() does not reach it: call "
     "criterion.train() too (and run validation under torch.no_grad()). Shown once per "
     "ARLLoss"
+)
+_NO_GRAD = (
+    "ARLLoss is in training mode but gradients are disabled (torch.no_grad or "
+    "inference_mode): nothing can be back-propagated, so this call is evaluated as in eval "
+    "mode (the loss only: no step, no statistics); call criterion.eval() for evaluation"
 )
 
 
@@ -248,6 +238,94 @@ def arl_coefficients(
     return _coefficients(v, c, temperature, floor)
 
 
+def _floor_for(floor: float | None, m: int) -> float:
+    """The floor of ``h_m`` for ``m`` modalities: ``0.6 / m`` by default, in ``(0, 1/m]``."""
+    floor = 0.6 / m if floor is None else floor
+    if floor > 1.0 / m:
+        raise ValueError(f"floor must be in (0, 1/M] = (0, {1.0 / m:.4g}] for M = {m}, got {floor}")
+    return floor
+
+
+def _batch_sums(zs: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
+    """``[2M]`` fp32, detached: the sums over counted samples behind spec steps 1 and 4.
+
+    ``cat(sum_b -sum_c p_mbc log p_mbc, sum_b sum_c |z_mbc|)`` with ``p_m = softmax(z_m)``;
+    divided by the pooled sample count they are ``V_m`` and ``c_m`` (samples whose target is
+    ``ignore_index``, ``mask`` false, are left out).
+    """
+    weight = None if mask is None else mask.float()
+    entropy = torch.stack([entropy_sum(z, weight) for z in zs.values()])
+    size = [as_fp32(z).abs().sum(-1) for z in zs.values()]
+    sizes = torch.stack([s.sum() if weight is None else (s * weight).sum() for s in size])
+    return torch.cat([entropy, sizes])
+
+
+def _ema_update(
+    ema: Tensor | None, seen: Tensor | None, stats: Tensor, has: Tensor, momentum: float
+) -> tuple[Tensor, Tensor]:
+    """``(ema', seen')`` with ``ema' = momentum * ema + (1 - momentum) * stats``.
+
+    The first statistics are taken as they are (``ema`` is ``None``, or ``seen`` false: the
+    EMA holds no sample yet); a step whose samples were all ignored (``has`` false, 0-dim)
+    leaves the EMA unchanged. ``seen' = seen | has``.
+    """
+    if ema is None or seen is None:
+        return stats, has
+    ema, seen = ema.to(stats), seen.to(stats.device)
+    blended = torch.lerp(stats, ema, momentum * seen.to(stats.dtype))
+    return torch.where(has, blended, ema), seen | has
+
+
+def _arl_loss(
+    logits: Tensor, target: Tensor, zs: Mapping[str, Tensor], gamma: float, criterion: Criterion
+) -> Tensor:
+    """Spec step 8: ``L = l(z, y) + gamma * sum_m l(z_m, y)`` (the unimodal bias terms)."""
+    loss = criterion(logits, target)
+    for z in zs.values():
+        loss = loss + gamma * criterion(z, target)
+    return loss
+
+
+def _check_order(earlier: tuple[str, ...] | None, names: tuple[str, ...], training: bool) -> None:
+    """Refuse modalities in another order than at earlier training steps.
+
+    The mapping order is the concatenation order: the head's weight is split by it. In
+    training the modalities must be those of earlier steps in the same order; in evaluation
+    too when they are the same modalities (a reordered mapping is split wrongly).
+    """
+    if earlier is not None and earlier != names and (training or sorted(earlier) == sorted(names)):
+        raise ValueError(
+            f"modalities {list(names)} differ from those of earlier steps "
+            f"{list(earlier)}; keep the same modalities in the same order (the mapping order "
+            "is the concatenation order)"
+        )
+
+
+def _check_widths(
+    names: tuple[str, ...], before: tuple[int, ...] | None, now: tuple[int, ...] | None
+) -> None:
+    """With the same names in the same order, each modality's width (last dim) must be the
+    one it had: a different one means the tensors were put under each other's names."""
+    if before is not None and now is not None and now != before:
+        raise ValueError(
+            f"the features' widths {dict(zip(names, now, strict=True))} differ from those of "
+            f"earlier steps {dict(zip(names, before, strict=True))}: the tensors are not under "
+            "their own names (a mapping built in another order?); pass {name: that "
+            "modality's tensor}, in the concatenation order"
+        )
+
+
+def _widths(features: Mapping[str, Tensor] | None) -> tuple[int, ...] | None:
+    """Each feature's width (last dim), in mapping order."""
+    return None if features is None else tuple(x.shape[-1] for x in features.values())
+
+
+def _scaling(factor: Tensor) -> Callable[[Tensor], Tensor]:
+    """Gradient hook ``g -> g * s`` with a fixed (detached, 0-dim) factor ``s = 1 + beta_m``."""
+    s = factor.detach()
+    return lambda grad: grad * s.to(device=grad.device, dtype=grad.dtype)
+
+
 @dataclass(frozen=True)
 class ARLRecord(StepRecord):
     """What :class:`ARLLoss` decided on its last training step (each tensor ``[M]``).
@@ -284,29 +362,9 @@ class ARLRecord(StepRecord):
     """Whether the re-weighting was applied on this step (training mode, after warm-up)."""
 
 
-class _Scale:
-    """Gradient hook ``g -> g * s`` with a fixed (detached, 0-dim) factor ``s = 1 + beta_m``.
-
-    With ``factor=None`` (warm-up) the gradient is left as it is. ``fired`` records that a
-    backward pass reached the tensor, which ends the step the hook belongs to.
-    """
-
-    def __init__(self, factor: Tensor | None) -> None:
-        self.factor = None if factor is None else factor.detach()
-        self.fired = False
-
-    def __call__(self, grad: Tensor) -> Tensor | None:
-        self.fired = True
-        if self.factor is None:
-            return None
-        return grad * self.factor.to(device=grad.device, dtype=grad.dtype)
-
-
-_HookTable = MutableMapping[Tensor, tuple[_Scale, RemovableHandle]]
-
-
-class ARLLoss(OptimizerAttachable, nn.Module):
+class ARLLoss(Remedy[ARLRecord]):
     r"""Asymmetric Representation Learning loss (ICCV 2025): drop-in for the criterion.
+
 
     $$\mathcal{L} = \ell(z, y) + \gamma \sum_m \ell(z_m, y), \qquad
     \nabla_{x_m} \leftarrow (1 + \beta_m)\, \nabla_{x_m}, \qquad
@@ -356,6 +414,31 @@ class ARLLoss(OptimizerAttachable, nn.Module):
     mapping must keep the modalities of earlier training steps in the same order, each with its
     own width: a reordered mapping (also in eval mode) or tensors under each other's names
     (other widths) raise a ``ValueError``.
+
+    Calling it, ``criterion(logits, target, features=None, *, unimodal_logits=None)``:
+
+    * ``logits``: fused logits ``z`` ``[B, C]`` (floating point); ``target``: class indices
+      ``[B]`` (values in ``[0, C)`` or the criterion's ``ignore_index``), or soft targets
+      ``[B, C]`` if the criterion takes them.
+    * ``features``: ``{modality: x_m}`` ``[B, D_m]``, the tensors the model fused, in
+      concatenation order, floating point (of the head's dtype, or under ``torch.autocast``, on
+      the head's device). Needed to compute unimodal logits with ``head`` and, in hook mode, to
+      apply the re-weighting. ``unimodal_logits``: precomputed ``{modality: z_m}`` ``[B, C]``;
+      used instead of ``head`` when given.
+    * Returns a scalar for ``"mean"`` / ``"sum"``, ``[B]`` for ``"none"`` (a criterion of your
+      own: what it returns). An **empty batch** (``B = 0``) gives a zero loss that is part of
+      the graph (zero gradients, so ``backward`` and DDP work) and is no step: the step count,
+      the EMA, the pending sums and ``last`` stay as they were. Under DDP in hook mode the empty
+      rank still joins the step's all-reduce, and the step counts on every rank iff some rank
+      had a sample.
+    * Raises ``TypeError``: non-floating logits or features, features of another dtype than the
+      head outside autocast, a mapping of the wrong type; ``ValueError``: fewer than two
+      modalities, mismatched modality keys or batch sizes, targets out of range, non-finite
+      logits, features on another device than the head, no way to get unimodal logits, (hook
+      mode, training) no ``features`` to re-weight, or features of which some, not all, belong
+      to a step whose backward has not run. Under DDP in hook mode every rank raises in the
+      same call: the failing rank its own error, the others a ``RuntimeError`` saying another
+      rank failed (so the ranks' collectives stay paired).
 
     Args:
         criterion: base loss ``(logits, target) -> Tensor``. Default: cross-entropy with
@@ -407,6 +490,12 @@ class ARLLoss(OptimizerAttachable, nn.Module):
         (True, 1)
     """
 
+    record_type = ARLRecord
+    who = "ARLLoss"
+    repeat_effect = "the loss only"
+    nothing_pooled = "step() called without a training-mode forward since the last step"
+    no_grad_warning = _NO_GRAD
+
     def __init__(
         self,
         criterion: Criterion | None = None,
@@ -421,137 +510,51 @@ class ARLLoss(OptimizerAttachable, nn.Module):
         encoders: Mapping[str, EncoderSpec] | nn.ModuleDict | None = None,
         process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__()
-        self.gamma = real_param("gamma", gamma, ge=0.0)
-        self.temperature = real_param("temperature", temperature, ge=0.0)
-        self.warmup_steps = int_param("warmup_steps", warmup_steps, ge=0)
-        self.floor = None if floor is None else real_param("floor", floor, gt=0.0, le=0.5)
-        self.momentum = (
-            None if momentum is None else real_param("momentum", momentum, ge=0.0, lt=1.0)
+        gamma = real_param("gamma", gamma, ge=0.0)
+        temperature = real_param("temperature", temperature, ge=0.0)
+        int_param("warmup_steps", warmup_steps, ge=0)
+        floor = None if floor is None else real_param("floor", floor, gt=0.0, le=0.5)
+        momentum = None if momentum is None else real_param("momentum", momentum, ge=0.0, lt=1.0)
+        reduction = cast(
+            "Reduction | None", criterion_reduction(criterion, reduction, who="ARLLoss")
         )
-        self.reduction: Reduction | None = self._reduction(criterion, reduction)
+        super().__init__(warmup_steps=warmup_steps, encoders=encoders, process_group=process_group)
+        self.gamma, self.temperature = gamma, temperature
+        self.floor, self.momentum = floor, momentum
+        self.reduction: Reduction | None = reduction
         self._own_criterion = criterion is None
         self.criterion: Criterion = (
-            nn.CrossEntropyLoss(reduction=self.reduction or "mean")
-            if criterion is None
-            else criterion
+            nn.CrossEntropyLoss(reduction=reduction or "mean") if criterion is None else criterion
         )
         ignore = getattr(self.criterion, "ignore_index", None)
-        self.ignore_index: int | None = (
+        self.ignore_index = (
             ignore if isinstance(ignore, int) and not isinstance(ignore, bool) else None
         )
-        self.process_group = process_group
         # Not registered as submodules: the user's model owns them (no parameters here).
         self.__dict__["_head"] = head
-        self._encoder_params = [] if encoders is None else self._check_encoders(encoders, head)
-        self.__dict__["_encoders"] = None
-        if encoders is not None:  # modules as given; parameter iterables (maybe one-shot) as lists
-            self.__dict__["_encoders"] = {
-                m: e
-                if isinstance(e, nn.Module)
-                else [p for i, _, p in self._encoder_params if i == k]
-                for k, (m, e) in enumerate(encoders.items())
-            }
-        self._steps = 0
+        check_head_not_listed(
+            self._encoder_params, head, self._encoder_names, who="ARL", action="re-weight"
+        )
+        given = dict(encoders or {})
+        for k, (m, e) in enumerate(given.items()):
+            if not isinstance(e, nn.Module):  # parameters (maybe a one-shot iterable): a list
+                given[m] = [p for i, _, p in self._encoder_params if i == k]  # type: ignore[misc]
+        self.__dict__["_encoders"] = None if encoders is None else given
         self._ema: Tensor | None = None  # [2M]: cat(V, c)
         self._ema_seen: Tensor | None = None  # 0-dim bool: the EMA holds a sample
-        self._pending = RunningSums()  # sums since the last decision (encoders: micro-batches)
-        self._modalities: tuple[str, ...] | None = None
-        self.last: ARLRecord | None = None
-        self._hooks: _HookTable = WeakIdKeyDictionary()  # feature tensor -> its step's hook
-        self._added: MutableMapping[Tensor, bool] = WeakIdKeyDictionary()  # encoders mode
         self._widths: tuple[int, ...] | None = None  # the features' last dims at earlier steps
         self._warned_eval = False
-        self._predecessor_steps = self._register_head(head)
-
-    def _register_head(self, head: object) -> int:
-        """Steps taken by an earlier, still alive ARLLoss on the same head (0 if none).
-
-        A criterion built inside the epoch loop replaces one that already stepped: its warm-up
-        and statistics restart every epoch. Cheap and local: one weak entry per head.
-        """
-        if head is None:
-            return 0
-        try:
-            ref = _BUILT_ON.get(head)
-            _BUILT_ON[head] = weakref.ref(self)
-        except TypeError:  # a head that cannot be weakly referenced (a plain dict of heads)
-            return 0
-        earlier = None if ref is None else ref()
-        return 0 if earlier is None else earlier._steps
-
-    # -- construction helpers -------------------------------------------------------------
-
-    @staticmethod
-    def _reduction(criterion: Criterion | None, reduction: object) -> Reduction | None:
-        """The effective reduction: ``reduction`` checked against the criterion's own."""
-        if reduction is not None and reduction not in REDUCTIONS:
-            raise ValueError(f'reduction must be "mean", "sum", "none" or None, got {reduction!r}')
-        if criterion is None:
-            return "mean" if reduction is None else reduction
-        own = getattr(criterion, "reduction", None)
-        if own not in REDUCTIONS:
-            if reduction is not None:
-                raise ValueError(
-                    f"reduction={reduction!r} was given with a criterion that has no "
-                    "reduction attribute (" + type(criterion).__name__ + "); ARLLoss adds the "
-                    "criterion's outputs as they are and cannot re-reduce them: reduce inside "
-                    "your criterion and leave reduction=None"
-                )
-            return None
-        if reduction is not None and reduction != own:
-            raise ValueError(
-                f"reduction={reduction!r} conflicts with the criterion's reduction={own!r}; "
-                f"set it on the criterion (e.g. nn.CrossEntropyLoss(reduction={reduction!r})) "
-                "or leave reduction=None"
-            )
-        return cast(Reduction, own)
-
-    @staticmethod
-    def _check_encoders(
-        encoders: Mapping[str, EncoderSpec] | nn.ModuleDict, head: Head | None
-    ) -> list[ModalityParameter]:
-        params = modality_parameters(encoders, what="encoders")
-        check_head_not_listed(params, head, tuple(encoders), who="ARL", action="re-weight")
-        return params
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickling / deepcopy: everything but the live hook table (tied to this graph) and the
-        optimiser attachment."""
-        state = super().__getstate__()
-        state.pop("_hooks", None)
-        state.pop("_added", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # type: ignore[no-untyped-call]
-        self._hooks = WeakIdKeyDictionary()
-        self._added = WeakIdKeyDictionary()
-        self.__dict__.setdefault("_widths", None)
-        self.__dict__.setdefault("_warned_eval", False)
-        self.__dict__.setdefault("_predecessor_steps", 0)
+        self._predecessor_steps = built_on(head, self)
 
     @property
     def head(self) -> Head | None:
         """The fusion head used to compute unimodal logits (``None`` if not given)."""
-        head: Head | None = self.__dict__["_head"]
-        return head
+        return cast("Head | None", self.__dict__["_head"])
 
     @property
     def encoders(self) -> dict[str, EncoderSpec] | None:
         """The encoders re-weighted by :meth:`step` (``None`` in hook mode)."""
-        enc: dict[str, EncoderSpec] | None = self.__dict__["_encoders"]
-        return enc
-
-    @property
-    def steps(self) -> int:
-        """Training steps taken so far (training-mode forwards, or :meth:`step` calls).
-
-        Steps with no sample on any rank (``B = 0`` everywhere) are not counted.
-        """
-        return self._steps
-
-    # -- forward ----------------------------------------------------------------------------
+        return cast("dict[str, EncoderSpec] | None", self.__dict__["_encoders"])
 
     def forward(
         self,
@@ -561,309 +564,120 @@ class ARLLoss(OptimizerAttachable, nn.Module):
         *,
         unimodal_logits: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
-        """``criterion(z, y) + gamma * sum_m criterion(z_m, y)``, re-weighting in training mode.
+        """``criterion(z, y) + gamma * sum_m criterion(z_m, y)``; in training, one step.
 
-        Args:
-            logits: fused logits ``z`` ``[B, C]`` (floating point).
-            target: class indices ``[B]`` (values in ``[0, C)`` or the criterion's
-                ``ignore_index``), or soft targets ``[B, C]`` if the criterion takes them.
-            features: ``{modality: x_m}`` ``[B, D_m]``, the tensors the model fused, in
-                concatenation order, floating point (of the head's dtype, or under
-                ``torch.autocast``, on the head's device). Needed to compute unimodal logits
-                with ``head`` and, in hook mode, to apply the re-weighting.
-            unimodal_logits: precomputed ``{modality: z_m}`` ``[B, C]``; used instead of
-                ``head`` when given.
-
-        Returns:
-            A scalar for ``"mean"`` / ``"sum"``, ``[B]`` for ``"none"`` (a criterion of your
-            own: what it returns). An **empty batch** (``B = 0``) gives a zero loss that is part
-            of the graph (zero gradients, so ``backward`` and DDP work) and is no step: the step
-            count, the EMA, the pending sums and ``last`` stay as they were. Under DDP in hook
-            mode the empty rank still joins the step's all-reduce, and the step counts on every
-            rank iff some rank had a sample.
-
-        Raises:
-            TypeError: non-floating logits or features, features of another dtype than the
-                head outside autocast, a mapping of the wrong type.
-            ValueError: fewer than two modalities, mismatched modality keys or batch sizes,
-                targets out of range, non-finite logits, features on another device than the
-                head, no way to get unimodal logits, (hook mode, training) no ``features`` to
-                re-weight, or features of which some, not all, belong to a step whose backward
-                has not run. Under DDP in hook mode every rank raises in the same call: the
-                failing rank its own error, the others a ``RuntimeError`` saying another rank
-                failed (so the ranks' collectives stay paired).
+        ``logits`` ``[B, C]``, ``target`` ``[B]`` (or soft ``[B, C]``), ``features`` the tensors
+        the model fused, ``{modality: [B, D_m]}`` in concatenation order (or only
+        ``unimodal_logits``, ``{modality: [B, C]}``). More: the class doc, "Calling it".
         """
-        training = self.training
-        if training and not torch.is_grad_enabled():
-            warnings.warn(
-                "ARLLoss is in training mode but gradients are disabled (torch.no_grad or "
-                "inference_mode): nothing can be back-propagated, so this call is evaluated as "
-                "in eval mode (the loss only: no step, no statistics); call criterion.eval() "
-                "for evaluation",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            training = False
-        hooks = self.encoders is None
-        try:
-            repeat, mixed = training and self._repeat(features, unimodal_logits), None
-        except ValueError as err:
-            repeat, mixed = False, err
-        pools = training and hooks and not repeat  # this call all-reduces (hook mode)
-        size = 2 * self._guess_modalities(features, unimodal_logits)
+        training = self._training_call()
+        hooks = not self.has_encoders
+        given = features if features is not None or hooks else unimodal_logits
+        repeat, mixed = self._classify(given) if training else (False, None)
+        size = 2 * self._modality_count(unimodal_logits, features)
         device = logits.device if isinstance(logits, Tensor) else self._device()
-        with self._pending.failing_together(size, device, self.process_group, due=pools):
+        with self._validating(size, device, pools=training and hooks and not repeat):
             if mixed is not None:
                 raise mixed
-            zs, batch = self._unimodal(logits, target, features, unimodal_logits)
-            names = tuple(zs)
-            if self.encoders is not None:
-                check_same_modalities(
-                    self.encoders, zs, expected_what="encoders", actual_what="unimodal logits"
-                )
-            self._floor(len(names))  # fail before any state changes
-            if training and hooks and features is None:
-                raise ValueError(
-                    "ARLLoss needs features= (the tensors the model fused) to re-weight their "
-                    "gradients in training mode, or encoders= with step(); only unimodal_logits "
-                    "were given"
-                )
-            self._check_order(names, features, training)
-            mask = counted(target, self.ignore_index)
-            loss = self._loss(logits, target, zs, batch, mask)
-
+            zs, mask, loss = self._checked_loss(logits, target, features, unimodal_logits, training)
         if not training:  # evaluation: no statistics, no collective
             warn_on_backward(loss, self, _EVAL_BACKWARD)
+        if not training or repeat:  # (a repeat: the same step again, nothing new)
             return loss
-        if repeat:
-            return loss  # a repeated call: the same step, nothing new
         if self._predecessor_steps and not self._steps:
             self._warn_rebuilt()
-        self._modalities = names
-        if features is not None:
-            self._widths = tuple(x.shape[-1] for x in features.values())
-        self._pending.add(
-            self._batch_sums(zs, mask), batch if mask is None else mask.sum(), rows=batch
-        )
+        self._modalities, batch = tuple(zs), logits.shape[0]
+        self._widths = _widths(features) or self._widths
+        self._add(_batch_sums(zs, mask), batch if mask is None else mask.sum(), rows=batch)
         if not hooks:  # encoders mode: step() decides once per optimiser step
-            source = features if features is not None else zs
-            for x in source.values():
-                self._added[x] = True
+            self._remember((zs if features is None else features).values())
             return loss
-
-        active = self._steps >= self.warmup_steps
-        record = self._decide(names, active, device)
-        if record is None:
-            return loss  # no sample on any rank: no step
-        assert features is not None
-        if active and batch > 0 and not any(x.requires_grad for x in features.values()):
-            warnings.warn(
-                "ARLLoss: no feature requires grad (frozen encoders or detached copies), so the "
-                "re-weighting has no gradient to act on; pass the tensors the model fused",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        scale = 1.0 + record.coefficients if active else None
-        for i, x in enumerate(features.values()):
-            if x.requires_grad:
-                self._hook(x, None if scale is None else scale[i])
+        record = self._decide(self._modalities, device, 2 * len(zs))
+        if record is not None and features is not None:
+            self._hook(features, record, batch)
         return loss
 
-    def _check_order(
-        self, names: tuple[str, ...], features: Mapping[str, Tensor] | None, training: bool
-    ) -> None:
-        """Refuse a mapping whose order (or widths) differ from earlier training steps.
+    def _modality_count(self, *mappings: object) -> int:
+        """M for the failure all-reduce: earlier steps, the encoders, or the mappings (else 2)."""
+        known = self._modalities or self._encoder_names
+        sizes = [len(x) for x in mappings if isinstance(x, Mapping) and len(x) >= 2]
+        return len(known) if known else next(iter(sizes), 2)
 
-        The mapping order is the concatenation order: the head's weight is split by it. In
-        training the modalities must be those of earlier steps in the same order; in evaluation
-        too when they are the same modalities (a reordered mapping is split wrongly). With the
-        same names in the same order, each modality's width (last dim) must be the one it had:
-        a different one means the tensors were put under each other's names.
-        """
-        earlier = self._modalities
-        if earlier is None:
-            return
-        if earlier != names and (training or sorted(earlier) == sorted(names)):
-            raise ValueError(
-                f"modalities {list(names)} differ from those of earlier steps "
-                f"{list(earlier)}; keep the same modalities in the same order (the mapping order "
-                "is the concatenation order)"
-            )
-        if earlier != names or features is None or self._widths is None:
-            return
-        widths = tuple(x.shape[-1] for x in features.values())
-        if widths != self._widths:
-            now = dict(zip(names, widths, strict=True))
-            before = dict(zip(names, self._widths, strict=True))
-            raise ValueError(
-                f"the features' widths {now} differ from those of earlier steps {before}: the "
-                "tensors are not under their own names (a mapping built in another order?); "
-                "pass {name: that modality's tensor}, in the concatenation order"
-            )
-
-    def _warn_rebuilt(self) -> None:
-        """First step of an ARLLoss built on a head whose earlier ARLLoss had already stepped."""
-        steps, self._predecessor_steps = self._predecessor_steps, 0
-        if self.warmup_steps == 0 and self.momentum is None:
-            return  # nothing restarts that matters: the same coefficients as the earlier one
-        fresh = []
-        if self.warmup_steps:
-            fresh.append(f"a fresh warm-up of {self.warmup_steps} steps")
-        if self.momentum is not None:
-            fresh.append("fresh EMA statistics")
-        warnings.warn(
-            f"ARLLoss: another ARLLoss on the same head had already taken {steps} training "
-            f"steps when this one was built; this one starts from step 0, with "
-            f"{' and '.join(fresh)}. Built inside the epoch loop, the re-weighting restarts "
-            "every epoch (and never starts when an epoch is shorter than the warm-up): build the "
-            "criterion once, before the training loop. For a deliberate fresh start on the same "
-            "model, delete the old criterion first; to resume, load its state_dict()",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-
-    def _repeat(self, features: object, given: object) -> bool:
-        """Whether this call repeats one whose step is still open (same tensors again).
-
-        Hook mode: every feature that requires grad carries this loss's hook and no backward
-        pass has reached it yet. Encoders mode: every tensor of ``features`` (of
-        ``unimodal_logits`` without features) was added since the last :meth:`step`. A
-        ``ValueError`` when only some are (a mix of two calls).
-        """
-        hooks = self.encoders is None
-        source = features if features is not None or hooks else given
-        if hooks:
-            pending = lambda x: (h := self._hooks.get(x)) is not None and not h[0].fired  # noqa: E731
-        else:
-            pending = lambda x: x in self._added  # noqa: E731
-        what = "whose backward has not run" if hooks else "since the last step()"
-        return repeated_call(
-            source, pending, grad_only=hooks, who="ARLLoss", what=what, effect="the loss only"
-        )
-
-    def _hook(self, x: Tensor, factor: Tensor | None) -> None:
-        """Register this step's hook on ``x``, replacing an earlier step's (one hook per tensor)."""
-        old = self._hooks.get(x)
-        if old is not None:
-            old[1].remove()
-        hook = _Scale(factor)
-        handle: RemovableHandle = x.register_hook(hook)  # type: ignore[no-untyped-call]
-        self._hooks[x] = (hook, handle)
-
-    def _guess_modalities(self, features: object, given: object) -> int:
-        """M for the failure all-reduce: earlier steps, the encoders, or the mappings."""
-        if self._modalities is not None:
-            return len(self._modalities)
-        if self.encoders is not None:
-            return len(self.encoders)
-        for mapping in (given, features):
-            if isinstance(mapping, Mapping) and len(mapping) >= 2:
-                return len(mapping)
-        return 2
-
-    def _device(self) -> torch.device:
-        """Where statistics live when no tensor says: the encoders' device, else the CPU."""
-        return self._encoder_params[0][2].device if self._encoder_params else torch.device("cpu")
-
-    def _unimodal(
+    def _checked_loss(
         self,
         logits: Tensor,
         target: Tensor,
         features: Mapping[str, Tensor] | None,
         given: Mapping[str, Tensor] | None,
-    ) -> tuple[dict[str, Tensor], int]:
+        training: bool,
+    ) -> tuple[dict[str, Tensor], Tensor | None, Tensor]:
+        """One call's checks (inside :meth:`_validating`) and its loss: ``(z_m, mask, loss)``."""
         zs = unimodal_branches(
-            logits,
-            target,
-            features,
-            given,
-            head=self.head,
-            ignore_index=self.ignore_index,
+            logits, target, features, given, head=self.head, ignore_index=self.ignore_index,
             who="ARLLoss",
-        )
-        return zs, logits.shape[0]
-
-    def _loss(
-        self,
-        logits: Tensor,
-        target: Tensor,
-        zs: Mapping[str, Tensor],
-        batch: int,
-        mask: Tensor | None,
-    ) -> Tensor:
-        """``l = criterion(z, y) + gamma * sum_m criterion(z_m, y)``, reduced (see ``__init__``)."""
-        if self._own_criterion:
-            ignore = -100 if self.ignore_index is None else self.ignore_index
-            per = F.cross_entropy(logits, target, reduction="none", ignore_index=ignore)
-            for z in zs.values():
-                per = per + self.gamma * F.cross_entropy(
-                    z, target, reduction="none", ignore_index=ignore
-                )
-            return reduce_loss(per, cast(Reduction, self.reduction), mask)
-        if batch == 0:  # zero, attached to the graph: a user criterion may give NaN (0 / 0)
-            zero = logits.sum(-1) + sum(z.sum(-1) for z in zs.values())
-            zero = zero * 0
-            return zero if self.reduction == "none" else zero.sum()
-        loss = self.criterion(logits, target)
-        for z in zs.values():
-            loss = loss + self.gamma * self.criterion(z, target)
-        return loss
-
-    @staticmethod
-    def _batch_sums(zs: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
-        """``[2M]``: per-modality sums over counted samples of the entropy and ``sum_c |z_bc|``."""
-        weight = None if mask is None else mask.float()
-        entropy = torch.stack([entropy_sum(z, weight) for z in zs.values()])
-        size = [as_fp32(z).abs().sum(-1) for z in zs.values()]
-        sizes = torch.stack([s.sum() if weight is None else (s * weight).sum() for s in size])
-        return torch.cat([entropy, sizes])
-
-    def _decide(
-        self, names: tuple[str, ...], active: bool, device: torch.device
-    ) -> ARLRecord | None:
-        """Pool the pending sums (one all-reduce), update the EMA, compute beta, count a step.
-
-        ``None`` (and nothing changes) when no rank had a sample since the last decision.
-        """
-        m = len(names)
-        pooled = self._pending.pool(2 * m, device, self.process_group, missing=_NOTHING_POOLED)
-        if pooled.empty:
-            return None
-        stats = pooled.mean()  # [2M] = cat(V, c), global means
-        has = pooled.samples > 0  # every sample ignored on every rank: no statistics
-        if self.momentum is not None:
-            if self._ema is None or self._ema_seen is None:
-                self._ema, self._ema_seen = stats, has
-            else:
-                ema = self._ema.to(stats)
-                seen = self._ema_seen.to(stats.device)
-                blended = torch.lerp(stats, ema, self.momentum * seen.to(stats.dtype))
-                self._ema = torch.where(has, blended, ema)
-                self._ema_seen = seen | has
-            stats = self._ema
-        coef = _coefficients(stats[:m], stats[m:], self.temperature, self._floor(m))
-        self._steps += 1
-        self.last = ARLRecord(
-            modalities=names,
-            variances=stats[:m],
-            target_dependence=coef.target_dependence,
-            dependence=coef.dependence,
-            scores=coef.scores,
-            coefficients=coef.coefficients,
-            active=active,
-        )
-        return self.last
-
-    def _floor(self, m: int) -> float:
-        """The floor for ``m`` modalities: ``0.6 / m`` by default; must be in ``(0, 1/m]``."""
-        floor = 0.6 / m if self.floor is None else self.floor
-        if floor > 1.0 / m:
-            raise ValueError(
-                f"floor must be in (0, 1/M] = (0, {1.0 / m:.4g}] for M = {m}, got {floor}"
+        )  # fmt: skip
+        names, hooks = tuple(zs), not self.has_encoders
+        if not hooks:
+            check_same_modalities(
+                self._encoder_names, zs, expected_what="encoders", actual_what="unimodal logits"
             )
-        return floor
+        _floor_for(self.floor, len(names))  # fail before any state changes
+        if training and hooks and features is None:
+            raise ValueError(
+                "ARLLoss needs features= (the tensors the model fused) to re-weight their "
+                "gradients in training mode, or encoders= with step(); only unimodal_logits "
+                "were given"
+            )
+        _check_order(self._modalities, names, training)
+        if self._modalities == names:
+            _check_widths(names, self._widths, _widths(features))
+        mask = counted(target, self.ignore_index)
+        if not self._own_criterion:  # as it is; B = 0: a zero in the graph, not its 0 / 0
+            if logits.shape[0] == 0:
+                zero = (logits.sum(-1) + sum(z.sum(-1) for z in zs.values())) * 0
+                return zs, mask, zero if self.reduction == "none" else zero.sum()
+            return zs, mask, _arl_loss(logits, target, zs, self.gamma, self.criterion)
+        ignore = -100 if self.ignore_index is None else self.ignore_index
+        ce = functools.partial(F.cross_entropy, reduction="none", ignore_index=ignore)
+        per = _arl_loss(logits, target, zs, self.gamma, ce)  # per sample, reduced once
+        return zs, mask, reduce_loss(per, cast(Reduction, self.reduction), mask)
 
-    # -- encoders mode ----------------------------------------------------------------------
+    def _hook(self, features: Mapping[str, Tensor], record: ARLRecord, batch: int) -> None:
+        """Hook mode: open the step on each feature that requires grad, and after the warm-up
+        scale the gradient a backward brings it by ``1 + beta_m`` (one hook per tensor)."""
+        if record.active and batch > 0 and not any(x.requires_grad for x in features.values()):
+            warnings.warn(
+                "ARLLoss: no feature requires grad (frozen encoders or detached copies), so the "
+                "re-weighting has no gradient to act on; pass the tensors the model fused",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        scale = 1.0 + record.coefficients if record.active else None
+        for i, x in enumerate(features.values()):
+            if x.requires_grad:
+                self._open.add_until_backward(x, None if scale is None else _scaling(scale[i]))
+
+    def _warn_rebuilt(self) -> None:
+        """First step of an ARLLoss built on a head whose earlier ARLLoss had already stepped."""
+        steps, self._predecessor_steps = self._predecessor_steps, 0
+        fresh = [f"a fresh warm-up of {self.warmup_steps} steps"] if self.warmup_steps else []
+        fresh += [] if self.momentum is None else ["fresh EMA statistics"]
+        warn_rebuilt("ARLLoss", "head", steps, fresh, stacklevel=5)
+
+    def _formula(self, pooled: Pooled, names: tuple[str, ...], active: bool) -> ARLRecord:
+        """Spec steps 2-6 from the pooled means ``cat(V, c)`` (their EMA with ``momentum``)."""
+        stats, m = pooled.mean(), len(names)
+        if self.momentum is not None:
+            has = pooled.samples > 0  # every sample ignored on every rank: no statistics
+            self._ema, self._ema_seen = _ema_update(
+                self._ema, self._ema_seen, stats, has, self.momentum
+            )
+            stats = self._ema
+        coef = _coefficients(stats[:m], stats[m:], self.temperature, _floor_for(self.floor, m))
+        return ARLRecord(names, stats[:m], *coef, active=active)
+
+    def _statistics_size(self, m: int) -> int:
+        return 2 * m  # cat(V, c)
 
     @torch.no_grad()
     def step(self) -> ARLRecord | None:
@@ -883,68 +697,39 @@ class ARLLoss(OptimizerAttachable, nn.Module):
             RuntimeError: not in encoders mode, or no training-mode forward since the last call
                 (in one process, or on every rank).
         """
-        if self.encoders is None:
+        if not self.has_encoders:
             raise RuntimeError(
                 "step() is for the encoders mode: construct ARLLoss(..., encoders={...}); "
                 "in the default mode the re-weighting is applied by gradient hooks"
             )
-        names = self._modalities or tuple(self.encoders)
-        active = self._steps >= self.warmup_steps
-        record = self._decide(names, active, self._device())
-        self._added.clear()
-        if record is not None and active:
-            grads, index = present_gradients(self._encoder_params)
-            scale_gradients_(grads, index, 1.0 + record.coefficients)
-        return record
+        return super().step()
 
-    @property
-    def attachable(self) -> bool:
-        """Encoders mode only: ``attach(optimizer)`` runs :meth:`step` in ``optimizer.step()``."""
-        return self.encoders is not None
+    def _act_on_gradients(self, record: ARLRecord) -> None:
+        """``grad_m *= 1 + beta_m`` on each encoder's parameters (one fused in-place op)."""
+        grads, index = present_gradients(self._encoder_params)
+        scale_gradients_(grads, index, 1.0 + record.coefficients)
 
-    def _before_optimizer_step(self) -> None:
-        self.step()
-
-    def _attached_parameters(self) -> list[tuple[str, Tensor]]:
-        names = tuple(self.encoders or ())
-        return [(names[m], p) for m, _, p in self._encoder_params]
-
-    # -- state ------------------------------------------------------------------------------
-
-    def get_extra_state(self) -> dict[str, Any]:
-        """Step count, EMA statistics and pending (accumulated) sums: part of ``state_dict()``."""
+    def _method_state(self) -> dict[str, Any]:
         return {
-            "steps": self._steps,
             "ema": None if self._ema is None else self._ema.clone(),
             "ema_seen": None if self._ema_seen is None else self._ema_seen.clone(),
-            "pending": self._pending.state_dict(),
-            "modalities": self._modalities,
             "widths": self._widths,
-            "last": None if self.last is None else dataclasses.asdict(self.last),
         }
 
-    def set_extra_state(self, state: Any) -> None:
-        """Restore what :meth:`get_extra_state` returned (via ``load_state_dict``)."""
-        self._steps = int(state["steps"])
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
         self._ema = state["ema"]
         seen = state.get("ema_seen")  # older states: an EMA always held a sample
         if seen is None and self._ema is not None:
             seen = torch.ones((), dtype=torch.bool, device=self._ema.device)
         self._ema_seen = seen
-        self._pending.load_state_dict(dict(state["pending"]))
-        self._modalities = None if state["modalities"] is None else tuple(state["modalities"])
         widths = state.get("widths")  # older states: not recorded
         self._widths = None if widths is None else tuple(int(w) for w in widths)
         self._predecessor_steps = 0  # a resumed (or deliberately reset) criterion
-        last = state["last"]
-        self.last = (
-            None if last is None else ARLRecord(**{**last, "modalities": tuple(last["modalities"])})
-        )
 
     def extra_repr(self) -> str:
         return (
             f"gamma={self.gamma}, temperature={self.temperature}, warmup_steps="
             f"{self.warmup_steps}, floor={self.floor}, momentum={self.momentum}, "
             f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-            f"mode={'encoders' if self.encoders is not None else 'hooks'}"
+            f"mode={'encoders' if self.has_encoders else 'hooks'}"
         )
