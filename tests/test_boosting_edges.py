@@ -506,3 +506,39 @@ def test_ddp_empty_rank_and_failing_rank() -> None:
         assert r["resynced"] and r["resynced_samples"] == 8.0
     assert r1["failing"].startswith("ValueError: features['visual'] contains non-finite")
     assert r0["failing"].startswith("RuntimeError: input validation failed on another rank")
+
+
+# --------------------------------------------------------------------------------- 8. the base
+# SustainedBoostingLoss on core.remedy.Remedy: the mode, repeat and no-step rules every method
+# shares.
+def test_training_mode_under_no_grad_warns_and_acts_as_evaluation() -> None:
+    boost, x, y = _boost(), _feats(4), torch.arange(4) % 3
+    boost(x, y)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="gradients disabled"):
+        loss = boost(x, y)
+    torch.testing.assert_close(loss, boost.eval()(x, y))  # the same loss, nothing pooled
+    assert boost.steps == boost._since_check == 1
+    assert float(boost.train().check().samples) == 4
+
+
+def test_a_call_mixing_open_and_new_tensors_raises_and_counts_nothing() -> None:
+    boost, y = _boost(), torch.arange(4) % 3
+    x = {m: v.requires_grad_() for m, v in _feats(4).items()}
+    boost(x, y)
+    mixed = {"audio": x["audio"], "visual": _feats(4, seed=1)["visual"].requires_grad_()}
+    with pytest.raises(ValueError, match=r"features \['audio'\] were already passed.*\['visual'\]"):
+        boost(mixed, y)
+    assert boost.steps == 1
+    boost(x, y).backward()  # the repeat: the same step
+    assert boost.steps == 1
+    boost(x, y)  # after its backward the same tensors are a new step
+    assert boost.steps == 2
+
+
+def test_step_and_attach_point_to_attach_optimizer() -> None:
+    boost = _boost()
+    opt = torch.optim.SGD(boost.parameters(), lr=0.1)
+    for call in (boost.step, lambda: boost.attach(opt)):
+        with pytest.raises(RuntimeError, match=r"no step\(\).*attach_optimizer\(opt\)"):
+            call()
+    assert boost.attached_optimizer is None

@@ -32,6 +32,7 @@ __all__ = [
     "criterion_reduction",
     "int_param",
     "modality_names",
+    "modality_weights",
     "real_param",
     "reduction_param",
 ]
@@ -455,3 +456,34 @@ def check_target(
             f"{name} has class indices outside [0, {num_classes}){ignored} for logits with "
             f"{num_classes} classes",
         )
+
+
+def modality_weights(
+    name: str,
+    weights: Mapping[str, float] | Sequence[float] | None,
+    modalities: tuple[str, ...],
+    *,
+    expected_what: str,
+) -> tuple[float, ...]:
+    """Per-modality weights in mapping order: finite, ``>= 0``, not all zero (``1/M`` each if
+    ``None``), given as a mapping with exactly ``modalities`` (same order) or a sequence.
+
+    ``expected_what`` names where ``modalities`` come from, for the message.
+    """
+    m = len(modalities)
+    if weights is None:
+        return (1.0 / m,) * m
+    if isinstance(weights, Mapping):
+        check_same_modalities(modalities, weights, expected_what=expected_what, actual_what=name)
+        raw = [(f"{name}[{mod!r}]", weights[mod]) for mod in modalities]
+    else:
+        items = list(weights)
+        if len(items) != m:
+            raise ValueError(
+                f"{name} has {len(items)} values but there are {m} modalities {list(modalities)}"
+            )
+        raw = [(f"{name}[{i}]", w) for i, w in enumerate(items)]
+    values = tuple(real_param(label, w, ge=0.0) for label, w in raw)
+    if not any(values):
+        raise ValueError(f"{name} must not all be zero, got {list(values)}")
+    return values
