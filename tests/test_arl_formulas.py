@@ -13,15 +13,19 @@ from torch import Tensor, nn
 
 from imbalance_losses.core.rebuilt import built_on, warn_rebuilt
 from imbalance_losses.core.repeats import OpenTensors
-from imbalance_losses.core.validation import criterion_reduction
-from imbalance_losses.methods.arl import (
-    _arl_loss,
-    _batch_sums,
-    _check_order,
-    _check_widths,
-    _ema_update,
-    _floor_for,
-)
+from imbalance_losses.core.stats import ema_update as _ema_update
+from imbalance_losses.core.validation import check_same_layout, criterion_reduction
+from imbalance_losses.methods.arl import _arl_loss, _batch_sums, _floor_for
+
+
+def _check_order(earlier: tuple[str, ...] | None, names: tuple[str, ...], training: bool) -> None:
+    check_same_layout(earlier, names, None, None, training=training)
+
+
+def _check_widths(
+    names: tuple[str, ...], before: tuple[int, ...] | None, now: tuple[int, ...] | None
+) -> None:
+    check_same_layout(names, names, before, now, training=True)
 
 
 def test_batch_sums_are_entropy_and_l1_sums_over_counted_samples() -> None:

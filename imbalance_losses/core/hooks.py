@@ -12,13 +12,14 @@ import os
 import sys
 import warnings
 import weakref
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-__all__ = ["scale_grad", "warn_on_backward"]
+__all__ = ["scale_grad", "scaling_hook", "warn_if_frozen", "warn_on_backward"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
@@ -78,3 +79,26 @@ def warn_on_backward(loss: Tensor, module: object, message: str) -> None:
     if not (torch.is_grad_enabled() and loss.requires_grad):
         return
     loss.register_hook(_WarnOnBackward(module, message))  # type: ignore[no-untyped-call]
+
+
+def scaling_hook(factor: Tensor) -> Callable[[Tensor], Tensor]:
+    """Gradient hook ``g -> g * s`` with a fixed (detached, 0-dim) factor ``s``."""
+    s = factor.detach()
+    return lambda grad: grad * s.to(device=grad.device, dtype=grad.dtype)
+
+
+def warn_if_frozen(
+    features: Mapping[str, Tensor], who: str, action: str, *, stacklevel: int = 6
+) -> None:
+    """Warn when no feature requires grad: a hook has nothing to act on.
+
+    ``stacklevel`` 6 points at the user's call of a module whose ``forward`` calls a helper
+    that calls this.
+    """
+    if not any(x.requires_grad for x in features.values()):
+        warnings.warn(
+            f"{who}: no feature requires grad (frozen encoders or detached copies), so the "
+            f"{action} has no gradient to act on; pass the tensors the model fused",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )

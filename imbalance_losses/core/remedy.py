@@ -105,11 +105,21 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
         )
         self._encoder_names: tuple[str, ...] = () if encoders is None else tuple(encoders)
         self.has_encoders = encoders is not None
+        given = dict(encoders or {})
+        for k, (m, e) in enumerate(given.items()):
+            if not isinstance(e, nn.Module):  # parameters (maybe a one-shot iterable): a list
+                given[m] = [p for i, _, p in self._encoder_params if i == k]  # type: ignore[misc]
+        self.__dict__["_encoders"] = None if encoders is None else given  # the user's: kept
         self._pool = RunningSums()
         self._steps = 0
         self._modalities: tuple[str, ...] | None = None
         self.last: R | None = None
         self._open = OpenTensors()  # the open step's tensors (repeat detection)
+
+    @property
+    def encoders(self) -> dict[str, EncoderSpec] | None:
+        """The encoders :meth:`step` acts on (``None`` outside the encoders mode)."""
+        return cast("dict[str, EncoderSpec] | None", self.__dict__["_encoders"])
 
     @property
     def steps(self) -> int:
@@ -261,9 +271,20 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
         return m
 
     def _act_on_gradients(self, record: Any) -> None:
-        """Default action: ``grad_m *= record.coefficients[m]``, one fused in-place op."""
+        """Default action: ``grad_m *= factor_m`` (:meth:`_gradient_factors`), one fused op."""
         grads, index = present_gradients(self._encoder_params)
-        scale_gradients_(grads, index, record.coefficients)
+        scale_gradients_(grads, index, self._gradient_factors(record))
+
+    def _gradient_factors(self, record: Any) -> Tensor:
+        """The factor of each modality's gradient (default ``record.coefficients``)."""
+        return record.coefficients  # type: ignore[no-any-return]
+
+    def _guess_size(self, *mappings: object) -> int:
+        """``M`` for a failure all-reduce before the input is known to be good: earlier steps,
+        the encoders, the first mapping of two or more modalities, else 2."""
+        known = self._modalities or self._encoder_names
+        sizes = [len(x) for x in mappings if isinstance(x, Mapping) and len(x) >= 2]
+        return len(known) if known else next(iter(sizes), 2)
 
     def _device(self) -> torch.device:
         """Where statistics live when no tensor says: the encoders' device, else the CPU."""

@@ -20,6 +20,7 @@ __all__ = [
     "Reduction",
     "as_fp32",
     "counted",
+    "ema_update",
     "entropy_sum",
     "one_vs_rest_ratio",
     "reduce_loss",
@@ -111,3 +112,19 @@ def reduce_loss(per_sample: Tensor, reduction: Reduction, mask: Tensor | None = 
     if mask is None:
         return total / max(per_sample.shape[0], 1)
     return total / mask.sum().clamp_min(1).to(total.dtype)
+
+
+def ema_update(
+    ema: Tensor | None, seen: Tensor | None, stats: Tensor, has: Tensor, momentum: float
+) -> tuple[Tensor, Tensor]:
+    """``(ema', seen')`` with ``ema' = momentum * ema + (1 - momentum) * stats``.
+
+    The first statistics are taken as they are (``ema`` is ``None``, or ``seen`` false: the
+    EMA holds no sample yet); a step whose samples were all ignored (``has`` false, 0-dim)
+    leaves the EMA unchanged. ``seen' = seen | has``. No host read.
+    """
+    if ema is None or seen is None:
+        return stats, has
+    ema, seen = ema.to(stats), seen.to(stats.device)
+    blended = torch.lerp(stats, ema, momentum * seen.to(stats.dtype))
+    return torch.where(has, blended, ema), seen | has

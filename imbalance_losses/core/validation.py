@@ -24,12 +24,14 @@ __all__ = [
     "check_finite",
     "check_logits",
     "check_modalities",
+    "check_same_layout",
     "check_same_modalities",
     "check_scored_logits",
     "check_state_keys",
     "check_target",
     "check_unimodal_logits",
     "criterion_reduction",
+    "feature_widths",
     "int_param",
     "modality_names",
     "modality_weights",
@@ -487,3 +489,40 @@ def modality_weights(
     if not any(values):
         raise ValueError(f"{name} must not all be zero, got {list(values)}")
     return values
+
+
+def feature_widths(features: Mapping[str, Tensor] | None) -> tuple[int, ...] | None:
+    """Each feature's width (last dimension), in mapping order (``None`` without features)."""
+    return None if features is None else tuple(x.shape[-1] for x in features.values())
+
+
+def check_same_layout(
+    earlier: tuple[str, ...] | None,
+    names: tuple[str, ...],
+    widths_before: tuple[int, ...] | None,
+    widths_now: tuple[int, ...] | None,
+    *,
+    training: bool,
+) -> None:
+    """Refuse a mapping laid out otherwise than at earlier training steps.
+
+    The mapping order is the concatenation order: the head's weight is split by it. In
+    training the modalities must be those of earlier steps in the same order; in evaluation
+    too when they are the same modalities (a reordered mapping is split wrongly). With the same
+    names in the same order, each modality's width (last dimension) must be the one it had: a
+    different one means the tensors were put under each other's names.
+    """
+    if earlier is not None and earlier != names and (training or sorted(earlier) == sorted(names)):
+        raise ValueError(
+            f"modalities {list(names)} differ from those of earlier steps "
+            f"{list(earlier)}; keep the same modalities in the same order (the mapping order "
+            "is the concatenation order)"
+        )
+    if earlier == names and widths_before is not None and widths_now is not None:
+        if widths_now != widths_before:
+            raise ValueError(
+                f"the features' widths {dict(zip(names, widths_now, strict=True))} differ from "
+                f"those of earlier steps {dict(zip(names, widths_before, strict=True))}: the "
+                "tensors are not under their own names (a mapping built in another order?); "
+                "pass {name: that modality's tensor}, in the concatenation order"
+            )

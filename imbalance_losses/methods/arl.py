@@ -26,7 +26,6 @@ See ``docs/arl.md`` for the semantics under gradient accumulation, AMP and DDP.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
@@ -37,20 +36,21 @@ from torch import Tensor, nn
 
 from ..core.branches import unimodal_branches
 from ..core.distributed import ProcessGroup
-from ..core.hooks import warn_on_backward
-from ..core.params import check_head_not_listed, present_gradients, scale_gradients_
+from ..core.hooks import scaling_hook, warn_if_frozen, warn_on_backward
+from ..core.params import check_head_not_listed
 from ..core.rebuilt import built_on, warn_rebuilt
 from ..core.records import StepRecord
 from ..core.remedy import EncoderSpec, Remedy
 from ..core.running import Pooled
-from ..core.stats import Reduction, as_fp32, counted, entropy_sum, reduce_loss
+from ..core.stats import Reduction, as_fp32, counted, ema_update, entropy_sum, reduce_loss
 from ..core.unimodal import Head
 from ..core.validation import (
     _assert_on_device,
     check_finite,
+    check_same_layout,
     check_same_modalities,
     criterion_reduction,
-    int_param,
+    feature_widths,
     real_param,
 )
 
@@ -260,22 +260,6 @@ def _batch_sums(zs: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
     return torch.cat([entropy, sizes])
 
 
-def _ema_update(
-    ema: Tensor | None, seen: Tensor | None, stats: Tensor, has: Tensor, momentum: float
-) -> tuple[Tensor, Tensor]:
-    """``(ema', seen')`` with ``ema' = momentum * ema + (1 - momentum) * stats``.
-
-    The first statistics are taken as they are (``ema`` is ``None``, or ``seen`` false: the
-    EMA holds no sample yet); a step whose samples were all ignored (``has`` false, 0-dim)
-    leaves the EMA unchanged. ``seen' = seen | has``.
-    """
-    if ema is None or seen is None:
-        return stats, has
-    ema, seen = ema.to(stats), seen.to(stats.device)
-    blended = torch.lerp(stats, ema, momentum * seen.to(stats.dtype))
-    return torch.where(has, blended, ema), seen | has
-
-
 def _arl_loss(
     logits: Tensor, target: Tensor, zs: Mapping[str, Tensor], gamma: float, criterion: Criterion
 ) -> Tensor:
@@ -284,46 +268,6 @@ def _arl_loss(
     for z in zs.values():
         loss = loss + gamma * criterion(z, target)
     return loss
-
-
-def _check_order(earlier: tuple[str, ...] | None, names: tuple[str, ...], training: bool) -> None:
-    """Refuse modalities in another order than at earlier training steps.
-
-    The mapping order is the concatenation order: the head's weight is split by it. In
-    training the modalities must be those of earlier steps in the same order; in evaluation
-    too when they are the same modalities (a reordered mapping is split wrongly).
-    """
-    if earlier is not None and earlier != names and (training or sorted(earlier) == sorted(names)):
-        raise ValueError(
-            f"modalities {list(names)} differ from those of earlier steps "
-            f"{list(earlier)}; keep the same modalities in the same order (the mapping order "
-            "is the concatenation order)"
-        )
-
-
-def _check_widths(
-    names: tuple[str, ...], before: tuple[int, ...] | None, now: tuple[int, ...] | None
-) -> None:
-    """With the same names in the same order, each modality's width (last dim) must be the
-    one it had: a different one means the tensors were put under each other's names."""
-    if before is not None and now is not None and now != before:
-        raise ValueError(
-            f"the features' widths {dict(zip(names, now, strict=True))} differ from those of "
-            f"earlier steps {dict(zip(names, before, strict=True))}: the tensors are not under "
-            "their own names (a mapping built in another order?); pass {name: that "
-            "modality's tensor}, in the concatenation order"
-        )
-
-
-def _widths(features: Mapping[str, Tensor] | None) -> tuple[int, ...] | None:
-    """Each feature's width (last dim), in mapping order."""
-    return None if features is None else tuple(x.shape[-1] for x in features.values())
-
-
-def _scaling(factor: Tensor) -> Callable[[Tensor], Tensor]:
-    """Gradient hook ``g -> g * s`` with a fixed (detached, 0-dim) factor ``s = 1 + beta_m``."""
-    s = factor.detach()
-    return lambda grad: grad * s.to(device=grad.device, dtype=grad.dtype)
 
 
 @dataclass(frozen=True)
@@ -512,7 +456,6 @@ class ARLLoss(Remedy[ARLRecord]):
     ) -> None:
         gamma = real_param("gamma", gamma, ge=0.0)
         temperature = real_param("temperature", temperature, ge=0.0)
-        int_param("warmup_steps", warmup_steps, ge=0)
         floor = None if floor is None else real_param("floor", floor, gt=0.0, le=0.5)
         momentum = None if momentum is None else real_param("momentum", momentum, ge=0.0, lt=1.0)
         reduction = cast(
@@ -535,11 +478,6 @@ class ARLLoss(Remedy[ARLRecord]):
         check_head_not_listed(
             self._encoder_params, head, self._encoder_names, who="ARL", action="re-weight"
         )
-        given = dict(encoders or {})
-        for k, (m, e) in enumerate(given.items()):
-            if not isinstance(e, nn.Module):  # parameters (maybe a one-shot iterable): a list
-                given[m] = [p for i, _, p in self._encoder_params if i == k]  # type: ignore[misc]
-        self.__dict__["_encoders"] = None if encoders is None else given
         self._ema: Tensor | None = None  # [2M]: cat(V, c)
         self._ema_seen: Tensor | None = None  # 0-dim bool: the EMA holds a sample
         self._widths: tuple[int, ...] | None = None  # the features' last dims at earlier steps
@@ -550,11 +488,6 @@ class ARLLoss(Remedy[ARLRecord]):
     def head(self) -> Head | None:
         """The fusion head used to compute unimodal logits (``None`` if not given)."""
         return cast("Head | None", self.__dict__["_head"])
-
-    @property
-    def encoders(self) -> dict[str, EncoderSpec] | None:
-        """The encoders re-weighted by :meth:`step` (``None`` in hook mode)."""
-        return cast("dict[str, EncoderSpec] | None", self.__dict__["_encoders"])
 
     def forward(
         self,
@@ -574,7 +507,7 @@ class ARLLoss(Remedy[ARLRecord]):
         hooks = not self.has_encoders
         given = features if features is not None or hooks else unimodal_logits
         repeat, mixed = self._classify(given) if training else (False, None)
-        size = 2 * self._modality_count(unimodal_logits, features)
+        size = 2 * self._guess_size(unimodal_logits, features)
         device = logits.device if isinstance(logits, Tensor) else self._device()
         with self._validating(size, device, pools=training and hooks and not repeat):
             if mixed is not None:
@@ -587,7 +520,7 @@ class ARLLoss(Remedy[ARLRecord]):
         if self._predecessor_steps and not self._steps:
             self._warn_rebuilt()
         self._modalities, batch = tuple(zs), logits.shape[0]
-        self._widths = _widths(features) or self._widths
+        self._widths = feature_widths(features) or self._widths
         self._add(_batch_sums(zs, mask), batch if mask is None else mask.sum(), rows=batch)
         if not hooks:  # encoders mode: step() decides once per optimiser step
             self._remember((zs if features is None else features).values())
@@ -596,12 +529,6 @@ class ARLLoss(Remedy[ARLRecord]):
         if record is not None and features is not None:
             self._hook(features, record, batch)
         return loss
-
-    def _modality_count(self, *mappings: object) -> int:
-        """M for the failure all-reduce: earlier steps, the encoders, or the mappings (else 2)."""
-        known = self._modalities or self._encoder_names
-        sizes = [len(x) for x in mappings if isinstance(x, Mapping) and len(x) >= 2]
-        return len(known) if known else next(iter(sizes), 2)
 
     def _checked_loss(
         self,
@@ -628,9 +555,9 @@ class ARLLoss(Remedy[ARLRecord]):
                 "gradients in training mode, or encoders= with step(); only unimodal_logits "
                 "were given"
             )
-        _check_order(self._modalities, names, training)
-        if self._modalities == names:
-            _check_widths(names, self._widths, _widths(features))
+        check_same_layout(
+            self._modalities, names, self._widths, feature_widths(features), training=training
+        )
         mask = counted(target, self.ignore_index)
         if not self._own_criterion:  # as it is; B = 0: a zero in the graph, not its 0 / 0
             if logits.shape[0] == 0:
@@ -645,17 +572,12 @@ class ARLLoss(Remedy[ARLRecord]):
     def _hook(self, features: Mapping[str, Tensor], record: ARLRecord, batch: int) -> None:
         """Hook mode: open the step on each feature that requires grad, and after the warm-up
         scale the gradient a backward brings it by ``1 + beta_m`` (one hook per tensor)."""
-        if record.active and batch > 0 and not any(x.requires_grad for x in features.values()):
-            warnings.warn(
-                "ARLLoss: no feature requires grad (frozen encoders or detached copies), so the "
-                "re-weighting has no gradient to act on; pass the tensors the model fused",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+        if record.active and batch > 0:
+            warn_if_frozen(features, "ARLLoss", "re-weighting")
         scale = 1.0 + record.coefficients if record.active else None
         for i, x in enumerate(features.values()):
             if x.requires_grad:
-                self._open.add_until_backward(x, None if scale is None else _scaling(scale[i]))
+                self._open.add_until_backward(x, None if scale is None else scaling_hook(scale[i]))
 
     def _warn_rebuilt(self) -> None:
         """First step of an ARLLoss built on a head whose earlier ARLLoss had already stepped."""
@@ -669,7 +591,7 @@ class ARLLoss(Remedy[ARLRecord]):
         stats, m = pooled.mean(), len(names)
         if self.momentum is not None:
             has = pooled.samples > 0  # every sample ignored on every rank: no statistics
-            self._ema, self._ema_seen = _ema_update(
+            self._ema, self._ema_seen = ema_update(
                 self._ema, self._ema_seen, stats, has, self.momentum
             )
             stats = self._ema
@@ -679,35 +601,9 @@ class ARLLoss(Remedy[ARLRecord]):
     def _statistics_size(self, m: int) -> int:
         return 2 * m  # cat(V, c)
 
-    @torch.no_grad()
-    def step(self) -> ARLRecord | None:
-        """Encoders mode: one coefficient per optimiser step, applied to the encoders' grads.
-
-        Call after the last ``backward()`` of the step (after ``GradScaler.unscale_`` when you
-        use one, before gradient clipping and ``optimizer.step()``), on every rank. Pools the
-        statistics of every training-mode ``forward`` since the previous call (one all-reduce
-        under DDP), computes ``beta`` and, after warm-up, multiplies each encoder's ``.grad`` by
-        ``1 + beta_m`` in place. Returns (and stores as ``last``) the record.
-
-        Returns ``None`` and changes nothing (no step counted, no scaling, ``last`` kept) when
-        the forwards since the last call had no sample on any rank (every batch had ``B = 0``).
-        A rank without any forward joins the all-reduce with zeros.
-
-        Raises:
-            RuntimeError: not in encoders mode, or no training-mode forward since the last call
-                (in one process, or on every rank).
-        """
-        if not self.has_encoders:
-            raise RuntimeError(
-                "step() is for the encoders mode: construct ARLLoss(..., encoders={...}); "
-                "in the default mode the re-weighting is applied by gradient hooks"
-            )
-        return super().step()
-
-    def _act_on_gradients(self, record: ARLRecord) -> None:
-        """``grad_m *= 1 + beta_m`` on each encoder's parameters (one fused in-place op)."""
-        grads, index = present_gradients(self._encoder_params)
-        scale_gradients_(grads, index, 1.0 + record.coefficients)
+    def _gradient_factors(self, record: ARLRecord) -> Tensor:
+        """Encoders mode (:meth:`step`): ``grad_m *= 1 + beta_m``."""
+        return 1.0 + record.coefficients
 
     def _method_state(self) -> dict[str, Any]:
         return {
@@ -727,9 +623,6 @@ class ARLLoss(Remedy[ARLRecord]):
         self._predecessor_steps = 0  # a resumed (or deliberately reset) criterion
 
     def extra_repr(self) -> str:
-        return (
-            f"gamma={self.gamma}, temperature={self.temperature}, warmup_steps="
-            f"{self.warmup_steps}, floor={self.floor}, momentum={self.momentum}, "
-            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-            f"mode={'encoders' if self.has_encoders else 'hooks'}"
-        )
+        keys = "gamma temperature warmup_steps floor momentum reduction ignore_index".split()
+        mode = "encoders" if self.has_encoders else "hooks"
+        return ", ".join(f"{k}={getattr(self, k)!r}" for k in keys) + f", mode={mode}"
