@@ -47,7 +47,12 @@ from .methods.boosting import (
     confidence_scores,
 )
 from .methods.mmpareto import MMPareto, MMParetoRecord, pareto_weights
-from .methods.modulation import ModalityGradientModulator, ModulationRecord
+from .methods.modulation import (
+    ModalityGradientModulator,
+    ModulationRecord,
+    ge_noise_stds,
+    ogm_coefficients,
+)
 from .methods.opm import (
     ModalityPredictionModulator,
     OPMOutput,
@@ -102,11 +107,13 @@ __all__ = [
     "drop_factors",
     "drop_probabilities",
     "entropy_weights",
+    "ge_noise_stds",
     "imbalance_report",
     "inverse_variance_weights",
     "kept_mean",
     "mono_modal_cross_entropy",
     "mono_modal_responses",
+    "ogm_coefficients",
     "overfitting_to_generalization_ratio",
     "pareto_weights",
     "plot_history",

@@ -158,7 +158,7 @@ def test_coefficient_properties(m: int, data: st.DataObject, alpha: float, form:
 @given(rho=st.lists(st.floats(0.0, 12.0), min_size=2, max_size=8), alpha=st.floats(0.01, 3.0))
 def test_coefficient_is_monotone_function_of_rho(rho: list[float], alpha: float) -> None:
     """Both forms against rho values directly (covers ratios a batch rarely produces)."""
-    from imbalance_losses.methods.modulation import _coefficients
+    from imbalance_losses.methods.modulation import ogm_coefficients as _coefficients
 
     r = torch.tensor(sorted(rho), dtype=torch.float64)
     for form in ("paper", "code"):

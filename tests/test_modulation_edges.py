@@ -219,7 +219,8 @@ def test_k_is_bounded_below_and_lipschitz_in_alpha(
 ) -> None:
     """For any scores (zeros included): ``k >= 1 - tanh(alpha (R - 1))`` (code: ``alpha R``),
     and ``|k(alpha + d) - k(alpha)| <= R d`` (``|dk/dalpha| = (1 - tanh^2) x / alpha <= R``)."""
-    from imbalance_losses.methods.modulation import _coefficients, capped_ratio
+    from imbalance_losses.methods.modulation import capped_ratio
+    from imbalance_losses.methods.modulation import ogm_coefficients as _coefficients
 
     s = torch.tensor(scores, dtype=torch.float64)
     rho = capped_ratio(s, max_ratio)

@@ -129,3 +129,38 @@ def test_shared_policy_against_an_independent_model(
     out = modality_parameters(lists, shared=policy)
     got = [(m, id(p)) for m, _, p in out]
     assert got == [(m, id(params[i])) for m in range(3) for i in kept[m]]
+
+
+# ---------------------------------------------------------------------------- selection, marks
+
+
+def test_select_parameters_by_policy_and_a_modality_left_without_any() -> None:
+    from imbalance_losses.core.params import select_parameters
+
+    enc = {"audio": nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3)), "visual": nn.Linear(3, 3)}
+    every = modality_parameters(enc)
+    weights = select_parameters(every, "weights", enc)
+    assert [(m, name) for m, name, _ in weights] == [(0, "0.weight"), (1, "weight")]
+    assert select_parameters(every, "all", enc) == every
+    biases = select_parameters(every, lambda name, p: name.endswith("bias"), enc)
+    assert [(m, name) for m, name, _ in biases] == [(0, "0.bias"), (0, "1.bias"), (1, "bias")]
+    norm_only = {"audio": nn.Linear(2, 3), "visual": nn.LayerNorm(3)}
+    with pytest.raises(ValueError, match=r"modality 'visual'.*\(2 parameter\(s\) in total\)"):
+        select_parameters(modality_parameters(norm_only), "weights", norm_only)
+
+
+def test_gradient_marks_see_every_write_to_a_marked_gradient() -> None:
+    from imbalance_losses.core.params import GradientMarks
+
+    a, b, c = (nn.Parameter(torch.zeros(2)) for _ in range(3))
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    marks = GradientMarks()
+    assert marks.fresh([a, b, c]) == [0, 1]  # c has no gradient
+    marks.mark([(a, a.grad), (b, b.grad)])
+    assert marks.unchanged(a) and marks.unchanged(b) and not marks.unchanged(c)
+    assert marks.fresh([a, b, c]) == []
+    b.grad.mul_(2.0)  # written in place (a backward accumulating into it)
+    a.grad = torch.ones(2)  # replaced (zero_grad(set_to_none) then a backward)
+    assert marks.fresh([a, b, c]) == [0, 1]
+    marks.mark([(b, b.grad)])  # a keeps its old, now stale, mark
+    assert marks.fresh([a, b]) == [0]

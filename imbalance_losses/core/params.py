@@ -5,22 +5,30 @@ modality -> ``nn.Module`` or iterable of parameters; :func:`modality_parameters`
 one ``(modality index, name, parameter)`` triple per distinct parameter (parameters shared
 between modalities are refused, excluded or assigned to one modality, as the caller says), and
 :func:`scale_gradients_` multiplies their gradients by a per-modality factor in one fused op.
+:func:`select_parameters` keeps the ones a method acts on (weights only, all, or a predicate), and
+:class:`GradientMarks` tells whether an in-place action already changed a gradient that nothing
+has written since (so a second ``step()`` with no backward in between cannot act twice).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "GradientMarks",
     "ModalityParameter",
+    "ParameterSelection",
     "SharedPolicy",
     "check_head_not_listed",
     "modality_parameters",
     "present_gradients",
     "scale_gradients_",
+    "select_parameters",
 ]
 
 ModalityParameter = tuple[int, str, Tensor]
@@ -241,3 +249,89 @@ def scale_gradients_(grads: list[Tensor], index: list[int], factors: Tensor) -> 
         for g, m in zip(grads, index, strict=True)
     ]
     torch._foreach_mul_(grads, scale)
+
+
+ParameterSelection = Literal["weights", "all"] | Callable[[str, Tensor], bool]
+"""``"weights"`` (every parameter with ``dim >= 2``), ``"all"``, or ``(name, param) -> bool``."""
+
+
+def _is_selected(selection: ParameterSelection, name: str, param: Tensor) -> bool:
+    if selection == "weights":
+        return param.dim() >= 2
+    if selection == "all":
+        return True
+    assert callable(selection)
+    return bool(selection(name, param))
+
+
+def select_parameters(
+    params: list[ModalityParameter], selection: ParameterSelection, modalities: Iterable[str]
+) -> list[ModalityParameter]:
+    """The entries of ``params`` that ``selection`` keeps, in order.
+
+    ``selection``: ``"weights"`` (every parameter with ``dim >= 2``: conv and linear weights, not
+    biases nor normalisation parameters), ``"all"``, or a predicate ``(name, param) -> bool``
+    (``name`` as in :func:`modality_parameters`, ``""`` for a bare parameter).
+
+    Raises:
+        ValueError: a modality (of ``modalities``, in mapping order) left with no parameter.
+
+    Example:
+        >>> from torch import nn
+        >>> from imbalance_losses.core.params import modality_parameters, select_parameters
+        >>> enc = {"audio": nn.Linear(2, 3), "visual": nn.Linear(4, 3)}
+        >>> chosen = select_parameters(modality_parameters(enc), "weights", enc)
+        >>> [(m, name) for m, name, _ in chosen]
+        [(0, 'weight'), (1, 'weight')]
+    """
+    chosen = [(m, name, p) for m, name, p in params if _is_selected(selection, name, p)]
+    for m, modality in enumerate(modalities):
+        if not any(i == m for i, _, _ in chosen):
+            total = sum(1 for i, _, _ in params if i == m)
+            raise ValueError(
+                f"no parameter of modality {modality!r} is selected by parameters="
+                f"{selection!r} ({total} parameter(s) in total); pass parameters='all' "
+                "or a predicate that selects its encoder's parameters"
+            )
+    return chosen
+
+
+class GradientMarks:
+    """Which parameters' ``.grad`` an in-place action left, and whether they changed since.
+
+    :meth:`mark` after acting keeps, per parameter, a weak reference to its gradient tensor and
+    that tensor's version counter; :meth:`unchanged` is true while ``p.grad`` is still that very
+    tensor and nothing wrote to it (no backward accumulated into it, no ``zero_grad``, no in-place
+    op): acting on it again would act twice on one backward's gradient.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses.core.params import GradientMarks
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> p.grad = torch.ones(2)
+        >>> marks = GradientMarks()
+        >>> marks.mark([(p, p.grad)])
+        >>> marks.unchanged(p)
+        True
+        >>> _ = p.grad.add_(1.0)                     # a new backward accumulated into it
+        >>> marks.unchanged(p)
+        False
+    """
+
+    def __init__(self) -> None:
+        self._marks: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+
+    def unchanged(self, p: Tensor) -> bool:
+        """Whether ``p.grad`` is the very tensor last marked, not written since."""
+        seen, grad = self._marks.get(id(p)), p.grad
+        return (
+            seen is not None and grad is not None and seen[0]() is grad and seen[1] == grad._version
+        )
+
+    def fresh(self, params: list[Tensor]) -> list[int]:
+        """Positions of the parameters that have a gradient not :meth:`unchanged` since marked."""
+        return [i for i, p in enumerate(params) if p.grad is not None and not self.unchanged(p)]
+
+    def mark(self, acted: Iterable[tuple[Tensor, Tensor]]) -> None:
+        """Remember ``(parameter, its gradient)`` pairs just acted on (others keep their marks)."""
+        self._marks.update((id(p), (weakref.ref(g), g._version)) for p, g in acted)

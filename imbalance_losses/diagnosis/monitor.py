@@ -50,6 +50,7 @@ from ..core.gradients import norms, segment_sum
 from ..core.params import modality_parameters
 from ..core.records import StepRecord
 from ..core.running import RunningSums
+from ..core.scoring import capped_ratio
 from ..core.stats import as_fp32, counted, true_class_probability
 from ..core.unimodal import Head, MappingHead, unimodal_logits
 from ..core.validation import (
@@ -59,7 +60,6 @@ from ..core.validation import (
     int_param,
     real_param,
 )
-from ..methods.modulation import capped_ratio
 
 __all__ = ["PREFIX", "ImbalanceMonitor"]
 

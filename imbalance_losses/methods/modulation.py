@@ -16,7 +16,8 @@ Each optimiser step, after ``backward()`` and before ``optimizer.step()``:
 
        rho_m = s_m / mean_{k != m} s_k        (two modalities: s_1 / s_2 and s_2 / s_1)
 
-3. **Coefficient**, ``coefficient="paper"`` (the default; the paper's Eq. 10, continuous)::
+3. **Coefficient** (:func:`ogm_coefficients`), ``coefficient="paper"`` (the default; the paper's
+   Eq. 10, continuous)::
 
        k_m = 1 - tanh(alpha * relu(rho_m - 1))
 
@@ -28,56 +29,198 @@ Each optimiser step, after ``backward()`` and before ``optimizer.step()``:
    whose score exceeds the mean of the others is damped.
 4. **Modulation** of every selected parameter ``p`` of modality ``m``: ``g <- g * k_m``.
 5. **GE** (``method="ogm_ge"``): ``g <- g * k_m + N(0, std(g)^2)``, ``std`` the unbiased standard
-   deviation of the gradient *before* modulation, noise from the modulator's own generator::
+   deviation of the gradient *before* modulation (:func:`ge_noise_stds`), noise from the
+   modulator's own generator::
 
        std(g)^2 = (sum_i g_i^2 - (sum_i g_i)^2 / n) / (n - 1)       (0 when n = 1)
 
    from one sum and one ``dot(g, g)`` per gradient (no temporary of a gradient's size).
 
-Steps 1-2 are :class:`ModalityScorer`, shared with OPM
+Steps 1-2 are :class:`~imbalance_losses.core.scoring.ModalityScorer`, shared with OPM
 (:class:`~imbalance_losses.methods.opm.ModalityPredictionModulator`): one measurement, two actions.
 Steps 4-5 happen only inside the window ``start_step <= t < stop_step`` (``t`` counts calls to
 :meth:`ModalityGradientModulator.step` that saw at least one sample on some rank); outside it
 gradients are untouched. Each gradient is modulated at most once per backward (a second
 ``step()`` with no backward in between raises), a step with no sample on any rank is a no-op,
 and a rank whose input fails validation makes every rank raise in the same call.
+
+The modulator is a plain object, not an ``nn.Module``: it owns no parameter, and its state
+(``state_dict()``: step counter, seed, GE generator, pending scores) travels beside the model, in
+a trainer's callback state (docs/lightning.md).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-import weakref
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..core.attachment import OptimizerAttachable
 from ..core.distributed import ProcessGroup
-from ..core.params import SharedPolicy, modality_parameters, present_gradients, scale_gradients_
-from ..core.records import StepRecord
-from ..core.running import RunningSums
-from ..core.stats import counted, one_vs_rest_ratio, true_class_probability
-from ..core.validation import (
-    check_scored_logits,
-    check_state_keys,
-    int_param,
-    real_param,
+from ..core.params import (
+    GradientMarks,
+    ParameterSelection,
+    SharedPolicy,
+    modality_parameters,
+    present_gradients,
+    scale_gradients_,
+    select_parameters,
 )
+from ..core.records import StepRecord
+from ..core.scoring import Discrepancy, ModalityScorer, capped_ratio
+from ..core.validation import check_state_keys, int_param, real_param
 
-__all__ = ["Discrepancy", "ModalityGradientModulator", "ModalityScorer", "ModulationRecord"]
+__all__ = [
+    "Discrepancy",
+    "ModalityGradientModulator",
+    "ModalityScorer",
+    "ModulationRecord",
+    "capped_ratio",
+    "ge_noise_stds",
+    "ogm_coefficients",
+]
 
 Method = Literal["ogm_ge", "ogm"]
 Coefficient = Literal["paper", "code"]
-ParameterSelection = Literal["weights", "all"] | Callable[[str, Tensor], bool]
-"""``"weights"`` (every parameter with ``dim >= 2``), ``"all"``, or ``(name, param) -> bool``."""
 
 _METHODS = ("ogm_ge", "ogm")
 _COEFFICIENTS = ("paper", "code")
+_SHARED_HINT = (
+    "pass shared='exclude' to leave shared parameters unmodulated, or shared='<modality>' to "
+    "modulate them with that modality's coefficient"
+)
+_STATE_KEYS = ("step", "seed", "generator", "pool")
+_NOTHING_OBSERVED = (
+    "ModalityGradientModulator.step() called with nothing observed: pass "
+    "step(unimodal_logits, target) or call observe(...) on each micro-batch first"
+)
+
+
+# ------------------------------------------------------------------------------ formulas
+
+
+def ogm_coefficients(ratios: Tensor, alpha: float, rule: str = "paper") -> Tensor:
+    r"""Per-modality coefficients ``k_m`` from the ratios ``rho_m`` (same shape, same dtype).
+
+    * ``"paper"``: $k_m = 1 - \tanh\big(\alpha \operatorname{relu}(\rho_m - 1)\big)$;
+    * ``"code"``:  $k_m = 1 - \tanh(\alpha \rho_m)$ where $\rho_m > 1$, else $1$.
+
+    ``1 - tanh(x)`` is evaluated as ``2 sigmoid(-2x)``, the same function, which keeps its
+    relative precision where ``tanh(x)`` rounds to 1 (``x > 9`` in fp32): ``k`` stays positive
+    up to ``x ~ 50`` (``k ~ 1e-43``) and underflows to 0 only beyond that. ``alpha = 0`` with an
+    infinite ratio gives ``k = 1`` (the limit ``x = 0``, not ``0 * inf = NaN``). ``ValueError``
+    for another ``rule``.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import ogm_coefficients
+        >>> rho = torch.tensor([1.96, 0.51])
+        >>> ogm_coefficients(rho, alpha=1.0).round(decimals=4)      # 1 - tanh(0.96), 1
+        tensor([0.2557, 1.0000])
+        >>> ogm_coefficients(rho, alpha=1.0, rule="code").round(decimals=4)   # 1 - tanh(1.96)
+        tensor([0.0389, 1.0000])
+    """
+    if rule not in _COEFFICIENTS:
+        raise ValueError(f"rule must be one of {_COEFFICIENTS}, got {rule!r}")
+    if rule == "paper":
+        x = torch.nan_to_num(alpha * torch.relu(ratios - 1.0), nan=0.0, posinf=math.inf)
+        return 2.0 * torch.sigmoid(-2.0 * x)
+    x = torch.nan_to_num(alpha * ratios, nan=0.0, posinf=math.inf)
+    damped = 2.0 * torch.sigmoid(-2.0 * x)
+    return torch.where(ratios > 1.0, damped, torch.ones_like(ratios))
+
+
+def _sum_and_square_sum(g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum_i g_i, sum_i g_i^2)`` of one gradient, 0-dim, with no temporary of its size.
+
+    fp32 / fp64 gradients: ``sum`` (cascade summation) and a BLAS ``dot(g, g)``, both in the
+    gradient's dtype; fp16 / bf16 gradients: accumulated in fp32 (``sum(dtype=)``,
+    ``vector_norm(dtype=)``). A non-contiguous gradient is flattened with a copy.
+    """
+    if g.dtype in (torch.float32, torch.float64):
+        flat = g.reshape(-1)
+        return flat.sum(), torch.dot(flat, flat)
+    return g.sum(dtype=torch.float32), torch.linalg.vector_norm(g, dtype=torch.float32).square()
+
+
+def _inverse_counts(numels: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(1 / n_p, 1 / (n_p - 1))`` ``[P]`` on ``device`` (0 where ``n_p <= 1``), in fp64
+    (fp32 where the device has no fp64)."""
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    inv_n = torch.tensor([1.0 / n if n > 0 else 0.0 for n in numels], dtype=dtype).to(device)
+    inv_n1 = torch.tensor([1.0 / (n - 1) if n > 1 else 0.0 for n in numels], dtype=dtype)
+    return inv_n, inv_n1.to(device)
+
+
+def ge_noise_stds(
+    grads: Sequence[Tensor], inverse_counts: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    r"""Unbiased standard deviation of each of ``P >= 1`` gradients (OGM-GE's noise scale), ``[P]``.
+
+    $$\sigma_p^2 = \frac{\sum_i g_i^2 - (\sum_i g_i)^2 / n_p}{n_p - 1}, \qquad
+    \sigma_p = \sqrt{\max(\sigma_p^2, 0)} \quad (\sigma_p = 0 \text{ when } n_p = 1)$$
+
+    The two sums are one reading pass each per gradient with no temporary, in place of a
+    ``torch.std`` (Welford) per gradient; the ``[P]`` combination is one small vector
+    expression in fp64. The one-pass formula loses relative precision as ``mean^2 / var``
+    grows: against fp64, the std's relative error is below ``3e-5`` for ``|mean| <= 10 std`` and
+    about ``2e-3`` at ``|mean| = 100 std`` (up to 2.4M elements), immaterial for a noise scale;
+    an all-zero gradient gets exactly 0, a non-finite one a non-finite std (so it stays
+    non-finite after the noise). ``inverse_counts``: ``(1 / n_p, 1 / (n_p - 1))`` on the result's
+    device (default: built on the first gradient's device).
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import ge_noise_stds
+        >>> ge_noise_stds([torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([5.0])])
+        tensor([1.2910, 0.0000])
+    """
+    if inverse_counts is None:
+        inverse_counts = _inverse_counts([g.numel() for g in grads], grads[0].device)
+    inv_n, inv_n1 = inverse_counts
+    device, dtype = inv_n.device, inv_n.dtype
+    sums = [t for g in grads for t in _sum_and_square_sum(g)]  # [s1_0, s2_0, s1_1, ...]
+    if all(t.dtype == sums[0].dtype and t.device == device for t in sums):
+        both = torch.stack(sums).to(dtype).view(-1, 2)  # one cast for all
+    else:  # mixed dtypes or devices: each moved on its own
+        both = torch.stack([t.to(device=device, dtype=dtype) for t in sums]).view(-1, 2)
+    s1, s2 = both.unbind(1)
+    var = (s2 - s1.square() * inv_n) * inv_n1
+    return var.clamp_min(0.0).sqrt().float()  # clamp_min keeps NaN (a non-finite gradient)
+
+
+# ------------------------------------------------------------------------------ options
+
+
+def _window(start_step: int, stop_step: int | None) -> tuple[int, int | None]:
+    start_step = int_param("start_step", start_step, ge=0)
+    if stop_step is not None:
+        stop_step = int_param("stop_step", stop_step)
+        if stop_step <= start_step:
+            raise ValueError(
+                f"stop_step ({stop_step}) must be greater than start_step ({start_step}) or None"
+            )
+    return start_step, stop_step
+
+
+def _check_choices(method: str, coefficient: str, parameters: object) -> None:
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if coefficient not in _COEFFICIENTS:
+        raise ValueError(f"coefficient must be one of {_COEFFICIENTS}, got {coefficient!r}")
+    if not (parameters in ("weights", "all") or callable(parameters)):
+        raise ValueError(
+            "parameters must be 'weights', 'all' or a predicate (name, param) -> bool, got "
+            f"{parameters!r}"
+        )
+
+
+# ------------------------------------------------------------------------------ record
 
 
 @dataclass(frozen=True)
@@ -121,209 +264,7 @@ class ModulationRecord(StepRecord):
     step: int
 
 
-def capped_ratio(scores: Tensor, max_ratio: float) -> Tensor:
-    """Discrepancy ratios ``[M]`` of the scores ``[M]``, capped at ``max_ratio``.
-
-    ``rho_m = min(s_m / mean_{k != m} s_k, R)``, ``R = max_ratio > 1``, with ``0 / 0 = 1``
-    (:func:`~imbalance_losses.core.stats.one_vs_rest_ratio`). Without the cap a score that
-    underflows
-    to 0 (every true-class probability below ``1e-45`` in fp32) makes the other ratios infinite,
-    and then ``k = 1 - tanh(alpha * inf) = 0`` for every ``alpha > 0``, however small, while
-    ``alpha = 0`` gives ``k = 1``: a jump, and a silent full stop of those encoders. With the cap
-    ``k`` is a continuous function of ``alpha`` with ``k -> 1`` as ``alpha -> 0``, and
-    ``k >= 1 - tanh(alpha (R - 1))`` (paper form), ``k >= 1 - tanh(alpha R)`` (code form).
-    """
-    return one_vs_rest_ratio(scores).clamp(max=max_ratio)
-
-
-class Discrepancy(NamedTuple):
-    """One step's pooled scores and ratios (what :meth:`ModalityScorer.decide` returns)."""
-
-    scores: Tensor
-    """``[M]`` fp32, ``s_m = sum_b softmax(z_m)[b, y_b]`` over every micro-batch and rank."""
-    num_samples: Tensor
-    """0-dim, the number of samples counted (``ignore_index`` targets left out)."""
-    ratios: Tensor
-    """``[M]`` fp32, ``rho_m = min(s_m / mean_{k != m} s_k, max_ratio)`` (:func:`capped_ratio`)."""
-
-
-class ModalityScorer:
-    """The discrepancy measurement OGM and OPM share: observe, pool, capped ratio.
-
-    One computation, two actions: :class:`ModalityGradientModulator` scales gradients with it,
-    :class:`~imbalance_losses.methods.opm.ModalityPredictionModulator` drops features with it. Both
-    hold one scorer and call the same three methods, so their scores and ratios on the same
-    input are the same tensors' values bit for bit.
-
-    * :meth:`observe` adds ``s_m += sum_b softmax(z_m)[b, y_b]`` (fp32, detached, one
-      ``gather`` per modality) and the counted samples of one (micro-)batch to a
-      :class:`~imbalance_losses.core.running.RunningSums`;
-    * :meth:`decide` pools them over the process group (one all-reduce, which also carries the
-      empty-step and failure flags), resets the pool and returns :class:`Discrepancy`, or
-      ``None`` when no rank had a single row (an empty step: the caller makes it a no-op);
-    * :meth:`failing_together` wraps the caller's input checks, so a rank whose input fails
-      joins :meth:`decide`'s collective with a failure flag and every rank raises in the same
-      call.
-
-    Args:
-        modalities: the modality names, in mapping order (at least two).
-        max_ratio: cap ``R > 1`` of the ratios (see :func:`capped_ratio`).
-        ignore_index: class-index targets equal to it are left out of the scores and the count.
-        process_group: the group the scores are all-reduced over (``None``: the world).
-        owner: how the messages name the owner's modalities (``"the modulator's"``).
-    """
-
-    def __init__(
-        self,
-        modalities: tuple[str, ...],
-        *,
-        max_ratio: float,
-        ignore_index: int | None,
-        process_group: ProcessGroup | None,
-        owner: str,
-    ) -> None:
-        self.modalities = modalities
-        self.max_ratio = max_ratio
-        self.ignore_index = ignore_index
-        self.process_group = process_group
-        self.owner = owner
-        self._pool = RunningSums()
-
-    def observe(self, unimodal_logits: Mapping[str, Tensor], target: Tensor) -> None:
-        """Validate one (micro-)batch and add its scores and counted samples to the pool.
-
-        An empty batch (``B = 0``) adds no score but counts as observed (zero rows).
-
-        Raises:
-            ValueError: modalities that differ from the owner's, logits that are not ``[B, C]``
-                or differ in shape between modalities, batch-size mismatch, targets out of
-                range, non-finite logits, a target on another device than the logits.
-            TypeError: non-floating-point logits, non-tensor input.
-        """
-        batch, _ = check_scored_logits(
-            unimodal_logits,
-            target,
-            self.modalities,
-            owner=self.owner,
-            ignore_index=self.ignore_index,
-        )
-        scores = torch.stack(
-            [
-                true_class_probability(z, target, self.ignore_index).sum()
-                for z in unimodal_logits.values()
-            ]
-        )
-        mask = counted(target, self.ignore_index)
-        self._pool.add(scores, batch if mask is None else mask.sum(), rows=batch)
-
-    def failing_together(self, device: torch.device) -> AbstractContextManager[None]:
-        """``with scorer.failing_together(device): <checks>``: a failure joins the collective."""
-        return self._pool.failing_together(len(self.modalities), device, self.process_group)
-
-    def decide(self, device: torch.device, *, missing: str) -> Discrepancy | None:
-        """Pool what was observed since the last call (one all-reduce) and reset.
-
-        Returns the pooled scores, sample count and capped ratios, or ``None`` when the global
-        step had no row on any rank.
-
-        Raises:
-            RuntimeError: ``missing`` when nothing was observed (on every rank), or the input
-                failed validation on another rank in this same call.
-        """
-        pooled = self._pool.pool(len(self.modalities), device, self.process_group, missing=missing)
-        if pooled.empty:
-            return None
-        return Discrepancy(
-            scores=pooled.sums,
-            num_samples=pooled.samples,
-            ratios=capped_ratio(pooled.sums, self.max_ratio),
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        """The scores observed but not yet decided (local to this rank)."""
-        return self._pool.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self._pool.load_state_dict(state)
-
-
-def _coefficients(ratios: Tensor, alpha: float, form: str) -> Tensor:
-    """Per-modality coefficients ``k_m`` from the ratios ``rho_m`` (same shape, same dtype).
-
-    ``1 - tanh(x)`` is evaluated as ``2 sigmoid(-2x)``, the same function, which keeps its
-    relative precision where ``tanh(x)`` rounds to 1 (``x > 9`` in fp32): ``k`` stays positive
-    up to ``x ~ 50`` (``k ~ 1e-43``) and underflows to 0 only beyond that.
-
-    * ``"paper"``: ``k = 1 - tanh(alpha * relu(rho - 1))``
-    * ``"code"``:  ``k = 1 - tanh(alpha * rho)`` where ``rho > 1``, else ``1``.
-    """
-    # alpha = 0 with an infinite ratio would give 0 * inf = NaN; the limit is x = 0 (no
-    # damping), so NaN is mapped to 0. (The modulator caps the ratios; this keeps the
-    # function total for direct callers.)
-    if form == "paper":
-        x = torch.nan_to_num(alpha * torch.relu(ratios - 1.0), nan=0.0, posinf=math.inf)
-        return 2.0 * torch.sigmoid(-2.0 * x)
-    x = torch.nan_to_num(alpha * ratios, nan=0.0, posinf=math.inf)
-    damped = 2.0 * torch.sigmoid(-2.0 * x)
-    return torch.where(ratios > 1.0, damped, torch.ones_like(ratios))
-
-
-def _sum_and_square_sum(g: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum_i g_i, sum_i g_i^2)`` of one gradient, 0-dim, with no temporary of its size.
-
-    fp32 / fp64 gradients: ``sum`` (cascade summation) and a BLAS ``dot(g, g)``, both in the
-    gradient's dtype; fp16 / bf16 gradients: accumulated in fp32 (``sum(dtype=)``,
-    ``vector_norm(dtype=)``). A non-contiguous gradient is flattened with a copy.
-    """
-    if g.dtype in (torch.float32, torch.float64):
-        flat = g.reshape(-1)
-        return flat.sum(), torch.dot(flat, flat)
-    return g.sum(dtype=torch.float32), torch.linalg.vector_norm(g, dtype=torch.float32).square()
-
-
-def _gradient_stds(
-    grads: list[Tensor], inv_n: Tensor, inv_n1: Tensor, device: torch.device
-) -> Tensor:
-    """Unbiased standard deviation of each gradient, ``[P]`` fp32 on ``device``.
-
-    ::
-
-        var_p = (sum_i g_i^2 - (sum_i g_i)^2 / n_p) / (n_p - 1),   std_p = sqrt(max(var_p, 0))
-
-    ``inv_n = 1 / n_p`` and ``inv_n1 = 1 / (n_p - 1)`` (0 where ``n_p <= 1``: one value has no
-    spread) are ``[P]`` on ``device`` in the combination dtype (fp64; fp32 where the device has
-    no fp64). The two sums are one reading pass each per gradient with no temporary
-    (:func:`_sum_and_square_sum`), in place of a ``torch.std`` (Welford) per gradient; the ``[P]``
-    combination is one small vector expression. The one-pass formula loses relative precision
-    as ``mean^2 / var`` grows: measured against fp64, the std's relative error is below
-    ``3e-5`` for ``|mean| <= 10 std`` and about ``2e-3`` at ``|mean| = 100 std`` (up to 2.4M
-    elements), which is immaterial for a noise scale; an all-zero gradient gets exactly 0. A
-    non-finite gradient gives a non-finite (``inf`` or NaN) std, so it stays non-finite after
-    the noise.
-    """
-    sums = [t for g in grads for t in _sum_and_square_sum(g)]  # [s1_0, s2_0, s1_1, ...]
-    dtype = inv_n.dtype
-    if all(t.dtype == sums[0].dtype and t.device == device for t in sums):
-        both = torch.stack(sums).to(dtype).view(-1, 2)  # one cast for all
-    else:  # mixed dtypes or devices: each moved on its own
-        both = torch.stack([t.to(device=device, dtype=dtype) for t in sums]).view(-1, 2)
-    s1, s2 = both.unbind(1)
-    var = (s2 - s1.square() * inv_n) * inv_n1
-    return var.clamp_min(0.0).sqrt().float()  # clamp_min keeps NaN (a non-finite gradient)
-
-
-def _is_selected(selection: ParameterSelection, name: str, param: Tensor) -> bool:
-    if selection == "weights":
-        return param.dim() >= 2
-    if selection == "all":
-        return True
-    assert callable(selection)
-    return bool(selection(name, param))
-
-
-def _combination_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
+# ------------------------------------------------------------------------------ the modulator
 
 
 class ModalityGradientModulator(OptimizerAttachable):
@@ -360,6 +301,16 @@ class ModalityGradientModulator(OptimizerAttachable):
     Each gradient is modulated at most once per backward: a :meth:`step` whose modulated
     gradients were all left unchanged since the previous step modulated them (no backward, no
     ``zero_grad`` in between) raises ``RuntimeError`` instead of scaling them by ``k^2``.
+
+    **Empty steps and DDP.** A step whose pooled batch is empty on every rank (``B = 0``
+    everywhere) is a no-op: the gradients, the step counter and :attr:`last` are left as they
+    are and ones are returned. A rank with ``B = 0`` among ranks with samples calls ``step()``
+    (no arguments) or ``step(empty_logits, empty_target)`` and applies the coefficients the
+    others decided. If the input fails validation on one rank, that rank joins the step's
+    all-reduce with a failure flag before raising its error, and every other rank raises
+    ``RuntimeError`` in the same call (so no rank waits and the ranks' collectives stay
+    paired). A step that raises discards the scores observed since the last step, on every
+    rank.
 
     Args:
         modules: ordered mapping modality -> its encoder (an ``nn.Module``) or an iterable of its
@@ -435,86 +386,40 @@ class ModalityGradientModulator(OptimizerAttachable):
         seed: int = 0,
         process_group: ProcessGroup | None = None,
     ) -> None:
-        if isinstance(modules, nn.ModuleDict):
-            modules = dict(modules.items())
-        if not isinstance(modules, Mapping):
-            raise TypeError(
-                "modules must be a mapping modality -> nn.Module or parameters (e.g. "
-                f"{{'audio': model.audio_net, 'visual': model.visual_net}}), got "
-                f"{type(modules).__name__}"
-            )
-        if len(modules) < 2:
-            raise ValueError(f"modules needs at least two modalities, got {list(modules)}")
-        alpha = real_param("alpha", alpha, ge=0.0)
-        max_ratio = real_param("max_ratio", max_ratio, gt=1.0)
-        start_step = int_param("start_step", start_step, ge=0)
-        if stop_step is not None:
-            stop_step = int_param("stop_step", stop_step)
-            if stop_step <= start_step:
-                raise ValueError(
-                    f"stop_step ({stop_step}) must be greater than start_step ({start_step}) "
-                    "or None"
-                )
-        if ignore_index is not None:
-            ignore_index = int_param("ignore_index", ignore_index)
-        seed = int_param("seed", seed)
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-        if coefficient not in _COEFFICIENTS:
-            raise ValueError(f"coefficient must be one of {_COEFFICIENTS}, got {coefficient!r}")
-        if not (parameters in ("weights", "all") or callable(parameters)):
-            raise ValueError(
-                "parameters must be 'weights', 'all' or a predicate (name, param) -> bool, got "
-                f"{parameters!r}"
-            )
-
-        every = modality_parameters(
-            modules,
-            shared=shared,
-            hint="pass shared='exclude' to leave shared parameters unmodulated, or "
-            "shared='<modality>' to modulate them with that modality's coefficient",
+        self.alpha = real_param("alpha", alpha, ge=0.0)
+        self.max_ratio = real_param("max_ratio", max_ratio, gt=1.0)
+        self.start_step, self.stop_step = _window(start_step, stop_step)
+        self.ignore_index = (
+            None if ignore_index is None else int_param("ignore_index", ignore_index)
         )
-        chosen = [(m, name, p) for m, name, p in every if _is_selected(parameters, name, p)]
-        for m, modality in enumerate(modules):
-            if not any(i == m for i, _, _ in chosen):
-                total = sum(1 for i, _, _ in every if i == m)
-                raise ValueError(
-                    f"no parameter of modality {modality!r} is selected by parameters="
-                    f"{parameters!r} ({total} parameter(s) in total); pass parameters='all' "
-                    "or a predicate that selects its encoder's parameters"
-                )
-
+        self.seed = int_param("seed", seed)
+        _check_choices(method, coefficient, parameters)
+        every = modality_parameters(modules, shared=shared, hint=_SHARED_HINT)
+        self._params = select_parameters(every, parameters, modules)
         self.modalities: tuple[str, ...] = tuple(modules)
-        self.alpha = alpha
         self.method: Method = method
         self.coefficient: Coefficient = coefficient
         self.shared = shared
-        self.start_step = start_step
-        self.stop_step = stop_step
-        self.max_ratio = max_ratio
-        self.ignore_index = ignore_index
-        self.seed = seed
         self.process_group = process_group
-        self._params = chosen
         self._scorer = ModalityScorer(
             self.modalities,
-            max_ratio=max_ratio,
-            ignore_index=ignore_index,
+            max_ratio=self.max_ratio,
+            ignore_index=self.ignore_index,
             process_group=process_group,
             owner="the modulator's",
         )
-        self._step = 0
-        self._generator: torch.Generator | None = None
-        self._pending_generator_state: Tensor | None = None
-        # per modulated parameter: (weak reference to its .grad, that tensor's version) right
-        # after the last modulation; a gradient still matching both was not touched since
-        self._modulated: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+        self._restart(0, None)
+
+    def _restart(self, step: int, generator_state: Tensor | None) -> None:
+        """The run-time state at step ``step`` (a new modulator, a loaded state)."""
+        self._step = step
+        self._generator: torch.Generator | None = None  # made on first use, on the grads' device
+        self._pending_generator_state = generator_state  # set into it then
+        self._modulated = GradientMarks()  # the gradients the last modulation left
         self._modulated_step = -1
         # (present parameter positions, device) -> (modality index [P], 1/n [P], 1/(n-1) [P])
         self._layout: tuple[tuple[tuple[int, ...], torch.device], tuple[Tensor, ...]] | None = None
         self.last: ModulationRecord | None = None
-
-    # ------------------------------------------------------------------ properties
 
     @property
     def step_count(self) -> int:
@@ -533,8 +438,6 @@ class ModalityGradientModulator(OptimizerAttachable):
         """Whether step ``step`` (default: the next one) lies in ``[start_step, stop_step)``."""
         t = self._step if step is None else step
         return t >= self.start_step and (self.stop_step is None or t < self.stop_step)
-
-    # ------------------------------------------------------------------ scores
 
     def observe(self, unimodal_logits: Mapping[str, Tensor], target: Tensor) -> None:
         """Add one (micro-)batch to the scores of the next :meth:`step`.
@@ -558,46 +461,28 @@ class ModalityGradientModulator(OptimizerAttachable):
         """
         self._scorer.observe(unimodal_logits, target)
 
-    # ------------------------------------------------------------------ the step
-
     def step(
-        self,
-        unimodal_logits: Mapping[str, Tensor] | None = None,
-        target: Tensor | None = None,
+        self, unimodal_logits: Mapping[str, Tensor] | None = None, target: Tensor | None = None
     ) -> Tensor:
         """Modulate the gradients for this optimiser step; return the coefficients ``[M]``.
 
         Observes ``(unimodal_logits, target)`` if given, pools the scores over micro-batches and
         ranks (one all-reduce), computes ``rho`` and ``k``, then, inside the window, rescales the
-        selected gradients in place (``g <- g * k_m``) and for OGM-GE adds
-        ``N(0, std(g_before)^2)`` noise per parameter. Parameters without a gradient are
-        skipped, and so is a gradient left unchanged since the previous step modulated it.
-        The pool is reset and the step counter advances.
-
-        A step whose pooled batch is empty on every rank (``B = 0`` everywhere) is a no-op: the
-        gradients, the step counter and :attr:`last` are left as they are and ones are
-        returned. A rank with ``B = 0`` among ranks with samples calls ``step()`` (no
-        arguments) or ``step(empty_logits, empty_target)`` and applies the coefficients the
-        others decided.
-
-        If the input fails validation on one rank, that rank joins this step's all-reduce with
-        a failure flag before raising its error, and every other rank raises ``RuntimeError``
-        in the same call (so no rank waits and the ranks' collectives stay paired). A step that
-        raises discards the scores observed since the last step, on every rank.
+        selected gradients in place (``g <- g * k_m``), for OGM-GE plus ``N(0, std(g)^2)``
+        noise per parameter. Parameters without a gradient are skipped, and so is a gradient
+        left unchanged since the previous step modulated it. Empty steps and DDP: see the class.
 
         Returns:
             the coefficients applied (fp32, ``[M]``, mapping order): ``k_m`` inside the window,
             ones outside it or on an empty step. The full decision is in :attr:`last`.
 
         Raises:
-            ValueError: only one of ``unimodal_logits`` / ``target`` given, or bad input (see
-                :meth:`observe`).
-            TypeError: non-floating-point logits (see :meth:`observe`).
-            RuntimeError: nothing was observed since the last step (on every rank); the
-                gradients were already modulated and not recomputed since (a second ``step()``
-                without a ``backward()``); or the input failed validation on another rank.
+            ValueError / TypeError: only one of ``unimodal_logits`` / ``target``, or bad input
+                (see :meth:`observe`).
+            RuntimeError: nothing observed since the last step (on every rank); the gradients
+                already modulated and not recomputed since (no ``backward()`` in between); the
+                input failed validation on another rank.
         """
-        size = len(self.modalities)
         device = self._params[0][2].device
         with self._scorer.failing_together(device):
             if (unimodal_logits is None) != (target is None):
@@ -606,43 +491,30 @@ class ModalityGradientModulator(OptimizerAttachable):
                 self._check_not_modulated_twice()
             if unimodal_logits is not None and target is not None:
                 self.observe(unimodal_logits, target)
-        found = self._scorer.decide(  # one all-reduce; resets the pool
-            device,
-            missing="ModalityGradientModulator.step() called with nothing observed: pass "
-            "step(unimodal_logits, target) or call observe(...) on each micro-batch first",
-        )
+        found = self._scorer.decide(device, missing=_NOTHING_OBSERVED)  # one all-reduce
         if found is None:  # no sample on any rank: nothing to decide, nothing counted
-            return torch.ones(size, device=device)
-        scores, ratios = found.scores, found.ratios
-        k = _coefficients(ratios, self.alpha, self.coefficient)
+            return torch.ones(len(self.modalities), device=device)
+        return self._apply(found)
+
+    def _apply(self, found: Discrepancy) -> Tensor:
+        """Coefficients from the pooled ratios, the modulation (inside the window), the record."""
+        k = ogm_coefficients(found.ratios, self.alpha, self.coefficient)
         active = self.is_active()
         if active:
             self._modulate(k)
         else:
             k = torch.ones_like(k)
         self.last = ModulationRecord(
-            modalities=self.modalities,
-            scores=scores,
-            num_samples=found.num_samples,
-            ratios=ratios,
-            coefficients=k,
-            active=active,
-            step=self._step,
+            self.modalities, found.scores, found.num_samples, found.ratios, k, active, self._step
         )
         self._step += 1
         return k
 
-    def _unchanged(self, p: Tensor) -> bool:
-        """Whether ``p.grad`` is the very tensor the last modulation left, not written since."""
-        seen = self._modulated.get(id(p))
-        grad = p.grad
-        return (
-            seen is not None and grad is not None and seen[0]() is grad and seen[1] == grad._version
-        )
+    # -- each gradient once per backward -----------------------------------------------------
 
     def _check_not_modulated_twice(self) -> None:
         present = [p for _, _, p in self._params if p.grad is not None]
-        if present and all(self._unchanged(p) for p in present):
+        if present and all(self._modulated.unchanged(p) for p in present):
             raise RuntimeError(
                 "ModalityGradientModulator.step() called again on gradients it already "
                 f"modulated (at step {self._modulated_step}) with no backward() in between: "
@@ -653,14 +525,9 @@ class ModalityGradientModulator(OptimizerAttachable):
             )
 
     def _modulate(self, k: Tensor) -> None:
-        # parameters without a grad are skipped, and so are gradients this modulator already
-        # modulated and nobody wrote since (each gradient is modulated once per backward)
-        todo = [
-            (i, entry)
-            for i, entry in enumerate(self._params)
-            if entry[2].grad is not None and not self._unchanged(entry[2])
-        ]
-        grads, index = present_gradients(entry for _, entry in todo)
+        """``g <- g * k_m`` (+ GE noise) on every present gradient not already modulated."""
+        todo = self._modulated.fresh([p for _, _, p in self._params])  # positions
+        grads, index = present_gradients(self._params[i] for i in todo)
         if not grads:
             warnings.warn(
                 "ModalityGradientModulator.step(): no modulated parameter has a gradient, so "
@@ -673,30 +540,26 @@ class ModalityGradientModulator(OptimizerAttachable):
         if self.method == "ogm":
             scale_gradients_(grads, index, k)  # g <- g * k_m
         else:
-            self._modulate_ge(grads, tuple(i for i, _ in todo), index, k)
+            self._modulate_ge(grads, tuple(todo), index, k)
         # entries of skipped (unchanged) gradients stay: they are still modulated values
         self._modulated_step = self._step
-        self._modulated.update(
-            (id(entry[2]), (weakref.ref(g), g._version))
-            for (_, entry), g in zip(todo, grads, strict=True)
-        )
+        self._modulated.mark((self._params[i][2], g) for i, g in zip(todo, grads, strict=True))
+
+    # -- GE ----------------------------------------------------------------------------------
 
     def _modulate_ge(
         self, grads: list[Tensor], positions: tuple[int, ...], index: list[int], k: Tensor
     ) -> None:
         """GE: ``g <- g * k_m + std(g) * z``, ``z ~ N(0, 1)`` from the modulator's generator.
 
-        ``std`` is the unbiased standard deviation of ``g`` before modulation
-        (:func:`_gradient_stds`; 0 for a one-element parameter: one value has no spread). One
-        draw of ``sum_p n_p`` normals fills one fp32 buffer, split in parameter order into views
-        (no copy); then two fused updates: ``_foreach_mul_`` by ``k_m`` and ``_foreach_addcmul_``
-        of ``z * std``. A non-finite ``g`` gives a non-finite std, so the gradient stays
-        non-finite (never replaced by finite noise) and a GradScaler skips the step.
+        ``std`` (:func:`ge_noise_stds`) is taken before modulation. One draw of ``sum_p n_p``
+        normals fills one fp32 buffer, split in parameter order into views (no copy); then two
+        fused updates: ``_foreach_mul_`` by ``k_m`` and ``_foreach_addcmul_`` of ``z * std``.
         """
         gen = self._get_generator(grads[0].device)
         device = gen.device
         modality, inv_n, inv_n1 = self._layout_for(grads, positions, index, device)
-        stds = _gradient_stds(grads, inv_n, inv_n1, device)
+        stds = ge_noise_stds(grads, (inv_n, inv_n1))
         factors = k.detach().to(device=device, dtype=torch.float32)[modality]
         numels = [g.numel() for g in grads]
         noise = torch.randn(sum(numels), generator=gen, device=device, dtype=torch.float32)
@@ -719,27 +582,13 @@ class ModalityGradientModulator(OptimizerAttachable):
         index: list[int],
         device: torch.device,
     ) -> tuple[Tensor, ...]:
-        """Modality index, ``1/n`` and ``1/(n-1)`` per gradient, on ``device``.
-
-        Built once per set of present gradients (a host-to-device copy then, none on later steps
-        with the same set).
-        """
+        """Modality index, ``1/n`` and ``1/(n-1)`` per gradient, on ``device``: built once per
+        set of present gradients (no host-to-device copy on later steps with the same set)."""
         key = (positions, device)
         if self._layout is None or self._layout[0] != key:
-            dtype = _combination_dtype(device)
-            numels = [g.numel() for g in grads]
-            self._layout = (
-                key,
-                (
-                    torch.tensor(index, dtype=torch.long, device=device),
-                    torch.tensor([1.0 / n if n > 0 else 0.0 for n in numels], dtype=dtype).to(
-                        device
-                    ),
-                    torch.tensor([1.0 / (n - 1) if n > 1 else 0.0 for n in numels], dtype=dtype).to(
-                        device
-                    ),
-                ),
-            )
+            modality = torch.tensor(index, dtype=torch.long, device=device)
+            counts = _inverse_counts([g.numel() for g in grads], device)
+            self._layout = (key, (modality, *counts))
         return self._layout[1]
 
     def _get_generator(self, device: torch.device) -> torch.Generator:
@@ -759,7 +608,7 @@ class ModalityGradientModulator(OptimizerAttachable):
             self._generator = gen
         return self._generator
 
-    # ------------------------------------------------------------------ attachment
+    # -- attachment and state ----------------------------------------------------------------
 
     def _before_optimizer_step(self) -> None:
         self.step()
@@ -767,34 +616,23 @@ class ModalityGradientModulator(OptimizerAttachable):
     def _attached_parameters(self) -> list[tuple[str, Tensor]]:
         return self.modulated_parameters
 
-    # ------------------------------------------------------------------ state
-
     def state_dict(self) -> dict[str, Any]:
         """Step counter, GE generator state, and the scores observed but not yet stepped."""
-        if self._generator is not None:
-            gen_state: Tensor | None = self._generator.get_state()
-        else:
-            gen_state = self._pending_generator_state
+        gen = self._generator
         return {
             "step": self._step,
             "seed": self.seed,
-            "generator": gen_state,
+            "generator": self._pending_generator_state if gen is None else gen.get_state(),
             "pool": self._scorer.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned: the run continues exactly (same noise)."""
-        check_state_keys(
-            state, ("step", "seed", "generator", "pool"), who="ModalityGradientModulator"
-        )
-        self._step = int(state["step"])
-        self.seed = int(state["seed"])
+        check_state_keys(state, _STATE_KEYS, who="ModalityGradientModulator")
         gen_state = state["generator"]
-        self._pending_generator_state = None if gen_state is None else gen_state.clone()
-        self._generator = None
+        self._restart(int(state["step"]), None if gen_state is None else gen_state.clone())
+        self.seed = int(state["seed"])
         self._scorer.load_state_dict(dict(state["pool"]))
-        self._modulated = {}
-        self.last = None
 
     def __repr__(self) -> str:
         window = f"[{self.start_step}, {'inf' if self.stop_step is None else self.stop_step})"

@@ -52,6 +52,7 @@ from ..core.distributed import ProcessGroup, is_distributed
 from ..core.records import StepRecord
 from ..core.remedy import Remedy
 from ..core.running import Pooled
+from ..core.scoring import capped_ratio
 from ..core.stats import counted, true_class_probability
 from ..core.unimodal import Head
 from ..core.unimodal import unimodal_logits as _unimodal_logits
@@ -64,7 +65,6 @@ from ..core.validation import (
     modality_names,
     real_param,
 )
-from .modulation import capped_ratio
 
 __all__ = [
     "ModalityPredictionModulator",
