@@ -65,6 +65,7 @@ from .methods.pmr import (
     prototypical_cross_entropy,
     rebalance_coefficients,
 )
+from .methods.umt import UMTRecord, UnimodalTeacherLoss, feature_distillation, unimodal_ensemble
 
 __all__ = [
     "AGMRecord",
@@ -90,6 +91,8 @@ __all__ = [
     "PMRRecord",
     "StepRecord",
     "SustainedBoostingLoss",
+    "UMTRecord",
+    "UnimodalTeacherLoss",
     "agm_coefficients",
     "arl_coefficients",
     "assign_head",
@@ -100,6 +103,7 @@ __all__ = [
     "discrepancy_ratios",
     "drop_probabilities",
     "entropy_weights",
+    "feature_distillation",
     "imbalance_report",
     "inverse_variance_weights",
     "kept_mean",
@@ -113,6 +117,7 @@ __all__ = [
     "prototypical_cross_entropy",
     "rebalance_coefficients",
     "rescale_factor",
+    "unimodal_ensemble",
     "unimodal_logits",
     "window_changes",
 ]
