@@ -71,6 +71,7 @@ from .methods.pmr import (
     prototypical_cross_entropy,
     rebalance_coefficients,
 )
+from .methods.umt import UMTRecord, UnimodalTeacherLoss, feature_distillation, unimodal_ensemble
 
 __all__ = [
     "AGMRecord",
@@ -96,6 +97,8 @@ __all__ = [
     "PMRRecord",
     "StepRecord",
     "SustainedBoostingLoss",
+    "UMTRecord",
+    "UnimodalTeacherLoss",
     "agm_coefficients",
     "arl_coefficients",
     "assign_head",
@@ -107,6 +110,7 @@ __all__ = [
     "drop_factors",
     "drop_probabilities",
     "entropy_weights",
+    "feature_distillation",
     "ge_noise_stds",
     "imbalance_report",
     "inverse_variance_weights",
@@ -122,6 +126,7 @@ __all__ = [
     "prototypical_cross_entropy",
     "rebalance_coefficients",
     "rescale_factor",
+    "unimodal_ensemble",
     "unimodal_logits",
     "window_changes",
 ]
