@@ -423,9 +423,11 @@ class ModalityRelearning(nn.Module):
             if self.last is None:
                 raise RuntimeError("ModalityRelearning.reinitialise: no diagnosis yet")
             alphas = self.last.alphas
-        if tuple(alphas.shape) != (len(self.modalities),):
+        if tuple(alphas.shape) != (len(self.modalities),) or not bool(
+            ((alphas >= 0) & (alphas <= 1)).all()
+        ):
             raise ValueError(
-                f"alphas must be [M] = [{len(self.modalities)}], got {tuple(alphas.shape)}"
+                f"alphas must be [M] = [{len(self.modalities)}] in [0, 1], got {alphas}"
             )
         for m, a in enumerate(alphas.tolist()):
             params = [p for i, p in self._params if i == m]
