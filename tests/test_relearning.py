@@ -472,3 +472,29 @@ def test_the_guide_runs_as_written(tmp_path: Any, capsys: pytest.CaptureFixture[
     assert namespace["relearn"].reinits == 2
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in printed] == ["2", "4"]
+
+
+def test_three_modalities_each_with_its_own_alpha() -> None:
+    encoders = {m: nn.Linear(2, 3) for m in ("x", "y", "z")}
+    relearn = ModalityRelearning(encoders, 2, reinit_every=1, lam=5.0)
+    g = torch.Generator().manual_seed(0)
+    sep, y = blobs(12, 2, 3, 0.1, seed=4)
+    noise = torch.randn(12, 3, generator=g)
+    train = [({"x": sep, "y": sep, "z": noise}, y)]
+    val = [({"x": noise, "y": sep, "z": noise}, y)]
+    with torch.no_grad():  # "training" moved every encoder away from theta^0
+        for e in encoders.values():
+            e.weight.add_(1.0)
+    before = {m: [p.clone() for p in e.parameters()] for m, e in encoders.items()}
+    rec = relearn.epoch_end(1, train, val)
+    assert rec is not None and rec.modalities == ("x", "y", "z")
+    pt = [float(cluster_purity(train[0][0][m], y, 2)) for m in "xyz"]
+    pv = [float(cluster_purity(val[0][0][m], y, 2)) for m in "xyz"]
+    ref = [math.tanh(5.0 * abs(a - b)) for a, b in zip(pt, pv, strict=True)]
+    torch.testing.assert_close(rec.alphas, torch.tensor(ref))
+    assert ref[0] > 0 and ref[1] == 0 and ref[2] == 0
+    assert not torch.equal(encoders["x"].weight, before["x"][0])
+    for m in "yz":
+        assert all(
+            torch.equal(p, q) for p, q in zip(encoders[m].parameters(), before[m], strict=True)
+        )
