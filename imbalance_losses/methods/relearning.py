@@ -299,7 +299,8 @@ class ModalityRelearning(nn.Module):
         max_reinits: ``N_r`` (official ``--reinit_num 3``).
         seed: k-means seed, the same for every diagnosis (official ``random_state=0``).
         head: the fusion head, to refuse its parameters in ``encoders`` (optional).
-        iters, tol: Lloyd iterations and tolerance (:func:`kmeans`).
+        iters: at most this many Lloyd iterations (:func:`kmeans`).
+        tol: Lloyd's stopping tolerance (:func:`kmeans`).
         process_group: the ranks whose features are gathered (default: the world).
 
     Example:
