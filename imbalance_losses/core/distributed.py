@@ -12,7 +12,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ProcessGroup", "all_reduce_sum", "is_distributed", "same_on_all_ranks", "world_size"]
+__all__ = [
+    "ProcessGroup",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "is_distributed",
+    "same_on_all_ranks",
+    "world_size",
+]
 
 ProcessGroup = dist.ProcessGroup
 """The type of the optional ``process_group`` argument every module accepts."""
@@ -30,6 +37,14 @@ def world_size(group: ProcessGroup | None = None) -> int:
     return int(dist.get_world_size(group))
 
 
+def _transport_error(what: str, shape: tuple[int, ...], err: RuntimeError) -> RuntimeError:
+    return RuntimeError(
+        f"imbalance_losses: the {what} of {shape} statistics failed on rank {dist.get_rank()}; "
+        "another rank most likely raised an error or exited before reaching the same call (look "
+        f"at the other ranks' tracebacks). The backend said: {err}"
+    )
+
+
 def _all_reduce(tensor: Tensor, group: ProcessGroup | None, op: dist.ReduceOp.RedOpType) -> Tensor:
     if not is_distributed(group):
         return tensor.detach()
@@ -37,12 +52,16 @@ def _all_reduce(tensor: Tensor, group: ProcessGroup | None, op: dist.ReduceOp.Re
     try:
         dist.all_reduce(out, op=op, group=group)
     except RuntimeError as err:  # DistBackendError and gloo's transport errors are RuntimeErrors
-        rank = dist.get_rank()
-        raise RuntimeError(
-            f"imbalance_losses: the all-reduce of {tuple(tensor.shape)} statistics failed on rank "
-            f"{rank}; another rank most likely raised an error or exited before reaching the "
-            f"same call (look at the other ranks' tracebacks). The backend said: {err}"
-        ) from err
+        raise _transport_error("all-reduce", tuple(tensor.shape), err) from err
+    return out
+
+
+def _all_gather(tensor: Tensor, group: ProcessGroup | None) -> list[Tensor]:
+    out = [torch.empty_like(tensor) for _ in range(world_size(group))]
+    try:
+        dist.all_gather(out, tensor.contiguous(), group=group)
+    except RuntimeError as err:
+        raise _transport_error("all-gather", tuple(tensor.shape), err) from err
     return out
 
 
@@ -73,3 +92,53 @@ def same_on_all_ranks(values: Tensor, group: ProcessGroup | None = None) -> bool
     v = values.detach().double().reshape(-1)
     both = _all_reduce(torch.cat([v, -v]), group, dist.ReduceOp.MAX)
     return bool(torch.equal(both[: v.shape[0]], -both[v.shape[0] :]))
+
+
+def all_gather_rows(
+    rows: Tensor,
+    group: ProcessGroup | None = None,
+    *,
+    failed: bool = False,
+    message: str = "another rank failed before this collective; every rank raises",
+) -> Tensor:
+    """Every rank's ``rows`` ``[n_r, W]`` concatenated in rank order: ``[sum_r n_r, W]``.
+
+    The ranks may hold different numbers of rows (an uneven last shard, a filtered split); the
+    width ``W`` must agree, except on a rank with no rows, which takes the others' width (so a
+    rank that saw no sample need not know it). Two all-gathers: each rank's ``(n_r, W, failed)``,
+    then the rows padded to the largest ``n_r`` (the padding is dropped). Without a process
+    group it returns ``rows.detach()`` itself.
+
+    A rank whose input failed calls it with ``failed=True`` (``rows``: any 2-D tensor on the
+    collective's device) and raises its own error after it returns; every other rank raises
+    ``RuntimeError(message)`` here, after the first gather, so no rank waits in the second.
+
+    Raises:
+        RuntimeError: another rank passed ``failed=True`` (``message``), or the transport
+            failed (a dead peer).
+        ValueError: ``rows`` is not 2-D, or ranks with rows have different widths (on every
+            rank).
+    """
+    if rows.dim() != 2:
+        raise ValueError(f"all_gather_rows needs rows [n, W], got shape {tuple(rows.shape)}")
+    if not is_distributed(group):
+        return rows.detach()
+    meta = torch.tensor([rows.shape[0], rows.shape[1], int(failed)], device=rows.device)
+    sizes = torch.stack(_all_gather(meta, group)).tolist()
+    if any(f for _, _, f in sizes):
+        if failed:
+            return rows.detach()
+        raise RuntimeError(message)
+    widths = sorted({w for n, w, _ in sizes if n})
+    if len(widths) > 1:
+        raise ValueError(
+            f"all_gather_rows: the ranks' rows have different widths {widths} (this rank: "
+            f"shape {tuple(rows.shape)})"
+        )
+    longest = max(n for n, _, _ in sizes)
+    padded = rows.new_zeros((longest, widths[0] if widths else rows.shape[1]))
+    if not longest:
+        return padded
+    padded[: rows.shape[0]] = rows.detach()
+    parts = _all_gather(padded, group)
+    return torch.cat([part[:n] for part, (n, _, _) in zip(parts, sizes, strict=True)])
