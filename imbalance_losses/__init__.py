@@ -46,6 +46,7 @@ from .methods.boosting import (
     boosting_residual_loss,
     confidence_scores,
 )
+from .methods.mmcosine import MMCosineHead, MMCosineRecord, cosine_logits, split_weight
 from .methods.mmpareto import MMPareto, MMParetoRecord, pareto_weights
 from .methods.modulation import ModalityGradientModulator, ModulationRecord
 from .methods.opm import (
@@ -78,6 +79,8 @@ __all__ = [
     "Head",
     "ImbalanceMonitor",
     "ImbalanceReport",
+    "MMCosineHead",
+    "MMCosineRecord",
     "MMPareto",
     "MMParetoRecord",
     "MappingHead",
@@ -97,6 +100,7 @@ __all__ = [
     "boosting_residual_loss",
     "branch_losses",
     "confidence_scores",
+    "cosine_logits",
     "discrepancy_ratios",
     "drop_probabilities",
     "entropy_weights",
@@ -113,6 +117,7 @@ __all__ = [
     "prototypical_cross_entropy",
     "rebalance_coefficients",
     "rescale_factor",
+    "split_weight",
     "unimodal_logits",
     "window_changes",
 ]
