@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +27,10 @@ from imbalance_losses import (
     MMCosineRecord,
     cosine_logits,
     split_weight,
+    unimodal_logits,
 )
 from tests.ddp import run_distributed
+from tests.pages import run_page
 
 WIDTHS = {"audio": 3, "visual": 5, "text": 4}
 
@@ -179,6 +182,24 @@ def test_eval_logits_equal_training_logits_and_the_record() -> None:
         w[:, 8:].norm(dim=1).mean(),
     ]
     torch.testing.assert_close(last.weight_norms, torch.stack(w_norms))
+
+
+def test_as_mapping_head_scores_any_subset_for_the_diagnosis_tools() -> None:
+    torch.manual_seed(12)
+    feats = _feats(5)
+    for fusion in (nn.Linear(12, 3), {m: nn.Linear(d, 3) for m, d in WIDTHS.items()}):
+        head = MMCosineHead(fusion, WIDTHS)
+        mapping = head.as_mapping_head()
+        own = head.unimodal_logits(feats)
+        for m, z in unimodal_logits(mapping, feats).items():  # the core's function, unchanged
+            assert torch.equal(z, own[m])
+        pair = mapping.subset(feats, ("audio", "text"))
+        assert torch.equal(pair, own["audio"] + own["text"])
+        assert torch.equal(mapping(feats), head(feats))
+        with pytest.raises(ValueError, match=r"non-empty subset of \['audio', 'visual', 'text'\]"):
+            mapping({"depth": feats["audio"]})
+    with pytest.raises(ValueError, match="needs widths="):
+        MMCosineHead(nn.Linear(12, 3)).as_mapping_head()
 
 
 def test_tokens_and_a_zero_feature() -> None:
@@ -351,3 +372,11 @@ def test_bad_input_names_the_modality_and_the_shapes() -> None:
     per = MMCosineHead({"a": nn.Linear(3, 2), "b": nn.Linear(5, 2)})
     with pytest.raises(ValueError, match=r"no weight block for \['c'\]"):
         per({"a": a, "c": b})
+
+
+def test_the_docs_page_runs_as_written(tmp_path: Path) -> None:
+    ns = run_page("mmcosine.md", tmp_path)
+    head, feats = ns["head"], ns["feats"]
+    assert ns["logits"].shape == (32, 6) and ns["fusion_head"].weight is head.weight
+    assert ns["fusion_head"].bias.grad is None and ns["fusion_head"].weight.grad is not None
+    torch.testing.assert_close(sum(ns["per_modality"].values()), head(feats).detach())

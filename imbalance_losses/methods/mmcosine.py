@@ -1,4 +1,4 @@
-"""MMCosine: modality-wise scaled cosine logits (Xu, Feng, Wei, Hu, Li, Zhang, Guo; ICASSP 2023).
+"""MMCosine: modality-wise scaled cosine logits (Xu, Feng, Zhang, Hu; ICASSP 2023, 2303.05338).
 
 The fusion head's linear layer over the concatenated per-modality features
 ``x = [f_1, ..., f_M]`` is split column-wise into one weight block per modality,
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.records import StepRecord
+from ..core.unimodal import MappingHead
 from ..core.validation import (
     autocast_enabled,
     check_features,
@@ -303,11 +304,33 @@ class MMCosineHead(nn.Module):
 
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
         """The fused logits ``z = sum_m z_m`` ``[B, ..., C]`` (fp32; fp64 for fp64 inputs)."""
-        parts = list(self.unimodal_logits(features).values())
-        fused = parts[0]
-        for z in parts[1:]:
-            fused = fused + z
-        return fused
+        return _summed(self.unimodal_logits(features))
+
+    def as_mapping_head(self) -> MappingHead:
+        """This head as a :class:`~imbalance_losses.MappingHead` over any non-empty subset.
+
+        ``fn(features) = sum_{m in features} z_m``: the cosine logits of the modalities given
+        (one alone: its own ``z_m``), for :func:`~imbalance_losses.unimodal_logits`, the
+        monitor, :func:`~imbalance_losses.imbalance_report` and subset games. Needs the
+        modalities' widths (``widths=`` or per-modality heads). :meth:`forward` itself
+        requires every modality.
+        """
+        if self.widths is None and not self.heads:
+            raise ValueError(
+                "MMCosineHead.as_mapping_head() needs widths= to place a subset of the "
+                "modalities in the nn.Linear weight (MMCosineHead(head, widths={...}))"
+            )
+        return MappingHead(self._subset_logits)
+
+    def _subset_logits(self, features: Mapping[str, Tensor]) -> Tensor:
+        blocks = self.weight_blocks()
+        unknown = [m for m in features if m not in blocks]
+        if not features or unknown:
+            raise ValueError(
+                f"MMCosineHead scores a non-empty subset of {list(blocks)}; got {list(features)}"
+            )
+        check_features(features, device=next(self.parameters()).device, finite=True)
+        return _summed(cosine_logits(features, {m: blocks[m] for m in features}, self.scaling))
 
     def _check(self, features: Mapping[str, Tensor]) -> None:
         """The mapping, the device, finite values and the widths (blocks: :func:`cosine_logits`)."""
@@ -327,6 +350,15 @@ class MMCosineHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scaling={self.scaling}, widths={self.widths}, heads={list(self.heads)}"
+
+
+def _summed(parts: Mapping[str, Tensor]) -> Tensor:
+    """``z_1 + ... + z_M`` in mapping order (the order :meth:`MMCosineHead.forward` adds in)."""
+    values = list(parts.values())
+    fused = values[0]
+    for z in values[1:]:
+        fused = fused + z
+    return fused
 
 
 def _widths_param(widths: Mapping[str, int]) -> dict[str, int]:
