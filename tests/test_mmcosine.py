@@ -358,8 +358,16 @@ def test_bad_input_names_the_modality_and_the_shapes() -> None:
         head({"b": b, "a": a})
     with pytest.raises(ValueError, match="at least two modalities"):
         head({"a": a})
-    with pytest.raises(ValueError, match=r"features\['a'\] contains non-finite"):
+    with pytest.raises(ValueError, match=r"non-finite .* in features\['a'\] of shape \(2, 3\):"):
         head({"a": torch.full((2, 3), float("nan")), "b": b})
+    with torch.no_grad():
+        linear.weight[0, 4] = float("inf")
+    with pytest.raises(
+        ValueError, match=r"non-finite values \(NaN or inf\) in the weight block of 'b':"
+    ):
+        head({"a": a, "b": b})
+    with pytest.raises(ValueError, match=r"not fit"):  # one modality of the subset head is wrong
+        head.as_mapping_head()({"b": a})
     with pytest.raises(TypeError, match=r"features\['a'\].*floating point"):
         head({"a": torch.ones(2, 3, dtype=torch.long), "b": b})
     with pytest.raises(ValueError, match="batch size mismatch"):

@@ -30,6 +30,7 @@ from ..core.unimodal import MappingHead
 from ..core.validation import (
     autocast_enabled,
     check_features,
+    check_finite,
     check_modalities,
     check_same_modalities,
     int_param,
@@ -133,15 +134,31 @@ def cosine_logits(
     """
     s = real_param("scaling", scaling, gt=0.0)
     _check_blocks(features, weight_blocks)
+    return _scaled_cosines(features, weight_blocks, s)[0]
+
+
+_EPS = 1e-12  # F.normalize's floor on a norm (the official code's normalisation)
+
+
+def _scaled_cosines(
+    features: Mapping[str, Tensor], blocks: Mapping[str, Tensor], s: float
+) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor]]:
+    """``{m: z_m}``, and the detached norms ``||f_m||`` ``[B, ..., 1]`` and ``||w_{m,c}||``
+    ``[C, 1]`` of each modality (``F.normalize``'s arithmetic, the norms kept for the record)."""
     out: dict[str, Tensor] = {}
+    f_norms: list[Tensor] = []
+    w_norms: list[Tensor] = []
     for name, x in features.items():
-        w = weight_blocks[name]
-        dtype = torch.promote_types(torch.promote_types(x.dtype, w.dtype), torch.float32)
+        w = blocks[name]
+        dtype = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
         with _fp32_matmul_context(x.device):
-            unit_x = F.normalize(x.to(dtype), dim=-1)
-            unit_w = F.normalize(w.to(dtype), dim=-1)
-            out[name] = s * F.linear(unit_x, unit_w)
-    return out
+            x, w = x.to(dtype), w.to(dtype)
+            nx = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            nw = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+            out[name] = s * F.linear(x / nx.clamp_min(_EPS), w / nw.clamp_min(_EPS))
+        f_norms.append(nx.detach())
+        w_norms.append(nw.detach())
+    return out, f_norms, w_norms
 
 
 @dataclass(frozen=True)
@@ -292,19 +309,24 @@ class MMCosineHead(nn.Module):
 
         They add up to :meth:`forward`'s fused logits. Records the norms in :attr:`last`.
         """
-        self._check(features)
-        blocks = self.weight_blocks(features)
-        out = cosine_logits(features, blocks, self.scaling)
-        with torch.no_grad():
-            names = tuple(features)
-            f_norms = [x.detach().float().norm(dim=-1).mean() for x in features.values()]
-            w_norms = [blocks[m].detach().float().norm(dim=-1).mean() for m in names]
-            self.last = MMCosineRecord(names, torch.stack(f_norms), torch.stack(w_norms))
-        return out
+        return self._logits(features)[0]
 
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
         """The fused logits ``z = sum_m z_m`` ``[B, ..., C]`` (fp32; fp64 for fp64 inputs)."""
-        return _summed(self.unimodal_logits(features))
+        return self._logits(features)[1]
+
+    def _logits(self, features: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """The checked ``{m: z_m}`` and their sum; the norms' means go to :attr:`last`."""
+        self._check(features)
+        blocks = self.weight_blocks(features)
+        _check_blocks(features, blocks)
+        parts, f_norms, w_norms = _scaled_cosines(features, blocks, self.scaling)
+        fused = _summed(parts)
+        _check_finite(fused, features, blocks)
+        f_mean = torch.stack(f_norms).flatten(1).mean(1).float()
+        w_mean = torch.stack(w_norms).flatten(1).mean(1).float()
+        self.last = MMCosineRecord(tuple(features), f_mean, w_mean)
+        return parts, fused
 
     def as_mapping_head(self) -> MappingHead:
         """This head as a :class:`~imbalance_losses.MappingHead` over any non-empty subset.
@@ -329,14 +351,17 @@ class MMCosineHead(nn.Module):
             raise ValueError(
                 f"MMCosineHead scores a non-empty subset of {list(blocks)}; got {list(features)}"
             )
-        check_features(features, device=next(self.parameters()).device, finite=True)
-        return _summed(cosine_logits(features, {m: blocks[m] for m in features}, self.scaling))
+        check_features(features, device=next(self.parameters()).device, by="MMCosineHead")
+        blocks = {m: blocks[m] for m in features}
+        _check_blocks(features, blocks)
+        fused = _summed(_scaled_cosines(features, blocks, self.scaling)[0])
+        _check_finite(fused, features, blocks)
+        return fused
 
     def _check(self, features: Mapping[str, Tensor]) -> None:
-        """The mapping, the device, finite values and the widths (blocks: :func:`cosine_logits`)."""
+        """The mapping, floating features on the head's device, the modalities and widths."""
         check_modalities(features, min_ndim=2)
-        device = next(self.parameters()).device
-        check_features(features, device=device, finite=True, by="MMCosineHead")
+        check_features(features, device=next(self.parameters()).device, by="MMCosineHead")
         if self.widths is not None:
             check_same_modalities(
                 self.widths, features, expected_what="MMCosineHead's widths", actual_what="features"
@@ -350,6 +375,22 @@ class MMCosineHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scaling={self.scaling}, widths={self.widths}, heads={list(self.heads)}"
+
+
+def _check_finite(
+    fused: Tensor, features: Mapping[str, Tensor], blocks: Mapping[str, Tensor]
+) -> None:
+    """Finite logits (an asynchronous check on accelerators); on the CPU, name the culprit."""
+    try:
+        check_finite(fused, name="MMCosineHead's logits (from its features and weight)")
+    except ValueError as err:
+        bad = [f"features[{m!r}] of shape {tuple(x.shape)}" for m, x in features.items()]
+        bad = [b for b, x in zip(bad, features.values(), strict=True) if not x.isfinite().all()]
+        bad += [f"the weight block of {m!r}" for m, w in blocks.items() if not w.isfinite().all()]
+        raise ValueError(
+            f"non-finite values (NaN or inf) in {' and '.join(bad) or 'the logits'}: "
+            "MMCosineHead's logits would not be finite"
+        ) from err
 
 
 def _summed(parts: Mapping[str, Tensor]) -> Tensor:
