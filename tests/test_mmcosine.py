@@ -388,3 +388,18 @@ def test_the_docs_page_runs_as_written(tmp_path: Path) -> None:
     assert ns["logits"].shape == (32, 6) and ns["fusion_head"].weight is head.weight
     assert ns["fusion_head"].bias.grad is None and ns["fusion_head"].weight.grad is not None
     torch.testing.assert_close(sum(ns["per_modality"].values()), head(feats).detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_equals_the_cpu_fp32_logits() -> None:
+    torch.manual_seed(13)
+    linear = nn.Linear(12, 4)
+    feats = _feats(6)
+    ref = MMCosineHead(copy.deepcopy(linear))(feats)
+    head = MMCosineHead(linear.cuda())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        z = head({m: x.cuda().requires_grad_() for m, x in feats.items()})
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.detach().cpu(), ref.detach())
+    z.sum().backward()
+    assert linear.bias.grad is None and bool(torch.isfinite(linear.weight.grad).all())
