@@ -46,6 +46,7 @@ from .methods.boosting import (
     boosting_residual_loss,
     confidence_scores,
 )
+from .methods.mmcosine import MMCosineHead, MMCosineRecord, cosine_logits, split_weight
 from .methods.mmpareto import MMPareto, MMParetoRecord, pareto_weights
 from .methods.modulation import (
     ModalityGradientModulator,
@@ -95,6 +96,8 @@ __all__ = [
     "Head",
     "ImbalanceMonitor",
     "ImbalanceReport",
+    "MMCosineHead",
+    "MMCosineRecord",
     "MMPareto",
     "MMParetoRecord",
     "MappingHead",
@@ -119,6 +122,7 @@ __all__ = [
     "branch_losses",
     "cluster_purity",
     "confidence_scores",
+    "cosine_logits",
     "discrepancy_ratios",
     "drop_factors",
     "drop_probabilities",
@@ -144,6 +148,7 @@ __all__ = [
     "rebalance_coefficients",
     "rescale_factor",
     "soft_reinitialise_",
+    "split_weight",
     "unimodal_ensemble",
     "unimodal_logits",
     "window_changes",
