@@ -34,6 +34,10 @@ MAIN = [
     "MMPareto",
     "AdaptiveGradientModulator",
     "ModalityPredictionModulator",
+    "UnimodalTeacherLoss",
+    "ModalityRelearning",
+    "MMCosineHead",
+    "MappingHead",
     "unimodal_logits",
 ]
 
