@@ -414,7 +414,7 @@ def count_ops(step: Step, warmup: int = 3) -> collections.Counter[str]:
 
 OP_BUDGETS = {
     "ARLLoss": 66,
-    "ModalityGradientModulator ogm": 42,
+    "ModalityGradientModulator ogm": 32,
     "ModalityGradientModulator ogm_ge": 42,
     "SustainedBoostingLoss, 1 head": 75,
     "PMRLoss": 93,
