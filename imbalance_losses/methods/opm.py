@@ -264,8 +264,20 @@ def _scaled(features: Mapping[str, Tensor], factors: Tensor | None) -> dict[str,
     }
 
 
-class OPMOutput(NamedTuple):
-    """What :class:`ModalityPredictionModulator` returns.
+class _Output(NamedTuple):
+    features: dict[str, Tensor]
+    """The (masked and rescaled) features, same names, order, shapes and dtypes as the input."""
+    keep: Tensor
+    """``[B]`` bool: False for a sample whose every modality was dropped (exclude it from the
+    loss, e.g. with :func:`kept_mean`)."""
+
+
+class OPMOutput(_Output):
+    """What :class:`ModalityPredictionModulator` returns: ``(features, keep)``, and ``presence``.
+
+    ``presence`` (``[B, M]`` bool, True = modality ``m`` kept for sample ``b``) is for heads that
+    cannot take a zeroed modality as absent: an attention head turns it into its key-padding mask
+    (every token of a dropped modality masked), docs/attention.md. Computed on first access.
 
     Example:
         >>> import torch
@@ -275,13 +287,25 @@ class OPMOutput(NamedTuple):
         >>> features, keep = opm(feats, torch.tensor([0, 1]), unimodal_logits=feats)
         >>> features["audio"] is feats["audio"], keep.tolist()
         (True, [True, True])
+        >>> opm(feats, torch.tensor([0, 1]), unimodal_logits=feats).presence.tolist()
+        [[True, True], [True, True]]
     """
 
-    features: dict[str, Tensor]
-    """The (masked and rescaled) features, same names, order, shapes and dtypes as the input."""
-    keep: Tensor
-    """``[B]`` bool: False for a sample whose every modality was dropped (exclude it from the
-    loss, e.g. with :func:`kept_mean`)."""
+    _factors: Tensor | None
+
+    def __new__(
+        cls, features: dict[str, Tensor], keep: Tensor, factors: Tensor | None = None
+    ) -> OPMOutput:
+        out = super().__new__(cls, features, keep)
+        out._factors = factors  # [B, M] drop factors (None: nothing dropped)
+        return out
+
+    @property
+    def presence(self) -> Tensor:
+        """``[B, M]`` bool: which modalities each sample kept (all True when nothing dropped)."""
+        if self._factors is not None:
+            return self._factors > 0
+        return self.keep.unsqueeze(1).expand(-1, len(self.features)).clone()
 
 
 @dataclass(frozen=True)
@@ -476,7 +500,9 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
         repeat, mixed = self._classify(features)
         if repeat and self._open_out is not None:  # same tensors in the open step: same drop
             check_modalities(features)
-            return OPMOutput(_scaled(features, self._open_out[0]), self._open_out[1])
+            return OPMOutput(
+                _scaled(features, self._open_out[0]), self._open_out[1], self._open_out[0]
+            )
         device = _device_of(features)
         with self._validating(len(self.modalities), device, pools=True):
             if mixed is not None:
@@ -488,7 +514,7 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
             factors, keep = self._drop(record, features, batch, device)
         self._open_out = (factors, keep)
         self._remember(features.values())
-        return OPMOutput(_scaled(features, factors), keep)
+        return OPMOutput(_scaled(features, factors), keep, factors)
 
     def _observe(
         self,
