@@ -11,6 +11,7 @@ Conventions shared by every module (see ``docs/index.md``):
   record.
 """
 
+from .compare import ComparisonResult, compare_remedies
 from .core.records import StepRecord
 from .core.unimodal import Head, MappingHead, unimodal_logits
 from .diagnosis.monitor import ImbalanceMonitor
@@ -74,6 +75,7 @@ __all__ = [
     "AdaptiveGradientModulator",
     "BlendingRecord",
     "BoostingRecord",
+    "ComparisonResult",
     "GradientBlending",
     "Head",
     "ImbalanceMonitor",
@@ -96,6 +98,7 @@ __all__ = [
     "blending_weights",
     "boosting_residual_loss",
     "branch_losses",
+    "compare_remedies",
     "confidence_scores",
     "discrepancy_ratios",
     "drop_probabilities",
