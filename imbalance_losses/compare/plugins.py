@@ -262,7 +262,7 @@ class _OGMHooks(Hooks):
         self.modulator = ModalityGradientModulator(
             ctx.encoders,
             alpha=config["alpha"],
-            stop_step=int(ctx.total_steps * config.get("stop_fraction", 0.5)),
+            stop_step=max(1, int(ctx.total_steps * config.get("stop_fraction", 0.5))),
             seed=ctx.seed,
         )
 

@@ -134,6 +134,11 @@ def _check(
     seeds: Sequence[int],
     max_minutes: float | None,
 ) -> list[str]:
+    if isinstance(build, nn.Module):
+        raise TypeError(
+            "build must be a callable returning a fresh model (build=lambda: MyModel()), not a "
+            "model: every run starts from its own seeded build"
+        )
     for name, fn in (
         ("build", build),
         ("forward", forward),

@@ -49,13 +49,23 @@ class Spec:
     def features(self, model: nn.Module, batch: Any) -> tuple[Features, Tensor]:
         """``forward(model, batch)`` with the batch moved to the model's device."""
         device = self.device or _device_of(model)
-        feats, target = self.forward(model, to_device(batch, device))
-        if not isinstance(feats, Mapping) or not isinstance(target, Tensor):
+        out = self.forward(model, to_device(batch, device))
+        if not (
+            isinstance(out, tuple | list)
+            and len(out) == 2
+            and isinstance(out[0], Mapping)
+            and isinstance(out[1], Tensor)
+        ):
             raise TypeError(
                 "forward(model, batch) must return (features, target): a mapping modality -> "
-                f"tensor and a target tensor; got ({type(feats).__name__}, "
-                f"{type(target).__name__})"
+                f"tensor and a target tensor; got {type(out).__name__}"
+                + (
+                    f" of {[type(v).__name__ for v in out]}"
+                    if isinstance(out, tuple | list)
+                    else ""
+                )
             )
+        feats, target = out
         return dict(feats), target
 
     def build_seeded(self, seed: int) -> nn.Module:
