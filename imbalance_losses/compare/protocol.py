@@ -104,6 +104,35 @@ def compare_remedies(
     Raises:
         ValueError / TypeError: unknown methods, no seed, ``epochs < 1``, a budget ``<= 0``,
             arguments that are not callables or loaders, a resume file of another comparison.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import compare_remedies
+        >>> class Model(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.encoders = nn.ModuleDict({"audio": nn.Linear(4, 8),
+        ...                                        "image": nn.Linear(6, 8)})
+        ...         self.head = nn.Linear(16, 3)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> def split(n):                    # a list of batches stands in for a DataLoader
+        ...     y = torch.randint(0, 3, (n,), generator=g)
+        ...     image = torch.randn(n, 6, generator=g) + nn.functional.one_hot(y, 6)
+        ...     return [({"audio": torch.randn(n, 4, generator=g), "image": image}, y)]
+        >>> result = compare_remedies(
+        ...     build=Model,
+        ...     forward=lambda model, batch: (
+        ...         {m: model.encoders[m](x) for m, x in batch[0].items()}, batch[1]),
+        ...     head=lambda model: model.head,
+        ...     encoders=lambda model: model.encoders,
+        ...     train=split(64), val=split(32), test=split(32),
+        ...     methods=["arl", "pmr"], epochs=2, seeds=(0, 1), progress=False,
+        ... )
+        >>> [row.name for row in result.rows], result.row("arl").epochs[0] in (1, 2)
+        (['plain', 'arl', 'pmr'], True)
+        >>> print(result.to_markdown().splitlines()[0][:40])   # result.plot("remedies.png")
+        | method | setting | val acc % | test acc
     """
     names = _check(build, forward, head, encoders, train, val, methods, epochs, seeds, max_minutes)
     dev = None if device is None else torch.device(device)
