@@ -11,6 +11,7 @@ Conventions shared by every module (see ``docs/index.md``):
   record.
 """
 
+from .compare import ComparisonResult, compare_remedies
 from .core.records import StepRecord
 from .core.unimodal import Head, MappingHead, unimodal_logits
 from .diagnosis.monitor import ImbalanceMonitor
@@ -92,6 +93,7 @@ __all__ = [
     "AdaptiveGradientModulator",
     "BlendingRecord",
     "BoostingRecord",
+    "ComparisonResult",
     "GradientBlending",
     "Head",
     "ImbalanceMonitor",
@@ -121,6 +123,7 @@ __all__ = [
     "boosting_residual_loss",
     "branch_losses",
     "cluster_purity",
+    "compare_remedies",
     "confidence_scores",
     "cosine_logits",
     "discrepancy_ratios",

@@ -1,0 +1,326 @@
+"""One training run of :func:`compare_remedies`: seeded build, the loop, the epoch on validation.
+
+A run builds the model under ``torch.manual_seed(seed)`` (the same initial weights for a seed,
+whatever the method), seeds the data order the same way, trains ``epochs`` epochs through the
+method's :class:`~imbalance_losses.compare.plugins.Hooks`, scores the validation loader after
+every epoch and keeps a copy of the state at the best epoch (validation accuracy, ties broken by
+the lower validation cross-entropy). The test loader is never read here: :func:`score` reads it
+once, for the run the protocol selected. The caller's global RNG state is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.unimodal import Head, unimodal_logits
+from ..diagnosis.report import imbalance_report, pooled_tokens
+from .plugins import Config, Context, Features, Hooks, Remedy
+from .result import RunRecord
+
+__all__ = ["Outcome", "Spec", "diagnose", "score", "train_run"]
+
+
+@dataclass
+class Spec:
+    """The user's model and data, as :func:`compare_remedies` was given them."""
+
+    build: Callable[[], nn.Module]
+    forward: Callable[[nn.Module, Any], tuple[Mapping[str, Tensor], Tensor]]
+    head: Callable[[nn.Module], Head]
+    encoders: Callable[[nn.Module], Mapping[str, nn.Module]]
+    train: Iterable[Any]
+    val: Iterable[Any]
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    epochs: int
+    device: torch.device | None = None
+    steps: int = 0  # optimiser steps per epoch, counted once
+
+    def features(self, model: nn.Module, batch: Any) -> tuple[Features, Tensor]:
+        """``forward(model, batch)`` with the batch moved to the model's device."""
+        device = self.device or _device_of(model)
+        out = self.forward(model, to_device(batch, device))
+        if not (
+            isinstance(out, tuple | list)
+            and len(out) == 2
+            and isinstance(out[0], Mapping)
+            and isinstance(out[1], Tensor)
+        ):
+            raise TypeError(
+                "forward(model, batch) must return (features, target): a mapping modality -> "
+                f"tensor and a target tensor; got {type(out).__name__}"
+                + (
+                    f" of {[type(v).__name__ for v in out]}"
+                    if isinstance(out, tuple | list)
+                    else ""
+                )
+            )
+        feats, target = out
+        return dict(feats), target
+
+    def build_seeded(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = self.build()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"build() must return an nn.Module, got {type(model).__name__}")
+        return model if self.device is None else model.to(self.device)
+
+    def context(self, model: nn.Module, seed: int) -> Context:
+        """The method's view of one run (the first batch read for shapes and classes)."""
+        sample = self.features(model, next(iter(self.train)))
+        with torch.no_grad():
+            from .plugins import fused_logits
+
+            classes = int(fused_logits(self.head(model), sample[0]).shape[-1])
+        return Context(
+            model=model,
+            head=self.head(model),
+            encoders=dict(self.encoders(model)),
+            sample=sample,
+            num_classes=classes,
+            steps_per_epoch=self.steps,
+            epochs=self.epochs,
+            seed=seed,
+            train=self.train,
+            val=self.val,
+            features=lambda batch: self.features(model, batch),
+        )
+
+
+@dataclass
+class Outcome:
+    """A finished run: its record, and the live model and method state at the chosen epoch."""
+
+    record: RunRecord
+    ctx: Context
+    hooks: Hooks
+    kept: nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a batch (nested in mappings, lists and tuples) moved to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        moved = {k: to_device(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(moved)  # type: ignore[call-arg]
+        except TypeError:  # a mapping type that is not built from a dict
+            return moved
+    if isinstance(batch, tuple | list):
+        items = [to_device(v, device) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's parameters (equal initial weights give equal hashes)."""
+    with torch.no_grad():
+        sums = [
+            torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()
+        ]
+        values = torch.stack(sums).cpu().tolist() if sums else []
+    return hashlib.sha1(repr(values).encode()).hexdigest()[:16]
+
+
+def _reduce(values: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl" and values.device.type != "cuda":
+            values = values.cuda()
+        dist.all_reduce(values)
+    return values
+
+
+def evaluate(
+    spec: Spec, model: nn.Module, hooks: Hooks, kept: nn.Module | None, loader: Iterable[Any]
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy over ``loader`` (summed over ranks under DDP)."""
+    training = model.training
+    model.eval()
+    hooks.train(False)
+    head = spec.head(model)
+    totals = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            feats, target = spec.features(model, batch)
+            logits = hooks.predict(head, feats, kept).float()
+            counted = target != -100
+            y = target[counted]
+            z = logits[counted]
+            totals += torch.stack(
+                [
+                    (z.argmax(-1) == y).sum().double().cpu(),
+                    F.cross_entropy(z, y, reduction="sum").double().cpu(),
+                    torch.tensor(float(y.numel()), dtype=torch.float64),
+                ]
+            )
+    model.train(training)
+    correct, loss, count = _reduce(totals).tolist()
+    if count == 0:
+        raise ValueError("the evaluated loader gave no sample (an empty validation or test set)")
+    return correct / count, loss / count
+
+
+def _better(acc: float, loss: float, best: tuple[float, float] | None) -> bool:
+    if best is None:
+        return True
+    loss = loss if math.isfinite(loss) else math.inf
+    return (acc, -loss) > (best[0], -best[1])
+
+
+def train_run(
+    spec: Spec,
+    remedy: Remedy,
+    config: Config,
+    seed: int,
+    on_epoch: Callable[[int, float], None],
+) -> Outcome:
+    """Train one run and return it at the epoch chosen on validation (test not read)."""
+    devices = [spec.device.index or 0] if spec.device and spec.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model = spec.build_seeded(seed)
+        init = fingerprint(model)
+        ctx = spec.context(model, seed)
+        hooks = remedy.setup(ctx, config)
+        optimizer = spec.optimizer(hooks.parameters())
+        hooks.attach(optimizer)
+        torch.manual_seed(seed)  # the same data order for a seed, whatever the method
+        return _loop(spec, remedy, config, seed, ctx, hooks, optimizer, init, on_epoch)
+
+
+def _loop(
+    spec: Spec,
+    remedy: Remedy,
+    config: Config,
+    seed: int,
+    ctx: Context,
+    hooks: Hooks,
+    optimizer: torch.optim.Optimizer,
+    init: str,
+    on_epoch: Callable[[int, float], None],
+) -> Outcome:
+    model = ctx.model
+    best: tuple[float, float] | None = None
+    saved: tuple[dict[str, Tensor], nn.Module | None] | None = None
+    curve: list[float] = []
+    record = RunRecord(method=remedy.name, config=config, seed=seed, init=init)
+    seconds = 0.0
+    for epoch in range(spec.epochs):
+        start = time.perf_counter()
+        try:
+            _epoch(spec, ctx, hooks, optimizer, epoch)
+        except ValueError as err:  # the library refuses non-finite features or logits
+            if "non-finite" not in str(err):
+                raise
+            record.diverged = epoch + 1
+            break
+        acc, loss = evaluate(spec, model, hooks, hooks.kept, spec.val)
+        seconds += time.perf_counter() - start
+        curve.append(acc)
+        if _better(acc, loss, best):
+            best = (acc, loss)
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            saved = (state, copy.deepcopy(hooks.kept))
+            record.epoch = epoch + 1
+        on_epoch(epoch, time.perf_counter() - start)
+    record.curve = curve
+    record.seconds_per_epoch = seconds / max(len(curve), 1)
+    kept = None
+    if best is not None and saved is not None:
+        record.val, record.val_loss = best
+        model.load_state_dict(saved[0])
+        kept = saved[1]
+    return Outcome(record=record, ctx=ctx, hooks=hooks, kept=kept)
+
+
+def _epoch(
+    spec: Spec, ctx: Context, hooks: Hooks, optimizer: torch.optim.Optimizer, epoch: int
+) -> None:
+    hooks.epoch_start(epoch)
+    ctx.model.train()
+    hooks.train(True)
+    for batch in spec.train:
+        feats, target = ctx.features(batch)
+        loss = hooks.loss(feats, target)
+        optimizer.zero_grad(set_to_none=True)
+        hooks.backward(loss, feats, target)
+        hooks.before_step(feats, target)
+        optimizer.step()
+
+
+def score(spec: Spec, outcome: Outcome, loader: Iterable[Any]) -> float:
+    """The selected run's accuracy on ``loader`` (the test loader: read once, here)."""
+    return evaluate(spec, outcome.ctx.model, outcome.hooks, outcome.kept, loader)[0]
+
+
+def diagnose(
+    spec: Spec, outcome: Outcome, modalities: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """:func:`imbalance_report` of the selected run: probes fitted on the training split's
+    features (pooled over tokens), every accuracy on the validation split."""
+    ctx = outcome.ctx
+    fit = [_pooled(f, y, modalities) for f, y in ctx.batches(spec.train)]
+    held = [(_subset(f, modalities), y) for f, y in ctx.batches(spec.val)]
+    head = outcome.hooks.diagnosis_head(ctx.head)
+    report = imbalance_report(
+        fit,
+        held,
+        head=head if modalities is None and len(ctx.modalities) > 1 else None,
+        num_classes=ctx.num_classes,
+    )
+    return {
+        "modalities": list(report.modalities),
+        "probe": report.probe,
+        "head": report.head,
+        "num_classes": report.num_classes,
+        "num_fit": report.num_fit,
+        "num_evaluated": report.num_evaluated,
+    }
+
+
+def _subset(feats: Features, modalities: Sequence[str] | None) -> Features:
+    return feats if modalities is None else {m: feats[m] for m in modalities}
+
+
+def _pooled(
+    feats: Features, y: Tensor, modalities: Sequence[str] | None
+) -> tuple[Features, Tensor]:
+    return {m: pooled_tokens(x).cpu() for m, x in _subset(feats, modalities).items()}, y.cpu()
+
+
+def alone_remedy(modality: str) -> Remedy:
+    """Training for the encoder of ``modality`` alone: cross-entropy of its unimodal logits."""
+    return _Alone(f"alone:{modality}", f"{modality} alone", uses_head=True)
+
+
+class _Alone(Remedy):
+    def setup(self, ctx: Context, config: Config) -> Hooks:
+        return _AloneHooks(ctx, self.name.split(":", 1)[1])
+
+
+class _AloneHooks(Hooks):
+    def __init__(self, ctx: Context, modality: str) -> None:
+        super().__init__(ctx)
+        self.modality = modality
+
+    def loss(self, features: Features, target: Tensor) -> Tensor:
+        return F.cross_entropy(unimodal_logits(self.ctx.head, features)[self.modality], target)
+
+    def predict(self, head: Head, features: Features, kept: nn.Module | None) -> Tensor:
+        return unimodal_logits(head, features)[self.modality]
