@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from imbalance_losses import ComparisonResult, MappingHead, compare_remedies
-from imbalance_losses.compare import REMEDIES, Hooks, Remedy, register
+from imbalance_losses.compare import REMEDIES, Hooks, RemedyPlugin, register
 from imbalance_losses.compare.result import Row, RunRecord
 from tests.ddp import run_distributed
 
@@ -240,11 +240,11 @@ def test_a_new_method_plugs_in_with_one_adapter_and_failures_are_rows() -> None:
         def loss(self, features: dict[str, Tensor], target: Tensor) -> Tensor:
             return 0.5 * super().loss(features, target)
 
-    class Half(Remedy):
+    class Half(RemedyPlugin):
         def setup(self, ctx: Any, config: Any) -> Hooks:
             return Halved(ctx)
 
-    class Broken(Remedy):
+    class Broken(RemedyPlugin):
         def setup(self, ctx: Any, config: Any) -> Hooks:
             raise RuntimeError("no such thing")
 

@@ -1,13 +1,13 @@
 """Which remedy for my model? :func:`compare_remedies` runs every method that applies.
 
-* :mod:`.plugins`: one adapter per method (:class:`Remedy`, :class:`Hooks`) and the registry
+* :mod:`.plugins`: one adapter per method (:class:`RemedyPlugin`, :class:`Hooks`) and the registry
   :data:`REMEDIES`;
 * :mod:`.training`: one seeded run, the epoch chosen on validation;
 * :mod:`.protocol`: :func:`compare_remedies`, the protocol over methods and seeds;
 * :mod:`.result`: :class:`ComparisonResult` (rows, best, JSON, Markdown, plot).
 """
 
-from .plugins import REMEDIES, Context, Hooks, Remedy, fused_logits, register
+from .plugins import REMEDIES, Context, Hooks, RemedyPlugin, fused_logits, register
 from .protocol import compare_remedies
 from .result import Best, ComparisonResult, Row, RunRecord
 
@@ -17,7 +17,7 @@ __all__ = [
     "ComparisonResult",
     "Context",
     "Hooks",
-    "Remedy",
+    "RemedyPlugin",
     "Row",
     "RunRecord",
     "compare_remedies",

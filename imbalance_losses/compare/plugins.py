@@ -1,9 +1,9 @@
 """One small adapter per method: how :func:`compare_remedies` plugs it into a training loop.
 
-Every adapter is a :class:`Remedy`: a short name, a label, the method's documented defaults, an
-optional small grid, :meth:`Remedy.applies` (``None``, or the reason it does not apply to this
-model) and :meth:`Remedy.setup`, which builds the method's objects for one run and returns its
-:class:`Hooks`. The training loop only ever calls the hooks::
+Every adapter is a :class:`RemedyPlugin`: a short name, a label, the method's documented
+defaults, an optional small grid, :meth:`RemedyPlugin.applies` (``None``, or the reason it does
+not apply to this model) and :meth:`RemedyPlugin.setup`, which builds the method's objects for
+one run and returns its :class:`Hooks`. The training loop only ever calls the hooks::
 
     hooks = remedy.setup(context, config)
     optimizer = make_optimizer(hooks.parameters())
@@ -43,7 +43,7 @@ from ..methods.modulation import ModalityGradientModulator
 from ..methods.opm import ModalityPredictionModulator, kept_mean
 from ..methods.pmr import PMRLoss
 
-__all__ = ["REMEDIES", "Config", "Context", "Hooks", "Remedy", "fused_logits", "register"]
+__all__ = ["REMEDIES", "Config", "Context", "Hooks", "RemedyPlugin", "fused_logits", "register"]
 
 Config = dict[str, float]
 Features = dict[str, Tensor]
@@ -61,7 +61,7 @@ def fused_logits(head: Head, features: Mapping[str, Tensor]) -> Tensor:
 
 @dataclass
 class Context:
-    """What a method needs to know about one run (and, for :meth:`Remedy.applies`, the model).
+    """What a method needs to know about one run (and, for :meth:`RemedyPlugin.applies`, the model).
 
     Attributes:
         model: the freshly built model of this run.
@@ -162,7 +162,7 @@ class Hooks:
 
 
 @dataclass(frozen=True)
-class Remedy:
+class RemedyPlugin:
     """A method as :func:`compare_remedies` runs it (subclass and :func:`register` to add one).
 
     Attributes:
@@ -230,7 +230,7 @@ def _epochs(ctx: Context, n: float) -> int:
     return ctx.steps_per_epoch * max(0, min(int(n), ctx.epochs - 1))
 
 
-class _ARL(Remedy):
+class _ARL(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
         arl = ARLLoss(
             nn.CrossEntropyLoss(),
@@ -251,7 +251,7 @@ class _LossHooks(Hooks):
         return self.fn(features, target)
 
 
-class _OGM(Remedy):
+class _OGM(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
         return _OGMHooks(ctx, config)
 
@@ -270,7 +270,7 @@ class _OGMHooks(Hooks):
         self.modulator.step(unimodal_logits(self.ctx.head, features), target)
 
 
-class _Boosting(Remedy):
+class _Boosting(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
         return _BoostHooks(ctx, config)
 
@@ -317,7 +317,7 @@ def _head_parameters(head: Head) -> list[nn.Parameter]:
     return []
 
 
-class _PMR(Remedy):
+class _PMR(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
         return _PMRHooks(ctx, config)
 
@@ -335,7 +335,7 @@ class _PMRHooks(Hooks):
         return self.pmr(self.ctx.fuse(features), target, features)  # type: ignore[no-any-return]
 
 
-class _Blending(Remedy):
+class _Blending(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
         return _BlendHooks(ctx, config)
 
@@ -362,7 +362,7 @@ class _BlendHooks(Hooks):
         return self.blend(fused, target, features=features)  # type: ignore[no-any-return]
 
 
-class _MMPareto(Remedy):
+class _MMPareto(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
         return _ParetoHooks(ctx, config)
 
@@ -377,13 +377,13 @@ class _ParetoHooks(Hooks):
         self.pareto.backward(loss, {m: F.cross_entropy(zm, target) for m, zm in z.items()})
 
 
-class _AGM(Remedy):
+class _AGM(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
         agm = AdaptiveGradientModulator(ctx.head, alpha=config["alpha"]).to(ctx.device)
         return _LossHooks(ctx, lambda x, y: F.cross_entropy(ctx.fuse(agm(x, y)), y))
 
 
-class _OPM(Remedy):
+class _OPM(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
         opm = ModalityPredictionModulator(
             ctx.modalities,
@@ -401,18 +401,18 @@ class _OPM(Remedy):
         return _LossHooks(ctx, loss)
 
 
-REMEDIES: dict[str, Remedy] = {}
+REMEDIES: dict[str, RemedyPlugin] = {}
 """The methods :func:`compare_remedies` knows, by short name, in row order."""
 
 
-def register(remedy: Remedy) -> Remedy:
+def register(remedy: RemedyPlugin) -> RemedyPlugin:
     """Add (or replace) a method in :data:`REMEDIES`; returns it."""
     REMEDIES[remedy.name] = remedy
     return remedy
 
 
 for _remedy in (
-    Remedy(),
+    RemedyPlugin(),
     _OGM(
         "ogm_ge",
         "joint + OGM-GE",

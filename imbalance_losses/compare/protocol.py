@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..core.unimodal import Head
-from .plugins import REMEDIES, Config, Remedy
+from .plugins import REMEDIES, Config, RemedyPlugin
 from .result import ComparisonResult, Row, RunRecord
 from .training import Outcome, Spec, alone_remedy, diagnose, score, train_run
 
@@ -322,7 +322,7 @@ class _Runner:
                 self._alone(reference.modalities)
         self._check_inits()
 
-    def _method(self, remedy: Remedy, row: Row) -> None:
+    def _method(self, remedy: RemedyPlugin, row: Row) -> None:
         old = self._previous_row(remedy.name)
         try:
             if old is not None and old.runs:
@@ -344,7 +344,7 @@ class _Runner:
                 raise
             row.status, row.reason = "failed", f"{type(err).__name__}: {err}"
 
-    def _grid(self, remedy: Remedy, row: Row) -> bool:
+    def _grid(self, remedy: RemedyPlugin, row: Row) -> bool:
         """The settings on the first seed; the selected one is finished (test, diagnosis)."""
         best: Outcome | None = None
         for config in remedy.configs(self.grid):
@@ -389,7 +389,7 @@ class _Runner:
             self.save()
 
     # ----------------------------------------------------------------- one run
-    def _train(self, remedy: Remedy, config: Config, seed: int, row: Row) -> Outcome | None:
+    def _train(self, remedy: RemedyPlugin, config: Config, seed: int, row: Row) -> Outcome | None:
         """One run, unless the budget (decided on rank 0) says it does not fit."""
         why = _broadcast(self._over_budget(remedy.name) if _rank() == 0 else None)
         if why is not None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..core.unimodal import Head, unimodal_logits
 from ..diagnosis.report import imbalance_report, pooled_tokens
-from .plugins import Config, Context, Features, Hooks, Remedy
+from .plugins import Config, Context, Features, Hooks, RemedyPlugin
 from .result import RunRecord
 
 __all__ = ["Outcome", "Spec", "diagnose", "score", "train_run"]
@@ -186,7 +186,7 @@ def _better(acc: float, loss: float, best: tuple[float, float] | None) -> bool:
 
 def train_run(
     spec: Spec,
-    remedy: Remedy,
+    remedy: RemedyPlugin,
     config: Config,
     seed: int,
     on_epoch: Callable[[int, float], None],
@@ -206,7 +206,7 @@ def train_run(
 
 def _loop(
     spec: Spec,
-    remedy: Remedy,
+    remedy: RemedyPlugin,
     config: Config,
     seed: int,
     ctx: Context,
@@ -304,12 +304,12 @@ def _pooled(
     return {m: pooled_tokens(x).cpu() for m, x in _subset(feats, modalities).items()}, y.cpu()
 
 
-def alone_remedy(modality: str) -> Remedy:
+def alone_remedy(modality: str) -> RemedyPlugin:
     """Training for the encoder of ``modality`` alone: cross-entropy of its unimodal logits."""
     return _Alone(f"alone:{modality}", f"{modality} alone", uses_head=True)
 
 
-class _Alone(Remedy):
+class _Alone(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
         return _AloneHooks(ctx, self.name.split(":", 1)[1])
 
