@@ -186,3 +186,17 @@ def test_monitor_reads_a_mapping_head_in_eval_mode() -> None:
     stats = monitor.compute()
     for m in feats:
         assert stats[f"imbalance/{m}/acc"] == pytest.approx(hits[m])
+
+
+def test_methods_that_need_vectors_say_to_pool_token_features() -> None:
+    from imbalance_losses import PMRLoss, SustainedBoostingLoss
+
+    feats = {"a": torch.randn(4, 5, 3), "b": torch.randn(4, 2, 4)}
+    y = torch.tensor([0, 1, 2, 0])
+    with pytest.raises(
+        ValueError, match=r"features\['a'\] has shape \(4, 5, 3\), a sequence of tokens.*pooled"
+    ):
+        PMRLoss(3, {"a": 3, "b": 4})(torch.randn(4, 3), y, feats)
+    boost = SustainedBoostingLoss(num_classes=3, in_features={"a": 3, "b": 4}, check_every=10)
+    with pytest.raises(ValueError, match=r"boosting heads take one vector per sample, \[B, 3\]"):
+        boost(feats, y)

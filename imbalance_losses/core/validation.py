@@ -206,6 +206,12 @@ def check_features(
         check_same_modalities(widths, features, expected_what="in_features", actual_what=what)
         for name, x in features.items():
             width = widths[name]
+            if x.dim() > 2 and x.shape[-1] == width:  # tokens [B, T, D]: one vector needed
+                raise ValueError(
+                    f"{what}[{name!r}] has shape {_shape(x)}, a sequence of tokens, but "
+                    f"{by.split(' (')[0]} take one vector per sample, [B, {width}]: pass the "
+                    "tokens pooled (e.g. their mean over the real tokens), docs/attention.md"
+                )
             if x.dim() != 2 or x.shape[1] != width:
                 raise ValueError(
                     f"{what}[{name!r}] must have shape [B, {width}] (in_features[{name!r}] = "
