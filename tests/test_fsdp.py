@@ -105,6 +105,35 @@ def _method_step(method: str, model: _Model) -> Any:
             pmr(fused(f), y, f).backward()
 
         return pmr_step
+    if method in ("arl", "arl_encoders"):
+        encoders = model.encoders if method == "arl_encoders" else None
+        arl = il.ARLLoss(head=model.head, temperature=4.0, encoders=encoders)
+
+        def arl_step(f: dict[str, Tensor], y: Tensor) -> None:
+            arl(fused(f), y, features=f).backward()
+            if encoders is not None:
+                arl.step()
+
+        return arl_step
+    if method == "ogm":
+        ogm = il.ModalityGradientModulator(dict(model.encoders.items()), alpha=0.8, method="ogm")
+
+        def ogm_step(f: dict[str, Tensor], y: Tensor) -> None:
+            ce(fused(f), y).backward()
+            with torch.no_grad():
+                ogm.step(il.unimodal_logits(model.head, {m: x.detach() for m, x in f.items()}), y)
+
+        return ogm_step
+    if method == "opm":  # p_exe = 0: the drop is never executed (its draws are per rank)
+        opm = il.ModalityPredictionModulator(["a", "b"], head=model.head, p_exe=0.0)
+
+        def opm_step(f: dict[str, Tensor], y: Tensor) -> None:
+            out = opm(f, y)
+            per_sample = nn.functional.cross_entropy(fused(out.features), y, reduction="none")
+            il.kept_mean(per_sample, out.keep).backward()
+            assert opm.last is not None
+
+        return opm_step
     raise ValueError(method)
 
 
@@ -133,7 +162,7 @@ def _train(rank: int, world: int, method: str, data: Any, shard: bool) -> dict[s
     return full
 
 
-METHODS = ("joint", "agm", "agm_encoders", "gblend", "pmr")
+METHODS = ("joint", "agm", "agm_encoders", "gblend", "pmr", "arl", "arl_encoders", "ogm", "opm")
 
 
 def _fsdp_body(rank: int, world: int, data: Any) -> dict[str, dict[str, Tensor]]:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .unimodal import MappingHead, _check_concat, _check_dtype_device
+from .unimodal import MappingHead, _check_concat, _check_dtype_device, reshard_fsdp
 
 __all__ = ["masked_outputs", "shapley_values", "shapley_weights", "subset_masks"]
 
@@ -188,5 +188,6 @@ def masked_outputs(
             ) from err
         return y.reshape(2**m, x.shape[0], *y.shape[1:])
     finally:
+        reshard_fsdp(head)
         for mod, training in flags:
             mod.training = training

@@ -173,6 +173,24 @@ def _linear(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor
     return out
 
 
+def reshard_fsdp(head: object) -> None:
+    """Return FSDP2 modules of ``head`` to their sharded state after a call under ``no_grad``.
+
+    A ``fully_shard`` root module keeps its parameters gathered after its forward (they are
+    freed by its backward). A head evaluated again after the backward (unimodal logits for a
+    statistic, masked copies) would stay gathered, and the next forward would reuse the gathered
+    copies of the weights from before ``optimizer.step()``. ``reshard()`` frees them; a later
+    backward through that call gathers them again.
+    """
+    if torch.is_grad_enabled():  # a backward may follow: it frees the gathered parameters
+        return
+    root = head.fn if isinstance(head, MappingHead) else head
+    roots = list(root.values()) if isinstance(root, Mapping) else [root]
+    for module in roots:  # a fully_shard module's class is FSDP<its class> (FSDPModule)
+        if isinstance(module, nn.Module) and type(module).__name__.startswith("FSDP"):
+            module.reshard()  # type: ignore[operator]
+
+
 def _sharded(head: nn.Module) -> bool:
     """Whether ``head``'s parameters are sharded outside its forward (FSDP2's ``fully_shard``)."""
     weight = getattr(head, "weight", None)
@@ -350,5 +368,6 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
             "head must be an nn.Linear, a mapping modality -> head, or a callable over the "
             f"concatenated features; got {type(head).__name__}"
         )
+    reshard_fsdp(head)
     _check_outputs(out, batch)
     return out
