@@ -8,6 +8,7 @@ logits. Checked against the head called by hand on each subset.
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -200,3 +201,11 @@ def test_methods_that_need_vectors_say_to_pool_token_features() -> None:
     boost = SustainedBoostingLoss(num_classes=3, in_features={"a": 3, "b": 4}, check_every=10)
     with pytest.raises(ValueError, match=r"boosting heads take one vector per sample, \[B, 3\]"):
         boost(feats, y)
+
+
+def test_attention_page_runs_as_written(tmp_path: Any) -> None:
+    from tests.pages import run_page
+
+    ns = run_page("attention.md", tmp_path)
+    assert bool(torch.isfinite(ns["loss"])) and ns["out"].presence.shape == (8, 2)
+    assert set(ns["z"]) == {"audio", "visual"}
