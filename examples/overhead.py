@@ -54,12 +54,15 @@ from imbalance_losses import (
     AdaptiveGradientModulator,
     ARLLoss,
     GradientBlending,
+    MMCosineHead,
     MMPareto,
     ModalityGradientModulator,
     ModalityPredictionModulator,
+    ModalityRelearning,
     OPMOutput,
     PMRLoss,
     SustainedBoostingLoss,
+    UnimodalTeacherLoss,
     kept_mean,
     unimodal_logits,
 )
@@ -89,9 +92,7 @@ class Model(nn.Module):
 
     def __init__(self, channels: dict[str, int], width: int, *, mlp: bool = False) -> None:
         super().__init__()
-        self.encoders = nn.ModuleDict(
-            {m: encoder(c, width, mlp=mlp) for m, c in channels.items()}
-        )
+        self.encoders = nn.ModuleDict({m: encoder(c, width, mlp=mlp) for m, c in channels.items()})
         self.head = nn.Linear(FEATURE * len(channels), CLASSES)
 
     def features(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -282,6 +283,46 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
 
         return step
 
+    def umt() -> Step:
+        model = copy.deepcopy(base)
+        opt = sgd(model.parameters())
+        # stand-ins for the M trained uni-modal encoders (same architecture as the student's)
+        teachers = {m: copy.deepcopy(enc) for m, enc in base.encoders.items()}
+        loss_fn = UnimodalTeacherLoss(teachers).to(device)
+
+        def step() -> None:  # + M teacher forwards per step (eval mode, no grad, no backward)
+            opt.zero_grad(set_to_none=True)
+            logits, feats = model(inputs)
+            loss_fn(logits, target, features=feats, inputs=inputs).backward()
+            opt.step()
+
+        return step
+
+    def relearning() -> Step:
+        model = copy.deepcopy(base)
+        opt = sgd(model.parameters())
+        ModalityRelearning(dict(model.encoders.items()), CLASSES)  # snapshot theta^0 only
+
+        def step() -> None:  # a training step is plain; the cost is per re-learning epoch
+            opt.zero_grad(set_to_none=True)
+            logits, _ = model(inputs)
+            ce(logits, target).backward()
+            opt.step()
+
+        return step
+
+    def mmcosine() -> Step:
+        model = copy.deepcopy(base)
+        cosine = MMCosineHead(model.head, widths, scaling=10.0)  # model.head's weight; bias frozen
+        opt = sgd(model.parameters())
+
+        def step() -> None:  # the cosine logits replace the linear head's output
+            opt.zero_grad(set_to_none=True)
+            ce(cosine(model.features(inputs)), target).backward()
+            opt.step()
+
+        return step
+
     builders: dict[str, Callable[[], Step]] = {
         "plain cross-entropy (reference)": plain,
         "ARLLoss": arl,
@@ -295,6 +336,9 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
         "AdaptiveGradientModulator (AGM)": agm,
         "MMPareto": mmpareto,
         "ModalityPredictionModulator (OPM)": opm,
+        "UnimodalTeacherLoss (UMT)": umt,
+        "ModalityRelearning (per step)": relearning,
+        "MMCosineHead": mmcosine,
     }
     for name, build in builders.items():
         if only is None or name == only:
