@@ -211,12 +211,22 @@ class AlternatingUnimodalAdaptation(Remedy[MLARecord]):
     $$\text{step } m:\quad \mathcal{L}_m = \ell(h(f_m), y), \qquad
     \nabla_W \leftarrow \nabla_W P^\top, \qquad \theta \leftarrow \text{optimiser}(\theta)$$
 
-    Usage (one optimiser over the model's parameters, ``N_b = len(loader)``)::
+    ``train_step`` replaces ``backward(); step(); zero_grad()``; ``predict`` is the evaluation
+    forward. One optimiser over every parameter; ``N_b = len(loader)``.
 
-        mla = AlternatingUnimodalAdaptation(model.head, batches_per_epoch=len(loader))
-        for x, y in loader:
-            mla.train_step(model.features(x), y, optimizer)      # M steps, zero_grad included
-        pred = mla.predict(model.features(x_test)).argmax(-1)
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from imbalance_losses import AlternatingUnimodalAdaptation
+        >>> _ = torch.manual_seed(0)
+        >>> enc = nn.ModuleDict({"a": nn.Linear(3, 4), "v": nn.Linear(5, 4)})
+        >>> head = nn.Linear(4, 2)                       # shared by both modalities
+        >>> opt = torch.optim.SGD([*enc.parameters(), *head.parameters()], lr=0.1)
+        >>> mla = AlternatingUnimodalAdaptation(head, batches_per_epoch=10)
+        >>> x, y = {"a": torch.randn(6, 3), "v": torch.randn(6, 5)}, torch.tensor([0, 1] * 3)
+        >>> losses = mla.train_step({m: enc[m](x[m]) for m in x}, y, opt)   # 2 optimiser steps
+        >>> list(losses), mla.steps, tuple(mla.predict({m: enc[m](x[m]) for m in x}).shape)
+        (['a', 'v'], 2, (6, 2))
 
     Args:
         head: scores one modality alone: a module or callable shared by all modalities
@@ -260,10 +270,10 @@ class AlternatingUnimodalAdaptation(Remedy[MLARecord]):
             raise ValueError(f'projection must be "owm" or "off", got {projection!r}')
         self.projection = projection
         self.fusion = fusion if fusion == "entropy" else dict(fusion)
-        names = tuple(head) if isinstance(head, Mapping | nn.ModuleDict) else modalities
-        if modalities is not None and names is not None and tuple(modalities) != names:
-            raise ValueError(f"modalities {list(modalities)} differ from the heads' {list(names)}")
-        self._modalities = None if names is None else tuple(names)
+        names = None if modalities is None else tuple(modalities)
+        if isinstance(head, Mapping | nn.ModuleDict) and names not in (None, tuple(head)):
+            raise ValueError(f"modalities {list(names or ())} differ from the heads' {list(head)}")
+        self._modalities = tuple(head) if isinstance(head, Mapping | nn.ModuleDict) else names
         self.sync_gradients = sync_gradients
         self.__dict__["_weights"] = self._projected(head, projected_weight)
         width = 1
