@@ -47,6 +47,15 @@ from .methods.boosting import (
     boosting_residual_loss,
     confidence_scores,
 )
+from .methods.mla import (
+    AlternatingUnimodalAdaptation,
+    MLARecord,
+    fuse_unimodal_logits,
+    fusion_weights,
+    owm_alpha,
+    owm_update,
+    project_gradient,
+)
 from .methods.mmcosine import MMCosineHead, MMCosineRecord, cosine_logits, split_weight
 from .methods.mmpareto import MMPareto, MMParetoRecord, pareto_weights
 from .methods.modulation import (
@@ -91,6 +100,7 @@ __all__ = [
     "ARLLoss",
     "ARLRecord",
     "AdaptiveGradientModulator",
+    "AlternatingUnimodalAdaptation",
     "BlendingRecord",
     "BoostingRecord",
     "ComparisonResult",
@@ -98,6 +108,7 @@ __all__ = [
     "Head",
     "ImbalanceMonitor",
     "ImbalanceReport",
+    "MLARecord",
     "MMCosineHead",
     "MMCosineRecord",
     "MMPareto",
@@ -131,6 +142,8 @@ __all__ = [
     "drop_probabilities",
     "entropy_weights",
     "feature_distillation",
+    "fuse_unimodal_logits",
+    "fusion_weights",
     "ge_noise_stds",
     "imbalance_report",
     "inverse_variance_weights",
@@ -142,8 +155,11 @@ __all__ = [
     "mono_modal_responses",
     "ogm_coefficients",
     "overfitting_to_generalization_ratio",
+    "owm_alpha",
+    "owm_update",
     "pareto_weights",
     "plot_history",
+    "project_gradient",
     "prototype_entropy",
     "prototype_logits",
     "prototypical_cross_entropy",

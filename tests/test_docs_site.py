@@ -37,6 +37,7 @@ MAIN = [
     "UnimodalTeacherLoss",
     "ModalityRelearning",
     "MMCosineHead",
+    "AlternatingUnimodalAdaptation",
     "MappingHead",
     "unimodal_logits",
 ]
