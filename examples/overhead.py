@@ -52,6 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from imbalance_losses import (
     AdaptiveGradientModulator,
+    AlternatingUnimodalAdaptation,
     ARLLoss,
     GradientBlending,
     MMCosineHead,
@@ -323,6 +324,17 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
 
         return step
 
+    def mla() -> Step:
+        model = copy.deepcopy(base)
+        shared = nn.Linear(FEATURE, CLASSES).to(device)  # MLA's head scores one modality at a time
+        opt = sgd([*model.encoders.parameters(), *shared.parameters()])
+        method = AlternatingUnimodalAdaptation(shared, batches_per_epoch=100)
+
+        def step() -> None:  # M optimiser steps (one per modality), zero_grad included
+            method.train_step(model.features(inputs), target, opt)
+
+        return step
+
     builders: dict[str, Callable[[], Step]] = {
         "plain cross-entropy (reference)": plain,
         "ARLLoss": arl,
@@ -339,6 +351,7 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
         "UnimodalTeacherLoss (UMT)": umt,
         "ModalityRelearning (per step)": relearning,
         "MMCosineHead": mmcosine,
+        "AlternatingUnimodalAdaptation (MLA, M optimiser steps)": mla,
     }
     for name, build in builders.items():
         if only is None or name == only:
