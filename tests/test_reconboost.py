@@ -468,6 +468,20 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch() -> None:
             torch.testing.assert_close(a, b)
 
 
+def test_a_deep_copy_with_the_model_predicts_alike_and_trains_the_copy() -> None:
+    torch.manual_seed(0)
+    net, rb = make()
+    x, y = data(6)
+    step(net, rb, x, y)
+    net2, rb2 = copy.deepcopy((net, rb))  # one memo: rb2 holds net2's encoders and head
+    with torch.no_grad():
+        assert torch.equal(rb2.predict(net2.features(x)), rb.predict(net.features(x)))
+    before = snapshot(net, rb)
+    step(net2, rb2, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(net, rb), strict=True))
+    assert not torch.equal(net2.encoders["a"].weight, net.encoders["a"].weight)
+
+
 # ----------------------------------------------------------------------------------------------
 # heads served, bad input, the docs page
 

@@ -65,7 +65,8 @@ a :class:`~imbalance_losses.MappingHead` over a module."""
 
 
 def _fp32(z: Tensor) -> Tensor:
-    return z.to(torch.promote_types(z.dtype, torch.float32))
+    """``z`` in fp32 when it is fp16 / bf16 (fp32 and fp64 unchanged)."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
 
 
 def reconboost_weights(q_y: Tensor, w1: float, w2: float, num_classes: int) -> Tensor:
@@ -361,7 +362,7 @@ class ReconBoost(nn.Module):
         self, features: Mapping[str, Tensor], *, all_grad: bool = False
     ) -> dict[str, Tensor]:
         """``{m: g_m}``: the head on each modality alone; the learners the phase does not train are
-        run under ``torch.no_grad()`` (unless ``all_grad``)."""
+        run under ``torch.no_grad()`` (unless ``all_grad``). The loss methods check them."""
         check_modalities(features)
         check_same_modalities(self.modalities, features, expected_what="encoders",
                               actual_what="features")  # fmt: skip
@@ -371,7 +372,6 @@ class ReconBoost(nn.Module):
                 torch.is_grad_enabled() and (all_grad or self.trains(name))
             ):
                 out[name] = self._score(name, features)
-        check_unimodal_logits(out, what="the learners' logits")
         return out
 
     def _score(self, name: str, features: Mapping[str, Tensor]) -> Tensor:
@@ -420,7 +420,9 @@ class ReconBoost(nn.Module):
 
     def predict(self, features: Mapping[str, Tensor]) -> Tensor:
         """The ensemble's logits ``F = beta sum_{k in members} g_k`` (fp32 at least)."""
-        return ensemble_logits(self.learners(features, all_grad=True), self.beta, self.members)
+        logits = self.learners(features, all_grad=True)
+        check_unimodal_logits(logits, what="the learners' logits")
+        return ensemble_logits(logits, self.beta, self.members)
 
     def _check(self, logits: Mapping[str, Tensor], target: Tensor) -> None:
         batch, classes = check_unimodal_logits(logits, what="logits")
