@@ -38,6 +38,7 @@ MAIN = [
     "ModalityRelearning",
     "MMCosineHead",
     "AlternatingUnimodalAdaptation",
+    "ReconBoost",
     "MappingHead",
     "unimodal_logits",
 ]
