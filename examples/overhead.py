@@ -62,6 +62,7 @@ from imbalance_losses import (
     ModalityRelearning,
     OPMOutput,
     PMRLoss,
+    ReconBoost,
     SustainedBoostingLoss,
     UnimodalTeacherLoss,
     kept_mean,
@@ -335,6 +336,33 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
 
         return step
 
+    def reconboost(phase: Literal["boost", "rectify"]) -> Callable[[], Step]:
+        def build() -> Step:
+            model = copy.deepcopy(base)
+            head = nn.Linear(FEATURE, CLASSES).to(device)  # one head applied per modality
+            rb = ReconBoost(
+                dict(model.encoders.items()),
+                dict.fromkeys(setting.channels, head),
+                boost_epochs=1,
+                optimizer_factory=lambda params, _phase, _stage: sgd(params),
+            ).to(device)
+            if phase == "rectify":
+                rb.epoch_end()  # one boosting epoch done: the rectification phase
+
+            def step() -> None:  # boosting: one encoder's backward; rectification: all + beta
+                feats = {}
+                for m, enc in model.encoders.items():
+                    with torch.set_grad_enabled(rb.trains(m)):
+                        feats[m] = enc(inputs[m])
+                opt = rb.optimizer
+                opt.zero_grad(set_to_none=True)
+                rb(feats, target).backward()
+                opt.step()
+
+            return step
+
+        return build
+
     builders: dict[str, Callable[[], Step]] = {
         "plain cross-entropy (reference)": plain,
         "ARLLoss": arl,
@@ -352,6 +380,8 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
         "ModalityRelearning (per step)": relearning,
         "MMCosineHead": mmcosine,
         "AlternatingUnimodalAdaptation (MLA, M optimiser steps)": mla,
+        "ReconBoost, boosting phase": reconboost("boost"),
+        "ReconBoost, rectification phase": reconboost("rectify"),
     }
     for name, build in builders.items():
         if only is None or name == only:
