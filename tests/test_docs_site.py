@@ -37,6 +37,7 @@ MAIN = [
     "UnimodalTeacherLoss",
     "ModalityRelearning",
     "MMCosineHead",
+    "SampleModalityValuation",
     "MappingHead",
     "unimodal_logits",
 ]

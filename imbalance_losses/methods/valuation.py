@@ -204,7 +204,15 @@ class MaskedDataset(Dataset[tuple[Any, int, Tensor]]):
     """Wraps a map-style dataset for :class:`ValuationSampler`: ``ds[(n, bits)]`` is
     ``(dataset[n], n, keep)`` with ``keep`` bool ``[M]`` (bit ``j`` of ``bits``); ``ds[n]``
     keeps every modality. The default collate turns ``keep`` into ``[B, M]`` for
-    :func:`apply_mask`, and ``n`` into the indices a valuation pass needs."""
+    :func:`apply_mask`, and ``n`` into the indices a valuation pass needs.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import MaskedDataset
+        >>> ds = MaskedDataset([("clip0", 1), ("clip1", 0)], num_modalities=2)
+        >>> ds[(1, 2)]                      # sample 1 keeping modality 1 only
+        (('clip1', 0), 1, tensor([False,  True]))
+    """
 
     def __init__(self, dataset: Any, num_modalities: int) -> None:
         self.dataset = dataset
@@ -226,6 +234,18 @@ class ValuationSampler(Sampler[Entry]):
     ``rank, rank + R, ...``: the same length on every rank. Call :meth:`set_epoch` before each
     epoch. Yields :data:`Entry` tuples for :class:`MaskedDataset`. A new plan
     (:meth:`set_plan`) takes effect at the next iteration.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses import ValuationSampler
+        >>> shards = [ValuationSampler(5, 2, num_replicas=2, rank=r, seed=0) for r in (0, 1)]
+        >>> for s in shards:
+        ...     s.set_plan(torch.tensor([0, 1, 2, 0, 2]), torch.tensor([3, 3, 3, 1, 2]))
+        ...     s.set_epoch(1)
+        >>> [len(s) for s in shards]        # 5 entries padded to 6, 3 per rank
+        [3, 3]
+        >>> sorted(set(list(shards[0]) + list(shards[1])))
+        [(0, 1), (0, 3), (1, 3), (2, 2), (2, 3)]
     """
 
     def __init__(
