@@ -39,6 +39,7 @@ MAIN = [
     "MMCosineHead",
     "AlternatingUnimodalAdaptation",
     "ReconBoost",
+    "SampleModalityValuation",
     "MappingHead",
     "unimodal_logits",
 ]
