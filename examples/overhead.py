@@ -63,11 +63,14 @@ from imbalance_losses import (
     OPMOutput,
     PMRLoss,
     ReconBoost,
+    SampleModalityValuation,
     SustainedBoostingLoss,
     UnimodalTeacherLoss,
+    apply_mask,
     kept_mean,
     unimodal_logits,
 )
+from imbalance_losses.core.masking import subset_masks
 
 BATCH = 64
 CLASSES = 10
@@ -363,6 +366,30 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
 
         return build
 
+    def valuation() -> Step:
+        model = copy.deepcopy(base)
+        opt = sgd(model.parameters())
+        names = list(setting.channels)
+        val = SampleModalityValuation(model.head, names, num_samples=BATCH, warmup=1)
+
+        def value_forward(x: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+            return model.features(x), target, torch.arange(BATCH, device=device)
+
+        # the per-epoch valuation pass (eval mode, no grad), here once on the batch
+        val.value([inputs], forward=value_forward, model=model)
+        entries = torch.tensor(list(val.sampler))[:BATCH]  # the first batch of the new epoch
+        keep = subset_masks(len(names))[entries[:, 1]].to(device)
+        x = {m: t[entries[:, 0].to(device)] for m, t in inputs.items()}
+        y = target[entries[:, 0].to(device)]
+
+        def step() -> None:  # the per-step cost: one where per modality (apply_mask)
+            opt.zero_grad(set_to_none=True)
+            feats = apply_mask(model.features(x), keep)
+            ce(model.head(torch.cat(list(feats.values()), dim=1)), y).backward()
+            opt.step()
+
+        return step
+
     builders: dict[str, Callable[[], Step]] = {
         "plain cross-entropy (reference)": plain,
         "ARLLoss": arl,
@@ -382,6 +409,7 @@ def build_rows(setting: Setting, only: str | None = None, device: str = "cpu") -
         "AlternatingUnimodalAdaptation (MLA, M optimiser steps)": mla,
         "ReconBoost, boosting phase": reconboost("boost"),
         "ReconBoost, rectification phase": reconboost("rectify"),
+        "SampleModalityValuation (re-sampled batch)": valuation,
     }
     for name, build in builders.items():
         if only is None or name == only:
