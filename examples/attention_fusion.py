@@ -267,12 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=None, help="default 15 (3 with --quick)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     task = load_task("av_digits")
     seeds = (0,) if args.quick else (0, 1, 2)
     kinds = ("sgd",) if args.quick else ("sgd", "adam")
-    epochs = 3 if args.quick else EPOCHS
+    epochs = args.epochs or (3 if args.quick else EPOCHS)
     print(
         f"# Attention fusion on {task.title}: {len(task.train)} train, {len(task.val)} val, "
         f"{len(task.test)} test; {epochs} epochs, seeds {list(seeds)}, {args.threads} thread"
