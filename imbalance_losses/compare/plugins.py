@@ -379,7 +379,12 @@ class _PMRHooks(Hooks):
         self.pmr = pmr
 
     def epoch_start(self, epoch: int) -> None:  # class means of the training split
-        self.pmr.update_prototypes(self.ctx.batches(self.ctx.train_split))
+        model = self.ctx.model
+        training = model.training
+        model.eval()  # eval mode and no grad for the whole update, as docs/pmr.md does it
+        with torch.no_grad():
+            self.pmr.update_prototypes(self.ctx.batches(self.ctx.train_split))
+        model.train(training)
         self.pmr.set_epoch(epoch)
 
     def loss(self, features: Features, target: Tensor) -> Tensor:
