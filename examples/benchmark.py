@@ -57,13 +57,17 @@ Protocol (the same for every row):
 * OPM: ``out = opm(feats, y)``; the head on ``out.features``; ``kept_mean`` of the per-sample CE.
   Grid ``q_base``; ``lam=0.5``, ``p_exe=0.7`` (defaults); warm-up 2 epochs (official: 6 of 100).
 
-How each method plugs into the loop is in :func:`train_run` (a few lines each).
+Every row is trained by the library's ``imbalance_losses.compare_remedies`` (one call per task
+and optimiser, one per uni-modal model), the protocol above as a library function: each
+method's adapter is in ``imbalance_losses/compare/plugins.py`` (a few lines each); this file
+only sets the benchmark's choices (:meth:`Runner.plugin`) and scores the kept models on test
+(:meth:`Runner.result`).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import datetime as _dt
 import importlib
 import os
@@ -82,12 +86,13 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench import report
-from _bench.models import FEATURE_WIDTH, FusionModel, build_encoder
+from _bench.models import FusionModel, build_encoder
 from _bench.report import RunResult
 from data import MissingDataError, Split, Task, load_task
 
 import imbalance_losses
-from imbalance_losses import unimodal_logits
+from imbalance_losses import compare_remedies, unimodal_logits
+from imbalance_losses.compare import REMEDIES, RemedyPlugin, RunRecord, SelectedRun
 from imbalance_losses.diagnosis.report import (
     ImbalanceReport,
     imbalance_report,
@@ -204,7 +209,7 @@ def describe(config: Config) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# One training run
+# One training run: imbalance_losses.compare_remedies, the benchmark's protocol as a library call
 # --------------------------------------------------------------------------------------------
 
 
@@ -219,10 +224,30 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     return float((logits.argmax(dim=-1) == y).float().mean())
 
 
-def batches(n: int, size: int, generator: torch.Generator) -> Iterator[Tensor]:
+def batches(n: int, size: int, generator: torch.Generator | None) -> Iterator[Tensor]:
     perm = torch.randperm(n, generator=generator)
     for start in range(0, n, size):
         yield perm[start : start + size]
+
+
+class Batches:
+    """The training split in shuffled mini-batches of :data:`BATCH_SIZE` (the last one smaller).
+
+    The permutation is drawn from torch's global generator, which ``compare_remedies`` seeds
+    with the run's seed just before training (nothing else draws from it during training: the
+    methods' randomness has generators of their own), so a seed gives every method the same
+    batches, epoch after epoch.
+    """
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return -(-len(self.split) // BATCH_SIZE)
+
+    def __iter__(self) -> Iterator[Split]:
+        for index in batches(len(self.split), BATCH_SIZE, None):
+            yield self.split.take(index)
 
 
 def linear_probe(
@@ -232,12 +257,24 @@ def linear_probe(
     return linear_probe_accuracy(train_x, train_y, test_x, test_y, classes, l2=PROBE_L2)
 
 
+def float32_accuracy(value: float, n: int) -> float:
+    """``value`` (a fraction of ``n`` samples) as the float32 mean of a 0/1 tensor gives it.
+
+    The rows' accuracies are computed that way (:func:`accuracy`); ``compare_remedies`` keeps
+    the exact fraction, which can round differently at a .x5 boundary of the printed value.
+    """
+    if value != value:
+        return value
+    return float((torch.arange(n) < round(value * n)).float().mean())
+
+
 class Runner:
-    """Builds the model and the method's objects, trains, selects the epoch on validation."""
+    """One task: builds the model, runs ``compare_remedies``, scores the kept models on test."""
 
     def __init__(self, task: Task, epochs: int) -> None:
         self.task = task
         self.epochs = epochs
+        self.steps_per_epoch = -(-len(task.train) // BATCH_SIZE)
 
     def build(self, modalities: list[str]) -> FusionModel:
         t = self.task
@@ -245,237 +282,171 @@ class Runner:
             {m: build_encoder(t.kinds[m], t.train.inputs[m]) for m in modalities}, t.num_classes
         )
 
-    def train_run(self, method: str, optimizer: str, seed: int, config: Config) -> RunResult:
+    def plugin(self, method: Method, config: Config | None = None) -> RemedyPlugin:
+        """The library's adapter for a row, with the benchmark's settings of that method.
+
+        ``config``: run that setting alone (no grid, no ablation link).
+        """
+        total = self.steps_per_epoch * self.epochs
+        options: dict[str, Any] = {
+            # official: 5 of 100 epochs; here one epoch. The ablation never leaves warm-up:
+            # CE + gamma * sum_m CE(z_m) alone (what the released ARL code trains).
+            "arl": {"warmup_steps": self.steps_per_epoch},
+            "arl_no_reweight": {"warmup_steps": total + 1},
+            "ogm_ge": {"stop_step": total // 2},  # official: epochs 0-50 of 100
+            # as published in docs/benchmark.md (the library's default is "code")
+            "mmpareto": {"rescale": "paper"},
+            "opm": {"warmup_steps": 2 * self.steps_per_epoch},  # official: 6 of 100 epochs
+        }.get(method.key, {})
+        # boosting: check_every = total / 10 (official t_N = epochs / 10); PMR: prototypes from
+        # the whole training split each epoch (train_eval); G-Blending: a weight update every
+        # `window` epochs from the training and validation branch losses: the library's own.
+        base = REMEDIES[ADAPTERS.get(method.key, method.key)]
+        return dataclasses.replace(
+            base,
+            name=ADAPTERS.get(method.key, method.key) if method.key == "joint" else method.key,
+            label=method.label,
+            defaults=dict(method.quick if config is None else config),
+            grid=method.grid if config is None else (),
+            options=options,
+            same_as=method.same_as if config is None else None,
+        )
+
+    def compare(
+        self,
+        optimizer: str,
+        methods: list[Method],
+        seeds: list[int],
+        grid: bool,
+        modalities: list[str] | None = None,
+        progress: Callable[[str], None] | None = None,
+        configs: Mapping[str, Config] | None = None,
+    ) -> tuple[dict[str, list[RunResult]], dict[str, list[tuple[Config, float, float]]]]:
+        """Every run of ``methods`` (one ``compare_remedies`` call), by method key.
+
+        ``modalities``: a uni-modal model of that modality (``methods`` = joint: plain training
+        of it, key ``uni:<modality>``). Returns the runs of each row (seed order) and, for the
+        rows with more than one setting, the grid ``(config, val accuracy, val loss)``.
+        """
         task = self.task
-        torch.manual_seed(seed)
-        uni = method.startswith("uni:")
-        modalities = [method[4:]] if uni else list(task.kinds)
-        model = self.build(modalities)
-        steps_per_epoch = -(-len(task.train) // BATCH_SIZE)
-        total_steps = steps_per_epoch * self.epochs
+        mods = list(task.kinds) if modalities is None else modalities
+        uni = modalities is not None and len(mods) == 1
+        plugins = {m.key: self.plugin(m, (configs or {}).get(m.key)) for m in methods}
+        key_of = {p.name: k for k, p in plugins.items()}
+        if uni:
+            key_of["plain"] = f"uni:{mods[0]}"
+        kept: dict[tuple[str, int], RunResult] = {}
 
-        # --- the three lines each method needs -------------------------------------------
-        criterion: nn.Module = nn.CrossEntropyLoss()
-        modulator: Any = None
-        boost: Any = None
-        pmr: Any = None
-        blend: Any = None
-        mmpareto: Any = None
-        agm: Any = None
-        opm: Any = None
-        window = 0
-        params = list(model.parameters())
-        if method in ("arl", "arl_no_reweight"):
-            criterion = imbalance_losses.ARLLoss(
-                nn.CrossEntropyLoss(),
-                head=model.head,
-                gamma=config["gamma"],
-                temperature=config["temperature"],
-                # official: 5 of 100 epochs; here one epoch. The ablation never leaves warm-up:
-                # CE + gamma * sum_m CE(z_m) alone (what the released ARL code trains).
-                warmup_steps=steps_per_epoch if method == "arl" else total_steps + 1,
-            )
-        elif method == "ogm_ge":
-            modulator = imbalance_losses.ModalityGradientModulator(
-                {m: model.encoders[m] for m in modalities},
-                alpha=config["alpha"],  # method="ogm_ge", coefficient="paper" (defaults)
-                stop_step=total_steps // 2,  # official: epochs 0-50 of 100
-                seed=seed,
-            )
-        elif method == "boost":
-            boost = imbalance_losses.SustainedBoostingLoss(
-                num_classes=task.num_classes,
-                in_features={m: FEATURE_WIDTH for m in modalities},
-                lam=config["lam"],
-                check_every=max(1, total_steps // 10),  # official t_N = epochs / 10
-                seed=seed,
-            )
-            # boost owns the heads (all pre-allocated): train them with the encoders.
-            params = list(model.encoders.parameters()) + list(boost.parameters())
-        elif method == "pmr":
-            pmr = imbalance_losses.PMRLoss(
-                task.num_classes,
-                {m: FEATURE_WIDTH for m in modalities},
-                alpha=config["alpha"],
-                # coefficient="code" (the official code's constant alpha), mu=0.1,
-                # entropy_epochs=10, momentum=0.2 (defaults). The published PMR rows of
-                # docs/benchmark.md were run with the former default, coefficient="graded".
-            )
-        elif method == "gblend":
-            # branches: each modality's logits from the shared head, then the fused logits
-            blend = imbalance_losses.GradientBlending(head=model.head, modalities=modalities)
-            window = int(config["window"])
-        elif method == "mmpareto":
-            mmpareto = imbalance_losses.MMPareto(
-                {m: model.encoders[m] for m in modalities},
-                gamma=config["gamma"],
-                rescale="paper",  # as published in docs/benchmark.md (the default is "code")
-            )
-        elif method == "agm":
-            agm = imbalance_losses.AdaptiveGradientModulator(
-                model.head,
-                alpha=config["alpha"],  # cumulative-mean reference, cap 10 (defaults)
-            )
-        elif method == "opm":
-            opm = imbalance_losses.ModalityPredictionModulator(
-                modalities,
-                head=model.head,
-                q_base=config["q_base"],  # lam=0.5, p_exe=0.7 (defaults)
-                warmup_steps=2 * steps_per_epoch,  # official: 6 of 100 epochs
-                seed=seed,
-            )
-        opt = OPTIMIZERS[optimizer][1](params)
-        if boost is not None:  # a head added later starts a fresh optimiser state (Adam)
-            boost.attach_optimizer(opt)
+        def on_run(run: SelectedRun) -> None:
+            key = key_of[run.method]
+            kept[(key, run.seed)] = self.result(key, optimizer, run)
 
-        # the object whose `last` record is traced every step
-        tracked: Any = {
-            "arl": criterion,
-            "ogm_ge": modulator,
-            "pmr": pmr,
-            "mmpareto": mmpareto,
-            "agm": agm,
-            "opm": opm,
-        }.get(method)
-        generator = torch.Generator().manual_seed(seed)
-        trace: list[dict[str, float]] = []
-        records: list[Any] = []
-        val_curve: list[float] = []
-        # (val accuracy, -val loss) ranks epochs: best accuracy, ties broken by lower loss.
-        best: tuple[tuple[float, float], int, FusionModel, Any] = ((-1.0, 0.0), -1, model, boost)
-        diverged: int | None = None
-        start = time.perf_counter()
-        blend_trace: dict[str, float] = {}
-        for epoch in range(self.epochs):
-            if blend is not None and epoch % window == 0:
-                # a window's end (epoch 0: the first one's start): branch losses on the training
-                # split and on the validation split, the held-out set (never the test split)
-                forward = branch_outputs(model)  # eval mode and no grad inside evaluate
-                blend.update(*blend.evaluate(forward, [task.train], [task.val], model=model))
-                blend_trace = {f"weights/{k}": float(w) for k, w in blend.weights.items()}
-            if pmr is not None:  # prototypes = class means of the training split, epoch start
-                model.eval()
-                with torch.no_grad():
-                    train_feats = model.features(task.train.inputs, task.train.masks)
-                    pmr.update_prototypes([(train_feats, task.train.y)])
-                pmr.set_epoch(epoch)
-            model.train()
-            if boost is not None:
-                boost.train()
-            try:
-                for index in batches(len(task.train), BATCH_SIZE, generator):
-                    batch = task.train.take(index)
-                    feats = model.features(batch.inputs, batch.masks)
-                    if boost is not None:
-                        loss = boost(feats, batch.y)
-                    elif method in ("arl", "arl_no_reweight"):
-                        loss = criterion(model.fuse(feats), batch.y, features=feats)
-                    elif pmr is not None:
-                        loss = pmr(model.fuse(feats), batch.y, feats)
-                    elif blend is not None:
-                        loss = blend(model.fuse(feats), batch.y, features=feats)
-                    elif agm is not None:  # between the encoders and the head
-                        loss = criterion(model.fuse(agm(feats, batch.y)), batch.y)
-                    elif opm is not None:
-                        out = opm(feats, batch.y)
-                        per_sample = F.cross_entropy(
-                            model.fuse(out.features), batch.y, reduction="none"
-                        )
-                        loss = imbalance_losses.kept_mean(per_sample, out.keep)
-                    else:
-                        loss = criterion(model.fuse(feats), batch.y)
-                    opt.zero_grad(set_to_none=True)
-                    if mmpareto is not None:  # in place of loss.backward()
-                        uni_losses = {
-                            m: criterion(z, batch.y)
-                            for m, z in unimodal_logits(model.head, feats).items()
-                        }
-                        mmpareto.backward(loss, uni_losses)
-                    else:
-                        loss.backward()
-                    if modulator is not None:
-                        modulator.step(unimodal_logits(model.head, feats), batch.y)
-                    opt.step()
-                    if boost is not None:
-                        trace.append(
-                            {f"num_heads/{m}": float(n) for m, n in boost.num_heads.items()}
-                        )
-                    elif blend is not None:
-                        trace.append(blend_trace)
-                    elif tracked is not None and tracked.last is not None:
-                        records.append(tracked.last)
-            except ValueError as exc:  # the library refuses non-finite features / logits
-                if "non-finite" not in str(exc):
-                    raise
-                diverged = epoch + 1
-            if diverged is None and not bool(torch.isfinite(loss.detach())):  # once per epoch
-                diverged = epoch + 1
-            if diverged is not None:
-                break  # the run ends; the epoch chosen on validation so far is kept
-            # Read the diagnostics records on the host once per epoch (the logger's sync).
-            trace.extend(r.to_dict() for r in records)
-            records.clear()
-            val_logits = self.predict(model, boost, task.val)[0]
-            val = accuracy(val_logits, task.val.y)
-            val_loss = float(F.cross_entropy(val_logits, task.val.y))
-            val_curve.append(val)
-            if (val, -val_loss) > best[0]:
-                best = ((val, -val_loss), epoch, copy.deepcopy(model), copy.deepcopy(boost))
-        seconds = time.perf_counter() - start
-        if best[1] < 0:  # diverged in the first epoch: nothing to evaluate
-            nan = float("nan")
-            return RunResult(
-                task=task.name,
-                method=method,
-                optimizer=optimizer,
-                seed=seed,
-                config=config,
-                val_curve=val_curve,
-                best_epoch=0,
-                best_val=nan,
-                best_val_loss=nan,
-                test_acc=nan,
-                probe={m: nan for m in modalities},
-                head={m: nan for m in modalities},
-                seconds=seconds,
-                trace=trace,
-                diverged=diverged,
-            )
+        result = compare_remedies(
+            build=lambda: self.build(mods),
+            forward=lambda model, split: (model.features(split.inputs, split.masks), split.y),
+            head=lambda model: model.head,
+            encoders=lambda model: model.encoders,
+            train=Batches(task.train),
+            val=[task.val],  # the whole validation split at once
+            train_eval=[task.train],  # PMR's prototypes, G-Blending's training losses
+            methods=[p for p in plugins.values() if p.name != "plain"],
+            baseline=any(p.name == "plain" for p in plugins.values()),
+            epochs=self.epochs,
+            seeds=seeds,
+            optimizer=OPTIMIZERS[optimizer][1],
+            grid=grid,
+            progress=progress or False,
+            diagnosis=False,  # on_run: the probes and heads on the test split, every seed
+            trace=True,
+            on_run=on_run,
+        )
+        runs: dict[str, list[RunResult]] = {}
+        grids: dict[str, list[tuple[Config, float, float]]] = {}
+        for row in result.rows:
+            key = key_of[row.name]
+            if row.status != "ok":
+                raise RuntimeError(f"{task.name} / {optimizer} / {row.label}: {row.reason}")
+            runs[key] = [
+                kept.get((key, r.seed)) or self.diverged(key, optimizer, r) for r in row.runs
+            ]
+            if len(row.grid) > 1:
+                n = len(task.val)
+                grids[key] = [
+                    (g["config"], float32_accuracy(g["val"], n), g["val_loss"]) for g in row.grid
+                ]
+        return runs, grids
 
-        (best_val, neg_loss), best_epoch, best_model, best_boost = best
-        fused, per_mod, test_feats = self.predict(best_model, best_boost, task.test)
-        _, _, train_feats = self.predict(best_model, best_boost, task.train)
+    def train_run(self, method: str, optimizer: str, seed: int, config: Config) -> RunResult:
+        """One run of a row (``uni:<modality>``, or a key of :data:`METHODS`) at ``config``."""
+        if method.startswith("uni:"):
+            runs, _ = self.compare(optimizer, [METHODS[0]], [seed], False, [method[4:]])
+        else:
+            row = next(m for m in METHODS if m.key == method)
+            runs, _ = self.compare(optimizer, [row], [seed], False, configs={method: config})
+        return next(iter(runs.values()))[0]
+
+    def result(self, method: str, optimizer: str, run: SelectedRun) -> RunResult:
+        """A kept run (the model at the epoch chosen on validation) scored on val and test."""
+        task, record = self.task, run.record
+        model = run.model
+        assert isinstance(model, FusionModel)
+        boost = run.kept
+        modalities = list(model.encoders)
+        val_logits = self.predict(model, boost, task.val)[0]
+        fused, per_mod, test_feats = self.predict(model, boost, task.test)
+        _, _, train_feats = self.predict(model, boost, task.train)
         # the diagnosis: a probe per encoder; the shared head's unimodal logits where there is
         # one (sustained boosting's per-modality head ensembles and a uni-modal model's own head
         # are scored from `per_mod`)
-        shared_head = best_boost is None and len(modalities) > 1
+        shared_head = boost is None and len(modalities) > 1
         diagnosis = imbalance_report(
             (train_feats, task.train.y),
             (test_feats, task.test.y),
-            head=best_model.head if shared_head else None,
+            head=model.head if shared_head else None,
             num_classes=task.num_classes,
             l2=PROBE_L2,
         )
-        probe = diagnosis.probe
         head = diagnosis.head or {m: accuracy(z, task.test.y) for m, z in per_mod.items()}
         return RunResult(
             task=task.name,
             method=method,
             optimizer=optimizer,
-            seed=seed,
-            config=config,
-            val_curve=val_curve,
-            best_epoch=best_epoch + 1,
-            best_val=best_val,
-            best_val_loss=-neg_loss,
+            seed=run.seed,
+            config=dict(run.config),
+            val_curve=list(record.curve),
+            best_epoch=record.epoch,
+            best_val=accuracy(val_logits, task.val.y),
+            best_val_loss=float(F.cross_entropy(val_logits, task.val.y)),
             test_acc=accuracy(fused, task.test.y),
-            probe=probe,
+            probe=diagnosis.probe,
             head=head,
-            seconds=seconds,
-            trace=trace,
-            test_probs=fused.softmax(dim=-1) if uni else None,
-            diverged=diverged,
+            seconds=record.seconds_per_epoch * len(record.curve),
+            trace=list(record.trace),
+            test_probs=fused.softmax(dim=-1) if method.startswith("uni:") else None,
+            diverged=record.diverged,
             diagnosis=diagnosis,
+        )
+
+    def diverged(self, method: str, optimizer: str, record: RunRecord) -> RunResult:
+        """A run that diverged in its first epoch: nothing to evaluate."""
+        nan = float("nan")
+        modalities = [method[4:]] if method.startswith("uni:") else list(self.task.kinds)
+        return RunResult(
+            task=self.task.name,
+            method=method,
+            optimizer=optimizer,
+            seed=record.seed,
+            config=dict(record.config),
+            val_curve=list(record.curve),
+            best_epoch=0,
+            best_val=nan,
+            best_val_loss=nan,
+            test_acc=nan,
+            probe={m: nan for m in modalities},
+            head={m: nan for m in modalities},
+            seconds=0.0 if not record.curve else record.seconds_per_epoch * len(record.curve),
+            trace=list(record.trace),
+            diverged=record.diverged,
         )
 
     @torch.no_grad()
@@ -497,16 +468,8 @@ class Runner:
         return fused, per_mod, feats
 
 
-def branch_outputs(
-    model: FusionModel,
-) -> Callable[[Split], tuple[Tensor, Tensor, dict[str, Tensor]]]:
-    """``forward(split) -> (fused logits, target, features)``, what G-Blending's evaluate reads."""
-
-    def forward(split: Split) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        feats = model.features(split.inputs, split.masks)
-        return model.fuse(feats), split.y, feats
-
-    return forward
+ADAPTERS = {"joint": "plain", "arl_no_reweight": "arl"}
+"""The library adapter of each row whose key is not the adapter's name."""
 
 
 def boost_modality_logits(boost: Any, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -601,53 +564,40 @@ def run_benchmark(args: argparse.Namespace) -> str:
     diagnoses: list[tuple[str, str, ImbalanceReport]] = []
     started = time.perf_counter()
 
-    def run(runner: Runner, method: str, opt: str, seed: int, config: Config) -> RunResult:
-        r = runner.train_run(method, opt, seed, config)
-        progress.update(
-            f"{runner.task.name} {opt} {method} {describe(config)} seed {seed}: "
-            f"val {100 * r.best_val:.1f} ({r.seconds:.1f} s)"
-        )
-        return r
-
     for task in tasks:
         runner = Runner(task, args.epochs)
         names = list(task.kinds)
         curves[task.name] = {}
         traces[task.name] = {}
         for opt in args.optimizers:
+
+            def say(text: str, prefix: str = f"{task.name} {opt}") -> None:
+                progress.update(f"{prefix} {text}")
+
             uni: dict[str, list[RunResult]] = {}
-            chosen_configs: dict[str, Config] = {}
             for m in names if with_unimodal else []:
-                uni[m] = [run(runner, f"uni:{m}", opt, s, {}) for s in seeds]
+                runs, _ = runner.compare(opt, [METHODS[0]], seeds, False, [m], say)
+                uni[m] = runs[f"uni:{m}"]
                 results.append(report.Row.of(task, f"{m} only", opt, uni[m], "-"))
                 per_seed.append((task.name, opt, f"{m} only", [r.test_acc for r in uni[m]]))
                 curves[task.name][f"{m} only / {opt}"] = uni[m][0].val_curve
+            available = [m for m in methods if m.available]
+            # every row in one call (the ablation reuses ARL's chosen setting); validation only
+            # chooses: best accuracy, ties by lower validation loss, then by grid order; a run
+            # that diverged in its first epoch (NaN) is never chosen
+            by_key, tried = runner.compare(opt, available, seeds, grid, progress=say)
             for method in methods:
                 if not method.available:
                     results.append(report.Row.missing(task, method.label, opt, method.needs))
                     continue
-                if method.same_as is not None:
-                    if method.same_as not in chosen_configs:
-                        continue  # the method it ablates is not available
-                    configs = [chosen_configs[method.same_as]]
-                else:
-                    configs = list(method.grid) if grid else [method.quick]
-                first = [run(runner, method.key, opt, seeds[0], c) for c in configs]
-                # validation only: best accuracy, ties broken by lower validation loss, then by
-                # grid order; a run that diverged in its first epoch (NaN) is never chosen
-                chosen = max(first, key=selection_key)
-                if len(configs) > 1:
-                    grids[(task.name, opt, method.label)] = [
-                        (r.config, r.best_val, r.best_val_loss) for r in first
-                    ]
-                chosen_configs[method.key] = chosen.config
+                runs = by_key[method.key]
+                chosen = runs[0]
+                if method.key in tried:
+                    grids[(task.name, opt, method.label)] = tried[method.key]
                 if method.key == "joint" and with_unimodal:
                     diagnosis = report.with_alone(chosen, {m: uni[m][0] for m in names})
                     if diagnosis is not None:
                         diagnoses.append((task.title, opt, diagnosis))
-                runs = [chosen] + [
-                    run(runner, method.key, opt, s, chosen.config) for s in seeds[1:]
-                ]
                 results.append(
                     report.Row.of(task, method.label, opt, runs, describe(chosen.config))
                 )

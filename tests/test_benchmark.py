@@ -370,6 +370,16 @@ def _tiny_task(seed: int = 0) -> data.Task:
     )  # fmt: skip
 
 
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str, spy: type) -> None:
+    """``spy`` in place of the library class ``name``, where the benchmark's rows build it (the
+    adapters of ``imbalance_losses.compare``) and at the top level."""
+    import imbalance_losses
+    from imbalance_losses.compare import plugins
+
+    monkeypatch.setattr(imbalance_losses, name, spy)
+    monkeypatch.setattr(plugins, name, spy)
+
+
 def _capture_models(monkeypatch: pytest.MonkeyPatch, benchmark: Any) -> list[FusionModel]:
     built: list[FusionModel] = []
     real = benchmark.Runner.build
@@ -413,7 +423,7 @@ def test_pmr_row_updates_prototypes_from_the_training_split_before_each_epoch(
             events.append(("epoch", epoch))
             super().set_epoch(epoch)
 
-    monkeypatch.setattr(imbalance_losses, "PMRLoss", Spy)
+    _spy(monkeypatch, "PMRLoss", Spy)
     result = benchmark.Runner(task, epochs).train_run("pmr", "sgd", 0, {"alpha": 2.0})
     steps = -(-len(task.train) // benchmark.BATCH_SIZE)
     # before epoch e: prototypes from the model as it is after e epochs, then set_epoch(e)
@@ -479,7 +489,7 @@ def test_gblend_row_blends_with_weights_from_train_and_validation_losses_per_win
             losses.append(super().forward(logits, target, features, **kw))
             return losses[-1]
 
-    monkeypatch.setattr(imbalance_losses, "GradientBlending", Spy)
+    _spy(monkeypatch, "GradientBlending", Spy)
     result = benchmark.Runner(task, epochs).train_run("gblend", "sgd", 0, {"window": window})
     steps = -(-len(task.train) // benchmark.BATCH_SIZE)
     # one update before training (the first window's start), then one per completed window
@@ -608,7 +618,7 @@ def test_mmpareto_row_replaces_backward_by_the_pareto_combination_on_the_encoder
                 expected[id(p)] = gh  # the head: the plain summed gradient
             return super().backward(fused_loss, unimodal_losses, **kw)
 
-    monkeypatch.setattr(imbalance_losses, "MMPareto", Spy)
+    _spy(monkeypatch, "MMPareto", Spy)
     result = benchmark.Runner(task, epochs).train_run("mmpareto", "sgd", 0, {"gamma": gamma})
     steps = -(-len(task.train) // benchmark.BATCH_SIZE)
     n_params = len(list(built[-1].parameters()))
@@ -659,7 +669,7 @@ def test_agm_row_scales_each_encoders_gradient_by_its_coefficient(
                 expected[id(p)] = g
             return out
 
-    monkeypatch.setattr(imbalance_losses, "AdaptiveGradientModulator", Spy)
+    _spy(monkeypatch, "AdaptiveGradientModulator", Spy)
     result = benchmark.Runner(task, epochs).train_run("agm", "sgd", 0, {"alpha": alpha})
     steps = -(-len(task.train) // benchmark.BATCH_SIZE)
     assert checked == [len(list(built[-1].parameters()))] * (epochs * steps)
@@ -714,7 +724,7 @@ def test_opm_row_trains_the_head_on_the_dropped_features_after_its_warmup(
                 expected[id(p)] = g
             return out
 
-    monkeypatch.setattr(imbalance_losses, "ModalityPredictionModulator", Spy)
+    _spy(monkeypatch, "ModalityPredictionModulator", Spy)
     result = benchmark.Runner(task, epochs).train_run("opm", "sgd", 7, {"q_base": q_base})
     assert checked == [len(list(built[-1].parameters()))] * (epochs * steps)
     assert len(result.trace) == epochs * steps
@@ -729,14 +739,14 @@ def test_methods_option_runs_only_the_named_rows(
     import benchmark
 
     monkeypatch.setattr(benchmark, "load_task", lambda name, split_seed: _tiny_task())
-    ran: list[str] = []
-    real = benchmark.Runner.train_run
+    ran: list[str] = []  # every kept run (quick: every run), as Runner.result scores it
+    real = benchmark.Runner.result
 
-    def train_run(self: Any, method: str, *a: Any) -> Any:
+    def result(self: Any, method: str, *a: Any) -> Any:
         ran.append(method)
         return real(self, method, *a)
 
-    monkeypatch.setattr(benchmark.Runner, "train_run", train_run)
+    monkeypatch.setattr(benchmark.Runner, "result", result)
     common = ["--quick", "--tasks", "mfeat", "--no-plots", "--no-progress", "--threads", "1"]
     out = str(tmp_path / "b.md")
     assert benchmark.main([*common, "--methods", "agm", "joint", "--out", out]) == 0

@@ -330,3 +330,61 @@ def test_ddp_two_ranks_finish_and_agree() -> None:
     assert [r.status for r in result.rows] == ["ok", "ok", "ok"]
     assert out[0]["tiny"] == out[1]["tiny"] == ["partial", "skipped"]
     assert not math.isnan(result.rows[0].test_mean)
+
+
+def test_variants_ablation_trace_and_on_run_express_a_callers_protocol() -> None:
+    """What examples/benchmark.py sets: a variant with options, an ablation on another row's
+    chosen setting, the training split for evaluation passes, traces, and each kept run."""
+    import dataclasses
+
+    from imbalance_losses.compare import SelectedRun
+
+    train, val = batches(96, 0), batches(64, 1, size=64)
+    whole = [tuple(torch.cat([b[i] for b in train]) for i in range(3))]
+    no_reweight = dataclasses.replace(
+        REMEDIES["arl"], name="arl_nr", label="ARL, no re-weighting",
+        options={"warmup_steps": 10**6}, same_as="arl",
+    )  # fmt: skip
+    pmr_seen: list[int] = []
+
+    class SpyPMR(RemedyPlugin):
+        def setup(self, ctx: Any, config: Any) -> Hooks:
+            hooks = REMEDIES["pmr"].setup(ctx, config)
+            real = hooks.epoch_start
+
+            def epoch_start(epoch: int) -> None:
+                pmr_seen.append(len(list(ctx.train_split)))
+                real(epoch)
+
+            hooks.epoch_start = epoch_start  # type: ignore[method-assign]
+            return hooks
+
+    kept: list[SelectedRun] = []
+    result = run(
+        train=train,
+        val=val,
+        train_eval=whole,
+        methods=[no_reweight, "arl", SpyPMR("pmr", "joint + PMR", {"alpha": 1.0})],
+        grid=True,
+        seeds=(0, 1),
+        baseline=False,
+        diagnosis=False,
+        trace=True,
+        on_run=kept.append,
+    )
+    assert [r.name for r in result.rows] == ["arl", "pmr", "arl_nr"]
+    arl, nr = result.row("arl"), result.row("arl_nr")
+    assert len(arl.grid) == 4 and nr.grid[0]["config"] == arl.config and len(nr.grid) == 1
+    assert pmr_seen == [1, 1]  # one epoch per seed, prototypes from the one whole batch
+    assert all(r.diagnosis is None for r in result.rows)
+    steps = len(train)
+    for row in result.rows:  # every step of every run left its record
+        assert all(len(r.trace) == steps for r in row.runs), row.name
+    assert all("coefficients/a" in step for step in arl.runs[0].trace)
+    assert [(k.method, k.seed) for k in kept] == [
+        (m, s) for m in ("arl", "pmr", "arl_nr") for s in (0, 1)
+    ]
+    run0 = kept[0]
+    feats, y = run0.features(val[0])
+    acc = float((run0.logits(feats).argmax(-1) == y).double().mean())
+    assert math.isclose(acc, run0.record.val)  # the model of the chosen epoch

@@ -10,6 +10,7 @@
 from .plugins import REMEDIES, Context, Hooks, RemedyPlugin, fused_logits, register
 from .protocol import compare_remedies
 from .result import Best, ComparisonResult, Row, RunRecord
+from .training import SelectedRun
 
 __all__ = [
     "REMEDIES",
@@ -20,6 +21,7 @@ __all__ = [
     "RemedyPlugin",
     "Row",
     "RunRecord",
+    "SelectedRun",
     "compare_remedies",
     "fused_logits",
     "register",

@@ -74,6 +74,9 @@ class Context:
         seed: this run's seed.
         train: the training loader; val: the validation loader (never the test loader).
         features: ``batch -> (features, target)`` with this run's model, on its device.
+        train_eval: the training split as read for evaluation (no shuffling, no augmentation;
+            PMR's prototypes, G-Blending's training losses, the diagnosis' probes); ``None``:
+            the training loader.
     """
 
     model: nn.Module
@@ -87,6 +90,12 @@ class Context:
     train: Iterable[Any]
     val: Iterable[Any]
     features: Callable[[Any], tuple[Features, Tensor]]
+    train_eval: Iterable[Any] | None = None
+
+    @property
+    def train_split(self) -> Iterable[Any]:
+        """The training split for evaluation passes: ``train_eval``, else the training loader."""
+        return self.train if self.train_eval is None else self.train_eval
 
     @property
     def modalities(self) -> list[str]:
@@ -160,6 +169,12 @@ class Hooks:
         """The head whose unimodal logits the diagnosis scores (``None``: probes only)."""
         return head
 
+    def record(self) -> Any:
+        """What ``trace=True`` keeps of this step (after ``optimizer.step()``): a mapping
+        ``{field: float}``, an object with ``to_dict()`` (the method's ``last`` record), or
+        ``None`` (nothing). Read on the host once per epoch."""
+        return None
+
 
 @dataclass(frozen=True)
 class RemedyPlugin:
@@ -173,6 +188,14 @@ class RemedyPlugin:
         uses_head: whether the method reads unimodal logits off the model's head.
         vectors_only: whether the method needs features ``[B, D]`` (no token axis).
         uses_encoders: whether the method acts on the encoders' parameters.
+        options: keyword arguments of the method's class that override the adapter's own
+            (fixed choices that are not grid values), e.g. ``{"rescale": "paper"}`` for
+            MMPareto or ``{"warmup_steps": 100}`` for ARL / OPM.
+        same_as: an ablation of another row: no grid, it runs with the setting chosen for the
+            row of that name (which must run before it).
+
+    A variant is ``dataclasses.replace(REMEDIES["mmpareto"], name="mmpareto_paper",
+    options={"rescale": "paper"})``, passed in ``methods=[...]`` (or :func:`register`-ed).
     """
 
     name: str = "plain"
@@ -182,6 +205,12 @@ class RemedyPlugin:
     uses_head: bool = True
     vectors_only: bool = False
     uses_encoders: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    same_as: str | None = None
+
+    def kwargs(self, **adapter: Any) -> dict[str, Any]:
+        """The adapter's keyword arguments for the method's class, overridden by ``options``."""
+        return {**adapter, **self.options}
 
     def applies(self, ctx: Context) -> str | None:
         """``None`` when the method applies to this model, else the reason it does not."""
@@ -234,57 +263,74 @@ class _ARL(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
         arl = ARLLoss(
             nn.CrossEntropyLoss(),
-            head=ctx.head,
-            gamma=config["gamma"],
-            temperature=config["temperature"],
-            warmup_steps=_epochs(ctx, config.get("warmup_epochs", 1)),
+            **self.kwargs(
+                head=ctx.head,
+                gamma=config["gamma"],
+                temperature=config["temperature"],
+                warmup_steps=_epochs(ctx, config.get("warmup_epochs", 1)),
+            ),
         ).to(ctx.device)
-        return _LossHooks(ctx, lambda x, y: arl(ctx.fuse(x), y, features=x))
+        return _LossHooks(ctx, lambda x, y: arl(ctx.fuse(x), y, features=x), arl)
 
 
 class _LossHooks(Hooks):
-    def __init__(self, ctx: Context, fn: Callable[[Features, Tensor], Tensor]) -> None:
+    def __init__(
+        self, ctx: Context, fn: Callable[[Features, Tensor], Tensor], tracked: Any = None
+    ) -> None:
         super().__init__(ctx)
         self.fn = fn
+        self.tracked = tracked  # the method's object: its `last` record is the trace
 
     def loss(self, features: Features, target: Tensor) -> Tensor:
         return self.fn(features, target)
 
+    def record(self) -> Any:
+        return getattr(self.tracked, "last", None)
+
 
 class _OGM(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
-        return _OGMHooks(ctx, config)
+        modulator = ModalityGradientModulator(
+            ctx.encoders,
+            **self.kwargs(
+                alpha=config["alpha"],
+                stop_step=max(1, int(ctx.total_steps * config.get("stop_fraction", 0.5))),
+                seed=ctx.seed,
+            ),
+        )
+        return _OGMHooks(ctx, modulator)
 
 
 class _OGMHooks(Hooks):
-    def __init__(self, ctx: Context, config: Config) -> None:
+    def __init__(self, ctx: Context, modulator: ModalityGradientModulator) -> None:
         super().__init__(ctx)
-        self.modulator = ModalityGradientModulator(
-            ctx.encoders,
-            alpha=config["alpha"],
-            stop_step=max(1, int(ctx.total_steps * config.get("stop_fraction", 0.5))),
-            seed=ctx.seed,
-        )
+        self.modulator = modulator
 
     def before_step(self, features: Features, target: Tensor) -> None:
         self.modulator.step(unimodal_logits(self.ctx.head, features), target)
 
+    def record(self) -> Any:
+        return self.modulator.last
+
 
 class _Boosting(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
-        return _BoostHooks(ctx, config)
+        boost = SustainedBoostingLoss(
+            **self.kwargs(
+                num_classes=ctx.num_classes,
+                in_features=ctx.widths,
+                lam=config["lam"],
+                check_every=max(1, ctx.total_steps // 10),  # the official t_N = epochs / 10
+                seed=ctx.seed,
+            )
+        ).to(ctx.device)
+        return _BoostHooks(ctx, boost)
 
 
 class _BoostHooks(Hooks):
-    def __init__(self, ctx: Context, config: Config) -> None:
+    def __init__(self, ctx: Context, boost: SustainedBoostingLoss) -> None:
         super().__init__(ctx)
-        self.kept = SustainedBoostingLoss(
-            num_classes=ctx.num_classes,
-            in_features=ctx.widths,
-            lam=config["lam"],
-            check_every=max(1, ctx.total_steps // 10),  # the official t_N = epochs / 10
-            seed=ctx.seed,
-        ).to(ctx.device)
+        self.kept = boost
 
     def parameters(self) -> list[nn.Parameter]:  # its own heads replace the model's head
         assert self.kept is not None
@@ -308,6 +354,10 @@ class _BoostHooks(Hooks):
     def diagnosis_head(self, head: Head) -> Head | None:
         return None
 
+    def record(self) -> Any:
+        assert isinstance(self.kept, SustainedBoostingLoss)
+        return {f"num_heads/{m}": float(n) for m, n in self.kept.num_heads.items()}
+
 
 def _head_parameters(head: Head) -> list[nn.Parameter]:
     if isinstance(head, nn.Module | MappingHead):
@@ -319,32 +369,43 @@ def _head_parameters(head: Head) -> list[nn.Parameter]:
 
 class _PMR(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
-        return _PMRHooks(ctx, config)
+        pmr = PMRLoss(ctx.num_classes, ctx.widths, **self.kwargs(alpha=config["alpha"]))
+        return _PMRHooks(ctx, pmr.to(ctx.device))
 
 
 class _PMRHooks(Hooks):
-    def __init__(self, ctx: Context, config: Config) -> None:
+    def __init__(self, ctx: Context, pmr: PMRLoss) -> None:
         super().__init__(ctx)
-        self.pmr = PMRLoss(ctx.num_classes, ctx.widths, alpha=config["alpha"]).to(ctx.device)
+        self.pmr = pmr
 
     def epoch_start(self, epoch: int) -> None:  # class means of the training split
-        self.pmr.update_prototypes(self.ctx.batches(self.ctx.train))
+        model = self.ctx.model
+        training = model.training
+        model.eval()  # eval mode and no grad for the whole update, as docs/pmr.md does it
+        with torch.no_grad():
+            self.pmr.update_prototypes(self.ctx.batches(self.ctx.train_split))
+        model.train(training)
         self.pmr.set_epoch(epoch)
 
     def loss(self, features: Features, target: Tensor) -> Tensor:
         return self.pmr(self.ctx.fuse(features), target, features)  # type: ignore[no-any-return]
 
+    def record(self) -> Any:
+        return self.pmr.last
+
 
 class _Blending(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
-        return _BlendHooks(ctx, config)
+        blend = GradientBlending(**self.kwargs(head=ctx.head, modalities=ctx.modalities))
+        return _BlendHooks(ctx, blend.to(ctx.device), max(1, int(config["window"])))
 
 
 class _BlendHooks(Hooks):
-    def __init__(self, ctx: Context, config: Config) -> None:
+    def __init__(self, ctx: Context, blend: GradientBlending, window: int) -> None:
         super().__init__(ctx)
-        self.blend = GradientBlending(head=ctx.head, modalities=ctx.modalities).to(ctx.device)
-        self.window = max(1, int(config["window"]))
+        self.blend = blend
+        self.window = window
+        self.weights: dict[str, float] = {}
 
     def _forward(self, batch: Any) -> tuple[Tensor, Tensor, Features]:
         x, y = self.ctx.features(batch)
@@ -354,43 +415,53 @@ class _BlendHooks(Hooks):
         if epoch % self.window == 0:
             ctx = self.ctx
             self.blend.update(
-                *self.blend.evaluate(self._forward, ctx.train, ctx.val, model=ctx.model)
+                *self.blend.evaluate(self._forward, ctx.train_split, ctx.val, model=ctx.model)
             )
+            self.weights = {f"weights/{k}": float(w) for k, w in self.blend.weights.items()}
 
     def loss(self, features: Features, target: Tensor) -> Tensor:
         fused = self.ctx.fuse(features)
         return self.blend(fused, target, features=features)  # type: ignore[no-any-return]
 
+    def record(self) -> Any:  # the weights of this window
+        return self.weights
+
 
 class _MMPareto(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
-        return _ParetoHooks(ctx, config)
+        return _ParetoHooks(ctx, MMPareto(ctx.encoders, **self.kwargs(gamma=config["gamma"])))
 
 
 class _ParetoHooks(Hooks):
-    def __init__(self, ctx: Context, config: Config) -> None:
+    def __init__(self, ctx: Context, pareto: MMPareto) -> None:
         super().__init__(ctx)
-        self.pareto = MMPareto(ctx.encoders, gamma=config["gamma"])
+        self.pareto = pareto
 
     def backward(self, loss: Tensor, features: Features, target: Tensor) -> None:
         z = unimodal_logits(self.ctx.head, features)
         self.pareto.backward(loss, {m: F.cross_entropy(zm, target) for m, zm in z.items()})
 
+    def record(self) -> Any:
+        return self.pareto.last
+
 
 class _AGM(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
-        agm = AdaptiveGradientModulator(ctx.head, alpha=config["alpha"]).to(ctx.device)
-        return _LossHooks(ctx, lambda x, y: F.cross_entropy(ctx.fuse(agm(x, y)), y))
+        agm = AdaptiveGradientModulator(ctx.head, **self.kwargs(alpha=config["alpha"]))
+        agm = agm.to(ctx.device)
+        return _LossHooks(ctx, lambda x, y: F.cross_entropy(ctx.fuse(agm(x, y)), y), agm)
 
 
 class _OPM(RemedyPlugin):
     def setup(self, ctx: Context, config: Config) -> Hooks:
         opm = ModalityPredictionModulator(
             ctx.modalities,
-            head=ctx.head,
-            q_base=config["q_base"],
-            warmup_steps=_epochs(ctx, config.get("warmup_epochs", 2)),
-            seed=ctx.seed,
+            **self.kwargs(
+                head=ctx.head,
+                q_base=config["q_base"],
+                warmup_steps=_epochs(ctx, config.get("warmup_epochs", 2)),
+                seed=ctx.seed,
+            ),
         ).to(ctx.device)
 
         def loss(x: Features, y: Tensor) -> Tensor:
@@ -398,7 +469,7 @@ class _OPM(RemedyPlugin):
             per_sample = F.cross_entropy(ctx.fuse(out.features), y, reduction="none")
             return kept_mean(per_sample, out.keep)
 
-        return _LossHooks(ctx, loss)
+        return _LossHooks(ctx, loss, opm)
 
 
 REMEDIES: dict[str, RemedyPlugin] = {}

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..core.unimodal import Head
 from .plugins import REMEDIES, Config, RemedyPlugin
 from .result import ComparisonResult, Row, RunRecord
-from .training import Outcome, Spec, alone_remedy, diagnose, score, train_run
+from .training import Outcome, SelectedRun, Spec, alone_remedy, diagnose, score, train_run
 
 __all__ = ["compare_remedies"]
 
@@ -60,16 +60,21 @@ def compare_remedies(
     val: Iterable[Any],
     *,
     test: Iterable[Any] | None = None,
-    methods: Sequence[str] | None = None,
+    train_eval: Iterable[Any] | None = None,
+    methods: Sequence[str | RemedyPlugin] | None = None,
     epochs: int = 10,
     seeds: Sequence[int] = (0, 1, 2),
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] = _sgd,
     grid: bool = False,
     max_minutes: float | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[str], None] = True,
     alone: bool = False,
     device: torch.device | str | None = None,
     resume: str | Path | None = None,
+    baseline: bool = True,
+    diagnosis: bool = True,
+    trace: bool = False,
+    on_run: Callable[[SelectedRun], None] | None = None,
 ) -> ComparisonResult:
     """Train plain joint training and every method that applies; compare them on validation.
 
@@ -85,18 +90,36 @@ def compare_remedies(
         train: the training loader (iterated once per epoch; ``len()`` or one pass counts it).
         val: the held-out loader every epoch and every setting is chosen on.
         test: an optional test loader, read once per method and seed, after selection.
-        methods: short names of :data:`~imbalance_losses.compare.REMEDIES` (default: all);
-            plain joint training is always a row.
+        train_eval: the training split as read for evaluation passes (no shuffling, no
+            augmentation): PMR's prototypes, G-Blending's training losses, the diagnosis'
+            probes and the first batch read for shapes (default: the training loader).
+        methods: short names of :data:`~imbalance_losses.compare.REMEDIES` (default: all),
+            or :class:`~imbalance_losses.compare.RemedyPlugin` objects (a variant of a method,
+            e.g. ``dataclasses.replace(REMEDIES["arl"], options=...)``, or one of your own);
+            rows: plain joint training, the named methods in the order of ``REMEDIES``, then
+            the other plugins in the order given. Plain joint training is always a row.
         epochs: epochs per run; seeds: the seeds (the spread is over them).
         optimizer: ``optimizer(params)`` (default SGD, lr 0.01, momentum 0.9).
         grid: try each method's small grid on the first seed (chosen on validation).
         max_minutes: a time budget; a run estimated not to fit is skipped, and the row says so.
-        progress: a progress bar (tqdm if installed, else a line per run) on stderr.
+        progress: a progress bar (tqdm if installed, else a line per run) on stderr; or a
+            callable, called with one line per finished run (the caller's own bar).
         alone: also train each modality's encoder alone (its unimodal logits only), the
             reference of the diagnosis' deficits (one run per modality, first seed).
         device: where the model is moved after ``build()`` (default: where it was built).
         resume: a JSON file: runs already in it are not run again, and the result is written
             there after every run (a new file is started when it does not exist).
+        baseline: ``False``: no plain-training row (for a caller that has it from another
+            call); the time ratios and ``best``'s margin then have no reference.
+        diagnosis: ``False``: no :func:`imbalance_report` per row (e.g. when ``on_run`` makes
+            its own).
+        trace: keep each optimiser step's record of the method (its coefficients, number of
+            heads, blending weights, ...) in :attr:`RunRecord.trace`.
+        on_run: called with a :class:`~imbalance_losses.compare.SelectedRun` for every run
+            kept in a row (the selected setting on the first seed, then every other seed),
+            after selection and the test score: its model at the chosen epoch, to measure
+            what the table does not (a run that diverged in its first epoch, or was read from
+            ``resume``, has no model and is not passed).
 
     Returns:
         :class:`ComparisonResult` (the same on every rank under DDP).
@@ -134,17 +157,23 @@ def compare_remedies(
         >>> result.to_markdown().startswith("| method | setting | val acc % | test acc %")
         True
     """
-    names = _check(build, forward, head, encoders, train, val, methods, epochs, seeds, max_minutes)
+    remedies = _check(
+        build, forward, head, encoders, train, val, methods, epochs, seeds, max_minutes
+    )
+    if not baseline:
+        remedies = [r for r in remedies if r.name != "plain"]
     dev = None if device is None else torch.device(device)
     spec = Spec(build, forward, head, encoders, train, val, optimizer, epochs, dev)
+    spec.train_eval, spec.trace = train_eval, trace
     spec.steps = _count(train)
     settings = {"epochs": epochs, "seeds": list(seeds), "grid": grid, "alone": alone}
     previous = _resume(resume, settings)
     result = ComparisonResult(settings={**settings, "max_minutes": max_minutes})
     runner = _Runner(spec, list(seeds), grid, test, result, previous, resume, max_minutes)
-    runner.progress = _Progress(progress and _rank() == 0, _planned(names, grid, seeds))
+    runner.diagnosis, runner.on_run = diagnosis, on_run
+    runner.progress = _Progress(progress, _rank() == 0, _planned(remedies, grid, seeds))
     try:
-        runner.run(names, alone)
+        runner.run(remedies, alone)
     finally:
         runner.progress.close()
     runner.save()
@@ -158,11 +187,11 @@ def _check(
     encoders: object,
     train: object,
     val: object,
-    methods: Sequence[str] | None,
+    methods: Sequence[str | RemedyPlugin] | None,
     epochs: int,
     seeds: Sequence[int],
     max_minutes: float | None,
-) -> list[str]:
+) -> list[RemedyPlugin]:
     if isinstance(build, nn.Module):
         raise TypeError(
             "build must be a callable returning a fresh model (build=lambda: MyModel()), not a "
@@ -188,13 +217,21 @@ def _check(
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"max_minutes must be > 0 (or None: no budget), got {max_minutes!r}")
     if methods is None:
-        return list(REMEDIES)
+        return list(REMEDIES.values())
     if isinstance(methods, str):
         raise TypeError(f"methods must be a list of names, got the string {methods!r}")
-    unknown = [m for m in methods if m not in REMEDIES]
+    unknown = [m for m in methods if not isinstance(m, RemedyPlugin) and m not in REMEDIES]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {list(REMEDIES)}")
-    return ["plain"] + [m for m in REMEDIES if m in methods and m != "plain"]
+    given = {m.name if isinstance(m, RemedyPlugin) else m: m for m in methods}
+    if len(given) != len(methods):
+        raise ValueError(f"methods must have distinct names, got {list(given)}")
+    chosen = {n: REMEDIES[n] for n in REMEDIES if n in given or n == "plain"}
+    for name, m in given.items():
+        if isinstance(m, RemedyPlugin):
+            chosen[name] = m  # a variant of a known method takes its place
+    names = ["plain"] + [n for n in chosen if n != "plain"]
+    return [chosen[n] for n in names]
 
 
 def _count(train: Iterable[Any]) -> int:
@@ -207,8 +244,8 @@ def _count(train: Iterable[Any]) -> int:
     return n
 
 
-def _planned(names: list[str], grid: bool, seeds: Sequence[int]) -> int:
-    return sum(len(REMEDIES[n].configs(grid)) + len(seeds) - 1 for n in names)
+def _planned(remedies: list[RemedyPlugin], grid: bool, seeds: Sequence[int]) -> int:
+    return sum((1 if r.same_as else len(r.configs(grid))) + len(seeds) - 1 for r in remedies)
 
 
 def _resume(path: str | Path | None, settings: dict[str, Any]) -> ComparisonResult | None:
@@ -241,9 +278,12 @@ def _broadcast(obj: Any) -> Any:
 
 
 class _Progress:
-    """tqdm over runs if installed, else one line per run; silent when disabled."""
+    """tqdm over runs if installed, else one line per run; silent when disabled; a callable
+    given as ``progress`` gets each finished run's line instead (and nothing else)."""
 
-    def __init__(self, enabled: bool, total: int) -> None:
+    def __init__(self, progress: bool | Callable[[str], None], rank0: bool, total: int) -> None:
+        self.call = progress if callable(progress) and rank0 else None
+        enabled = bool(progress) and rank0 and self.call is None
         self.enabled, self.total, self.done = enabled, total, 0
         self.bar: Any = None
         if enabled:
@@ -264,7 +304,9 @@ class _Progress:
 
     def step(self, text: str) -> None:
         self.done += 1
-        if self.bar is not None:
+        if self.call is not None:
+            self.call(text)
+        elif self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
         elif self.enabled:
@@ -279,6 +321,14 @@ def _eprint(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _rank_key(record: RunRecord) -> tuple[float, float]:
+    """Validation accuracy, then lower loss; a run with no finished epoch (NaN) ranks last."""
+    if math.isnan(record.val):
+        return (-1.0, 0.0)
+    loss = record.val_loss if math.isfinite(record.val_loss) else math.inf
+    return (record.val, -loss)
+
+
 def _describe(config: Config) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in config.items())
 
@@ -287,6 +337,8 @@ class _Runner:
     """Runs the rows in order, with the budget, the resume file and the agreed decisions."""
 
     progress: _Progress
+    diagnosis: bool = True
+    on_run: Callable[[SelectedRun], None] | None = None
 
     def __init__(
         self,
@@ -307,15 +359,20 @@ class _Runner:
         self.estimated = False
 
     # ----------------------------------------------------------------- the rows
-    def run(self, names: list[str], alone: bool) -> None:
+    def run(self, remedies: list[RemedyPlugin], alone: bool) -> None:
+        self.remedies = {r.name: r for r in remedies}
         reference = self.spec.context(self.spec.build_seeded(self.seeds[0]), self.seeds[0])
-        for name in names:
-            remedy = REMEDIES[name]
+        for remedy in remedies:
+            name = remedy.name
             reason = remedy.applies(reference)
             row = Row(name, remedy.label, note=remedy.note(reference) or "")
             self.result.rows.append(row)
             if reason is not None:
                 row.status, row.reason = "skipped", f"does not apply: {reason}"
+                continue
+            if remedy.same_as is not None and self._config_of(remedy.same_as) is None:
+                row.status = "skipped"
+                row.reason = f"an ablation of {remedy.same_as!r}, which has no result"
                 continue
             self._method(remedy, row)
             if name == "plain" and alone:
@@ -344,16 +401,27 @@ class _Runner:
                 raise
             row.status, row.reason = "failed", f"{type(err).__name__}: {err}"
 
+    def _config_of(self, name: str) -> Config | None:
+        """The setting chosen for the row ``name`` (``None``: it has no result)."""
+        row = next((r for r in self.result.rows if r.name == name and r.done), None)
+        return None if row is None or not row.runs else dict(row.config)
+
+    def _configs(self, remedy: RemedyPlugin) -> list[Config]:
+        if remedy.same_as is not None:  # an ablation: the setting chosen for that row
+            config = self._config_of(remedy.same_as)
+            return [] if config is None else [config]
+        return remedy.configs(self.grid)
+
     def _grid(self, remedy: RemedyPlugin, row: Row) -> bool:
         """The settings on the first seed; the selected one is finished (test, diagnosis)."""
         best: Outcome | None = None
-        for config in remedy.configs(self.grid):
+        for config in self._configs(remedy):
             outcome = self._train(remedy, config, self.seeds[0], row)
             if outcome is None:
                 return False
             r = outcome.record
             row.grid.append({"config": config, "val": r.val, "val_loss": r.val_loss})
-            if best is None or (r.val, -r.val_loss) > (best.record.val, -best.record.val_loss):
+            if best is None or _rank_key(r) > _rank_key(best.record):
                 best = outcome
         assert best is not None
         row.config = best.record.config
@@ -367,8 +435,10 @@ class _Runner:
             return record
         if self.test is not None:
             record.test = score(self.spec, outcome, self.test)
-        if diagnosis:
+        if diagnosis and self.diagnosis:
             row.diagnosis = diagnose(self.spec, outcome)
+        if self.on_run is not None:
+            self.on_run(SelectedRun.of(outcome))
         return record
 
     def _alone(self, modalities: list[str]) -> None:
@@ -430,7 +500,10 @@ class _Runner:
             return None
         for row in self.previous.rows:
             if row.name == name and row.done and row.runs:
-                same = row.config if self.grid else REMEDIES[name].defaults
+                remedy = self.remedies.get(name, REMEDIES.get(name))
+                if remedy is None or remedy.same_as is not None:
+                    return None  # an ablation follows the row it ablates: run again
+                same = row.config if self.grid else remedy.defaults
                 return row if row.config == same else None
         return None
 

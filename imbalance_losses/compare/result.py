@@ -37,6 +37,8 @@ class RunRecord:
         seconds_per_epoch: wall time per epoch (training, the method's per-epoch work and the
             validation pass).
         diverged: the epoch the run stopped at on non-finite values (``None``: it did not).
+        trace: with ``trace=True``, the method's record after every optimiser step (e.g.
+            its per-modality coefficients), flattened to ``{field: value}``.
     """
 
     method: str
@@ -50,6 +52,7 @@ class RunRecord:
     curve: list[float] = field(default_factory=list)
     seconds_per_epoch: float = math.nan
     diverged: int | None = None
+    trace: list[dict[str, float]] = field(default_factory=list)
 
 
 def _mean(values: list[float]) -> float:

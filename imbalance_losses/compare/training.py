@@ -28,7 +28,7 @@ from ..diagnosis.report import imbalance_report, pooled_tokens
 from .plugins import Config, Context, Features, Hooks, RemedyPlugin
 from .result import RunRecord
 
-__all__ = ["Outcome", "Spec", "diagnose", "score", "train_run"]
+__all__ = ["Outcome", "SelectedRun", "Spec", "diagnose", "score", "train_run"]
 
 
 @dataclass
@@ -45,6 +45,12 @@ class Spec:
     epochs: int
     device: torch.device | None = None
     steps: int = 0  # optimiser steps per epoch, counted once
+    train_eval: Iterable[Any] | None = None  # the training split read for evaluation passes
+    trace: bool = False  # keep each step's record (Hooks.record) in RunRecord.trace
+
+    @property
+    def train_split(self) -> Iterable[Any]:
+        return self.train if self.train_eval is None else self.train_eval
 
     def features(self, model: nn.Module, batch: Any) -> tuple[Features, Tensor]:
         """``forward(model, batch)`` with the batch moved to the model's device."""
@@ -76,8 +82,9 @@ class Spec:
         return model if self.device is None else model.to(self.device)
 
     def context(self, model: nn.Module, seed: int) -> Context:
-        """The method's view of one run (the first batch read for shapes and classes)."""
-        sample = self.features(model, next(iter(self.train)))
+        """The method's view of one run (the first batch read for shapes and classes, from
+        ``train_eval`` when given: reading it draws nothing from the data order's RNG)."""
+        sample = self.features(model, next(iter(self.train_split)))
         with torch.no_grad():
             from .plugins import fused_logits
 
@@ -94,6 +101,7 @@ class Spec:
             train=self.train,
             val=self.val,
             features=lambda batch: self.features(model, batch),
+            train_eval=self.train_eval,
         )
 
 
@@ -106,6 +114,57 @@ class Outcome:
     hooks: Hooks
     kept: nn.Module | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SelectedRun:
+    """A run kept in a row, at the epoch chosen on validation: what ``on_run`` receives.
+
+    Attributes:
+        method: the row's short name; config: the setting; seed: the seed.
+        record: the run's :class:`~imbalance_losses.compare.RunRecord` (test already scored).
+        model: the model with the weights of the chosen epoch.
+        head: ``head(model)``.
+        kept: the method's own module at that epoch, when its predictions need one
+            (sustained boosting's heads), else ``None``.
+        diagnosis_head: the head whose unimodal logits mean something (``None`` for sustained
+            boosting, whose heads replace the model's).
+    """
+
+    method: str
+    config: Config
+    seed: int
+    record: RunRecord
+    model: nn.Module
+    head: Head
+    kept: nn.Module | None
+    diagnosis_head: Head | None
+    _features: Callable[[Any], tuple[Features, Tensor]]
+    _predict: Callable[[Features], Tensor]
+
+    def features(self, batch: Any) -> tuple[Features, Tensor]:
+        """``forward(model, batch)`` of this run's model (the batch moved to its device)."""
+        return self._features(batch)
+
+    def logits(self, features: Features) -> Tensor:
+        """The fused logits as the method predicts them (boosting: its heads' ensemble)."""
+        return self._predict(features)
+
+    @classmethod
+    def of(cls, outcome: Outcome) -> SelectedRun:
+        ctx, hooks, record, kept = outcome.ctx, outcome.hooks, outcome.record, outcome.kept
+        return cls(
+            method=record.method,
+            config=record.config,
+            seed=record.seed,
+            record=record,
+            model=ctx.model,
+            head=ctx.head,
+            kept=kept,
+            diagnosis_head=hooks.diagnosis_head(ctx.head),
+            _features=ctx.features,
+            _predict=lambda feats: hooks.predict(ctx.head, feats, kept),
+        )
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -223,13 +282,19 @@ def _loop(
     seconds = 0.0
     for epoch in range(spec.epochs):
         start = time.perf_counter()
+        records: list[Any] = []
         try:
-            _epoch(spec, ctx, hooks, optimizer, epoch)
+            last = _epoch(spec, ctx, hooks, optimizer, epoch, records)
         except ValueError as err:  # the library refuses non-finite features or logits
             if "non-finite" not in str(err):
                 raise
             record.diverged = epoch + 1
             break
+        if last is not None and not bool(torch.isfinite(last.detach()).all()):
+            record.diverged = epoch + 1  # the last step's loss, read once per epoch
+            break
+        # the records are read on the host once per epoch
+        record.trace.extend(dict(r) if isinstance(r, Mapping) else r.to_dict() for r in records)
         acc, loss = evaluate(spec, model, hooks, hooks.kept, spec.val)
         seconds += time.perf_counter() - start
         curve.append(acc)
@@ -250,11 +315,18 @@ def _loop(
 
 
 def _epoch(
-    spec: Spec, ctx: Context, hooks: Hooks, optimizer: torch.optim.Optimizer, epoch: int
-) -> None:
+    spec: Spec,
+    ctx: Context,
+    hooks: Hooks,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    records: list[Any],
+) -> Tensor | None:
+    """One training epoch; returns its last step's loss (``None``: no batch)."""
     hooks.epoch_start(epoch)
     ctx.model.train()
     hooks.train(True)
+    loss: Tensor | None = None
     for batch in spec.train:
         feats, target = ctx.features(batch)
         loss = hooks.loss(feats, target)
@@ -262,6 +334,11 @@ def _epoch(
         hooks.backward(loss, feats, target)
         hooks.before_step(feats, target)
         optimizer.step()
+        if spec.trace:
+            step = hooks.record()
+            if step is not None:
+                records.append(step)
+    return loss
 
 
 def score(spec: Spec, outcome: Outcome, loader: Iterable[Any]) -> float:
@@ -275,7 +352,7 @@ def diagnose(
     """:func:`imbalance_report` of the selected run: probes fitted on the training split's
     features (pooled over tokens), every accuracy on the validation split."""
     ctx = outcome.ctx
-    fit = [_pooled(f, y, modalities) for f, y in ctx.batches(spec.train)]
+    fit = [_pooled(f, y, modalities) for f, y in ctx.batches(spec.train_split)]
     held = [(_subset(f, modalities), y) for f, y in ctx.batches(spec.val)]
     head = outcome.hooks.diagnosis_head(ctx.head)
     report = imbalance_report(
