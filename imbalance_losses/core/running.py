@@ -39,7 +39,13 @@ OTHER_RANK_FAILED = (
 
 
 def sample_mean(sums: Tensor, count: Tensor) -> Tensor:
-    """``sums / count`` in fp32, and zero (never ``0 / 0``) when ``count == 0``."""
+    """``sums / count`` in fp32, and zero (never ``0 / 0``) when ``count == 0``.
+
+    A 0-dim ``count`` of another floating dtype is cast to the sums' dtype by the division
+    itself (the same value as an explicit cast, one op less).
+    """
+    if count.dim() == 0 and count.is_floating_point() and sums.is_floating_point():
+        return (sums / count.clamp_min(1.0)).float()
     return (sums / count.clamp_min(1.0).to(sums.dtype)).float()
 
 

@@ -147,8 +147,8 @@ class ModalityScorer:
                 owner=self.owner,
                 ignore_index=self.ignore_index,
             )
-        scores = true_class_scores(list(unimodal_logits.values()), target, self.ignore_index)
         mask = counted(target, self.ignore_index)
+        scores = true_class_scores(list(unimodal_logits.values()), target, None, mask)
         self._pool.add(scores, count_of(mask, batch), rows=batch)
 
     def failing_together(self, device: torch.device) -> AbstractContextManager[None]:

@@ -71,18 +71,22 @@ def true_class_probability(
 
 
 def true_class_scores(
-    logits: Sequence[Tensor], target: Tensor, ignore_index: int | None = None
+    logits: Sequence[Tensor],
+    target: Tensor,
+    ignore_index: int | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """``[M]`` fp32: ``s_m = sum_b`` :func:`true_class_probability` ``(z_m, y, ignore_index)_b``.
 
     The same values as one :func:`true_class_probability` and sum per modality, computed on the
     stacked logits ``[M, B, C]`` in one pass (one softmax, one ``gather``, one sum). The
-    logits must share one shape ``[B, C]``.
+    logits must share one shape ``[B, C]``. ``mask``: :func:`counted` ``(target,
+    ignore_index)`` when the caller has it already.
     """
     probs = torch.softmax(as_fp32(torch.stack([z.detach() for z in logits])), dim=-1)
     if target.is_floating_point():
         return (probs * as_fp32(target)).sum(-1).sum(-1)
-    mask = counted(target, ignore_index)
+    mask = counted(target, ignore_index) if mask is None else mask
     # an ignored sample's index only has to be in range: its probability is multiplied by 0
     index = target if mask is None else target.clamp(0, probs.shape[-1] - 1)
     index = index.long().reshape(1, -1, 1).expand(probs.shape[0], -1, 1)

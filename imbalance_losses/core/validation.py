@@ -32,8 +32,8 @@ __all__ = [
     "check_state_keys",
     "check_target",
     "check_unimodal_logits",
-    "deferred_value_checks",
     "criterion_reduction",
+    "deferred_value_checks",
     "feature_widths",
     "int_param",
     "modality_names",
@@ -69,10 +69,15 @@ def _assert_on_device(condition: Tensor, message: str, error: type[Exception] = 
 def _raise_unless(condition: Tensor, message: str, error: type[Exception] = ValueError) -> None:
     """:func:`_assert_on_device` now, never deferred."""
     if condition.device.type == "cpu":
-        if not condition.reshape(()).tolist():  # a CPU read, no kernel
+        if not _cpu_value(condition):
             raise error(message)
     else:  # pragma: no cover - exercised only on accelerators
         torch._assert_async(condition, message)
+
+
+def _cpu_value(t: Tensor) -> Any:
+    """The value of a one-element CPU tensor, read with no kernel (``tolist``, not ``item``)."""
+    return t.reshape(()).tolist()
 
 
 class _ValueChecks:
@@ -140,16 +145,16 @@ class _ValueChecks:
         return sums
 
     def _ok_on_cpu(self) -> bool:
-        if not all(math.isfinite(s.tolist()) for s in self._checksums()):
+        if not all(math.isfinite(_cpu_value(s)) for s in self._checksums()):
             return False
         for target, classes, ignore in self.ranges:
             if target.numel():
-                low, high = (x.tolist() for x in torch.aminmax(target))
+                low, high = (_cpu_value(x) for x in torch.aminmax(target))
                 if (low < 0 or high >= classes) and not (  # ignore_index in the batch?
-                    ignore is not None and _valid_indices(target, classes, ignore).all().tolist()
+                    ignore is not None and _cpu_value(_valid_indices(target, classes, ignore).all())
                 ):
                     return False
-        return all(c.reshape(()).tolist() for c in self.conditions)
+        return all(_cpu_value(c) for c in self.conditions)
 
     def _assert_on_accelerators(self) -> None:  # pragma: no cover - accelerators only
         parts: dict[torch.device, list[Tensor]] = {}
@@ -169,7 +174,7 @@ class _ValueChecks:
         text = "; or ".join(message() for message in self.messages)
         for device, oks in parts.items():
             if device.type == "cpu":
-                if not all(ok.tolist() for ok in oks):
+                if not all(_cpu_value(ok) for ok in oks):
                     self.run_details()
                 continue
             ok = oks[0]
@@ -213,9 +218,12 @@ def deferred_value_checks() -> Iterator[None]:
     token = _DEFERRED.set(batch)
     try:
         yield
-    except BaseException:
+    except Exception:
         _DEFERRED.reset(token)
         batch.run_details()  # a value check made before the failure raises first
+        raise
+    except BaseException:  # KeyboardInterrupt and the like: no checks
+        _DEFERRED.reset(token)
         raise
     _DEFERRED.reset(token)
     batch.run()
