@@ -35,6 +35,30 @@ from .unimodal import MappingHead, _check_concat, _check_dtype_device, reshard_f
 __all__ = ["masked_outputs", "shapley_values", "shapley_weights", "subset_masks"]
 
 
+_CONSTANTS: dict[tuple[object, ...], Tensor] = {}
+
+
+def _constant(key: tuple[object, ...], make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, built once per ``key`` and kept (a read-only constant of the hot path: the
+    subset masks, the Shapley matrix, a head's column masks), so later steps launch nothing
+    to rebuild it. Built outside inference mode, so autograd may save it."""
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False), torch.no_grad():
+            t = _CONSTANTS[key] = make()
+    return t
+
+
+def _subset_masks(m: int, device: torch.device) -> Tensor:
+    """:func:`subset_masks`, kept per ``(M, device)`` (do not change it in place)."""
+    return _constant(("masks", m, device), lambda: subset_masks(m, device))
+
+
+def _shapley_matrix(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`shapley_weights` on ``device``, kept per ``(M, dtype, device)``."""
+    return _constant(("shapley", m, dtype, device), lambda: shapley_weights(m, dtype).to(device))
+
+
 def subset_masks(m: int, device: torch.device | None = None) -> Tensor:
     """``[2^M, M]`` bool: row ``s`` marks the modalities present in subset ``s`` (bit ``j``)."""
     s = torch.arange(2**m, device=device).unsqueeze(1)
@@ -78,7 +102,7 @@ def shapley_values(values: Tensor) -> Tensor:
             f"values must have 2^M subset values first (M >= 1 modalities), got shape "
             f"{tuple(values.shape)}"
         )
-    weights = shapley_weights(m, dtype=values.dtype).to(values.device)
+    weights = _shapley_matrix(m, values.dtype, values.device)
     return (weights @ values.reshape(n, -1)).reshape(m, *values.shape[1:])
 
 
@@ -145,7 +169,7 @@ def masked_outputs(
     """
     names = list(features)
     m = len(names)
-    masks = subset_masks(m, next(iter(features.values())).device)
+    masks = _subset_masks(m, next(iter(features.values())).device)
     flags = _eval_mode(head)
     try:
         if isinstance(head, MappingHead):
@@ -171,8 +195,13 @@ def masked_outputs(
         _check_concat(features)
         _check_dtype_device(features, head, by=f"the head ({type(head).__name__})")
         x = torch.cat(list(features.values()), dim=-1)
-        widths = torch.tensor([f.shape[-1] for f in features.values()], device=x.device)
-        column = masks[:, torch.repeat_interleave(torch.arange(m, device=x.device), widths)]
+        sizes = tuple(f.shape[-1] for f in features.values())
+
+        def columns() -> Tensor:
+            widths = torch.tensor(sizes, device=x.device)
+            return masks[:, torch.repeat_interleave(torch.arange(m, device=x.device), widths)]
+
+        column = _constant(("columns", sizes, x.device), columns)
         column = column.reshape(2**m, *([1] * (x.dim() - 1)), x.shape[-1])
         stacked = torch.where(column, x.unsqueeze(0), x.new_zeros(()))
         try:

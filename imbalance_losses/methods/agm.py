@@ -34,7 +34,7 @@ from ..core.params import check_head_not_listed
 from ..core.records import StepRecord
 from ..core.remedy import EncoderSpec, Remedy
 from ..core.running import Pooled
-from ..core.stats import as_fp32, counted
+from ..core.stats import as_fp32, count_of, counted
 from ..core.unimodal import Head
 from ..core.validation import (
     check_features,
@@ -287,7 +287,7 @@ class AdaptiveGradientModulator(Remedy[AGMRecord]):
             mono_modal_responses(as_fp32(values)), target, self.ignore_index
         )
         mask = counted(target, self.ignore_index)
-        self._add(ce.sum(1), batch if mask is None else mask.sum(), rows=batch)
+        self._add(ce.sum(1), count_of(mask, batch), rows=batch)
         if self.has_encoders:
             return dict(features)
         record = self._decide(tuple(features), values.device)

@@ -42,7 +42,7 @@ from ..core.rebuilt import built_on, warn_rebuilt
 from ..core.records import StepRecord
 from ..core.remedy import EncoderSpec, Remedy
 from ..core.running import Pooled
-from ..core.stats import Reduction, as_fp32, counted, ema_update, entropy_sum, reduce_loss
+from ..core.stats import Reduction, as_fp32, count_of, counted, ema_update, reduce_loss
 from ..core.unimodal import Head
 from ..core.validation import (
     _assert_on_device,
@@ -146,25 +146,31 @@ class ARLCoefficients(NamedTuple):
 
 
 def _normalise(values: Tensor) -> Tensor:
-    """``v / sum(v)``, or uniform ``1 / M`` when the sum is zero (never ``0 / 0``)."""
-    total = values.sum()
-    uniform = torch.full_like(values, 1.0 / values.shape[0])
-    return torch.where(total > 0, values / torch.where(total > 0, total, 1.0), uniform)
+    """``v / sum(v)`` along the last dimension, or uniform ``1 / M`` where the sum is zero
+    (never ``0 / 0``); ``[..., M]``, each row on its own (ARL's ``V`` and ``c`` in one pass)."""
+    total = values.sum(-1, keepdim=True)
+    empty = total <= 0  # = not (total > 0): the values are finite and >= 0
+    ratio = values / total.masked_fill(empty, 1.0)
+    return ratio.masked_fill(empty, 1.0 / values.shape[-1])
 
 
 def _leave_one_out_product(values: Tensor) -> Tensor:
     """``prod_{k != m} v_k`` for each m, without dividing (exact when some ``v_k`` is 0)."""
     m = values.shape[0]
+    if m == 2:  # the product of the one other value is that value
+        return values.flip(0)
     eye = torch.eye(m, dtype=torch.bool, device=values.device)
     return torch.where(eye, torch.ones_like(values).expand(m, m), values.expand(m, m)).prod(1)
 
 
-def _coefficients(v: Tensor, c: Tensor, temperature: float, floor: float) -> ARLCoefficients:
-    """Spec steps 2-6 on validated, detached ``[M]`` statistics (no checks: the hot path)."""
-    h = _normalise(v).clamp_min(floor)  # step 2
-    inv = 1.0 / h
+def _coefficients(vc: Tensor, temperature: float, floor: float) -> ARLCoefficients:
+    """Spec steps 2-6 on validated, detached statistics ``[2, M]``, the rows ``V`` and ``c``
+    (no checks: the hot path)."""
+    shares = _normalise(vc)  # both rows in one pass
+    h = shares[0].clamp_min(floor)  # step 2
+    inv = h.reciprocal()  # = 1.0 / h
     target = inv / inv.sum()  # step 3
-    current = _normalise(c)  # step 4
+    current = shares[1]  # step 4
     scores = target * _leave_one_out_product(current)  # step 5
     # step 6, softmax(T s) written as softmax(T (s - max s)): the same value, and T (s - max s)
     # lies in [-inf, 0], so no finite temperature gives inf - inf = NaN; T is capped at the
@@ -235,7 +241,7 @@ def arl_coefficients(
     for name, t in (("variances", v), ("dependence", c)):
         check_finite(t, name=name)
         _assert_on_device((t >= 0).all(), f"{name} must be >= 0, shape {tuple(t.shape)}")
-    return _coefficients(v, c, temperature, floor)
+    return _coefficients(torch.stack([v, c]), temperature, floor)
 
 
 def _floor_for(floor: float | None, m: int) -> float:
@@ -246,27 +252,67 @@ def _floor_for(floor: float | None, m: int) -> float:
     return floor
 
 
-def _batch_sums(zs: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
+def _batch_sums(
+    zs: Mapping[str, Tensor], mask: Tensor | None, log_probs: Tensor | None = None
+) -> Tensor:
     """``[2M]`` fp32, detached: the sums over counted samples behind spec steps 1 and 4.
 
     ``cat(sum_b -sum_c p_mbc log p_mbc, sum_b sum_c |z_mbc|)`` with ``p_m = softmax(z_m)``;
     divided by the pooled sample count they are ``V_m`` and ``c_m`` (samples whose target is
-    ``ignore_index``, ``mask`` false, are left out).
+    ``ignore_index``, ``mask`` false, are left out). All modalities in one pass over the
+    stacked logits ``[M, B, C]``; ``log_probs``: their ``log_softmax`` in fp32 (or fp64) when
+    already computed (the loss's), detached.
     """
-    weight = None if mask is None else mask.float()
-    entropy = torch.stack([entropy_sum(z, weight) for z in zs.values()])
-    size = [as_fp32(z).abs().sum(-1) for z in zs.values()]
-    sizes = torch.stack([s.sum() if weight is None else (s * weight).sum() for s in size])
-    return torch.cat([entropy, sizes])
+    z = as_fp32(torch.stack([z.detach() for z in zs.values()]))
+    log_p = torch.log_softmax(z, dim=-1) if log_probs is None else log_probs
+    m = z.shape[0]
+    per_sample = torch.empty(2 * m, z.shape[1], dtype=z.dtype, device=z.device)  # [2M, B]
+    torch.sum(log_p.exp() * log_p, -1, out=per_sample[:m]).neg_()  # entropy, as entropy_sum
+    torch.sum(z.abs(), -1, out=per_sample[m:])
+    return (per_sample if mask is None else per_sample * mask).sum(-1)
+
+
+def _own_loss(
+    logits: Tensor, target: Tensor, zs: Mapping[str, Tensor], gamma: float, ignore: int
+) -> tuple[Tensor, Tensor | None]:
+    """Spec step 8 with the default cross-entropy, per sample: ``(l_b, log_probs)``.
+
+    The unimodal terms in one pass on the stacked logits (``log_softmax`` then ``nll_loss``:
+    what ``F.cross_entropy`` computes, the same values); ``log_probs`` is their detached
+    ``log_softmax`` ``[M, B, C]`` when it is fp32 / fp64 (as :func:`_batch_sums` computes it),
+    for the statistics, else ``None``. Soft targets: :func:`_arl_loss`.
+    """
+    ce = functools.partial(F.cross_entropy, reduction="none", ignore_index=ignore)
+    if target.is_floating_point():
+        return _arl_loss(logits, target, zs, gamma, ce), None
+    loss = ce(logits, target)
+    stacked = torch.stack(list(zs.values()))
+    log_p = torch.log_softmax(stacked, dim=-1)
+    m, batch, classes = log_p.shape
+    uni = F.nll_loss(
+        log_p.reshape(m * batch, classes),
+        target.repeat(m),
+        reduction="none",
+        ignore_index=ignore,
+    ).view(m, batch)
+    scaled = uni if gamma == 1.0 else gamma * uni
+    for j in range(m):
+        loss = loss + scaled[j]
+    fp32 = torch.float32 if stacked.dtype in (torch.float16, torch.bfloat16) else stacked.dtype
+    return loss, log_p.detach() if log_p.dtype == fp32 else None
 
 
 def _arl_loss(
     logits: Tensor, target: Tensor, zs: Mapping[str, Tensor], gamma: float, criterion: Criterion
 ) -> Tensor:
-    """Spec step 8: ``L = l(z, y) + gamma * sum_m l(z_m, y)`` (the unimodal bias terms)."""
+    """Spec step 8: ``L = l(z, y) + gamma * sum_m l(z_m, y)`` (the unimodal bias terms).
+
+    ``gamma = 1`` multiplies by nothing (``1.0 * x`` is ``x``, and so is its gradient).
+    """
     loss = criterion(logits, target)
     for z in zs.values():
-        loss = loss + gamma * criterion(z, target)
+        term = criterion(z, target)
+        loss = loss + (term if gamma == 1.0 else gamma * term)
     return loss
 
 
@@ -512,7 +558,9 @@ class ARLLoss(Remedy[ARLRecord]):
         with self._validating(size, device, pools=training and hooks and not repeat):
             if mixed is not None:
                 raise mixed
-            zs, mask, loss = self._checked_loss(logits, target, features, unimodal_logits, training)
+            zs, mask, loss, log_probs = self._checked_loss(
+                logits, target, features, unimodal_logits, training
+            )
         if not training:  # evaluation: no statistics, no collective
             warn_on_backward(loss, self, _EVAL_BACKWARD)
         if not training or repeat:  # (a repeat: the same step again, nothing new)
@@ -521,7 +569,7 @@ class ARLLoss(Remedy[ARLRecord]):
             self._warn_rebuilt()
         self._modalities, batch = tuple(zs), logits.shape[0]
         self._widths = feature_widths(features) or self._widths
-        self._add(_batch_sums(zs, mask), batch if mask is None else mask.sum(), rows=batch)
+        self._add(_batch_sums(zs, mask, log_probs), count_of(mask, batch), rows=batch)
         if not hooks:  # encoders mode: step() decides once per optimiser step
             self._remember((zs if features is None else features).values())
             return loss
@@ -537,8 +585,9 @@ class ARLLoss(Remedy[ARLRecord]):
         features: Mapping[str, Tensor] | None,
         given: Mapping[str, Tensor] | None,
         training: bool,
-    ) -> tuple[dict[str, Tensor], Tensor | None, Tensor]:
-        """One call's checks (inside :meth:`_validating`) and its loss: ``(z_m, mask, loss)``."""
+    ) -> tuple[dict[str, Tensor], Tensor | None, Tensor, Tensor | None]:
+        """One call's checks (inside :meth:`_validating`) and its loss: ``(z_m, mask, loss,
+        log-probabilities of z_m or None)``."""
         zs = unimodal_branches(
             logits, target, features, given, head=self.head, ignore_index=self.ignore_index,
             who="ARLLoss",
@@ -562,12 +611,11 @@ class ARLLoss(Remedy[ARLRecord]):
         if not self._own_criterion:  # as it is; B = 0: a zero in the graph, not its 0 / 0
             if logits.shape[0] == 0:
                 zero = (logits.sum(-1) + sum(z.sum(-1) for z in zs.values())) * 0
-                return zs, mask, zero if self.reduction == "none" else zero.sum()
-            return zs, mask, _arl_loss(logits, target, zs, self.gamma, self.criterion)
+                return zs, mask, zero if self.reduction == "none" else zero.sum(), None
+            return zs, mask, _arl_loss(logits, target, zs, self.gamma, self.criterion), None
         ignore = -100 if self.ignore_index is None else self.ignore_index
-        ce = functools.partial(F.cross_entropy, reduction="none", ignore_index=ignore)
-        per = _arl_loss(logits, target, zs, self.gamma, ce)  # per sample, reduced once
-        return zs, mask, reduce_loss(per, cast(Reduction, self.reduction), mask)
+        per, log_probs = _own_loss(logits, target, zs, self.gamma, ignore)  # reduced once
+        return zs, mask, reduce_loss(per, cast(Reduction, self.reduction), mask), log_probs
 
     def _hook(self, features: Mapping[str, Tensor], record: ARLRecord, batch: int) -> None:
         """Hook mode: open the step on each feature that requires grad, and after the warm-up
@@ -595,7 +643,7 @@ class ARLLoss(Remedy[ARLRecord]):
                 self._ema, self._ema_seen, stats, has, self.momentum
             )
             stats = self._ema
-        coef = _coefficients(stats[:m], stats[m:], self.temperature, _floor_for(self.floor, m))
+        coef = _coefficients(stats.reshape(2, m), self.temperature, _floor_for(self.floor, m))
         return ARLRecord(names, stats[:m], *coef, active=active)
 
     def _statistics_size(self, m: int) -> int:

@@ -52,8 +52,8 @@ from ..core.distributed import ProcessGroup, is_distributed
 from ..core.records import StepRecord
 from ..core.remedy import Remedy
 from ..core.running import Pooled
-from ..core.scoring import capped_ratio
-from ..core.stats import counted, true_class_probability
+from ..core.scoring import _capped_ratio_of_sums
+from ..core.stats import count_of, counted, true_class_scores
 from ..core.unimodal import Head
 from ..core.unimodal import unimodal_logits as _unimodal_logits
 from ..core.validation import (
@@ -119,7 +119,7 @@ def drop_probabilities(ratios: Tensor, q_base: float, lam: float) -> Tensor:
     """
     q = (q_base * (1.0 + lam * torch.tanh(torch.relu(ratios - 1.0)))).clamp(0.0, 1.0)
     dominant = (ratios > 1.0) & (ratios > ratios.min())
-    return torch.where(dominant, q, torch.zeros_like(q))
+    return q * dominant  # q >= 0 is finite: q * False is +0.0, as torch.where(.., 0) gives
 
 
 def rescale_factor(q: Tensor, widths: Tensor) -> Tensor:
@@ -229,6 +229,8 @@ def kept_mean(losses: Tensor, keep: Tensor) -> Tensor:
             f"{tuple(losses.shape)} are on {losses.device}; put them on one device"
         )
     kept = torch.where(keep, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
+    if losses.dtype in (torch.float32, torch.float64):  # the count, exact, summed in that dtype
+        return kept.sum() / keep.sum(dtype=losses.dtype).clamp_min(1)
     return kept.sum() / keep.sum().clamp_min(1).to(losses.dtype)
 
 
@@ -458,7 +460,9 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
         self.__dict__["_head"] = head  # not a submodule: OPM owns no parameters
         self._generator: torch.Generator | None = None
         # (widths, device) -> widths [M] fp32 on device (one host-to-device copy per layout)
-        self._widths: tuple[tuple[tuple[int, ...], torch.device], Tensor] | None = None
+        self._widths: tuple[tuple[tuple[int, ...], torch.device], tuple[Tensor, Tensor]] | None = (
+            None
+        )
         # the open step's decision: per-sample factors [B, M] (None: identity) and keep [B]
         self._open_out: tuple[Tensor | None, Tensor] | None = None
 
@@ -507,11 +511,16 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
         with self._validating(len(self.modalities), device, pools=True):
             if mixed is not None:
                 raise mixed
-            batch = self._observe(features, target, unimodal_logits, device)
+            batch, logits = self._observe(features, target, unimodal_logits, device)
+        ii = self.ignore_index  # the call's scores, added once its checks have passed
+        mask = counted(target, ii)
+        scores = true_class_scores(list(logits.values()), target, ii, mask)
+        self._add(scores, count_of(mask, batch), rows=batch)
         record = self._decide(self.modalities, device)  # one all-reduce; counts the call
-        factors, keep = None, torch.ones(batch, dtype=torch.bool, device=device)
         if record is not None and record.active:
             factors, keep = self._drop(record, features, batch, device)
+        else:
+            factors, keep = None, torch.ones(batch, dtype=torch.bool, device=device)
         self._open_out = (factors, keep)
         self._remember(features.values())
         return OPMOutput(_scaled(features, factors), keep, factors)
@@ -522,8 +531,8 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
         target: Tensor,
         logits: Mapping[str, Tensor] | None,
         device: torch.device,
-    ) -> int:
-        """Check one call's input; add ``s_m = sum_b softmax(z_m)[b, y_b]`` and its count."""
+    ) -> tuple[int, Mapping[str, Tensor]]:
+        """Check one call's input: ``(B, the unimodal logits z_m)`` (given or from the head)."""
         batch = check_modalities(features)
         check_same_modalities(
             self.modalities, features, expected_what="the OPM's", actual_what="features"
@@ -548,18 +557,17 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
         check_scored_logits(
             logits, target, self.modalities, owner="the OPM's", ignore_index=self.ignore_index
         )
-        ii = self.ignore_index
-        scores = torch.stack([true_class_probability(z, target, ii).sum() for z in logits.values()])
-        mask = counted(target, ii)
-        self._add(scores, batch if mask is None else mask.sum(), rows=batch)
-        return batch
+        return batch, logits
 
     def _formula(self, pooled: Pooled, names: tuple[str, ...], active: bool) -> OPMRecord:
         """Steps 1-2 of the module doc: ratios and ``q`` (nothing dropped yet)."""
-        ratios = capped_ratio(pooled.sums, self.max_ratio)
+        ratios = _capped_ratio_of_sums(pooled.sums, self.max_ratio)
         q = drop_probabilities(ratios, self.q_base, self.lam)
-        zero = torch.zeros((), device=ratios.device)  # nothing drawn yet: _drop draws
-        none = (zero.bool(), zero + 1, zero.repeat(len(names)), zero.long())
+        if active:  # _drop draws next and fills these four in at once: no placeholders built
+            none: tuple[Tensor, Tensor, Tensor, Tensor] = (q, q, q, q)
+        else:
+            zero = torch.zeros((), device=ratios.device)  # nothing drawn
+            none = (zero.bool(), zero + 1, zero.repeat(len(names)), zero.long())
         return OPMRecord(names, pooled.sums, pooled.samples, ratios, q, *none, active, self._steps)
 
     def _drop(
@@ -575,22 +583,33 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
         gen.manual_seed(_stream_seed(self.seed, record.step, 1 + rank))  # this rank's samples
         draws = torch.rand(batch, len(self.modalities), generator=gen, device=device)
         q = record.drop_probabilities
-        factors, dropped, scale = drop_factors(q, self._widths_on(features, device), draws, execute)
-        keep = (~dropped).any(1)
+        widths, width_sum = self._widths_on(features, device)
+        # drop_factors, in fewer ops: the same values
+        dropped = (draws < q) & execute
+        kept = ~dropped
+        theta = (widths * q).sum() / width_sum
+        factor = (1.0 - theta).reciprocal()  # = 1.0 / (1.0 - theta)
+        scale = torch.where(execute, factor, factor.new_ones(()))
+        factors = kept * scale  # = kept.float() * scale (scale > 0)
+        keep = kept.any(1)
         self.last = dataclasses.replace(
             record,
             executed=execute,
             rescale=scale,
-            dropped=dropped.sum(0).float() / max(batch, 1),
+            dropped=dropped.sum(0, dtype=torch.float32) / max(batch, 1),
             removed=(~keep).sum(),
         )
         return factors, keep
 
-    def _widths_on(self, features: Mapping[str, Tensor], device: torch.device) -> Tensor:
-        """``d_m`` (features per sample) as an fp32 ``[M]`` tensor on ``device``, cached."""
+    def _widths_on(
+        self, features: Mapping[str, Tensor], device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """``d_m`` (features per sample) as an fp32 ``[M]`` tensor on ``device`` and its sum,
+        cached."""
         key = (tuple(math.prod(x.shape[1:]) for x in features.values()), device)
         if self._widths is None or self._widths[0] != key:
-            self._widths = (key, torch.tensor(key[0], dtype=torch.float32).to(device))
+            widths = torch.tensor(key[0], dtype=torch.float32).to(device)
+            self._widths = (key, (widths, widths.sum()))
         return self._widths[1]
 
     def get_extra_state(self) -> dict[str, Any]:
