@@ -226,8 +226,11 @@ class GrowingHeads(nn.Module):
         self._activate(index, stacklevel=4)
         return self._counts[index]
 
-    def _check_features(self, features: Mapping[str, Tensor]) -> int:
-        """Validate ``features`` for the heads (widths, dtype, device, finite); the batch size."""
+    def _check_features(self, features: Mapping[str, Tensor], *, finite: bool = True) -> int:
+        """Validate ``features`` for the heads (widths, dtype, device, finite); the batch size.
+
+        ``finite=False`` leaves out the value check (the caller makes it, combined).
+        """
         batch = check_modalities(features)
         first, _ = self._head_params(0, 0)
         check_features(
@@ -235,7 +238,7 @@ class GrowingHeads(nn.Module):
             widths=self.in_features,
             dtype=first.dtype,
             device=first.device,
-            finite=True,
+            finite=finite,
             by="the boosting heads",
         )
         return batch

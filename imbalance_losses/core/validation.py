@@ -526,3 +526,56 @@ def check_same_layout(
                 "tensors are not under their own names (a mapping built in another order?); "
                 "pass {name: that modality's tensor}, in the concatenation order"
             )
+
+
+def fast_value_check(
+    finite: Sequence[Tensor],
+    target: Tensor | None = None,
+    *,
+    num_classes: int = 0,
+    ignore_index: int | None = None,
+    counted: Tensor | None = None,
+    summary: str,
+) -> bool:
+    """The value checks of one call as ONE fast check; ``True`` when they all pass.
+
+    Every tensor of ``finite`` must hold finite values, and ``target`` (class indices ``[B]``)
+    must lie in ``[0, num_classes)`` or equal ``ignore_index`` (``counted``, when given, is its
+    ``target != ignore_index`` mask, reused). One ``_foreach_norm`` over ``finite`` (non-finite
+    or overflowing: not finite), one clamp-compare over ``target`` and one host read (CPU), in
+    place of a reduction and a read per tensor.
+
+    ``False`` means a check failed *or may have* (a norm that overflowed, a target that is not
+    plain class indices on the tensors' device): the caller then runs its detailed checks,
+    which raise the message that names the modality (or pass). Never ``True`` when a check
+    fails. On an accelerator there is no host read: the combined check is queued with
+    ``torch._assert_async(ok, summary)`` and ``True`` is returned.
+    """
+    if not finite:
+        return False
+    device = finite[0].device
+    if any(t.device != device for t in finite):
+        return False
+    norms = torch._foreach_norm([t.detach() for t in finite])
+    total = norms[0]
+    for norm in norms[1:]:
+        total = total + norm
+    if target is None:
+        ok = total * 0 == 0
+    else:
+        if (
+            target.is_floating_point()
+            or target.dtype == torch.bool
+            or target.dim() != 1
+            or target.device != device
+            or num_classes < 1
+        ):
+            return False
+        bad = target.clamp(0, num_classes - 1) != target
+        if ignore_index is not None:
+            bad = bad & (target != ignore_index if counted is None else counted)
+        ok = total * 0 == bad.sum()
+    if device.type == "cpu":
+        return bool(ok)
+    torch._assert_async(ok, summary)  # pragma: no cover - exercised only on accelerators
+    return True  # pragma: no cover
