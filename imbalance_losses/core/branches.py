@@ -24,6 +24,7 @@ from .validation import (
     check_same_modalities,
     check_target,
     check_unimodal_logits,
+    fast_value_check,
     real_param,
 )
 
@@ -80,6 +81,11 @@ def unimodal_branches(
         TypeError: non-tensor or non-floating logits or features, a features object that is
             not a mapping.
     """
+    fast = _fast_unimodal_branches(
+        logits, target, features, given, head=head, ignore_index=ignore_index, who=who
+    )
+    if fast is not None:
+        return fast
     check_logits(logits, name="logits")
     batch, classes = logits.shape
     if features is not None and check_modalities(features, what="features") != batch:
@@ -114,6 +120,61 @@ def unimodal_branches(
         )
     check_target(target, batch=batch, num_classes=classes, ignore_index=ignore_index)
     return zs
+
+
+def _fast_unimodal_branches(
+    logits: Tensor,
+    target: Tensor,
+    features: Mapping[str, Tensor] | None,
+    given: Mapping[str, Tensor] | None,
+    *,
+    head: Head | None,
+    ignore_index: int | None,
+    who: str,
+) -> dict[str, Tensor] | None:
+    """:func:`unimodal_branches` with its value checks combined into one fast check.
+
+    The common case (class-index targets, every shape right) costs one check of every value
+    at once; ``None`` when anything fails or may have, and :func:`unimodal_branches` then runs
+    its detailed checks, in their order, for the message that names the modality.
+    """
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() != 2:
+        return None
+    if not isinstance(target, Tensor) or target.is_floating_point():
+        return None
+    batch, classes = logits.shape
+    try:
+        if features is not None and check_modalities(features, what="features") != batch:
+            return None
+        if given is not None:
+            check_modalities(given, what="unimodal_logits")
+            if features is not None:
+                check_same_modalities(
+                    features, given, expected_what="features", actual_what="unimodal_logits"
+                )
+                check_features(features, by=who)
+            zs = dict(given)
+        elif head is not None and features is not None:
+            zs = unimodal_logits(head, features)
+        else:
+            return None
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(zs, Mapping) or len(zs) < 2:
+        return None
+    for z in zs.values():
+        if not isinstance(z, Tensor) or not z.is_floating_point() or z.shape != (batch, classes):
+            return None
+    if target.dtype == torch.bool or target.shape != (batch,):
+        return None
+    passed = fast_value_check(
+        [logits, *zs.values()],
+        target,
+        num_classes=classes,
+        ignore_index=ignore_index,
+        summary=f"{who}: non-finite logits or target class indices out of range",
+    )
+    return zs if passed else None
 
 
 def branch_logits(
@@ -158,8 +219,24 @@ def per_sample_cross_entropy(
     fp16/bf16 logits to fp32 (fp64 stays fp64). A sample whose target is ``ignore_index`` gives
     0. Gradients flow to the logits.
     """
-    dtype = functools.reduce(torch.promote_types, (z.dtype for z in branches.values()))
-    dtype = torch.promote_types(dtype, torch.float32)
+    zs = list(branches.values())
+    dtypes = {z.dtype for z in zs}
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float32, torch.float64):
+        dtype = next(iter(dtypes))  # the common case: no promotion to compute
+    else:
+        dtype = functools.reduce(torch.promote_types, dtypes)
+        dtype = torch.promote_types(dtype, torch.float32)
+    shapes = {z.shape for z in zs}
+    if len(shapes) == 1 and len(zs) > 1 and zs[0].dim() == 2:
+        # every branch at once: one log-softmax and one NLL over the [K * B, C] stack, row by
+        # row the same values as one F.cross_entropy per branch
+        k, (b, c) = len(zs), zs[0].shape
+        stacked = torch.stack([z.to(dtype) for z in zs]).reshape(k * b, c)
+        tgt = target.to(dtype).repeat(k, 1) if target.is_floating_point() else target.repeat(k)
+        return F.cross_entropy(
+            stacked, tgt, reduction="none", ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        ).reshape(k, b)  # fmt: skip
     return torch.stack(
         [
             F.cross_entropy(
@@ -169,7 +246,7 @@ def per_sample_cross_entropy(
                 ignore_index=ignore_index,
                 label_smoothing=label_smoothing,
             )
-            for z in branches.values()
+            for z in zs
         ]
     )
 

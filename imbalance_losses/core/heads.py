@@ -226,11 +226,8 @@ class GrowingHeads(nn.Module):
         self._activate(index, stacklevel=4)
         return self._counts[index]
 
-    def _check_features(self, features: Mapping[str, Tensor], *, finite: bool = True) -> int:
-        """Validate ``features`` for the heads (widths, dtype, device, finite); the batch size.
-
-        ``finite=False`` leaves out the value check (the caller makes it, combined).
-        """
+    def _check_features(self, features: Mapping[str, Tensor]) -> int:
+        """Validate ``features`` for the heads (widths, dtype, device, finite); the batch size."""
         batch = check_modalities(features)
         first, _ = self._head_params(0, 0)
         check_features(
@@ -238,7 +235,7 @@ class GrowingHeads(nn.Module):
             widths=self.in_features,
             dtype=first.dtype,
             device=first.device,
-            finite=finite,
+            finite=True,
             by="the boosting heads",
         )
         return batch

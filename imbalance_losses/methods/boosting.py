@@ -63,7 +63,6 @@ from ..core.stats import (
 )
 from ..core.validation import (
     check_target,
-    fast_value_check,
     int_param,
     modality_weights,
     real_param,
@@ -508,39 +507,18 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
             with self._validating(len(self.modalities), self.head_counts.device, pools=pools):
                 if mixed is not None:
                     raise mixed
-                batch = self._fast_checked(features, target)
-                if batch is None:  # a check failed (or may have): the detailed ones name it
-                    batch = self._check_features(features)
-                    check_target(
-                        target,
-                        batch=batch,
-                        num_classes=self.num_classes,
-                        ignore_index=self.ignore_index,
-                    )
+                batch = self._check_features(features)
+                check_target(
+                    target,
+                    batch=batch,
+                    num_classes=self.num_classes,
+                    ignore_index=self.ignore_index,
+                )
         except Exception:
             if pools:  # every rank dropped this window in the same call
                 self._since_check, self._checked = 0, True
             raise
         return batch
-
-    def _fast_checked(self, features: Mapping[str, Tensor], target: Tensor) -> int | None:
-        """The batch size when every input check passes, checked fast (the values in one
-        combined check); ``None`` when one fails or may have (then the detailed checks run)."""
-        try:
-            batch = self._check_features(features, finite=False)
-        except (TypeError, ValueError):
-            return None
-        if not isinstance(target, Tensor) or target.shape != (batch,):
-            return None
-        passed = fast_value_check(
-            list(features.values()),
-            target,
-            num_classes=self.num_classes,
-            ignore_index=self.ignore_index,
-            summary="SustainedBoostingLoss: non-finite features or target class indices out "
-            "of range",
-        )
-        return batch if passed else None
 
     def head_logits(self, features: Mapping[str, Tensor]) -> dict[str, list[Tensor]]:
         """Per modality, the logits ``z_mj`` ``[B, C]`` of each of its heads, oldest first."""
