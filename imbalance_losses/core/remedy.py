@@ -57,7 +57,12 @@ from .params import ModalityParameter, modality_parameters, present_gradients, s
 from .records import StepRecord
 from .repeats import OpenTensors, repeated_call
 from .running import Pooled, RunningSums
-from .validation import check_modalities, check_same_modalities, int_param
+from .validation import (
+    check_modalities,
+    check_same_modalities,
+    deferred_value_checks,
+    int_param,
+)
 
 __all__ = ["EncoderSpec", "Remedy"]
 
@@ -171,8 +176,16 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
 
     @contextmanager
     def _validating(self, size: int, device: torch.device, *, pools: bool) -> Iterator[None]:
-        """Run a call's input checks; ``pools``: this call all-reduces afterwards."""
-        with self._pool.failing_together(size, device, self.process_group, due=pools):
+        """Run a call's input checks; ``pools``: this call all-reduces afterwards.
+
+        The value checks made inside are combined into one fast check at the end of the block
+        (:func:`~imbalance_losses.core.validation.deferred_value_checks`): put only checks and
+        pure computations in it, no change of state.
+        """
+        with (
+            self._pool.failing_together(size, device, self.process_group, due=pools),
+            deferred_value_checks(),
+        ):
             yield
 
     def _open_call(

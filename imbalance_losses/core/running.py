@@ -103,8 +103,8 @@ class RunningSums:
             count_t = count.detach().to(device=sums.device, dtype=dtype)
         else:
             count_t = torch.full((), float(count), dtype=dtype, device=sums.device)
-        if self._sums is None or self._count is None:
-            self._sums, self._count = sums.clone(), count_t.clone()
+        if self._sums is None or self._count is None:  # kept as given: never changed in place
+            self._sums, self._count = sums, count_t
             return
         if sums.shape != self._sums.shape:
             raise ValueError(
@@ -114,8 +114,8 @@ class RunningSums:
         if self._sums.device != sums.device:
             self._sums = self._sums.to(sums.device)
             self._count = self._count.to(device=sums.device, dtype=dtype)
-        self._sums += sums
-        self._count += count_t
+        self._sums = self._sums + sums  # out of place: an added tensor is never changed
+        self._count = self._count + count_t
 
     def pooled(self, group: ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
         """``(sums [M] fp32, count)`` summed over the ranks of ``group`` (one all-reduce)."""
@@ -187,6 +187,8 @@ class RunningSums:
         distributed = is_distributed(group)
         if self.empty and not distributed:
             raise RuntimeError(missing)
+        if not distributed:  # the payload's values, without building it (no collective)
+            return self._local(size, extra)
         added, had_rows = not self.empty, self._rows > 0
         pooled = all_reduce_sum(self._payload(size, device, failed=False, extra=extra), group)
         self.reset()
@@ -201,6 +203,20 @@ class RunningSums:
             extra=None if extra is None else pooled[size + 4 :],
             empty=empty,
         )
+
+    def _local(self, size: int, extra: Tensor | None) -> Pooled:
+        """:meth:`pool` in a single process: the same values, with no payload to assemble."""
+        assert self._sums is not None and self._count is not None
+        if self._sums.shape[0] != size:
+            raise ValueError(
+                f"running sums have {self._sums.shape[0]} values but {size} are pooled; "
+                "the number of modalities changed between calls"
+            )
+        sums, count, rows = self._sums, self._count, self._rows
+        if extra is not None:
+            extra = extra.detach().to(device=count.device, dtype=count.dtype).reshape(-1)
+        self.reset()
+        return Pooled(sums=sums, samples=count, extra=extra, empty=rows == 0)
 
     def join_failed(
         self,

@@ -6,6 +6,7 @@ accurate whatever precision the forward pass ran in (``torch.autocast`` included
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -19,12 +20,14 @@ __all__ = [
     "REDUCTIONS",
     "Reduction",
     "as_fp32",
+    "count_of",
     "counted",
     "ema_update",
     "entropy_sum",
     "one_vs_rest_ratio",
     "reduce_loss",
     "true_class_probability",
+    "true_class_scores",
 ]
 
 
@@ -65,6 +68,35 @@ def true_class_probability(
     index = target.long() if mask is None else torch.where(mask, target, 0).long()
     p = probs.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     return p if mask is None else p * mask
+
+
+def true_class_scores(
+    logits: Sequence[Tensor], target: Tensor, ignore_index: int | None = None
+) -> Tensor:
+    """``[M]`` fp32: ``s_m = sum_b`` :func:`true_class_probability` ``(z_m, y, ignore_index)_b``.
+
+    The same values as one :func:`true_class_probability` and sum per modality, computed on the
+    stacked logits ``[M, B, C]`` in one pass (one softmax, one ``gather``, one sum). The
+    logits must share one shape ``[B, C]``.
+    """
+    probs = torch.softmax(as_fp32(torch.stack([z.detach() for z in logits])), dim=-1)
+    if target.is_floating_point():
+        return (probs * as_fp32(target)).sum(-1).sum(-1)
+    mask = counted(target, ignore_index)
+    # an ignored sample's index only has to be in range: its probability is multiplied by 0
+    index = target if mask is None else target.clamp(0, probs.shape[-1] - 1)
+    index = index.long().reshape(1, -1, 1).expand(probs.shape[0], -1, 1)
+    p = probs.gather(-1, index).squeeze(-1)
+    return (p if mask is None else p * mask).sum(-1)
+
+
+def count_of(mask: Tensor | None, batch: int) -> int | Tensor:
+    """The number of counted samples: ``batch`` without a mask, else ``mask.sum()`` as a 0-dim
+    tensor in the dtype :class:`~imbalance_losses.core.running.RunningSums` keeps counts in
+    (fp64; fp32 on MPS), so adding it needs no cast."""
+    if mask is None:
+        return batch
+    return mask.sum(dtype=torch.float32 if mask.device.type == "mps" else torch.float64)
 
 
 def entropy_sum(logits: Tensor, weight: Tensor | None = None) -> Tensor:

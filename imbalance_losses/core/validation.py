@@ -12,7 +12,9 @@ synchronisation point, without stalling the step.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -30,6 +32,7 @@ __all__ = [
     "check_state_keys",
     "check_target",
     "check_unimodal_logits",
+    "deferred_value_checks",
     "criterion_reduction",
     "feature_widths",
     "int_param",
@@ -53,13 +56,169 @@ def _assert_on_device(condition: Tensor, message: str, error: type[Exception] = 
     """Raise ``error(message)`` when ``condition`` (a bool scalar tensor) is false.
 
     On CPU the check is immediate. On an accelerator it is asynchronous (no host sync); the
-    failure is reported by the device runtime at its next synchronisation.
+    failure is reported by the device runtime at its next synchronisation. Inside
+    :func:`deferred_value_checks` it joins that block's one combined check instead.
     """
+    batch = _DEFERRED.get()
+    if batch is not None:
+        batch.condition(condition, message, error)
+        return
+    _raise_unless(condition, message, error)
+
+
+def _raise_unless(condition: Tensor, message: str, error: type[Exception] = ValueError) -> None:
+    """:func:`_assert_on_device` now, never deferred."""
     if condition.device.type == "cpu":
-        if not bool(condition):
+        if not condition.reshape(()).tolist():  # a CPU read, no kernel
             raise error(message)
     else:  # pragma: no cover - exercised only on accelerators
         torch._assert_async(condition, message)
+
+
+class _ValueChecks:
+    """The value checks of one :func:`deferred_value_checks` block, in the order they came.
+
+    Each entry keeps what its fast check needs and a ``detail`` callable: the original check,
+    run (in order) only when the combined fast check fails, so the first failing check raises
+    its own message, exactly as if the checks had run one by one.
+    """
+
+    def __init__(self) -> None:
+        self.finite: list[Tensor] = []
+        self.ranges: list[tuple[Tensor, int, int | None]] = []
+        self.conditions: list[Tensor] = []
+        self.details: list[Callable[[], None]] = []
+        self.messages: list[Callable[[], str]] = []
+
+    def add_finite(self, tensor: Tensor, name: str) -> None:
+        t = tensor.detach()
+        self.finite.append(t)
+        self.details.append(lambda: _check_finite_now(t, name))
+        self.messages.append(lambda: _finite_message(t, name))
+
+    def add_range(self, target: Tensor, num_classes: int, ignore: int | None, message: str) -> None:
+        self.ranges.append((target, num_classes, ignore))
+        self.details.append(
+            lambda: _raise_unless(_valid_indices(target, num_classes, ignore).all(), message)
+        )
+        self.messages.append(lambda: message)
+
+    def condition(self, condition: Tensor, message: str, error: type[Exception]) -> None:
+        self.conditions.append(condition)
+        self.details.append(lambda: _raise_unless(condition, message, error))
+        self.messages.append(lambda: message)
+
+    def run_details(self) -> None:
+        """Every check one by one, in order: the first that fails raises its own error."""
+        for detail in self.details:
+            detail()
+
+    def run(self) -> None:
+        """The one combined fast check; the detailed checks only when it fails."""
+        if not self.details:
+            return
+        devices = {t.device for t in (*self.finite, *self.conditions)}
+        devices |= {t.device for t, _, _ in self.ranges}
+        if all(d.type == "cpu" for d in devices):
+            if not self._ok_on_cpu():
+                self.run_details()
+            return
+        self._assert_on_accelerators()  # pragma: no cover - exercised only on accelerators
+
+    def _checksums(self) -> list[Tensor]:
+        """One fp64 (fp32 on MPS) sum per device of every value to be finite: it is finite
+        only if they all are (a sum that overflows fails the fast check, then the detailed
+        checks pass)."""
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for t in self.finite:
+            by_device.setdefault(t.device, []).append(t)
+        sums = []
+        for device, group in by_device.items():
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            flat = group[0] if len(group) == 1 else torch.cat([t.reshape(-1) for t in group])
+            sums.append(flat.sum(dtype=dtype))
+        return sums
+
+    def _ok_on_cpu(self) -> bool:
+        if not all(math.isfinite(s.tolist()) for s in self._checksums()):
+            return False
+        for target, classes, ignore in self.ranges:
+            if target.numel():
+                low, high = (x.tolist() for x in torch.aminmax(target))
+                if (low < 0 or high >= classes) and not (  # ignore_index in the batch?
+                    ignore is not None and _valid_indices(target, classes, ignore).all().tolist()
+                ):
+                    return False
+        return all(c.reshape(()).tolist() for c in self.conditions)
+
+    def _assert_on_accelerators(self) -> None:  # pragma: no cover - accelerators only
+        parts: dict[torch.device, list[Tensor]] = {}
+        for s in self._checksums():
+            parts.setdefault(s.device, []).append((s - s) == 0)
+        for target, classes, ignore in self.ranges:
+            if not target.numel():
+                continue
+            if ignore is None:
+                low, high = torch.aminmax(target)
+                ok = (low >= 0) & (high < classes)
+            else:
+                ok = _valid_indices(target, classes, ignore).all()
+            parts.setdefault(target.device, []).append(ok)
+        for c in self.conditions:
+            parts.setdefault(c.device, []).append(c.reshape(()))
+        text = "; or ".join(message() for message in self.messages)
+        for device, oks in parts.items():
+            if device.type == "cpu":
+                if not all(ok.tolist() for ok in oks):
+                    self.run_details()
+                continue
+            ok = oks[0]
+            for other in oks[1:]:
+                ok = ok & other
+            torch._assert_async(ok, f"input validation failed on the device: {text}")
+
+
+_DEFERRED: ContextVar[_ValueChecks | None] = ContextVar("_DEFERRED", default=None)
+
+
+@contextmanager
+def deferred_value_checks() -> Iterator[None]:
+    """Combine the value checks made inside the block into one fast device check at its end.
+
+    Inside the block :func:`check_finite`, the class-index range check of
+    :func:`check_target` and every other on-device condition of this module are recorded
+    instead of run. When the block ends they are checked together: one sum per device of every
+    value that must be finite (finite only if every value is), one ``aminmax`` per target and
+    the recorded conditions; on CPU read with no kernel, on an accelerator folded into one
+    asynchronous assertion per device. Only when that fast check fails are the checks run one
+    by one, in the order they were made, so the error (type and message) is exactly the one the
+    checks made one by one would raise. When the block raises (a shape check, say), the value
+    checks recorded before that point run first, so again the first failing check in program
+    order wins.
+
+    Nested blocks join the outermost one. Put in the block only checks and pure computations:
+    nothing that changes state, since the values are known to be valid only at its end.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses.core.validation import check_finite, deferred_value_checks
+        >>> with deferred_value_checks():
+        ...     check_finite(torch.ones(3), name="a")
+        ...     check_finite(torch.zeros(2, 2), name="b")   # one combined check at the end
+    """
+    if _DEFERRED.get() is not None:
+        yield
+        return
+    batch = _ValueChecks()
+    token = _DEFERRED.set(batch)
+    try:
+        yield
+    except BaseException:
+        _DEFERRED.reset(token)
+        batch.run_details()  # a value check made before the failure raises first
+        raise
+    _DEFERRED.reset(token)
+    batch.run()
 
 
 def real_param(
@@ -325,10 +484,25 @@ def check_logits(logits: Tensor, *, name: str, batch: int | None = None) -> None
 
 def check_finite(tensor: Tensor, *, name: str) -> None:
     """Require every value of ``tensor`` to be finite (no NaN, no +-inf)."""
-    _assert_on_device(
-        torch.isfinite(tensor.detach()).all(),
-        f"{name} contains non-finite values (NaN or inf), shape {_shape(tensor)}",
-    )
+    batch = _DEFERRED.get()
+    if batch is not None:
+        batch.add_finite(tensor, name)
+        return
+    _check_finite_now(tensor, name)
+
+
+def _finite_message(tensor: Tensor, name: str) -> str:
+    return f"{name} contains non-finite values (NaN or inf), shape {_shape(tensor)}"
+
+
+def _check_finite_now(tensor: Tensor, name: str) -> None:
+    _raise_unless(torch.isfinite(tensor.detach()).all(), _finite_message(tensor, name))
+
+
+def _valid_indices(target: Tensor, num_classes: int, ignore_index: int | None) -> Tensor:
+    """``[B]`` bool: each class index is in ``[0, num_classes)`` or equals ``ignore_index``."""
+    valid = (target >= 0) & (target < num_classes)
+    return valid if ignore_index is None else valid | (target == ignore_index)
 
 
 def check_unimodal_logits(
@@ -449,15 +623,16 @@ def check_target(
     if target.shape[0] != batch:
         raise ValueError(f"{name} has shape {_shape(target)} but the logits' batch size is {batch}")
     if target.numel():
-        valid = (target >= 0) & (target < num_classes)
-        if ignore_index is not None:
-            valid = valid | (target == ignore_index)
         ignored = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
-        _assert_on_device(
-            valid.all(),
+        message = (
             f"{name} has class indices outside [0, {num_classes}){ignored} for logits with "
-            f"{num_classes} classes",
+            f"{num_classes} classes"
         )
+        batch_checks = _DEFERRED.get()
+        if batch_checks is not None:
+            batch_checks.add_range(target, num_classes, ignore_index, message)
+        else:
+            _raise_unless(_valid_indices(target, num_classes, ignore_index).all(), message)
 
 
 def modality_weights(
