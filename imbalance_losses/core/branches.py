@@ -24,7 +24,7 @@ from .validation import (
     check_same_modalities,
     check_target,
     check_unimodal_logits,
-    fast_value_check,
+    deferred_value_checks,
     real_param,
 )
 
@@ -81,11 +81,22 @@ def unimodal_branches(
         TypeError: non-tensor or non-floating logits or features, a features object that is
             not a mapping.
     """
-    fast = _fast_unimodal_branches(
-        logits, target, features, given, head=head, ignore_index=ignore_index, who=who
-    )
-    if fast is not None:
-        return fast
+    with deferred_value_checks():  # the value checks: one combined fast check at the end
+        return _unimodal_branches(
+            logits, target, features, given, head=head, ignore_index=ignore_index, who=who
+        )
+
+
+def _unimodal_branches(
+    logits: Tensor,
+    target: Tensor,
+    features: Mapping[str, Tensor] | None,
+    given: Mapping[str, Tensor] | None,
+    *,
+    head: Head | None,
+    ignore_index: int | None,
+    who: str,
+) -> dict[str, Tensor]:
     check_logits(logits, name="logits")
     batch, classes = logits.shape
     if features is not None and check_modalities(features, what="features") != batch:
@@ -120,61 +131,6 @@ def unimodal_branches(
         )
     check_target(target, batch=batch, num_classes=classes, ignore_index=ignore_index)
     return zs
-
-
-def _fast_unimodal_branches(
-    logits: Tensor,
-    target: Tensor,
-    features: Mapping[str, Tensor] | None,
-    given: Mapping[str, Tensor] | None,
-    *,
-    head: Head | None,
-    ignore_index: int | None,
-    who: str,
-) -> dict[str, Tensor] | None:
-    """:func:`unimodal_branches` with its value checks combined into one fast check.
-
-    The common case (class-index targets, every shape right) costs one check of every value
-    at once; ``None`` when anything fails or may have, and :func:`unimodal_branches` then runs
-    its detailed checks, in their order, for the message that names the modality.
-    """
-    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() != 2:
-        return None
-    if not isinstance(target, Tensor) or target.is_floating_point():
-        return None
-    batch, classes = logits.shape
-    try:
-        if features is not None and check_modalities(features, what="features") != batch:
-            return None
-        if given is not None:
-            check_modalities(given, what="unimodal_logits")
-            if features is not None:
-                check_same_modalities(
-                    features, given, expected_what="features", actual_what="unimodal_logits"
-                )
-                check_features(features, by=who)
-            zs = dict(given)
-        elif head is not None and features is not None:
-            zs = unimodal_logits(head, features)
-        else:
-            return None
-    except (TypeError, ValueError):
-        return None
-    if not isinstance(zs, Mapping) or len(zs) < 2:
-        return None
-    for z in zs.values():
-        if not isinstance(z, Tensor) or not z.is_floating_point() or z.shape != (batch, classes):
-            return None
-    if target.dtype == torch.bool or target.shape != (batch,):
-        return None
-    passed = fast_value_check(
-        [logits, *zs.values()],
-        target,
-        num_classes=classes,
-        ignore_index=ignore_index,
-        summary=f"{who}: non-finite logits or target class indices out of range",
-    )
-    return zs if passed else None
 
 
 def branch_logits(
