@@ -24,6 +24,7 @@ from .validation import (
     check_same_modalities,
     check_target,
     check_unimodal_logits,
+    deferred_value_checks,
     real_param,
 )
 
@@ -80,6 +81,22 @@ def unimodal_branches(
         TypeError: non-tensor or non-floating logits or features, a features object that is
             not a mapping.
     """
+    with deferred_value_checks():  # the value checks: one combined fast check at the end
+        return _unimodal_branches(
+            logits, target, features, given, head=head, ignore_index=ignore_index, who=who
+        )
+
+
+def _unimodal_branches(
+    logits: Tensor,
+    target: Tensor,
+    features: Mapping[str, Tensor] | None,
+    given: Mapping[str, Tensor] | None,
+    *,
+    head: Head | None,
+    ignore_index: int | None,
+    who: str,
+) -> dict[str, Tensor]:
     check_logits(logits, name="logits")
     batch, classes = logits.shape
     if features is not None and check_modalities(features, what="features") != batch:
@@ -158,8 +175,24 @@ def per_sample_cross_entropy(
     fp16/bf16 logits to fp32 (fp64 stays fp64). A sample whose target is ``ignore_index`` gives
     0. Gradients flow to the logits.
     """
-    dtype = functools.reduce(torch.promote_types, (z.dtype for z in branches.values()))
-    dtype = torch.promote_types(dtype, torch.float32)
+    zs = list(branches.values())
+    dtypes = {z.dtype for z in zs}
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float32, torch.float64):
+        dtype = next(iter(dtypes))  # the common case: no promotion to compute
+    else:
+        dtype = functools.reduce(torch.promote_types, dtypes)
+        dtype = torch.promote_types(dtype, torch.float32)
+    shapes = {z.shape for z in zs}
+    if len(shapes) == 1 and len(zs) > 1 and zs[0].dim() == 2:
+        # every branch at once: one log-softmax and one NLL over the [K * B, C] stack, row by
+        # row the same values as one F.cross_entropy per branch
+        k, (b, c) = len(zs), zs[0].shape
+        stacked = torch.stack([z.to(dtype) for z in zs]).reshape(k * b, c)
+        tgt = target.to(dtype).repeat(k, 1) if target.is_floating_point() else target.repeat(k)
+        return F.cross_entropy(
+            stacked, tgt, reduction="none", ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        ).reshape(k, b)  # fmt: skip
     return torch.stack(
         [
             F.cross_entropy(
@@ -169,7 +202,7 @@ def per_sample_cross_entropy(
                 ignore_index=ignore_index,
                 label_smoothing=label_smoothing,
             )
-            for z in branches.values()
+            for z in zs
         ]
     )
 

@@ -328,7 +328,10 @@ class GradientBlending(nn.Module):
         if self._weights.device != per_sample.device:  # once: later steps copy nothing
             self._weights = self._weights.to(per_sample.device)
         loss = (self._weights.to(per_sample.dtype)[:, None] * per_sample).sum(0)
-        return reduce_loss(loss, self.reduction, counted(target, self.ignore_index))
+        mask = counted(target, self.ignore_index)
+        if self.reduction == "mean" and mask is not None:  # reduce_loss's values, counted in
+            return loss.sum() / mask.sum(dtype=loss.dtype).clamp_min(1)  # the loss's dtype
+        return reduce_loss(loss, self.reduction, mask)
 
     def evaluate(self, forward: Any, *loaders: Any, model: Any = None) -> tuple[Any, ...]:
         """:func:`branch_losses` over each loader, with this object's head and settings."""

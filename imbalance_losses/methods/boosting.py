@@ -53,7 +53,14 @@ from ..core.heads import GrowingHeads, head_widths
 from ..core.hooks import warn_on_backward
 from ..core.records import StepRecord
 from ..core.remedy import Remedy
-from ..core.stats import Reduction, counted, one_vs_rest_ratio, reduce_loss, true_class_probability
+from ..core.stats import (
+    Reduction,
+    as_fp32,
+    counted,
+    one_vs_rest_ratio,
+    reduce_loss,
+    true_class_probability,
+)
 from ..core.validation import (
     check_target,
     int_param,
@@ -158,15 +165,15 @@ def boosting_residual_loss(
     """
     ignore = -100 if ignore_index is None else ignore_index
     soft = target.is_floating_point()
-    dtype = torch.promote_types(logits_heads.dtype, torch.float32)
+    dtype = _at_least_fp32(logits_heads.dtype)
     tgt = target.to(dtype) if soft else target
 
     def ce(logits: Tensor, t: Tensor) -> Tensor:
         return F.cross_entropy(logits, t, reduction="none", ignore_index=ignore)
 
-    per = ce(logits_heads.sum(1), tgt)  # eps_all (= CE(z_m1, y) for one head)
-    if logits_heads.shape[1] == 1:
-        return per
+    if logits_heads.shape[1] == 1:  # eps_all = CE(z_m1, y): the one head's logits, a view
+        return ce(logits_heads.squeeze(1), tgt)
+    per = ce(logits_heads.sum(1), tgt)  # eps_all
     previous = logits_heads[:, :-1].sum(1)
     newest = logits_heads[:, -1]
     per = per + ce(previous, tgt)  # eps_pre
@@ -198,9 +205,25 @@ def confidence_scores(
         >>> confidence_scores(z, torch.tensor([1, 3]))
         tensor([0.5000, 0.5000])
     """
-    return torch.stack(
-        [true_class_probability(z.sum(1), target, ignore_index).sum() for z in logits_heads]
-    )
+    ensembles = torch.stack([_ensemble(z).detach() for z in logits_heads])  # [M, B, C]
+    probs = torch.softmax(as_fp32(ensembles), dim=-1)
+    if target.is_floating_point():
+        return (probs * as_fp32(target)).sum(-1).sum(-1)
+    mask = counted(target, ignore_index)
+    # an ignored sample's index only has to be in range: its probability is multiplied by 0
+    index = target if mask is None else target.clamp(0, probs.shape[-1] - 1)
+    p = probs.gather(-1, index.long().expand(probs.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+    return (p if mask is None else p * mask).sum(-1)
+
+
+def _ensemble(logits_heads: Tensor) -> Tensor:
+    """``Z = sum_j z_j`` ``[B, C]`` of ``[B, n, C]`` (a view of the one head's logits for n = 1)."""
+    return logits_heads.squeeze(1) if logits_heads.shape[1] == 1 else logits_heads.sum(1)
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(dtype, torch.float32)`` for a floating ``dtype``, without a call."""
+    return dtype if dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32
 
 
 def assign_head(scores: Tensor, *, sigma: float, tau: float) -> tuple[int | None, Tensor]:
@@ -426,12 +449,13 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
         an exactly zero gradient (DDP without ``find_unused_parameters`` sees every parameter
         used) at the cost of one zero fill per inactive parameter.
         """
-        per = torch.stack(
-            [
-                boosting_residual_loss(z, target, lam=self.lam, ignore_index=self.ignore_index)
-                for z in logits
-            ]
-        ).sum(0)  # [B]
+        losses = [
+            boosting_residual_loss(z, target, lam=self.lam, ignore_index=self.ignore_index)
+            for z in logits
+        ]
+        per = losses[0]
+        for more in losses[1:]:  # l_b = sum_m l_mb, one add per modality
+            per = per + more
         loss = reduce_loss(per, self.reduction, mask)
         zero = self._inactive_zero()
         return loss if zero is None else loss + zero.to(loss.dtype)

@@ -493,7 +493,10 @@ class MMPareto:
             r_p = torch.where(nd > 0, ratio * (ps / pd), ratio)
             up = r_p > 1  # NaN: no (as the official ``diff > 1`` test), factor 1
             floored = torch.where(up, r_p, torch.ones_like(r_p))
-            mean_r = torch.stack([run.mean() for run in torch.split(floored, counts)])
+            if len(set(counts)) == 1:  # runs of one length: one row mean each
+                mean_r = floored.reshape(len(counts), counts[0]).mean(1)
+            else:
+                mean_r = torch.stack([run.mean() for run in torch.split(floored, counts)])
             # g_p = (d_p / pd_p) * [gamma * ns_p / nd_p] * [ps_p]  or  (d_p / pd_p) * gamma * pd_p
             first = self.gamma * torch.where(up, ratio, torch.ones_like(ratio))
             second = torch.where(up, ps, pd)

@@ -133,6 +133,37 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     return sample_mean(torch.where(keep, values, 0.0).sum(), keep.sum())
 
 
+def _stacked_terms(
+    features: list[Tensor], prototypes: list[Tensor], known: Tensor, index: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(L_p [M], E [M], s [M], n)`` of every modality at once, on the stacked ``[M, B, C]``.
+
+    The values of :func:`prototype_logits`, :func:`prototypical_cross_entropy`,
+    :func:`prototype_entropy` (each ``[B]`` term masked and averaged over the ``n`` counted
+    samples) and the summed true-class probability ``s_m = sum_b softmax(z_m)[b, y_b]`` over
+    ``mask``, computed modality by modality, but in one log-softmax, one ``gather`` per term and
+    one sum per term for all modalities. ``index``: the (in-range) class of each sample.
+    """
+    dist = torch.stack(
+        [
+            torch.cdist(x.float(), c.detach().float(), compute_mode="donot_use_mm_for_euclid_dist")
+            for x, c in zip(features, prototypes, strict=True)
+        ]
+    )  # [M, B, C]
+    z = (-dist).masked_fill(~known, float("-inf"))
+    log_p = torch.log_softmax(z, -1)
+    drop = ~mask
+    at = index.reshape(1, -1, 1).expand(z.shape[0], -1, 1)
+    nll = -log_p.gather(2, at).squeeze(2)  # [M, B]
+    ent = -(log_p.exp() * log_p.masked_fill(torch.isinf(log_p), 0.0)).sum(-1)
+    count = mask.sum()
+    denom = count.clamp_min(1.0).to(nll.dtype)
+    pce = (nll.masked_fill(drop, 0.0).sum(-1) / denom).float()
+    ent = (ent.masked_fill(drop, 0.0).sum(-1) / denom).float()
+    p = torch.softmax(z.detach(), -1).gather(2, at).squeeze(2)
+    return pce, ent, p.masked_fill(drop, 0.0).sum(-1), count
+
+
 def rebalance_coefficients(
     ratios: Tensor, alpha: float, rule: Literal["code", "graded", "paper"] = "code"
 ) -> Tensor:
@@ -377,27 +408,24 @@ class PMRLoss(Remedy[PMRRecord]):
         """
         on = self._in_window() and self._training_call()
         batch = self._checked(logits, target, features, on)
-        zero = logits.sum() * 0.0
         mask = counted(target, self.ignore_index)
-        loss = self.criterion(logits, target) if batch else zero
+        loss = self.criterion(logits, target) if batch else logits.sum() * 0.0
         if batch and mask is not None:  # every target ignored: 0, not the criterion's 0 / 0
-            loss = torch.where(mask.any(), loss, zero)  # no host sync; zero gradient
+            loss = torch.where(mask.any(), loss, 0.0)  # no host sync; zero gradient
         if not on:
             return loss
-        index = (target if mask is None else torch.where(mask, target, 0)).long()
+        # an ignored sample's index only has to be in range (validated targets: the same index
+        # as where(mask, target, 0)); every per-sample term of it is masked out
+        index = (target if mask is None else target.clamp(0, self.num_classes - 1)).long()
         mask = self.known[index] if mask is None else mask & self.known[index]
-        zs = [
-            prototype_logits(x, c, self.known)
-            for x, c in zip(features.values(), self.prototypes.values(), strict=True)
-        ]
-        pce = torch.stack([prototypical_cross_entropy(z, target, mask) for z in zs])
-        ent = torch.stack([prototype_entropy(z, mask) for z in zs])
-        probs = [torch.softmax(z.detach(), -1).gather(1, index[:, None]).squeeze(1) for z in zs]
-        self._add(torch.stack([torch.where(mask, p, 0.0).sum() for p in probs]), mask.sum(), batch)
+        pce, ent, scores, count = _stacked_terms(
+            [x for x in features.values()], list(self.prototypes.values()), self.known, index, mask
+        )
+        self._add(scores, count, batch)
         self._terms = (pce.detach(), ent.detach())
         record = self._decide(tuple(self.in_features), self.known.device)
         if record is None:
-            return zero  # no sample on any rank: no step, no record change
+            return logits.sum() * 0.0  # no sample on any rank: no step, no record change
         beta, eta = record.coefficients, record.entropy_weights
         return loss + (beta.to(pce) * pce).sum() - (eta.to(ent) * ent).sum()
 
