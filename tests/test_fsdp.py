@@ -234,3 +234,62 @@ def test_bf16_mixed_precision_policy_is_accepted_and_stays_finite() -> None:
         assert r["k"].dtype == torch.float32 and bool(torch.isfinite(r["k"]).all())
         assert bool(torch.isfinite(r["weight"]).all())
     torch.testing.assert_close(results[0]["k"], results[1]["k"])
+
+
+def _ogm_ge_body(rank: int, world: int, data: Any) -> dict[str, Tensor]:
+    """One OGM-GE step on sharded encoders: the full gradients before and after, and k."""
+    import imbalance_losses as il
+
+    torch.manual_seed(0)
+    encoders = nn.ModuleDict({"a": nn.Linear(40, 64), "b": nn.Linear(30, 64)})
+    head = nn.Linear(128, 3)
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for enc in encoders.values():
+            fully_shard(enc)
+        fully_shard(head)
+    ogm = il.ModalityGradientModulator(dict(encoders.items()), alpha=0.8, seed=3)
+    xa, xb, y = data
+    per = 32 // world
+    rows = slice(rank * per, rank * per + per)
+    f = {"a": encoders["a"](xa[rows]), "b": encoders["b"](xb[rows])}
+    nn.functional.cross_entropy(head(torch.cat(list(f.values()), 1)), y[rows]).backward()
+
+    def full(t: Any) -> Tensor:
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+    before = {m: full(e.weight.grad) for m, e in encoders.items()}
+    with torch.no_grad():
+        record = ogm.step(il.unimodal_logits(head, {m: x.detach() for m, x in f.items()}), y[rows])
+    after = {m: full(e.weight.grad) for m, e in encoders.items()}
+    return {
+        "k": record,
+        **{f"before/{m}": before[m] for m in before},
+        **{f"after/{m}": after[m] for m in after},
+    }
+
+
+def test_ogm_ge_noise_over_shards_has_the_moments_of_one_process() -> None:
+    """The noise is drawn per shard (its own stream per rank); its scale is the whole
+    gradient's std (sums all-reduced over the shards): the same k and std as one process, and
+    standardised noise of mean 0 and variance 1 over the full tensor."""
+    g = torch.Generator().manual_seed(7)
+    data = (
+        torch.randn(32, 40, generator=g),
+        torch.randn(32, 30, generator=g),
+        torch.randint(0, 3, (32,), generator=g),
+    )
+    sharded = run_distributed(_ogm_ge_body, data)
+    one = _ogm_ge_body(0, 1, data)
+    torch.testing.assert_close(sharded[0]["k"], one["k"])
+    torch.testing.assert_close(sharded[0]["after/a"], sharded[1]["after/a"])  # one full tensor
+    for i, m in enumerate(("a", "b")):
+        before = one[f"before/{m}"]
+        torch.testing.assert_close(sharded[0][f"before/{m}"], before, atol=1e-6, rtol=1e-5)
+        std = float(before.std())
+        z = (sharded[0][f"after/{m}"] - float(one["k"][i]) * before) / std
+        z_one = (one[f"after/{m}"] - float(one["k"][i]) * before) / std
+        for noise in (z, z_one):  # 2560 and 1920 draws: mean within 0.1, variance within 15 %
+            assert abs(float(noise.mean())) < 0.1 and 0.85 < float(noise.var()) < 1.15
+        assert not torch.allclose(z, z_one)  # drawn per shard, not the one-process stream

@@ -18,6 +18,7 @@ __all__ = [
     "all_reduce_sum",
     "is_distributed",
     "same_on_all_ranks",
+    "stream_seed",
     "world_size",
 ]
 
@@ -142,3 +143,19 @@ def all_gather_rows(
     padded[: rows.shape[0]] = rows.detach()
     parts = _all_gather(padded, group)
     return torch.cat([part[:n] for part, (n, _, _) in zip(parts, sizes, strict=True)])
+
+
+MASK64 = (1 << 64) - 1
+
+
+def stream_seed(seed: int, step: int, stream: int) -> int:
+    """A 63-bit seed for draw ``stream`` of step ``step`` (splitmix64 finaliser, host ints)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xD1B54A32D192ED03 + stream * 0xABC98388FB8FAC03) & (
+        MASK64
+    )
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & MASK64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & MASK64
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)

@@ -58,10 +58,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..core.attachment import OptimizerAttachable
-from ..core.distributed import ProcessGroup
+from ..core.distributed import ProcessGroup, all_reduce_sum, stream_seed
 from ..core.params import (
     GradientMarks,
     ParameterSelection,
@@ -157,6 +158,14 @@ def _sum_and_square_sum(g: Tensor) -> tuple[Tensor, Tensor]:
     return g.sum(dtype=torch.float32), torch.linalg.vector_norm(g, dtype=torch.float32).square()
 
 
+def _local_shards(grads: Sequence[Tensor]) -> tuple[list[Tensor], ProcessGroup | None]:
+    """Each gradient's local tensor, and the group its shards span (``None``: not sharded)."""
+    if not grads or type(grads[0]).__name__ != "DTensor":
+        return list(grads), None
+    group = grads[0].device_mesh.get_group()  # type: ignore[attr-defined]
+    return [g.to_local() for g in grads], group  # type: ignore[attr-defined]
+
+
 def _inverse_counts(numels: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
     """``(1 / n_p, 1 / (n_p - 1))`` ``[P]`` on ``device`` (0 where ``n_p <= 1``), in fp64
     (fp32 where the device has no fp64)."""
@@ -181,7 +190,9 @@ def ge_noise_stds(
     about ``2e-3`` at ``|mean| = 100 std`` (up to 2.4M elements), immaterial for a noise scale;
     an all-zero gradient gets exactly 0, a non-finite one a non-finite std (so it stays
     non-finite after the noise). ``inverse_counts``: ``(1 / n_p, 1 / (n_p - 1))`` on the result's
-    device (default: built on the first gradient's device).
+    device (default: built on the first gradient's device). Gradients sharded by FSDP2
+    (``DTensor``): the two sums of each rank's shards are all-reduced over the mesh's group, so
+    ``sigma_p`` is the whole gradient's.
 
     Example:
         >>> import torch
@@ -189,15 +200,18 @@ def ge_noise_stds(
         >>> ge_noise_stds([torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([5.0])])
         tensor([1.2910, 0.0000])
     """
+    shards, group = _local_shards(grads)
     if inverse_counts is None:
-        inverse_counts = _inverse_counts([g.numel() for g in grads], grads[0].device)
+        inverse_counts = _inverse_counts([g.numel() for g in grads], shards[0].device)
     inv_n, inv_n1 = inverse_counts
     device, dtype = inv_n.device, inv_n.dtype
-    sums = [t for g in grads for t in _sum_and_square_sum(g)]  # [s1_0, s2_0, s1_1, ...]
+    sums = [t for g in shards for t in _sum_and_square_sum(g)]  # [s1_0, s2_0, s1_1, ...]
     if all(t.dtype == sums[0].dtype and t.device == device for t in sums):
         both = torch.stack(sums).to(dtype).view(-1, 2)  # one cast for all
     else:  # mixed dtypes or devices: each moved on its own
         both = torch.stack([t.to(device=device, dtype=dtype) for t in sums]).view(-1, 2)
+    if group is not None:  # FSDP2 shards: the sums over every shard (one all-reduce)
+        both = all_reduce_sum(both, group)
     s1, s2 = both.unbind(1)
     var = (s2 - s1.square() * inv_n) * inv_n1
     return var.clamp_min(0.0).sqrt().float()  # clamp_min keeps NaN (a non-finite gradient)
@@ -565,11 +579,18 @@ class ModalityGradientModulator(OptimizerAttachable):
         normals fills one fp32 buffer, split in parameter order into views (no copy); then two
         fused updates: ``_foreach_mul_`` by ``k_m`` and ``_foreach_addcmul_`` of ``z * std``.
         """
-        gen = self._get_generator(grads[0].device)
+        shards, group = _local_shards(grads)
+        gen = self._get_generator(shards[0].device)
         device = gen.device
         modality, inv_n, inv_n1 = self._layout_for(grads, positions, index, device)
         stds = ge_noise_stds(grads, (inv_n, inv_n1))
         factors = k.detach().to(device=device, dtype=torch.float32)[modality]
+        if group is not None:  # FSDP2: each rank draws for its own shards, from its own stream
+            rank = dist.get_rank(group)
+            gen = torch.Generator(device=device).manual_seed(
+                stream_seed(self.seed, self._step, rank)
+            )
+            grads = shards
         numels = [g.numel() for g in grads]
         noise = torch.randn(sum(numels), generator=gen, device=device, dtype=torch.float32)
         noises = [

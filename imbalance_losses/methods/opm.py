@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..core.distributed import ProcessGroup, is_distributed
+from ..core.distributed import ProcessGroup, is_distributed, stream_seed
 from ..core.records import StepRecord
 from ..core.remedy import Remedy
 from ..core.running import Pooled
@@ -75,8 +75,6 @@ __all__ = [
     "kept_mean",
     "rescale_factor",
 ]
-
-_MASK64 = (1 << 64) - 1
 
 
 def drop_probabilities(ratios: Tensor, q_base: float, lam: float) -> Tensor:
@@ -232,19 +230,6 @@ def kept_mean(losses: Tensor, keep: Tensor) -> Tensor:
     if losses.dtype in (torch.float32, torch.float64):  # the count, exact, summed in that dtype
         return kept.sum() / keep.sum(dtype=losses.dtype).clamp_min(1)
     return kept.sum() / keep.sum().clamp_min(1).to(losses.dtype)
-
-
-def _stream_seed(seed: int, step: int, stream: int) -> int:
-    """A 63-bit seed for draw ``stream`` of step ``step`` (splitmix64 finaliser, host ints)."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xD1B54A32D192ED03 + stream * 0xABC98388FB8FAC03) & (
-        _MASK64
-    )
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & _MASK64
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & _MASK64
-    x ^= x >> 31
-    return x & ((1 << 63) - 1)
 
 
 def _device_of(features: object) -> torch.device:
@@ -577,10 +562,10 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
         gen = self._generator
         if gen is None or gen.device != device:
             gen = self._generator = torch.Generator(device=device)
-        gen.manual_seed(_stream_seed(self.seed, record.step, 0))  # the same on every rank
+        gen.manual_seed(stream_seed(self.seed, record.step, 0))  # the same on every rank
         execute = torch.rand((), generator=gen, device=device) < self.p_exe
         rank = dist.get_rank(group=self.process_group) if is_distributed(self.process_group) else 0
-        gen.manual_seed(_stream_seed(self.seed, record.step, 1 + rank))  # this rank's samples
+        gen.manual_seed(stream_seed(self.seed, record.step, 1 + rank))  # this rank's samples
         draws = torch.rand(batch, len(self.modalities), generator=gen, device=device)
         q = record.drop_probabilities
         widths, width_sum = self._widths_on(features, device)
