@@ -282,7 +282,9 @@ class RemedyPlugin:
     def note(self, ctx: Context) -> str | None:
         """A caveat shown with the row (``None``: none)."""
         head = ctx.head
-        if self.uses_head and not isinstance(head, nn.Linear | MappingHead | Mapping):
+        if self.uses_head and not isinstance(
+            head, nn.Linear | MappingHead | Mapping | nn.ModuleDict
+        ):
             return "unimodal logits by zero-padding the other modalities (approximate)"
         return None
 
