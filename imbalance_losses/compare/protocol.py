@@ -86,8 +86,11 @@ def compare_remedies(
         head: ``head(model)``: the fusion head (``nn.Linear`` over the concatenation, a
             mapping of per-modality heads, a :class:`~imbalance_losses.MappingHead`, or any
             callable over the concatenation); the fused logits are ``head`` on the features.
-        encoders: ``encoders(model)``: modality -> encoder module (OGM-GE, MMPareto).
+        encoders: ``encoders(model)``: modality -> encoder module (OGM-GE, MMPareto,
+            ReconBoost, re-learning).
         train: the training loader (iterated once per epoch; ``len()`` or one pass counts it).
+            The sample-level valuation, which owns the data order, needs a ``DataLoader`` over
+            a map-style dataset (it re-reads the dataset through its own sampler).
         val: the held-out loader every epoch and every setting is chosen on.
         test: an optional test loader, read once per method and seed, after selection.
         train_eval: the training split as read for evaluation passes (no shuffling, no
@@ -105,7 +108,8 @@ def compare_remedies(
         progress: a progress bar (tqdm if installed, else a line per run) on stderr; or a
             callable, called with one line per finished run (the caller's own bar).
         alone: also train each modality's encoder alone (its unimodal logits only), the
-            reference of the diagnosis' deficits (one run per modality, first seed).
+            reference of the diagnosis' deficits (one run per modality, first seed); UMT's
+            teachers are these runs (without ``alone=True`` the UMT row trains them itself).
         device: where the model is moved after ``build()`` (default: where it was built).
         resume: a JSON file: runs already in it are not run again, and the result is written
             there after every run (a new file is started when it does not exist).
