@@ -101,28 +101,32 @@ def test_every_method_that_applies_gives_a_row_from_the_same_weights() -> None:
     test = Counting(batches(64, 2, size=64))
     result = run(test=test, seeds=(0, 1))
     assert [r.name for r in result.rows] == list(REMEDIES)
-    assert result.skipped == {}
+    # a concatenation head scores no modality alone; a list of batches is no map-style dataset
+    assert set(result.skipped) == {"mla", "reconboost", "valuation"}
     for row in result.rows:
+        if row.name in result.skipped:
+            continue
         assert row.status == "ok" and len(row.runs) == 2
         assert all(r.test is not None and 1 <= r.epoch <= 1 for r in row.runs)
         assert row.diagnosis is not None and set(row.diagnosis["probe"]) == {"a", "b"}
     for seed in (0, 1):  # the same initial weights for a seed, whatever the method
         assert len({r.init for row in result.rows for r in row.runs if r.seed == seed}) == 1
     assert result.rows[0].runs[0].init != result.rows[0].runs[1].init
-    assert test.passes == len(REMEDIES) * 2  # once per method and seed
+    assert test.passes == (len(REMEDIES) - 3) * 2  # once per method and seed
     assert result.notes == []
     assert "joint + OGM-GE" in result.to_markdown()
 
 
 def test_token_features_skip_pmr_and_boosting_with_the_reason() -> None:
-    result = run(tokens=3)
-    assert set(result.skipped) == {"pmr", "boost"}
+    result = run(tokens=3)  # and those that need more (tests/test_compare_more.py)
+    assert set(result.skipped) == {"pmr", "boost", "reconboost", "valuation", "relearning",
+                                   "mmcosine"}  # fmt: skip
     for name in ("pmr", "boost"):
         assert "vector features" in result.skipped[name]
         assert (
             "No result" in result.to_markdown() and result.row(name).label in result.to_markdown()
         )
-    assert all(r.status == "ok" for r in result.rows if r.name not in ("pmr", "boost"))
+    assert all(r.status == "ok" for r in result.rows if r.name not in result.skipped)
 
 
 def test_one_modality_runs_plain_only_and_says_why() -> None:

@@ -10,22 +10,26 @@ one run and returns its :class:`Hooks`. The training loop only ever calls the ho
     hooks.attach(optimizer)
     for epoch in range(epochs):
         hooks.epoch_start(epoch)                       # PMR's prototypes, G-Blending's windows
-        for batch in train:
-            features, target = forward(model, batch)
-            loss = hooks.loss(features, target)
-            optimizer.zero_grad()
-            hooks.backward(loss, features, target)     # MMPareto's own backward
-            hooks.before_step(features, target)        # OGM-GE's modulation
-            optimizer.step()
+        for features, target in hooks.train_batches(epoch):   # valuation: its own data order
+            hooks.train_step(features, target, optimizer)     # MLA, ReconBoost: the whole step
+            # the default train_step:
+            #   loss = hooks.loss(features, target)
+            #   optimizer.zero_grad()
+            #   hooks.backward(loss, features, target)   # MMPareto's own backward
+            #   hooks.before_step(features, target)      # OGM-GE's modulation
+            #   optimizer.step()
         logits = hooks.predict(head, features, hooks.kept)   # validation: boosting's predict
+        hooks.epoch_end(epoch)     # after validation, not after the last epoch: re-learning
 
 The defaults of :class:`Hooks` are plain joint training (cross-entropy of the fused logits), so
 a new method overrides only what it changes; :func:`register` adds it to :data:`REMEDIES`.
+The adapters of the methods that own more of the loop (MLA, ReconBoost, sample-level valuation,
+re-learning, UMT, MMCosine) are in :mod:`.plugins_more`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +81,10 @@ class Context:
         train_eval: the training split as read for evaluation (no shuffling, no augmentation;
             PMR's prototypes, G-Blending's training losses, the diagnosis' probes); ``None``:
             the training loader.
+        optimizer: the comparison's ``optimizer(params)`` (for a method that builds its own
+            optimisers: ReconBoost's one per phase); ``None``: not known.
+        teachers: ``{modality: batch -> feature}``, the encoders trained alone, frozen (eval
+            mode, no grad): set for a method with ``needs_teachers`` (UMT); else ``None``.
     """
 
     model: nn.Module
@@ -91,6 +99,8 @@ class Context:
     val: Iterable[Any]
     features: Callable[[Any], tuple[Features, Tensor]]
     train_eval: Iterable[Any] | None = None
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
+    teachers: Mapping[str, Callable[[Any], Tensor]] | None = None
 
     @property
     def train_split(self) -> Iterable[Any]:
@@ -148,6 +158,27 @@ class Hooks:
     def epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (0-based)."""
 
+    def train_batches(self, epoch: int) -> Iterator[tuple[Features, Tensor]]:
+        """The epoch's training batches as ``(features, target)`` (default: ``forward`` of each
+        batch of the training loader). A method that owns the data order (sample-level
+        valuation) or needs more of each batch (UMT's teachers) replaces it."""
+        for batch in self.ctx.train:
+            yield self.ctx.features(batch)
+
+    def train_step(
+        self, features: Features, target: Tensor, optimizer: torch.optim.Optimizer
+    ) -> Tensor:
+        """One training step on a batch; returns its loss (checked for divergence once per
+        epoch). The default is :meth:`loss`, ``zero_grad``, :meth:`backward`,
+        :meth:`before_step`, ``optimizer.step()``; a method that owns the whole step (MLA's
+        step per modality, ReconBoost's optimiser per phase) replaces it."""
+        loss = self.loss(features, target)
+        optimizer.zero_grad(set_to_none=True)
+        self.backward(loss, features, target)
+        self.before_step(features, target)
+        optimizer.step()
+        return loss
+
     def loss(self, features: Features, target: Tensor) -> Tensor:
         return F.cross_entropy(self.ctx.fuse(features), target)
 
@@ -156,6 +187,11 @@ class Hooks:
 
     def before_step(self, features: Features, target: Tensor) -> None:
         """Called between the backward pass and ``optimizer.step()``."""
+
+    def epoch_end(self, epoch: int) -> None:
+        """Called after each training epoch's validation (and the copy of the best state), not
+        after the last epoch (no training follows it): ReconBoost's schedule, the valuation
+        pass, re-learning's re-initialisation."""
 
     def train(self, mode: bool) -> None:
         if self.kept is not None:
@@ -193,6 +229,10 @@ class RemedyPlugin:
             MMPareto or ``{"warmup_steps": 100}`` for ARL / OPM.
         same_as: an ablation of another row: no grid, it runs with the setting chosen for the
             row of that name (which must run before it).
+        needs_teachers: the method needs each modality's encoder trained alone (UMT):
+            :func:`compare_remedies` reuses those of ``alone=True``, or trains them for the row
+            (one run per modality, first seed; the row's note says so) and passes them as
+            :attr:`Context.teachers`.
 
     A variant is ``dataclasses.replace(REMEDIES["mmpareto"], name="mmpareto_paper",
     options={"rescale": "paper"})``, passed in ``methods=[...]`` (or :func:`register`-ed).
@@ -207,6 +247,7 @@ class RemedyPlugin:
     uses_encoders: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     same_as: str | None = None
+    needs_teachers: bool = False
 
     def kwargs(self, **adapter: Any) -> dict[str, Any]:
         """The adapter's keyword arguments for the method's class, overridden by ``options``."""
@@ -241,7 +282,9 @@ class RemedyPlugin:
     def note(self, ctx: Context) -> str | None:
         """A caveat shown with the row (``None``: none)."""
         head = ctx.head
-        if self.uses_head and not isinstance(head, nn.Linear | MappingHead | Mapping):
+        if self.uses_head and not isinstance(
+            head, nn.Linear | MappingHead | Mapping | nn.ModuleDict
+        ):
             return "unimodal logits by zero-padding the other modalities (approximate)"
         return None
 

@@ -86,8 +86,11 @@ def compare_remedies(
         head: ``head(model)``: the fusion head (``nn.Linear`` over the concatenation, a
             mapping of per-modality heads, a :class:`~imbalance_losses.MappingHead`, or any
             callable over the concatenation); the fused logits are ``head`` on the features.
-        encoders: ``encoders(model)``: modality -> encoder module (OGM-GE, MMPareto).
+        encoders: ``encoders(model)``: modality -> encoder module (OGM-GE, MMPareto,
+            ReconBoost, re-learning).
         train: the training loader (iterated once per epoch; ``len()`` or one pass counts it).
+            The sample-level valuation, which owns the data order, needs a ``DataLoader`` over
+            a map-style dataset (it re-reads the dataset through its own sampler).
         val: the held-out loader every epoch and every setting is chosen on.
         test: an optional test loader, read once per method and seed, after selection.
         train_eval: the training split as read for evaluation passes (no shuffling, no
@@ -105,7 +108,8 @@ def compare_remedies(
         progress: a progress bar (tqdm if installed, else a line per run) on stderr; or a
             callable, called with one line per finished run (the caller's own bar).
         alone: also train each modality's encoder alone (its unimodal logits only), the
-            reference of the diagnosis' deficits (one run per modality, first seed).
+            reference of the diagnosis' deficits (one run per modality, first seed); UMT's
+            teachers are these runs (without ``alone=True`` the UMT row trains them itself).
         device: where the model is moved after ``build()`` (default: where it was built).
         resume: a JSON file: runs already in it are not run again, and the result is written
             there after every run (a new file is started when it does not exist).
@@ -321,6 +325,17 @@ def _eprint(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _frozen(spec: Spec, model: nn.Module, modality: str) -> Callable[[Any], Tensor]:
+    """``batch -> features[modality]`` of a model trained alone: eval mode, no grad."""
+    model.eval()
+
+    def teacher(batch: Any) -> Tensor:
+        with torch.no_grad():
+            return spec.features(model, batch)[0][modality]
+
+    return teacher
+
+
 def _rank_key(record: RunRecord) -> tuple[float, float]:
     """Validation accuracy, then lower loss; a run with no finished epoch (NaN) ranks last."""
     if math.isnan(record.val):
@@ -357,6 +372,7 @@ class _Runner:
         self.start = time.perf_counter()
         self.per_epoch: dict[str, float] = {}
         self.estimated = False
+        self.alone_models: dict[str, nn.Module] = {}  # modality -> trained alone (first seed)
 
     # ----------------------------------------------------------------- the rows
     def run(self, remedies: list[RemedyPlugin], alone: bool) -> None:
@@ -373,6 +389,8 @@ class _Runner:
             if remedy.same_as is not None and self._config_of(remedy.same_as) is None:
                 row.status = "skipped"
                 row.reason = f"an ablation of {remedy.same_as!r}, which has no result"
+                continue
+            if remedy.needs_teachers and not self._teachers(remedy, row, reference.modalities):
                 continue
             self._method(remedy, row)
             if name == "plain" and alone:
@@ -456,7 +474,37 @@ class _Runner:
                 continue
             probe = diagnose(self.spec, outcome, [m])["probe"][m]
             self.result.alone[m] = {"val": outcome.record.val, "probe": probe}
+            self.alone_models[m] = outcome.ctx.model
             self.save()
+
+    def _teachers(self, remedy: RemedyPlugin, row: Row, modalities: list[str]) -> bool:
+        """Each modality's encoder trained alone, frozen, for a row that needs teachers (UMT):
+        those of ``alone=True``, else trained here (first seed), the cost in the row's note.
+        ``False``: the row cannot run (the budget; the row says so)."""
+        old = self._previous_row(remedy.name)
+        if old is not None and {r.seed for r in old.runs} >= set(self.seeds):
+            return True  # every run is in the resume file: nothing to train
+        missing = [m for m in modalities if m not in self.alone_models]
+        start = time.perf_counter()
+        if missing:
+            self.progress.add(len(missing))
+        for m in missing:
+            outcome = self._train(alone_remedy(m), {}, self.seeds[0], row)
+            if outcome is None:  # over budget: the row is marked skipped
+                return False
+            self.alone_models[m] = outcome.ctx.model
+        seed = self.seeds[0]
+        if missing:
+            note = (
+                f"teachers: {', '.join(missing)} trained alone for this row ({len(missing)} "
+                f"extra runs of {self.spec.epochs} epochs, seed {seed}, "
+                f"{time.perf_counter() - start:.2g} s; alone=True would reuse its runs)"
+            )
+        else:
+            note = f"teachers: the encoders trained alone (alone=True, seed {seed}), reused"
+        row.note = "; ".join(n for n in (row.note, note) if n)
+        self.spec.teachers = {m: _frozen(self.spec, self.alone_models[m], m) for m in modalities}
+        return True
 
     # ----------------------------------------------------------------- one run
     def _train(self, remedy: RemedyPlugin, config: Config, seed: int, row: Row) -> Outcome | None:

@@ -47,6 +47,7 @@ class Spec:
     steps: int = 0  # optimiser steps per epoch, counted once
     train_eval: Iterable[Any] | None = None  # the training split read for evaluation passes
     trace: bool = False  # keep each step's record (Hooks.record) in RunRecord.trace
+    teachers: dict[str, Callable[[Any], Tensor]] | None = None  # for needs_teachers (UMT)
 
     @property
     def train_split(self) -> Iterable[Any]:
@@ -102,6 +103,8 @@ class Spec:
             val=self.val,
             features=lambda batch: self.features(model, batch),
             train_eval=self.train_eval,
+            optimizer=self.optimizer,
+            teachers=self.teachers,
         )
 
 
@@ -303,6 +306,10 @@ def _loop(
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             saved = (state, copy.deepcopy(hooks.kept))
             record.epoch = epoch + 1
+        if epoch + 1 < spec.epochs:  # the method's per-epoch work, counted in its time
+            end = time.perf_counter()
+            hooks.epoch_end(epoch)
+            seconds += time.perf_counter() - end
         on_epoch(epoch, time.perf_counter() - start)
     record.curve = curve
     record.seconds_per_epoch = seconds / max(len(curve), 1)
@@ -327,13 +334,8 @@ def _epoch(
     ctx.model.train()
     hooks.train(True)
     loss: Tensor | None = None
-    for batch in spec.train:
-        feats, target = ctx.features(batch)
-        loss = hooks.loss(feats, target)
-        optimizer.zero_grad(set_to_none=True)
-        hooks.backward(loss, feats, target)
-        hooks.before_step(feats, target)
-        optimizer.step()
+    for feats, target in hooks.train_batches(epoch):
+        loss = hooks.train_step(feats, target, optimizer)
         if spec.trace:
             step = hooks.record()
             if step is not None:
