@@ -110,13 +110,16 @@ class Row:
         )
 
     @staticmethod
-    def missing(task: Task, method: str, optimizer: str, needs: str | None) -> Row:
+    def missing(
+        task: Task, method: str, optimizer: str, needs: str | None, reason: str | None = None
+    ) -> Row:
+        """A row with no run: the class is missing, or (``reason``) it does not apply."""
         return Row(
             task=task.name,
             method=method,
             optimizer=optimizer,
             available=False,
-            reason=f"not available (imbalance_losses.{needs} is not implemented yet)",
+            reason=reason or f"not available (imbalance_losses.{needs} is not implemented yet)",
         )
 
     @staticmethod
