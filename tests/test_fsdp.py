@@ -293,3 +293,42 @@ def test_ogm_ge_noise_over_shards_has_the_moments_of_one_process() -> None:
         for noise in (z, z_one):  # 2560 and 1920 draws: mean within 0.1, variance within 15 %
             assert abs(float(noise.mean())) < 0.1 and 0.85 < float(noise.var()) < 1.15
         assert not torch.allclose(z, z_one)  # drawn per shard, not the one-process stream
+
+
+def _boost_train(rank: int, world: int, data: Any) -> dict[str, Tensor]:
+    """Sustained boosting with its own heads: the encoders and the boosting module sharded."""
+    import imbalance_losses as il
+
+    torch.manual_seed(0)
+    model = _Model()
+    boost = il.SustainedBoostingLoss(
+        num_classes=3, in_features={"a": 3, "b": 4}, check_every=2, seed=0
+    )
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for enc in model.encoders.values():
+            fully_shard(enc)
+        fully_shard(boost)
+    opt = torch.optim.SGD([*model.encoders.parameters(), *boost.parameters()], lr=0.5)
+    boost.attach_optimizer(opt)
+    xa, xb, y = data
+    per = 16 // world
+    for i in range(3):  # a head check after step 2
+        rows = slice(16 * i + rank * per, 16 * i + rank * per + per)
+        opt.zero_grad()
+        boost(model.features(xa[rows], xb[rows]), y[rows]).backward()
+        opt.step()
+    named = [*model.encoders.named_parameters(), *boost.named_parameters()]
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()  # type: ignore[operator]
+        for n, p in named
+    }
+
+
+def test_sustained_boosting_sharded_equals_one_process() -> None:
+    data = _data()
+    sharded = run_distributed(_boost_train, data)
+    one = _boost_train(0, 1, data)
+    for name, value in one.items():
+        torch.testing.assert_close(sharded[0][name], value, atol=1e-5, rtol=1e-5, msg=name)
