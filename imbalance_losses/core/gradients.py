@@ -51,6 +51,8 @@ __all__ = [
     "agree_over_ranks",
     "average_over_ranks_",
     "dots",
+    "inverse_sizes",
+    "local_shards",
     "max_abs",
     "min_norm_weight",
     "normalise_",
@@ -61,6 +63,7 @@ __all__ = [
     "segment_expand",
     "segment_max",
     "segment_sum",
+    "sum_and_square_sum",
 ]
 
 
@@ -357,3 +360,36 @@ def agree_over_ranks(
             "losses through the same model parts in the same step"
         )
     return [v > 0 for v in pooled[1:]]
+
+
+# ---------------------------------------------- moments of gradients (OGM-GE), over shards
+
+
+def sum_and_square_sum(g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum_i g_i, sum_i g_i^2)`` of one gradient, 0-dim, with no temporary of its size.
+
+    fp32 / fp64 gradients: ``sum`` (cascade summation) and a BLAS ``dot(g, g)``, both in the
+    gradient's dtype; fp16 / bf16 gradients: accumulated in fp32 (``sum(dtype=)``,
+    ``vector_norm(dtype=)``). A non-contiguous gradient is flattened with a copy.
+    """
+    if g.dtype in (torch.float32, torch.float64):
+        flat = g.reshape(-1)
+        return flat.sum(), torch.dot(flat, flat)
+    return g.sum(dtype=torch.float32), torch.linalg.vector_norm(g, dtype=torch.float32).square()
+
+
+def local_shards(grads: Sequence[Tensor]) -> tuple[list[Tensor], ProcessGroup | None]:
+    """Each gradient's local tensor, and the group its shards span (``None``: not sharded)."""
+    if not grads or type(grads[0]).__name__ != "DTensor":
+        return list(grads), None
+    group = grads[0].device_mesh.get_group()  # type: ignore[attr-defined]
+    return [g.to_local() for g in grads], group  # type: ignore[attr-defined]
+
+
+def inverse_sizes(numels: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(1 / n_p, 1 / (n_p - 1))`` ``[P]`` on ``device`` (0 where ``n_p <= 1``), in fp64
+    (fp32 where the device has no fp64)."""
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    inv_n = torch.tensor([1.0 / n if n > 0 else 0.0 for n in numels], dtype=dtype).to(device)
+    inv_n1 = torch.tensor([1.0 / (n - 1) if n > 1 else 0.0 for n in numels], dtype=dtype)
+    return inv_n, inv_n1.to(device)

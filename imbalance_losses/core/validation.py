@@ -32,6 +32,7 @@ __all__ = [
     "check_state_keys",
     "check_target",
     "check_unimodal_logits",
+    "choice_param",
     "criterion_reduction",
     "deferred_value_checks",
     "feature_widths",
@@ -715,3 +716,9 @@ def check_same_layout(
                 "tensors are not under their own names (a mapping built in another order?); "
                 "pass {name: that modality's tensor}, in the concatenation order"
             )
+
+
+def choice_param(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """``ValueError`` naming the parameter and its choices when ``value`` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

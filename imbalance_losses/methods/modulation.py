@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from ..core.attachment import OptimizerAttachable
 from ..core.distributed import ProcessGroup, all_reduce_sum, stream_seed
+from ..core.gradients import inverse_sizes, local_shards, sum_and_square_sum
 from ..core.params import (
     GradientMarks,
     ParameterSelection,
@@ -74,7 +75,7 @@ from ..core.params import (
 )
 from ..core.records import StepRecord
 from ..core.scoring import Discrepancy, ModalityScorer, capped_ratio
-from ..core.validation import check_state_keys, int_param, real_param
+from ..core.validation import check_state_keys, choice_param, int_param, real_param
 
 __all__ = [
     "Discrepancy",
@@ -145,36 +146,6 @@ def _capped_coefficients(ratios: Tensor, alpha: float, rule: str) -> Tensor:
     return damped.masked_fill(ratios <= 1.0, 1.0)
 
 
-def _sum_and_square_sum(g: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum_i g_i, sum_i g_i^2)`` of one gradient, 0-dim, with no temporary of its size.
-
-    fp32 / fp64 gradients: ``sum`` (cascade summation) and a BLAS ``dot(g, g)``, both in the
-    gradient's dtype; fp16 / bf16 gradients: accumulated in fp32 (``sum(dtype=)``,
-    ``vector_norm(dtype=)``). A non-contiguous gradient is flattened with a copy.
-    """
-    if g.dtype in (torch.float32, torch.float64):
-        flat = g.reshape(-1)
-        return flat.sum(), torch.dot(flat, flat)
-    return g.sum(dtype=torch.float32), torch.linalg.vector_norm(g, dtype=torch.float32).square()
-
-
-def _local_shards(grads: Sequence[Tensor]) -> tuple[list[Tensor], ProcessGroup | None]:
-    """Each gradient's local tensor, and the group its shards span (``None``: not sharded)."""
-    if not grads or type(grads[0]).__name__ != "DTensor":
-        return list(grads), None
-    group = grads[0].device_mesh.get_group()  # type: ignore[attr-defined]
-    return [g.to_local() for g in grads], group  # type: ignore[attr-defined]
-
-
-def _inverse_counts(numels: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(1 / n_p, 1 / (n_p - 1))`` ``[P]`` on ``device`` (0 where ``n_p <= 1``), in fp64
-    (fp32 where the device has no fp64)."""
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    inv_n = torch.tensor([1.0 / n if n > 0 else 0.0 for n in numels], dtype=dtype).to(device)
-    inv_n1 = torch.tensor([1.0 / (n - 1) if n > 1 else 0.0 for n in numels], dtype=dtype)
-    return inv_n, inv_n1.to(device)
-
-
 def ge_noise_stds(
     grads: Sequence[Tensor], inverse_counts: tuple[Tensor, Tensor] | None = None
 ) -> Tensor:
@@ -200,12 +171,12 @@ def ge_noise_stds(
         >>> ge_noise_stds([torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([5.0])])
         tensor([1.2910, 0.0000])
     """
-    shards, group = _local_shards(grads)
+    shards, group = local_shards(grads)
     if inverse_counts is None:
-        inverse_counts = _inverse_counts([g.numel() for g in grads], shards[0].device)
+        inverse_counts = inverse_sizes([g.numel() for g in grads], shards[0].device)
     inv_n, inv_n1 = inverse_counts
     device, dtype = inv_n.device, inv_n.dtype
-    sums = [t for g in shards for t in _sum_and_square_sum(g)]  # [s1_0, s2_0, s1_1, ...]
+    sums = [t for g in shards for t in sum_and_square_sum(g)]  # [s1_0, s2_0, s1_1, ...]
     if all(t.dtype == sums[0].dtype and t.device == device for t in sums):
         both = torch.stack(sums).to(dtype).view(-1, 2)  # one cast for all
     else:  # mixed dtypes or devices: each moved on its own
@@ -232,10 +203,8 @@ def _window(start_step: int, stop_step: int | None) -> tuple[int, int | None]:
 
 
 def _check_choices(method: str, coefficient: str, parameters: object) -> None:
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if coefficient not in _COEFFICIENTS:
-        raise ValueError(f"coefficient must be one of {_COEFFICIENTS}, got {coefficient!r}")
+    choice_param("method", method, _METHODS)
+    choice_param("coefficient", coefficient, _COEFFICIENTS)
     if not (parameters in ("weights", "all") or callable(parameters)):
         raise ValueError(
             "parameters must be 'weights', 'all' or a predicate (name, param) -> bool, got "
@@ -579,7 +548,7 @@ class ModalityGradientModulator(OptimizerAttachable):
         normals fills one fp32 buffer, split in parameter order into views (no copy); then two
         fused updates: ``_foreach_mul_`` by ``k_m`` and ``_foreach_addcmul_`` of ``z * std``.
         """
-        shards, group = _local_shards(grads)
+        shards, group = local_shards(grads)
         gen = self._get_generator(shards[0].device)
         device = gen.device
         modality, inv_n, inv_n1 = self._layout_for(grads, positions, index, device)
@@ -617,7 +586,7 @@ class ModalityGradientModulator(OptimizerAttachable):
         key = (positions, device)
         if self._layout is None or self._layout[0] != key:
             modality = torch.tensor(index, dtype=torch.long, device=device)
-            counts = _inverse_counts([g.numel() for g in grads], device)
+            counts = inverse_sizes([g.numel() for g in grads], device)
             self._layout = (key, (modality, *counts))
         return self._layout[1]
 
