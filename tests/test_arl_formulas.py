@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from imbalance_losses.core.rebuilt import built_on, warn_rebuilt
 from imbalance_losses.core.repeats import OpenTensors
 from imbalance_losses.core.stats import ema_update as _ema_update
+from imbalance_losses.core.stats import entropy_and_size_sums as _batch_sums
 from imbalance_losses.core.validation import check_same_layout, criterion_reduction
-from imbalance_losses.methods.arl import _arl_loss, _batch_sums, _floor_for
+from imbalance_losses.methods.arl import _arl_loss, _floor_for
 
 
 def _check_order(earlier: tuple[str, ...] | None, names: tuple[str, ...], training: bool) -> None:

@@ -9,12 +9,13 @@ each branch's per-sample cross-entropy in fp32 whatever precision the forward pa
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .stats import stacked_cross_entropy
 from .unimodal import Head, unimodal_logits
 from .validation import (
     _assert_on_device,
@@ -33,6 +34,8 @@ __all__ = [
     "branch_logits",
     "branch_names",
     "branch_vector",
+    "fused_and_unimodal_ce",
+    "fused_and_unimodal_loss",
     "per_sample_cross_entropy",
     "unimodal_branches",
 ]
@@ -237,3 +240,42 @@ def branch_vector(values: Mapping[str, object], names: tuple[str, ...], *, what:
     vec = torch.stack([v.to(device=device, dtype=dtype) for v in out])
     _assert_on_device(torch.isfinite(vec).all(), f"{what} must be finite, got {dict(values)}")
     return vec
+
+
+Criterion = Callable[[Tensor, Tensor], Tensor]
+"""A criterion ``l(logits, target)``, as ``nn.CrossEntropyLoss()``."""
+
+
+def fused_and_unimodal_ce(
+    logits: Tensor, target: Tensor, zs: Mapping[str, Tensor], gamma: float, ignore: int
+) -> tuple[Tensor, Tensor | None]:
+    """``L = CE(z, y) + gamma * sum_m CE(z_m, y)`` per sample (ARL's step 8): ``(l_b, log_probs)``.
+
+    The unimodal terms in one pass on the stacked logits (``log_softmax`` then ``nll_loss``:
+    what ``F.cross_entropy`` computes, the same values); ``log_probs`` is their detached
+    ``log_softmax`` ``[M, B, C]`` when it is fp32 / fp64 (as ``entropy_and_size_sums`` takes it),
+    for the statistics, else ``None``. Soft targets: :func:`fused_and_unimodal_loss`.
+    """
+    ce = functools.partial(F.cross_entropy, reduction="none", ignore_index=ignore)
+    if target.is_floating_point():
+        return fused_and_unimodal_loss(logits, target, zs, gamma, ce), None
+    loss = ce(logits, target)
+    uni, log_p = stacked_cross_entropy(list(zs.values()), target, ignore)
+    scaled = uni if gamma == 1.0 else gamma * uni
+    for j in range(uni.shape[0]):
+        loss = loss + scaled[j]
+    return loss, log_p
+
+
+def fused_and_unimodal_loss(
+    logits: Tensor, target: Tensor, zs: Mapping[str, Tensor], gamma: float, criterion: Criterion
+) -> Tensor:
+    """``L = l(z, y) + gamma * sum_m l(z_m, y)``: the fused loss plus each modality's (ARL).
+
+    ``gamma = 1`` multiplies by nothing (``1.0 * x`` is ``x``, and so is its gradient).
+    """
+    loss = criterion(logits, target)
+    for z in zs.values():
+        term = criterion(z, target)
+        loss = loss + (term if gamma == 1.0 else gamma * term)
+    return loss

@@ -6,10 +6,11 @@ accurate whatever precision the forward pass ran in (``torch.autocast`` included
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 Reduction = Literal["mean", "sum", "none"]
@@ -23,9 +24,11 @@ __all__ = [
     "count_of",
     "counted",
     "ema_update",
+    "entropy_and_size_sums",
     "entropy_sum",
     "one_vs_rest_ratio",
     "reduce_loss",
+    "stacked_cross_entropy",
     "true_class_probability",
     "true_class_scores",
 ]
@@ -164,3 +167,45 @@ def ema_update(
     ema, seen = ema.to(stats), seen.to(stats.device)
     blended = torch.lerp(stats, ema, momentum * seen.to(stats.dtype))
     return torch.where(has, blended, ema), seen | has
+
+
+def entropy_and_size_sums(
+    zs: Mapping[str, Tensor], mask: Tensor | None, log_probs: Tensor | None = None
+) -> Tensor:
+    """``[2M]`` fp32, detached: per modality the summed predictive entropy and logit L1 size.
+
+    ``cat(sum_b -sum_c p_mbc log p_mbc, sum_b sum_c |z_mbc|)`` with ``p_m = softmax(z_m)``,
+    over the counted samples (``mask``; ``None``: all). All modalities in one pass over the
+    stacked logits ``[M, B, C]``; ``log_probs``: their ``log_softmax`` in fp32 (or fp64) when
+    already computed (a loss's), detached. ARL's ``V_m`` and ``c_m`` are these divided by the
+    pooled count.
+    """
+    z = as_fp32(torch.stack([z.detach() for z in zs.values()]))
+    log_p = torch.log_softmax(z, dim=-1) if log_probs is None else log_probs
+    m = z.shape[0]
+    per_sample = torch.empty(2 * m, z.shape[1], dtype=z.dtype, device=z.device)  # [2M, B]
+    torch.sum(log_p.exp() * log_p, -1, out=per_sample[:m]).neg_()  # entropy, as entropy_sum
+    torch.sum(z.abs(), -1, out=per_sample[m:])
+    return (per_sample if mask is None else per_sample * mask).sum(-1)
+
+
+def stacked_cross_entropy(
+    logits: Sequence[Tensor], target: Tensor, ignore_index: int = -100
+) -> tuple[Tensor, Tensor | None]:
+    """Per-sample cross-entropy of ``M`` logits ``[B, C]`` against one target: ``[M, B]``.
+
+    One ``log_softmax`` and one ``nll_loss`` on the stack (what ``F.cross_entropy`` computes
+    for each, the same values), and the detached ``log_softmax`` ``[M, B, C]`` when it is in
+    fp32 / fp64 (for statistics that reuse it), else ``None``.
+    """
+    stacked = torch.stack(list(logits))
+    log_p = torch.log_softmax(stacked, dim=-1)
+    m, batch, classes = log_p.shape
+    nll = F.nll_loss(
+        log_p.reshape(m * batch, classes),
+        target.repeat(m),
+        reduction="none",
+        ignore_index=ignore_index,
+    ).view(m, batch)
+    fp32 = torch.float32 if stacked.dtype in (torch.float16, torch.bfloat16) else stacked.dtype
+    return nll, log_p.detach() if log_p.dtype == fp32 else None

@@ -25,15 +25,15 @@ See ``docs/arl.md`` for the semantics under gradient accumulation, AMP and DDP.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.branches import fused_and_unimodal_ce as _own_loss
+from ..core.branches import fused_and_unimodal_loss as _arl_loss
 from ..core.branches import unimodal_branches
 from ..core.distributed import ProcessGroup
 from ..core.hooks import scaling_hook, warn_if_frozen, warn_on_backward
@@ -42,7 +42,14 @@ from ..core.rebuilt import built_on, warn_rebuilt
 from ..core.records import StepRecord
 from ..core.remedy import EncoderSpec, Remedy
 from ..core.running import Pooled
-from ..core.stats import Reduction, as_fp32, count_of, counted, ema_update, reduce_loss
+from ..core.stats import (
+    Reduction,
+    count_of,
+    counted,
+    ema_update,
+    entropy_and_size_sums,
+    reduce_loss,
+)
 from ..core.unimodal import Head
 from ..core.validation import (
     _assert_on_device,
@@ -250,70 +257,6 @@ def _floor_for(floor: float | None, m: int) -> float:
     if floor > 1.0 / m:
         raise ValueError(f"floor must be in (0, 1/M] = (0, {1.0 / m:.4g}] for M = {m}, got {floor}")
     return floor
-
-
-def _batch_sums(
-    zs: Mapping[str, Tensor], mask: Tensor | None, log_probs: Tensor | None = None
-) -> Tensor:
-    """``[2M]`` fp32, detached: the sums over counted samples behind spec steps 1 and 4.
-
-    ``cat(sum_b -sum_c p_mbc log p_mbc, sum_b sum_c |z_mbc|)`` with ``p_m = softmax(z_m)``;
-    divided by the pooled sample count they are ``V_m`` and ``c_m`` (samples whose target is
-    ``ignore_index``, ``mask`` false, are left out). All modalities in one pass over the
-    stacked logits ``[M, B, C]``; ``log_probs``: their ``log_softmax`` in fp32 (or fp64) when
-    already computed (the loss's), detached.
-    """
-    z = as_fp32(torch.stack([z.detach() for z in zs.values()]))
-    log_p = torch.log_softmax(z, dim=-1) if log_probs is None else log_probs
-    m = z.shape[0]
-    per_sample = torch.empty(2 * m, z.shape[1], dtype=z.dtype, device=z.device)  # [2M, B]
-    torch.sum(log_p.exp() * log_p, -1, out=per_sample[:m]).neg_()  # entropy, as entropy_sum
-    torch.sum(z.abs(), -1, out=per_sample[m:])
-    return (per_sample if mask is None else per_sample * mask).sum(-1)
-
-
-def _own_loss(
-    logits: Tensor, target: Tensor, zs: Mapping[str, Tensor], gamma: float, ignore: int
-) -> tuple[Tensor, Tensor | None]:
-    """Spec step 8 with the default cross-entropy, per sample: ``(l_b, log_probs)``.
-
-    The unimodal terms in one pass on the stacked logits (``log_softmax`` then ``nll_loss``:
-    what ``F.cross_entropy`` computes, the same values); ``log_probs`` is their detached
-    ``log_softmax`` ``[M, B, C]`` when it is fp32 / fp64 (as :func:`_batch_sums` computes it),
-    for the statistics, else ``None``. Soft targets: :func:`_arl_loss`.
-    """
-    ce = functools.partial(F.cross_entropy, reduction="none", ignore_index=ignore)
-    if target.is_floating_point():
-        return _arl_loss(logits, target, zs, gamma, ce), None
-    loss = ce(logits, target)
-    stacked = torch.stack(list(zs.values()))
-    log_p = torch.log_softmax(stacked, dim=-1)
-    m, batch, classes = log_p.shape
-    uni = F.nll_loss(
-        log_p.reshape(m * batch, classes),
-        target.repeat(m),
-        reduction="none",
-        ignore_index=ignore,
-    ).view(m, batch)
-    scaled = uni if gamma == 1.0 else gamma * uni
-    for j in range(m):
-        loss = loss + scaled[j]
-    fp32 = torch.float32 if stacked.dtype in (torch.float16, torch.bfloat16) else stacked.dtype
-    return loss, log_p.detach() if log_p.dtype == fp32 else None
-
-
-def _arl_loss(
-    logits: Tensor, target: Tensor, zs: Mapping[str, Tensor], gamma: float, criterion: Criterion
-) -> Tensor:
-    """Spec step 8: ``L = l(z, y) + gamma * sum_m l(z_m, y)`` (the unimodal bias terms).
-
-    ``gamma = 1`` multiplies by nothing (``1.0 * x`` is ``x``, and so is its gradient).
-    """
-    loss = criterion(logits, target)
-    for z in zs.values():
-        term = criterion(z, target)
-        loss = loss + (term if gamma == 1.0 else gamma * term)
-    return loss
 
 
 @dataclass(frozen=True)
@@ -543,12 +486,8 @@ class ARLLoss(Remedy[ARLRecord]):
         *,
         unimodal_logits: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
-        """``criterion(z, y) + gamma * sum_m criterion(z_m, y)``; in training, one step.
-
-        ``logits`` ``[B, C]``, ``target`` ``[B]`` (or soft ``[B, C]``), ``features`` the tensors
-        the model fused, ``{modality: [B, D_m]}`` in concatenation order (or only
-        ``unimodal_logits``, ``{modality: [B, C]}``). More: the class doc, "Calling it".
-        """
+        """``criterion(z, y) + gamma * sum_m criterion(z_m, y)``; in training, one step
+        (``features``: the tensors the model fused, in concatenation order; the class doc)."""
         training = self._training_call()
         hooks = not self.has_encoders
         given = features if features is not None or hooks else unimodal_logits
@@ -569,7 +508,7 @@ class ARLLoss(Remedy[ARLRecord]):
             self._warn_rebuilt()
         self._modalities, batch = tuple(zs), logits.shape[0]
         self._widths = feature_widths(features) or self._widths
-        self._add(_batch_sums(zs, mask, log_probs), count_of(mask, batch), rows=batch)
+        self._add(entropy_and_size_sums(zs, mask, log_probs), count_of(mask, batch), rows=batch)
         if not hooks:  # encoders mode: step() decides once per optimiser step
             self._remember((zs if features is None else features).values())
             return loss
