@@ -153,12 +153,18 @@ def branch_losses(
     return {name: mean[i] for i, name in enumerate(names)}
 
 
-def check_same_on_ranks(values: Tensor, group: ProcessGroup | None, *, message: str) -> None:
-    """Under DDP, raise ``ValueError(message)`` on every rank unless all ranks hold ``values``.
+def check_same_on_ranks(
+    values: Tensor,
+    group: ProcessGroup | None,
+    *,
+    message: str,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Under DDP, raise ``error(message)`` on every rank unless all ranks hold ``values``.
 
     Exact (:func:`~imbalance_losses.core.distributed.same_on_all_ranks`: one all-reduce of the
     maximum of ``[v, -v]``); every rank decides from the same result, so all raise or none does.
     A no-op without DDP.
     """
     if not same_on_all_ranks(values, group):
-        raise ValueError(message)
+        raise error(message)

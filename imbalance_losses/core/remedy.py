@@ -92,6 +92,8 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
     """What a repeated call does, for the message of a mixed call."""
     no_grad_warning: ClassVar[str] = "{who}: gradients disabled in training mode: eval"
     """The warning of a training-mode call with gradients disabled (``{who}``: :attr:`who`)."""
+    no_step: ClassVar[str | None] = None
+    """A method that acts in its call only: the ``RuntimeError`` of ``step()`` and ``attach()``."""
     nothing_pooled: ClassVar[str] = "step() called without a training-mode call since the last step"
     """The ``RuntimeError`` of a decision with nothing added since the last one."""
 
@@ -267,6 +269,8 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
         Raises:
             RuntimeError: not in encoders mode, or no training-mode call since the last step.
         """
+        if self.no_step is not None:
+            raise RuntimeError(self.no_step)
         if not self.has_encoders:
             raise RuntimeError(
                 f"step() is for the encoders mode ({self.who}(..., encoders={{...}})); "
@@ -307,6 +311,12 @@ class Remedy(OptimizerAttachable, nn.Module, Generic[R]):
     def attachable(self) -> bool:
         """Encoders mode only: without ``encoders=`` the method acts during backward."""
         return self.has_encoders
+
+    def attach(self, optimizer: object) -> Any:
+        """As :meth:`OptimizerAttachable.attach`; a method without a step raises ``no_step``."""
+        if self.no_step is not None:
+            raise RuntimeError(self.no_step)
+        return super().attach(optimizer)
 
     def _before_optimizer_step(self) -> None:
         self.step()

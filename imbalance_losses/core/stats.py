@@ -21,6 +21,7 @@ __all__ = [
     "REDUCTIONS",
     "Reduction",
     "as_fp32",
+    "at_least_fp32",
     "count_of",
     "counted",
     "ema_update",
@@ -209,3 +210,8 @@ def stacked_cross_entropy(
     ).view(m, batch)
     fp32 = torch.float32 if stacked.dtype in (torch.float16, torch.bfloat16) else stacked.dtype
     return nll, log_p.detach() if log_p.dtype == fp32 else None
+
+
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(dtype, torch.float32)`` for a floating ``dtype``, without a call."""
+    return dtype if dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32

@@ -39,6 +39,7 @@ __all__ = [
     "int_param",
     "modality_names",
     "modality_weights",
+    "optional_int_param",
     "real_param",
     "reduction_param",
 ]
@@ -722,3 +723,8 @@ def choice_param(name: str, value: object, choices: tuple[str, ...]) -> None:
     """``ValueError`` naming the parameter and its choices when ``value`` is not one of them."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def optional_int_param(name: str, value: object) -> int | None:
+    """``None``, or :func:`int_param` of ``value`` (an optional whole number: ``ignore_index``)."""
+    return None if value is None else int_param(name, value)

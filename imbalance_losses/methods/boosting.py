@@ -47,24 +47,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.attachment import OptimizerAttachment
-from ..core.distributed import ProcessGroup, is_distributed, same_on_all_ranks
+from ..core.distributed import ProcessGroup, is_distributed
+from ..core.evaluation import check_same_on_ranks
 from ..core.heads import GrowingHeads, head_widths
 from ..core.hooks import warn_on_backward
 from ..core.records import StepRecord
 from ..core.remedy import Remedy
 from ..core.stats import (
     Reduction,
-    as_fp32,
+    at_least_fp32,
     counted,
     one_vs_rest_ratio,
     reduce_loss,
     true_class_probability,
+    true_class_scores,
 )
 from ..core.validation import (
     check_target,
     int_param,
     modality_weights,
+    optional_int_param,
     real_param,
     reduction_param,
 )
@@ -165,7 +167,7 @@ def boosting_residual_loss(
     """
     ignore = -100 if ignore_index is None else ignore_index
     soft = target.is_floating_point()
-    dtype = _at_least_fp32(logits_heads.dtype)
+    dtype = at_least_fp32(logits_heads.dtype)
     tgt = target.to(dtype) if soft else target
 
     def ce(logits: Tensor, t: Tensor) -> Tensor:
@@ -205,25 +207,12 @@ def confidence_scores(
         >>> confidence_scores(z, torch.tensor([1, 3]))
         tensor([0.5000, 0.5000])
     """
-    ensembles = torch.stack([_ensemble(z).detach() for z in logits_heads])  # [M, B, C]
-    probs = torch.softmax(as_fp32(ensembles), dim=-1)
-    if target.is_floating_point():
-        return (probs * as_fp32(target)).sum(-1).sum(-1)
-    mask = counted(target, ignore_index)
-    # an ignored sample's index only has to be in range: its probability is multiplied by 0
-    index = target if mask is None else target.clamp(0, probs.shape[-1] - 1)
-    p = probs.gather(-1, index.long().expand(probs.shape[0], -1).unsqueeze(-1)).squeeze(-1)
-    return (p if mask is None else p * mask).sum(-1)
+    return true_class_scores([_ensemble(z) for z in logits_heads], target, ignore_index)
 
 
 def _ensemble(logits_heads: Tensor) -> Tensor:
     """``Z = sum_j z_j`` ``[B, C]`` of ``[B, n, C]`` (a view of the one head's logits for n = 1)."""
     return logits_heads.squeeze(1) if logits_heads.shape[1] == 1 else logits_heads.sum(1)
-
-
-def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
-    """``torch.promote_types(dtype, torch.float32)`` for a floating ``dtype``, without a call."""
-    return dtype if dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32
 
 
 def assign_head(scores: Tensor, *, sigma: float, tau: float) -> tuple[int | None, Tensor]:
@@ -379,6 +368,7 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
     """
 
     record_type = BoostingRecord
+    no_step = _NO_STEP
     who = "SustainedBoostingLoss"
     repeat_effect = "the loss only, nothing pooled or counted"
 
@@ -411,9 +401,7 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
         self.tau = real_param("tau", tau, ge=0.0)
         max_heads = int_param("max_heads", max_heads, ge=1)
         self.reduction = cast(Reduction, reduction_param(reduction))
-        self.ignore_index = (
-            None if ignore_index is None else int_param("ignore_index", ignore_index)
-        )
+        self.ignore_index = optional_int_param("ignore_index", ignore_index)
         self.seed = int_param("seed", seed, ge=0)
         self.fusion_weights = modality_weights(
             "fusion_weights", fusion_weights, tuple(widths), expected_what="in_features"
@@ -433,14 +421,6 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
     def steps(self) -> int:
         """Training steps counted since the last check (the schedule's position)."""
         return self._since_check
-
-    def step(self) -> BoostingRecord | None:
-        """Not a boosting call (it acts in :meth:`forward` and :meth:`check`): raises."""
-        raise RuntimeError(_NO_STEP)
-
-    def attach(self, optimizer: object) -> OptimizerAttachment:
-        """No :meth:`step` to attach: bind the optimiser(s) with :meth:`attach_optimizer`."""
-        raise RuntimeError(_NO_STEP)
 
     def _loss(self, logits: list[Tensor], target: Tensor, mask: Tensor | None) -> Tensor:
         """``l_b = sum_m l_mb`` reduced, plus ``0`` attached to every inactive head.
@@ -570,12 +550,14 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
         self._since_check, self._checked = 0, True
         pooled = self._pool.pool(m, device, self.process_group, missing=_NO_SAMPLES)
         mine = torch.tensor([float(self.seed), *map(float, self._counts)], dtype=torch.float64)
-        if not same_on_all_ranks(mine.to(device), self.process_group):
-            raise RuntimeError(
-                "SustainedBoostingLoss differs across ranks (head counts "
-                f"{self.num_heads} or seed {self.seed} on this rank are not those of every "
-                "rank); call add_head/check on every rank at the same step and use one seed"
-            )
+        message = (
+            f"SustainedBoostingLoss differs across ranks (head counts {self.num_heads} or seed "
+            f"{self.seed} on this rank are not those of every rank); call add_head/check on "
+            "every rank at the same step and use one seed"
+        )
+        check_same_on_ranks(
+            mine.to(device), self.process_group, message=message, error=RuntimeError
+        )
         host = torch.cat([pooled.sums.double(), pooled.samples.reshape(1).double()]).cpu()
         count = float(host[m])  # the one host read of a check (with the comparison's)
         if pooled.empty or count == 0:
@@ -600,15 +582,9 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
         index = -1 if added is None or choice is None else choice
         head_added = torch.eq(torch.arange(m, device=device), index).long()
         self.last = BoostingRecord(
-            self.modalities,
-            scores.to(device, torch.float32),
-            ratios.to(device, torch.float32),
-            self.head_counts.clone(),
-            head_added,
-            pooled.samples.clone(),
-            added,
-            capped,
-        )
+            self.modalities, scores.to(device, torch.float32), ratios.to(device, torch.float32),
+            self.head_counts.clone(), head_added, pooled.samples.clone(), added, capped,
+        )  # fmt: skip
         return self.last
 
     # ------------------------------------------------------------------ state
