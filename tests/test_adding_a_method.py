@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from functools import cache
 from typing import Any
 
@@ -239,3 +240,21 @@ def test_two_gloo_ranks_equal_one_process_and_fail_together() -> None:
         torch.testing.assert_close(r["hook_k"], hook.last.coefficients)
     assert "'b'" in results[1]["error"] and "non-finite" in results[1]["error"]
     assert "another rank" in results[0]["error"]
+
+
+def test_methods_that_act_in_their_call_say_so_from_step_and_attach() -> None:
+    from imbalance_losses import ModalityPredictionModulator, PMRLoss, SustainedBoostingLoss
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    for method, words in (
+        (PMRLoss(3, {"a": 2, "b": 2}), "PMRLoss has no step()"),
+        (ModalityPredictionModulator(["a", "b"]), "ModalityPredictionModulator has no step()"),
+        (
+            SustainedBoostingLoss(num_classes=3, in_features={"a": 2, "b": 2}, check_every=5),
+            "attach_optimizer",
+        ),
+    ):
+        with pytest.raises(RuntimeError, match=re.escape(words)):
+            method.step()
+        with pytest.raises(RuntimeError, match=re.escape(words)):
+            method.attach(opt)

@@ -409,6 +409,10 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
     """
 
     record_type = OPMRecord
+    no_step = (
+        "ModalityPredictionModulator has no step() (it acts on the features in its call); there "
+        "is nothing to attach to the optimizer"
+    )
     who = "ModalityPredictionModulator"
     repeat_effect = "the same drop"
     no_grad_warning = (
@@ -470,18 +474,12 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
     ) -> OPMOutput:
         """Drop and rescale the features of this batch (training mode), else the identity.
 
-        Args:
-            features: ordered ``{modality: floating [B, ...]}``, the module's modalities in
-                order (``d_m = x_m[0].numel()``).
-            target: class indices ``[B]`` (``ignore_index`` allowed) or soft targets ``[B, C]``.
-            unimodal_logits: optional ``{modality: [B, C]}`` for the scores; default: from
-                ``head`` on the features under ``torch.no_grad``.
-
-        Returns :class:`OPMOutput` ``(features, keep)``; the input tensors and an all-True ``keep``
-        in eval mode, without gradients, with no sample on any rank, in the warm-up (counted).
-
-        Raises ``ValueError`` / ``TypeError`` for bad input (every rank raises in the same call:
-        ``RuntimeError`` on the others), and when there is neither ``head`` nor logits.
+        ``features``: ordered ``{modality: floating [B, ...]}`` (``d_m = x_m[0].numel()``);
+        ``target``: class indices ``[B]`` or soft ``[B, C]``; ``unimodal_logits``: optional
+        ``{modality: [B, C]}`` for the scores (default: ``head`` under ``no_grad``). Returns
+        :class:`OPMOutput`; the inputs and an all-True ``keep`` in eval mode, without gradients,
+        with no sample on any rank and in the warm-up. Bad input: ``ValueError`` / ``TypeError``
+        (every rank raises in the same call).
         """
         if not self._training_call():
             batch, device = check_modalities(features), _device_of(features)

@@ -303,6 +303,7 @@ class PMRLoss(Remedy[PMRRecord]):
     """
 
     record_type = PMRRecord
+    no_step = "PMRLoss has no step() (it is a loss: it acts in its call); nothing to attach"
     who = "PMRLoss"
 
     def __init__(
