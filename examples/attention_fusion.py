@@ -89,7 +89,8 @@ class Fusion(nn.Module):
         real = real | ~real.any(1, keepdim=True)  # a sample with no token left: attend to all
         mixed = self.layer(tokens, src_key_padding_mask=~real)
         weights = real.unsqueeze(-1).to(mixed.dtype)
-        return self.out((mixed * weights).sum(1) / weights.sum(1))
+        logits: Tensor = self.out((mixed * weights).sum(1) / weights.sum(1))
+        return logits
 
 
 class TokenModel(nn.Module):
@@ -135,9 +136,9 @@ def run(method: str, kind: str, seed: int, task: Any, epochs: int) -> dict[str, 
     start = time.perf_counter()
     for epoch in range(epochs):
         if hasattr(step_fn, "epoch_start"):
-            step_fn.epoch_start(task)  # type: ignore[attr-defined]
+            step_fn.epoch_start(task)
         model.train()
-        for index in torch.randperm(len(task.train), generator=g).split(BATCH):
+        for index in torch.split(torch.randperm(len(task.train), generator=g), BATCH):
             batch = task.train.take(index)
             opt.zero_grad(set_to_none=True)
             step_fn(batch, ce)
@@ -200,7 +201,7 @@ def _method(method: str, model: TokenModel, names: list[str], steps: int, seed: 
                 per_sample = F.cross_entropy(head(out.features), b.y, reduction="none")
             finally:
                 model.fusion.presence = None
-            il.kept_mean(per_sample, out.keep).backward()
+            il.kept_mean(per_sample, out.keep).backward()  # type: ignore[no-untyped-call]
 
         return drop
     raise ValueError(f"unknown method {method!r}")

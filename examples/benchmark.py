@@ -77,7 +77,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -331,7 +331,7 @@ class Runner:
         ``config``: run that setting alone (no grid, no ablation link).
         """
         total = self.steps_per_epoch * self.epochs
-        options: dict[str, Any] = {
+        settings: dict[str, dict[str, Any]] = {
             # official: 5 of 100 epochs; here one epoch. The ablation never leaves warm-up:
             # CE + gamma * sum_m CE(z_m) alone (what the released ARL code trains).
             "arl": {"warmup_steps": self.steps_per_epoch},
@@ -340,7 +340,8 @@ class Runner:
             # as published in docs/benchmark.md (the library's default is "code")
             "mmpareto": {"rescale": "paper"},
             "opm": {"warmup_steps": 2 * self.steps_per_epoch},  # official: 6 of 100 epochs
-        }.get(method.key, {})
+        }
+        options = settings.get(method.key, {})
         # boosting: check_every = total / 10 (official t_N = epochs / 10); PMR: prototypes from
         # the whole training split each epoch (train_eval); G-Blending: a weight update every
         # `window` epochs from the training and validation branch losses: the library's own.
@@ -386,9 +387,12 @@ class Runner:
 
         result = compare_remedies(
             build=lambda: self.build(mods),
-            forward=lambda model, split: (model.features(split.inputs, split.masks), split.y),
-            head=lambda model: model.head,
-            encoders=lambda model: model.encoders,
+            forward=lambda model, split: (
+                cast(FusionModel, model).features(split.inputs, split.masks),
+                split.y,
+            ),
+            head=lambda model: cast(FusionModel, model).head,
+            encoders=lambda model: cast(FusionModel, model).encoders,
             train=Batches(task.train),
             val=[task.val],  # the whole validation split at once
             train_eval=[task.train],  # PMR's prototypes, G-Blending's training losses
@@ -622,8 +626,8 @@ def run_benchmark(args: argparse.Namespace) -> str:
 
             uni: dict[str, list[RunResult]] = {}
             for m in names if with_unimodal else []:
-                runs, _ = runner.compare(opt, [METHODS[0]], seeds, False, [m], say)
-                uni[m] = runs[f"uni:{m}"]
+                alone, _ = runner.compare(opt, [METHODS[0]], seeds, False, [m], say)
+                uni[m] = alone[f"uni:{m}"]
                 results.append(report.Row.of(task, f"{m} only", opt, uni[m], "-"))
                 per_seed.append((task.name, opt, f"{m} only", [r.test_acc for r in uni[m]]))
                 curves[task.name][f"{m} only / {opt}"] = uni[m][0].val_curve

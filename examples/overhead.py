@@ -500,7 +500,7 @@ def host_reads(step: Step) -> tuple[int, list[str]]:
 _NOT_COUNTED = {"detach", "alias", "lift_fresh", "empty", "empty_like", "empty_strided"}
 
 
-class OpCount(TorchDispatchMode):
+class OpCount(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Counts the compute ops dispatched (forward, backward, optimiser), by ATen name.
 
     Views (``func.is_view``), detaches, aliases and bare allocations (``empty*``, which launch
@@ -508,7 +508,7 @@ class OpCount(TorchDispatchMode):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.ops: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -522,7 +522,8 @@ def count_ops(step: Step, warmup: int = 3) -> collections.Counter[str]:
     """The ops of one training step (after ``warmup`` steps: warm-up, lazy state), by name."""
     for _ in range(warmup):
         step()
-    with OpCount() as counter:
+    counter = OpCount()
+    with counter:
         step()
     return counter.ops
 

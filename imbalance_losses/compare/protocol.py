@@ -55,7 +55,7 @@ def compare_remedies(
     build: Callable[[], nn.Module],
     forward: Callable[[nn.Module, Any], tuple[Mapping[str, Tensor], Tensor]],
     head: Callable[[nn.Module], Head],
-    encoders: Callable[[nn.Module], Mapping[str, nn.Module]],
+    encoders: Callable[[nn.Module], Mapping[str, nn.Module] | nn.ModuleDict],
     train: Iterable[Any],
     val: Iterable[Any],
     *,
