@@ -17,6 +17,7 @@ __all__ = [
     "all_gather_rows",
     "all_reduce_sum",
     "is_distributed",
+    "is_sharded",
     "same_on_all_ranks",
     "stream_seed",
     "world_size",
@@ -29,6 +30,12 @@ ProcessGroup = dist.ProcessGroup
 def is_distributed(group: ProcessGroup | None = None) -> bool:
     """True when a process group is initialised and has more than one member."""
     return dist.is_available() and dist.is_initialized() and world_size(group) > 1
+
+
+def is_sharded(tensor: object) -> bool:
+    """Whether ``tensor`` is an FSDP2-sharded ``DTensor`` (checked by type name: no import of
+    ``torch.distributed.tensor`` on the hot path, and no failure where it is unavailable)."""
+    return type(tensor).__name__ == "DTensor"
 
 
 def world_size(group: ProcessGroup | None = None) -> int:

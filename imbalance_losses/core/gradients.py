@@ -41,6 +41,7 @@ from .distributed import (
     ProcessGroup,
     all_reduce_sum,
     is_distributed,
+    is_sharded,
     same_on_all_ranks,
     world_size,
 )
@@ -380,7 +381,7 @@ def sum_and_square_sum(g: Tensor) -> tuple[Tensor, Tensor]:
 
 def local_shards(grads: Sequence[Tensor]) -> tuple[list[Tensor], ProcessGroup | None]:
     """Each gradient's local tensor, and the group its shards span (``None``: not sharded)."""
-    if not grads or type(grads[0]).__name__ != "DTensor":
+    if not grads or not is_sharded(grads[0]):
         return list(grads), None
     group = grads[0].device_mesh.get_group()  # type: ignore[attr-defined]
     return [g.to_local() for g in grads], group  # type: ignore[attr-defined]

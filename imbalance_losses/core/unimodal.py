@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import is_sharded
 from .validation import check_features, check_modalities
 
 __all__ = ["Head", "MappingHead", "unimodal_logits"]
@@ -194,7 +195,7 @@ def reshard_fsdp(head: object) -> None:
 def _sharded(head: nn.Module) -> bool:
     """Whether ``head``'s parameters are sharded outside its forward (FSDP2's ``fully_shard``)."""
     weight = getattr(head, "weight", None)
-    return weight is not None and type(weight).__name__ == "DTensor"
+    return weight is not None and is_sharded(weight)
 
 
 def _linear_by_forward(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -236,7 +237,7 @@ def _check_dtype_device(features: Mapping[str, Tensor], head: object, by: str) -
     p = _first_parameter(head)
     if p is None:
         check_features(features, by=by)
-    elif type(p).__name__ == "DTensor":
+    elif is_sharded(p):
         check_features(features, device=p.device, by=by)
     else:
         check_features(features, dtype=p.dtype, device=p.device, by=by)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..core.distributed import ProcessGroup
+from ..core.distributed import ProcessGroup, is_sharded
 from ..core.gradients import (
     accumulation_dtype,
     agree_over_ranks,
@@ -271,7 +271,7 @@ class MMPareto:
         self.rescale: Rescale = rescale
         self.modalities = tuple(modules)
         self._params = modality_parameters(modules, what="modules", shared=shared)
-        sharded = sorted({m for m, _, p in self._params if type(p).__name__ == "DTensor"})
+        sharded = sorted({m for m, _, p in self._params if is_sharded(p)})
         if sharded:
             names = [self.modalities[m] for m in sharded]
             raise NotImplementedError(

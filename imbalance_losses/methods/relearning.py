@@ -27,7 +27,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.distributed import ProcessGroup, all_gather_rows, all_reduce_sum, is_distributed
+from ..core.distributed import (
+    ProcessGroup,
+    all_gather_rows,
+    all_reduce_sum,
+    is_distributed,
+    is_sharded,
+)
 from ..core.evaluation import _eval_mode
 from ..core.params import check_head_not_listed, modality_parameters
 from ..core.records import StepRecord
@@ -349,7 +355,7 @@ class ModalityRelearning(nn.Module):
         check_head_not_listed(
             params, head, self.modalities, who="ModalityRelearning", action="re-initialise"
         )
-        sharded = [self.modalities[m] for m, _, p in params if type(p).__name__ == "DTensor"]
+        sharded = [self.modalities[m] for m, _, p in params if is_sharded(p)]
         if sharded:
             raise NotImplementedError(
                 f"ModalityRelearning: encoders[{sharded[0]!r}] has FSDP2-sharded (DTensor) "
