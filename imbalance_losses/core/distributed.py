@@ -8,6 +8,9 @@ single-process use needs no setup.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -16,6 +19,7 @@ __all__ = [
     "ProcessGroup",
     "all_gather_rows",
     "all_reduce_sum",
+    "gathering_together",
     "is_distributed",
     "is_sharded",
     "same_on_all_ranks",
@@ -166,3 +170,20 @@ def stream_seed(seed: int, step: int, stream: int) -> int:
     x = (x * 0x94D049BB133111EB) & MASK64
     x ^= x >> 31
     return x & ((1 << 63) - 1)
+
+
+@contextmanager
+def gathering_together(device: torch.device, group: ProcessGroup | None) -> Iterator[None]:
+    """``with gathering_together(device, group): <collect this rank's rows>``.
+
+    If the block raises under DDP, this rank joins the other ranks' next
+    :func:`all_gather_rows` with ``failed=True`` before the exception propagates, so every rank
+    raises in the same call instead of waiting (the gather counterpart of
+    ``RunningSums.failing_together``).
+    """
+    try:
+        yield
+    except Exception:
+        if is_distributed(group):
+            all_gather_rows(torch.empty(0, 1, device=device), group, failed=True)
+        raise

@@ -31,6 +31,7 @@ from ..core.distributed import (
     ProcessGroup,
     all_gather_rows,
     all_reduce_sum,
+    gathering_together,
     is_distributed,
     is_sharded,
 )
@@ -454,13 +455,8 @@ class ModalityRelearning(nn.Module):
     ) -> tuple[list[Tensor], Tensor]:  # fmt: skip
         """Every rank's features and labels of one split: ``([N, D_m] per modality, [N])``."""
         device, group = self._params[0][1].device, self.process_group
-        try:
-            with _eval_mode(model):
-                rows = self._collect(split, data, forward, device)
-        except Exception:
-            if is_distributed(group):
-                all_gather_rows(torch.empty(0, 1, device=device), group, failed=True)
-            raise
+        with gathering_together(device, group), _eval_mode(model):
+            rows = self._collect(split, data, forward, device)
         known = [list(self._widths.values())] if self._widths else []
         known_t = torch.tensor(known, dtype=torch.long, device=device)
         widths = all_gather_rows(

@@ -29,7 +29,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from ..core.distributed import ProcessGroup, all_gather_rows, is_distributed, world_size
+from ..core.distributed import (
+    ProcessGroup,
+    all_gather_rows,
+    gathering_together,
+    is_distributed,
+    world_size,
+)
 from ..core.evaluation import _eval_mode
 from ..core.masking import masked_outputs, shapley_weights, subset_masks
 from ..core.records import StepRecord
@@ -486,18 +492,12 @@ class SampleModalityValuation:
         """Every rank's ``[n, 1 + 2^M]`` int64 rows (index, correct per subset) on the CPU."""
         group, param = self.process_group, _first_parameter(self.head)
         device = param.device if param is not None else torch.device("cpu")
-        try:
+        with gathering_together(device, group):
             with _eval_mode(model):
                 parts = []
                 for batch in loader:
                     parts.append(self._rows(*(forward(batch) if forward is not None else batch)))
             rows = torch.cat(parts) if parts else torch.zeros(0, 1 + 2 ** len(self.modalities))
-        except Exception:
-            if is_distributed(group):
-                all_gather_rows(
-                    torch.empty(0, 1, device=device, dtype=torch.long), group, failed=True
-                )
-            raise
         return all_gather_rows(rows.long().to(device), group, message=OTHER_RANK_FAILED).cpu()
 
     def _rows(self, features: Mapping[str, Tensor], target: Tensor, index: Tensor) -> Tensor:
