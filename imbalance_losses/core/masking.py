@@ -30,7 +30,14 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .unimodal import MappingHead, _check_concat, _check_dtype_device, reshard_fsdp
+from .unimodal import (
+    MappingHead,
+    _check_concat,
+    _check_dtype_device,
+    column_masks,
+    masked_copies,
+    reshard_fsdp,
+)
 
 __all__ = ["masked_outputs", "shapley_values", "shapley_weights", "subset_masks"]
 
@@ -197,13 +204,8 @@ def masked_outputs(
         x = torch.cat(list(features.values()), dim=-1)
         sizes = tuple(f.shape[-1] for f in features.values())
 
-        def columns() -> Tensor:
-            widths = torch.tensor(sizes, device=x.device)
-            return masks[:, torch.repeat_interleave(torch.arange(m, device=x.device), widths)]
-
-        column = _constant(("columns", sizes, x.device), columns)
-        column = column.reshape(2**m, *([1] * (x.dim() - 1)), x.shape[-1])
-        stacked = torch.where(column, x.unsqueeze(0), x.new_zeros(()))
+        column = _constant(("columns", sizes, x.device), lambda: column_masks(masks, sizes))
+        stacked = masked_copies(x, column)
         try:
             y = head(stacked.reshape(-1, *x.shape[1:]))
         except RuntimeError as err:  # only shape errors are about the features' widths

@@ -34,7 +34,7 @@ the model already has:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -198,6 +198,20 @@ def _sharded(head: nn.Module) -> bool:
     return weight is not None and is_sharded(weight)
 
 
+def column_masks(keep: Tensor, widths: Sequence[int]) -> Tensor:
+    """``[K, D]`` bool: ``keep [K, M]`` (copy ``k`` keeps modality ``j``) spread over each
+    modality's ``widths[j]`` columns of the concatenation."""
+    sizes = torch.tensor(list(widths), device=keep.device)
+    return keep[:, torch.repeat_interleave(torch.arange(len(widths), device=keep.device), sizes)]
+
+
+def masked_copies(x: Tensor, columns: Tensor) -> Tensor:
+    """``[K, *x.shape]``: copies of the concatenation ``x`` with the columns that
+    :func:`column_masks` ``columns [K, D]`` leave out zeroed (one ``where``)."""
+    column = columns.reshape(columns.shape[0], *([1] * (x.dim() - 1)), x.shape[-1])
+    return torch.where(column, x.unsqueeze(0), x.new_zeros(()))
+
+
 def _linear_by_forward(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The split of :func:`_linear` through the head's own forward (a sharded head).
 
@@ -207,11 +221,9 @@ def _linear_by_forward(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[
     """
     x = torch.cat(list(features.values()), dim=-1)
     m, batch = len(features), x.shape[0]
-    widths = torch.tensor([f.shape[-1] for f in features.values()], device=x.device)
-    owner = torch.repeat_interleave(torch.arange(m, device=x.device), widths)
-    keep = torch.arange(m, device=x.device).unsqueeze(1) == owner  # [M, D]
-    keep = keep.reshape(m, *([1] * (x.dim() - 1)), x.shape[-1])
-    padded = torch.where(keep, x.unsqueeze(0), x.new_zeros(())).reshape(-1, *x.shape[1:])
+    alone = torch.eye(m, dtype=torch.bool, device=x.device)  # copy j keeps modality j only
+    keep = column_masks(alone, [f.shape[-1] for f in features.values()])
+    padded = masked_copies(x, keep).reshape(-1, *x.shape[1:])
     y = head(torch.cat([padded, x.new_zeros(1, *x.shape[1:])]))
     bias = y[-1:] * ((m - 1) / m)
     z = y[:-1].reshape(m, batch, *y.shape[1:]) - bias
