@@ -13,9 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from imbalance_losses.core.gradients import min_norm_weight
+from imbalance_losses.core.gradients import Runs, min_norm_weight
 from imbalance_losses.core.running import OTHER_RANK_FAILED
-from imbalance_losses.methods.mmpareto import MMPareto, MMParetoRecord, pareto_weights
+from imbalance_losses.methods.mmpareto import (
+    MMPareto,
+    MMParetoRecord,
+    pareto_weights,
+    rescale_factors,
+)
 from tests.ddp import run_distributed
 
 NAMES = ["audio", "visual", "text"]
@@ -653,3 +658,76 @@ def test_a_copy_keeps_the_settings_and_forgets_the_losses_already_passed() -> No
         assert twin.state_dict() == mm.state_dict()
     with pytest.raises(ValueError, match="already passed"):
         mm.backward(fused, uni)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 22: the statistics of every encoder at once (Runs, fp64 norms, the rescale factor)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(1, 4), min_size=1, max_size=4).flatmap(
+        lambda counts: st.tuples(
+            st.just(counts),
+            st.lists(st.floats(-1e6, 1e6), min_size=sum(counts), max_size=sum(counts)),
+            st.lists(st.floats(-1e6, 1e6), min_size=len(counts), max_size=len(counts)),
+        )
+    )
+)
+def test_runs_sum_mean_and_expand_are_the_per_run_loops(
+    case: tuple[list[int], list[float], list[float]],
+) -> None:
+    counts, values, groups = case
+    runs = Runs(counts)
+    v = torch.tensor(values, dtype=torch.float64)
+    starts = [sum(counts[:g]) for g in range(len(counts))]
+    runs_of = [values[s : s + c] for s, c in zip(starts, counts, strict=True)]
+    torch.testing.assert_close(runs.sum(v), torch.tensor([math.fsum(r) for r in runs_of],
+                                                         dtype=torch.float64))  # fmt: skip
+    torch.testing.assert_close(
+        runs.mean(torch.stack([v, 2 * v]))[1],
+        torch.tensor([2 * math.fsum(r) / len(r) for r in runs_of], dtype=torch.float64),
+    )
+    want = [g for g, c in zip(groups, counts, strict=True) for _ in range(c)]
+    assert runs.expand(torch.tensor(groups)).tolist() == torch.tensor(want).tolist()
+
+
+def test_runs_keep_a_nan_in_its_own_run_and_refuse_empty_runs() -> None:
+    got = Runs([2, 1]).sum(torch.tensor([1.0, math.nan, 3.0]))
+    assert math.isnan(float(got[0])) and float(got[1]) == 3.0
+    with pytest.raises(ValueError, match="at least one tensor"):
+        Runs([2, 0])
+
+
+def test_rescale_factors_are_twice_the_ratio_with_the_official_floor() -> None:
+    summed = torch.tensor([3.0, 1.0, 0.0, 2.0, math.nan], dtype=torch.float64)
+    half = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    # ||a + b|| / ||d|| = summed / (2 half): 1.5, 0.5, 0/0 and 2/0 (d = 0: factor of r = 1), NaN
+    assert rescale_factors(summed, half, floor_one=False).tolist() == [3.0, 1.0, 2.0, 2.0, 2.0]
+    assert rescale_factors(summed, half, floor_one=True).tolist() == [3.0, 2.0, 2.0, 2.0, 2.0]
+
+
+class Deep(Net):
+    """Encoders with different numbers of parameter tensors (runs of unequal length)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(3, seed)
+        torch.manual_seed(seed + 100)
+        self.enc["audio"] = nn.Sequential(nn.Linear(5, 4, bias=False)).double()
+        self.enc["text"] = nn.Sequential(
+            nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4)
+        ).double()
+
+
+@pytest.mark.parametrize("mode", ["paper", "code"])
+def test_encoders_of_different_sizes_match_the_reference(mode: str) -> None:
+    seen = set()
+    for seed, flip in [(0, 0.0), (1, 0.9), (2, 1.0)]:
+        net = Deep(seed)
+        x, y = data(3, 12, seed)
+        want, info = reference(net, x, y, flip, 1.5, mode)
+        rec = run(net, x, y, flip, rescale=mode)
+        assert_grads(grads(net), want)
+        assert rec.conflict.tolist() == info["conflict"]
+        seen.update(info["conflict"])
+    assert seen == {True, False}

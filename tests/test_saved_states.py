@@ -108,7 +108,16 @@ def test_saved_state_loads_and_resumes_the_next_step(name: str, saved: dict[str,
     entry = saved["entries"][name]
     case = _resumed(name, entry)
     outputs = as_plain(case.next_step(copy.deepcopy(entry["inputs"])))
-    assert_same(outputs, entry["outputs"], name, exact=_exact(saved))
+    exact = _exact(saved) and name not in ARITHMETIC_CHANGED
+    assert_same(outputs, entry["outputs"], name, exact=exact)
+
+
+ARITHMETIC_CHANGED = {
+    "MMPareto": "issue 22: its statistics come from fp64 norms (one fused pass) instead of "
+    "power-of-two-normalised fp32 dot products: the same formula, the last bits differ",
+}
+"""Cases whose step computes the same formula in a different order since 0.1.0: compared within
+``TOLERANCE`` on every platform (their state and everything discrete still exactly)."""
 
 
 ADDED_SINCE_0_1_0 = {"ARLLoss": ("widths",)}

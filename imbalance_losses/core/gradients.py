@@ -10,17 +10,13 @@ to average them over DDP ranks before it combines them. This module has those pi
 * :func:`reached_leaves`: the leaf tensors (parameters) a set of losses reaches, found by walking
   the autograd graph, so a caller can also produce the gradient of the parameters it was not
   told about (a fusion head);
-* :func:`norms`, :func:`dots`: per-tensor norms (one ``torch._foreach_norm``) and dot products
-  (one ``torch.dot`` per tensor), fp32 accumulation whatever the gradient dtype, as ``[P]``
-  tensors on the device, no host sync;
-* :func:`segment_sum`: per-tensor values ``[P]`` summed per group ``[G]`` (a modality), so the
-  flattened dot product of a group is the sum of its tensors' dot products:
-  ``<flat(a), flat(b)> = sum_p <a_p, b_p>``, ``||flat(a)||^2 = sum_p ||a_p||^2``;
-  :func:`segment_max`, :func:`segment_expand`: a group's largest value, a group value per tensor;
-* :func:`normalise_`: each tensor divided in place by a power of two near its largest magnitude
-  (exact), so that norms and dot products formed afterwards neither overflow nor underflow
-  whatever the gradients' scale (a ``GradScaler`` factor, entries near ``1e19``); the caller
-  multiplies the scale back where it needs true units;
+* :func:`norms`: per-tensor norms (one ``torch._foreach_norm``), fp32 accumulation whatever
+  the gradient dtype (pass ``dtype=torch.float64`` where squares of fp32 entries must not
+  overflow), as a ``[P]`` tensor on the device, no host sync;
+* :class:`Runs`, :func:`segment_sum`: per-tensor values ``[P]`` summed per group ``[G]`` (a
+  modality), so the flattened value of a group is the sum of its tensors' values:
+  ``||flat(a)||^2 = sum_p ||a_p||^2``; :class:`Runs` also expands a group value to its tensors,
+  one op each whatever the group sizes;
 * :func:`min_norm_weight`: the two-vector min-norm (MGDA) weight in closed form;
 * :func:`average_over_ranks_`: every gradient of a list averaged over the ranks of a process
   group, one all-reduce per dtype (gradients flattened into one buffer);
@@ -31,7 +27,6 @@ to average them over DDP ranks before it combines them. This module has those pi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -48,21 +43,15 @@ from .distributed import (
 from .running import OTHER_RANK_FAILED
 
 __all__ = [
-    "accumulation_dtype",
+    "Runs",
     "agree_over_ranks",
     "average_over_ranks_",
-    "dots",
     "inverse_sizes",
     "local_shards",
-    "max_abs",
     "min_norm_weight",
-    "normalise_",
     "norms",
     "objective_gradients",
-    "power_of_two_scales",
     "reached_leaves",
-    "segment_expand",
-    "segment_max",
     "segment_sum",
     "sum_and_square_sum",
 ]
@@ -139,11 +128,6 @@ def reached_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
     return leaves
 
 
-def accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    """fp64 when any tensor is fp64, else fp32: the dtype :func:`norms` and :func:`dots` return."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def norms(tensors: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
     """``[P]``: ``||t_p||_2`` of each tensor, accumulated in ``dtype``: one ``torch._foreach_norm``.
 
@@ -153,17 +137,55 @@ def norms(tensors: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tens
     return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=dtype))
 
 
-def dots(a: Sequence[Tensor], b: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
-    """``[P]``: ``<a_p, b_p>`` (flattened) of each pair in ``dtype``, one ``torch.dot`` per pair.
+class Runs:
+    """Consecutive runs of a list of tensors (one run per group, e.g. one modality's parameters).
 
-    Pairs not already in ``dtype`` are cast to it first (fp16 / bf16 products would overflow).
-    No temporary of a gradient's size when the gradients are in ``dtype``; no host sync.
+    Reductions of per-tensor values ``[..., P]`` to per-run values ``[..., G]`` and the inverse
+    expansion, one op each whatever the run lengths (``torch.segment_reduce`` /
+    ``index_select``), no host sync. The run lengths and the tensor -> run index are copied to a
+    device once, at the first use there, and kept.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses.core.gradients import Runs
+        >>> runs = Runs([1, 3])
+        >>> runs.sum(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        tensor([1., 9.])
+        >>> runs.expand(torch.tensor([10.0, 20.0]))
+        tensor([10., 20., 20., 20.])
     """
-    out = [
-        torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype))
-        for x, y in zip(a, b, strict=True)
-    ]
-    return torch.stack(out)
+
+    def __init__(self, counts: Sequence[int]) -> None:
+        self.counts = tuple(int(c) for c in counts)
+        if not self.counts or min(self.counts) < 1:
+            raise ValueError(f"every run needs at least one tensor, got lengths {self.counts}")
+        self._lengths: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+        self._index: dict[torch.device, Tensor] = {}
+
+    def _reduce(self, values: Tensor, how: str) -> Tensor:
+        key = (values.device, tuple(values.shape[:-1]))
+        if key not in self._lengths:
+            lengths = torch.tensor(self.counts).expand(*key[1], -1).contiguous()
+            self._lengths[key] = lengths.to(values.device)
+        return torch.segment_reduce(
+            values, how, lengths=self._lengths[key], axis=values.dim() - 1, unsafe=True
+        )
+
+    def sum(self, values: Tensor) -> Tensor:
+        """``[..., G]``: the sum of each run of ``values`` ``[..., P]`` (NaN stays in its run)."""
+        return self._reduce(values, "sum")
+
+    def mean(self, values: Tensor) -> Tensor:
+        """``[..., G]``: the mean of each run of ``values`` ``[..., P]``."""
+        return self._reduce(values, "mean")
+
+    def expand(self, values: Tensor) -> Tensor:
+        """``[..., P]``: each run's value of ``values`` ``[..., G]`` repeated over its tensors."""
+        if values.device not in self._index:
+            index = torch.repeat_interleave(torch.arange(len(self.counts)),
+                                            torch.tensor(self.counts))  # fmt: skip
+            self._index[values.device] = index.to(values.device)
+        return values.index_select(-1, self._index[values.device])
 
 
 def segment_sum(values: Tensor, counts: Sequence[int]) -> Tensor:
@@ -177,87 +199,6 @@ def segment_sum(values: Tensor, counts: Sequence[int]) -> Tensor:
     if len(set(counts)) == 1:  # runs of one length: one row sum each, one op
         return values.reshape(len(counts), counts[0]).sum(1)
     return torch.stack([run.sum() for run in torch.split(values, counts)])
-
-
-def segment_max(values: Tensor, counts: Sequence[int]) -> Tensor:
-    """``[G]``: the largest value of each run of ``values`` ``[P]`` (NaN propagates), no sync."""
-    counts = list(counts)
-    if len(set(counts)) == 1:  # runs of one length: one row max each, one op
-        return values.reshape(len(counts), counts[0]).amax(1)
-    return torch.stack([run.max() for run in torch.split(values, counts)])
-
-
-def segment_expand(values: Tensor, counts: Sequence[int]) -> Tensor:
-    """``[P]``: each group's value ``values[g]`` ``[G]`` repeated ``counts[g]`` times (no copy to
-    the device of an index: the inverse of a segment reduction's layout)."""
-    return torch.cat([v.expand(c) for v, c in zip(values.unbind(), counts, strict=True)])
-
-
-def max_abs(tensors: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
-    """``[P]``: ``max |t_p|`` of each tensor (NaN if it holds a NaN), one ``torch._foreach_norm``
-    of order inf: exact in any dtype (no square is formed); 0 for an empty tensor."""
-    return torch.stack(torch._foreach_norm(list(tensors), math.inf, dtype=dtype))
-
-
-def power_of_two_scales(values: Tensor) -> Tensor:
-    """``[P]``: for each ``m > 0`` the power of two ``2^e <= m < 2^(e+1)`` (its exponent bits).
-
-    ``values`` is fp32 or fp64. Clamped to ``[tiny, 1 / tiny]`` of its dtype (``2^-126 ..
-    2^126`` in fp32) so that the scale and its reciprocal are normal numbers; 1 where ``m`` is
-    0 or not finite. Read off the bits, not through ``log2`` / ``exp2`` (whose rounding is not
-    guaranteed on every device): multiplying by it or by its reciprocal is exact (barring
-    underflow to subnormals). No host sync.
-    """
-    if values.dtype == torch.float64:
-        bits, mask = torch.int64, 0x7FF0000000000000
-    elif values.dtype == torch.float32:
-        bits, mask = torch.int32, 0x7F800000
-    else:
-        raise TypeError(f"power_of_two_scales needs fp32 or fp64 values, got {values.dtype}")
-    tiny = torch.finfo(values.dtype).tiny
-    scale = (values.contiguous().view(bits) & mask).view(values.dtype).clamp(tiny, 1.0 / tiny)
-    usable = torch.isfinite(values) & (values > 0)
-    return torch.where(usable, scale, torch.ones_like(scale))
-
-
-def _needs_scaling(dtype: torch.dtype, accumulate: torch.dtype) -> bool:
-    """Whether squares of ``dtype`` values can leave ``accumulate``'s range (fp16 in fp32 cannot:
-    ``65504^2`` and ``(6e-8)^2`` are fine, and dividing fp16 by a power of two would lose the
-    bits of its small entries to subnormals)."""
-    info, acc = torch.finfo(dtype), torch.finfo(accumulate)
-    return info.max > math.sqrt(acc.max) or info.smallest_normal < math.sqrt(acc.smallest_normal)
-
-
-def normalise_(tensors: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Divide each tensor in place by :func:`power_of_two_scales` of its largest magnitude.
-
-    Afterwards each tensor's largest entry is in ``[1, 2)`` (below 4 when the scale is
-    clamped), so :func:`norms` and :func:`dots` of the normalised tensors, accumulated in
-    ``dtype`` (:func:`accumulation_dtype`), neither overflow nor underflow for any finite
-    gradient. The division is exact (a power of two) except for entries that become
-    subnormal, i.e. below ``2^-126`` (fp32, bf16) of the tensor's own largest entry. A tensor
-    whose dtype's squares fit in ``dtype`` anyway (fp16 in fp32), a zero tensor and a non-finite
-    one (its NaN / inf stays) keep scale 1 and are not touched.
-
-    Returns:
-        ``(scales, max_abs)``, both ``[P]`` in ``dtype``: the true tensor is ``scales[p]`` times
-        the normalised one; ``max_abs`` is :func:`max_abs` before the division (0: a zero
-        tensor, non-finite: a NaN / inf entry).
-    """
-    ts = list(tensors)
-    if not ts:
-        empty = torch.zeros(0, dtype=dtype)
-        return empty, empty
-    largest = max_abs(ts, dtype)
-    scales = power_of_two_scales(largest)
-    keep = [not _needs_scaling(t.dtype, dtype) for t in ts]
-    if any(keep):
-        one = torch.ones((), dtype=dtype, device=scales.device)
-        scales = torch.stack([one if k else s for k, s in zip(keep, scales.unbind(), strict=True)])
-    todo = [(t, r) for t, r, k in zip(ts, scales.reciprocal().unbind(), keep, strict=True) if not k]
-    if todo:
-        torch._foreach_mul_([t for t, _ in todo], [r.to(t.dtype) for t, r in todo])
-    return scales, largest
 
 
 def min_norm_weight(aa: Tensor, ab: Tensor, bb: Tensor) -> Tensor:

@@ -15,9 +15,9 @@ the whole flattened encoder)::
 
 with ``gamma = 1.5``; a zero ``d`` (or ``d_p``) gets factor 1 (a zero gradient). The defaults
 follow the official code (``gamma``, the per-tensor rescale, a zero gradient giving ``gamma``
-times the other one); ``"paper"`` is our reading of the paper's encoder-level notation. Norms and
-inner products are formed from gradients divided by exact powers of two (scale-invariant: a
-``GradScaler`` factor or entries near ``1e19`` change nothing and overflow nothing). Every other
+times the other one); ``"paper"`` is our reading of the paper's encoder-level notation. Norms
+accumulate in fp64 and ``<a, b> = (||a + b||^2 - ||a||^2 - ||b||^2) / 2`` (scale-invariant: a
+``GradScaler`` factor or entries near ``1e30`` change nothing and overflow nothing). Every other
 parameter the losses reach (the fusion head, unimodal heads) gets the plain summed gradient
 ``d(L_mm + sum_m L_m)/dp``; a unimodal loss ``L_m`` must not reach another modality's encoder
 (``ValueError``: its gradient there would be in neither ``a`` nor ``b``). ``d`` never conflicts
@@ -27,8 +27,7 @@ with either objective: ``<d, a> >= 0`` and ``<d, b> >= 0``. See ``docs/mmpareto.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,24 +37,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.distributed import ProcessGroup, is_sharded
 from ..core.gradients import (
-    accumulation_dtype,
+    Runs,
     agree_over_ranks,
     average_over_ranks_,
-    dots,
-    min_norm_weight,
-    normalise_,
-    norms,
     objective_gradients,
     reached_leaves,
-    segment_expand,
-    segment_max,
-    segment_sum,
 )
 from ..core.params import SharedPolicy, modality_parameters
 from ..core.records import StepRecord
 from ..core.validation import check_same_modalities, check_state_keys, real_param
 
-__all__ = ["MMPareto", "MMParetoRecord", "combine", "magnitude_factors", "pareto_weights"]
+__all__ = ["MMPareto", "MMParetoRecord", "pareto_weights", "rescale_factors"]
 
 Rescale = Literal["paper", "code"]
 
@@ -108,9 +100,10 @@ def pareto_weights(aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor, 
     ``k_mm = 1/2`` where ``<a, b> > 0`` or either gradient is zero (``<a,a> = 0`` or
     ``<b,b> = 0``: a zero gradient agrees with anything, so ``d = a + b``, the other gradient);
     elsewhere the min-norm weight ``clip((<b,b> - <a,b>) / (<a,a> + <b,b> - 2<a,b>), 0, 1)``
-    (:func:`min_norm_weight`); ``k_m = 1 - k_mm``; ``conflict`` is where the min-norm weights
-    were used. Chosen with ``torch.where`` (no host sync); a NaN Gram entry (a non-finite
-    gradient) gives NaN weights.
+    (:func:`~imbalance_losses.core.gradients.min_norm_weight`; its denominator is
+    ``>= <a,a> + <b,b> > 0`` there); ``k_m = 1 - k_mm``; ``conflict`` is where the min-norm
+    weights were used. Chosen with ``torch.where`` (no host sync); a non-finite Gram entry
+    (a non-finite gradient) gives NaN weights.
 
     Example:
         >>> import torch
@@ -122,56 +115,66 @@ def pareto_weights(aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor, 
         >>> pareto_weights(a @ a, a @ a, a @ a)[:2]                     # agreeing: the plain sum
         (tensor(0.5000), tensor(0.5000))
     """
-    agree = (ab > 0) | (aa == 0) | (bb == 0)
-    k_mm, k_m = _weights(agree, aa, ab, bb)
-    return k_mm, k_m, ~agree
+    num = bb - ab
+    return _choose(aa, bb, ab, num, aa - ab + num)
 
 
-def combine(
-    a: list[Tensor], b: list[Tensor], k_mm: list[Tensor], k_m: list[Tensor]
+def _choose(
+    aa: Tensor, bb: Tensor, ab: Tensor, num: Tensor, den: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`pareto_weights` given also ``num = <b,b> - <a,b>`` and ``den = ||a - b||^2``."""
+    agree = (ab > 0) | (torch.minimum(aa, bb) == 0)
+    k = (num / den).clamp(0.0, 1.0).masked_fill_(agree, 0.5)
+    return k, 1.0 - k, ~agree
+
+
+_POLAR = ((-0.5, -0.5, 0.5), (0.5, 1.5, -0.5), (2.0, 2.0, -1.0))
+"""``<a, b>``, ``<b, b> - <a, b>`` and ``||a - b||^2`` from ``||a||^2``, ``||b||^2`` and
+``||a + b||^2`` (polarisation), as the rows of one matrix."""
+
+
+def rescale_factors(summed: Tensor, half: Tensor, *, floor_one: bool) -> Tensor:
+    """``2 r`` from the norms ``||a + b||`` and ``||d / 2||``, with ``r = ||a + b|| / ||d||``.
+
+    ``floor_one`` (the official code's per-tensor rule) gives ``2 max(r, 1)``: never shrink.
+    Where ``d = 0`` (``0 / 0`` or ``x / 0``) and where ``r`` is NaN (a non-finite gradient: the
+    official ``r > 1`` test is false there) the factor is that of ``r = 1``; a non-finite ``d``
+    stays non-finite after scaling.
+    """
+    two = torch.nan_to_num(summed / half, nan=2.0, posinf=2.0)
+    return two.clamp_min(2.0) if floor_one else two
+
+
+def _per_tensor(values: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """``values`` ``[..., P]`` as ``P`` tensors ``[...]``, each in the dtype of its ``like``."""
+    dtypes = {t.dtype for t in like}
+    if len(dtypes) == 1:
+        return list(values.to(dtypes.pop()).unbind(-1))
+    return [v.to(t.dtype) for v, t in zip(values.unbind(-1), like, strict=True)]
+
+
+def _plain_sums(
+    raw: list[list[Tensor | None]], first: int, params: list[Tensor], seen: set[int]
 ) -> list[Tensor]:
-    """``d_p = 2 k_mm a_p + 2 k_m b_p`` for every tensor ``p`` (``k`` 0-dim, one per tensor).
-
-    Written into ``a`` in place (``torch._foreach_mul_`` / ``_foreach_add_``; ``b`` is scaled in
-    place too) and returned: the caller gives up both lists.
-    """
-    torch._foreach_mul_(a, [2.0 * k.to(x.dtype) for k, x in zip(k_mm, a, strict=True)])
-    torch._foreach_mul_(b, [2.0 * k.to(x.dtype) for k, x in zip(k_m, b, strict=True)])
-    torch._foreach_add_(a, b)
-    return a
-
-
-def magnitude_factors(summed: Tensor, combined: Tensor, *, floor_one: bool) -> Tensor:
-    """``r = ||a + b|| / ||d||`` elementwise (norms given), 1 where ``||d|| = 0``.
-
-    ``floor_one`` (the official code's per-tensor rule) gives ``max(r, 1)``: never shrink. A NaN
-    ratio gives 1 with ``floor_one`` (as the code's ``r > 1`` test), NaN without; either way a
-    non-finite ``d`` stays non-finite after scaling.
-    """
-    safe = torch.where(combined > 0, combined, torch.ones_like(combined))
-    r = torch.where(combined > 0, summed / safe, torch.ones_like(combined))
-    return torch.where(r > 1, r, torch.ones_like(r)) if floor_one else r
-
-
-def _weights(agree: Tensor, aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
-    """``(k_mm, k_m)``: 1/2 each where ``agree``, the min-norm weights elsewhere."""
-    k = torch.where(agree, torch.full_like(ab, 0.5), min_norm_weight(aa, ab, bb))
-    return k, 1.0 - k
-
-
-def _unit(scales: Tensor, sizes: Tensor, counts: list[int]) -> Tensor:
-    """``[M]``: per encoder, the largest scale of a tensor whose ``size`` is ``> 0`` (1 if none)."""
-    e = segment_max(torch.where(sizes > 0, scales, torch.zeros_like(scales)), counts)
-    return torch.where(e > 0, e, torch.ones_like(e))
-
-
-def _summed(terms: Iterable[Tensor | None]) -> Tensor | None:
-    """The sum of the terms that are not ``None``, out of place (a term may share its storage
-    with another's); ``None`` when every term is."""
-    total: Tensor | None = None
-    for g in terms:
-        total = g if total is None else total if g is None else total + g
-    return total
+    """``sum_j raw[j][first + i]`` for every ``params[i]``: the plain summed gradient of the
+    parameters outside the encoders, one ``torch._foreach_add_`` per loss (zeros where no loss
+    reached one). The first term of each is made safe to modify (:func:`_own`)."""
+    sums: list[Tensor | None] = [None] * len(params)
+    for grads in raw:
+        into: list[Tensor] = []
+        terms: list[Tensor] = []
+        for i, g in enumerate(grads[first:]):
+            total = sums[i]
+            if g is None:
+                continue
+            if total is None:
+                sums[i] = _own(g, params[i], seen)
+            else:
+                into.append(total)
+                terms.append(g)
+        if into:
+            torch._foreach_add_(into, terms)
+    return [_own(g, p, seen) if g is None else g for g, p in zip(sums, params, strict=True)]
 
 
 def _own(g: Tensor | None, like: Tensor, seen: set[int]) -> Tensor:
@@ -283,6 +286,8 @@ class MMPareto:
         self.process_group = process_group
         self.steps = 0
         self.last: MMParetoRecord | None = None
+        self._segments: Runs | None = None
+        self._constants: dict[torch.device, Tensor] = {}
         # loss tensor -> the step it was passed in (weak: the user's tensors, not ours to keep)
         self._passed: MutableMapping[Tensor, int] = WeakIdKeyDictionary()
 
@@ -385,7 +390,7 @@ class MMPareto:
         a = [_own(g, p, seen) for g, p in zip(a_raw, enc, strict=True)]
         b = [_own(g, p, seen) for g, p in zip(b_raw, enc, strict=True)]
         # the plain sum on every other parameter; zero where no pass produced one
-        head = [_own(_summed(g[n + i] for g in raw), p, seen) for i, p in enumerate(others)]
+        head = _plain_sums(raw, n, others, seen)
         average_over_ranks_(a + b + head, self.process_group)
         self._apply(enc, a, b, counts, touched)
         for loss in losses:
@@ -441,75 +446,56 @@ class MMPareto:
     ) -> None:  # fmt: skip
         """The rule on the encoders, written to ``.grad``; ``a`` and ``b`` are consumed.
 
-        Scale-invariant: every vector whose norm or dot product is taken is first divided by a
-        power of two near its largest entry (:func:`~imbalance_losses.core.gradients.normalise_`,
-        exact), and the scales are folded back as exact powers of two, so a ``GradScaler``
-        factor of ``2^32`` or gradient entries near ``1e19`` neither overflow a square (fp32)
-        nor change a decision, while the combination itself is the formula's, bit for bit.
+        Every statistic comes from per-tensor norms accumulated in fp64 (one
+        ``torch._foreach_norm`` of ``a``, ``b`` and ``a + b`` together, one of ``d / 2``): the
+        squares of fp32 / bf16 / fp16 entries neither overflow nor underflow there, so a
+        ``GradScaler`` factor of ``2^32`` or entries near ``1e30`` change no decision, and a
+        power-of-two scale scales the result exactly. ``<a, b> = (||a + b||^2 - ||a||^2 -
+        ||b||^2) / 2`` per encoder. The combination ``d / 2 = k_mm a + k_m b`` is formed in
+        place in ``a`` (exactly ``(a + b) / 2`` under agreement) and scaled once.
         """
-        dtype = accumulation_dtype(a)
-        # ||a_p + b_p|| = ns_p * ps_p (the temporary sum is freed here)
+        runs = self._runs(counts)
         total = torch._foreach_add(a, b)
-        ps, _ = normalise_(total, dtype)
-        ns = norms(total, dtype)
+        n = torch.stack(torch._foreach_norm([*a, *b, *total], 2, dtype=torch.float64))
         del total
-        # the Gram entries, from a_p / pa_p and b_p / pb_p, in the units ea, eb of each encoder
-        pa, ma = normalise_(a, dtype)
-        pb, mb = normalise_(b, dtype)
-        big_a, big_b = segment_max(ma, counts), segment_max(mb, counts)
-        ea, eb = (_unit(p, m, counts) for p, m in ((pa, ma), (pb, mb)))
-        ua, vb = pa / segment_expand(ea, counts), pb / segment_expand(eb, counts)
-        aa = segment_sum(norms(a, dtype).square() * ua.square(), counts)  # ||a||^2 / ea^2
-        bb = segment_sum(norms(b, dtype).square() * vb.square(), counts)  # ||b||^2 / eb^2
-        ab = segment_sum(dots(a, b, dtype) * (ua * vb), counts)  # <a, b> / (ea eb)
-        cosine = ab / (aa * bb).sqrt().clamp_min(torch.finfo(dtype).tiny)
-        # a zero gradient agrees with anything (the official code's result there: gamma times
-        # the other gradient); a non-finite one gives NaN weights (the whole encoder non-finite)
-        agree = (ab > 0) | (big_a == 0) | (big_b == 0)
-        e = torch.maximum(ea, eb)
-        u, v = ea / e, eb / e  # the Gram in one unit e: <a, a> / e^2 = u^2 aa, ...
-        k_mm, k_m = _weights(agree, u.square() * aa, u * v * ab, v.square() * bb)
-        finite = torch.isfinite(big_a) & torch.isfinite(big_b)
-        k_mm, k_m = (torch.where(finite, k, torch.full_like(k, math.nan)) for k in (k_mm, k_m))
-        # d_p = 2 k_mm a_p + 2 k_m b_p in true units: (a_p / pa_p) * (2 k_mm pa_p) is exact
-        weight_a = (segment_expand(k_mm, counts) * pa).unbind()
-        weight_b = (segment_expand(k_m, counts) * pb).unbind()
-        d = combine(a, b, list(weight_a), list(weight_b))
-        pd, _ = normalise_(d, dtype)  # ||d_p|| = nd_p * pd_p; d_p / pd_p from here on
-        nd = norms(d, dtype)
-        if self.rescale == "paper":  # ||a + b|| / ||d|| = (s_enc / d_enc) * (es / ed)
-            es, ed = _unit(ps, ns, counts), _unit(pd, nd, counts)
-            s_enc = segment_sum((ns * (ps / segment_expand(es, counts))).square(), counts).sqrt()
-            d_enc = segment_sum((nd * (pd / segment_expand(ed, counts))).square(), counts).sqrt()
-            ratio = magnitude_factors(s_enc, d_enc, floor_one=False)  # 1 where d = 0
-            nonzero = d_enc > 0
-            mean_r = torch.where(nonzero, ratio * (es / ed), ratio)
-            # g_p = (d_p / pd_p) * [gamma * ratio] * [es * (pd_p / ed)]: neither factor overflows
-            first = segment_expand(self.gamma * ratio, counts)
-            rescaled = segment_expand(es, counts) * (pd / segment_expand(ed, counts))
-            second = torch.where(segment_expand(nonzero, counts), rescaled, pd)
-        else:  # per tensor, never below 1: r_p = (ns_p / nd_p) * (ps_p / pd_p)
-            ratio = magnitude_factors(ns, nd, floor_one=False)  # 1 where d_p = 0
-            r_p = torch.where(nd > 0, ratio * (ps / pd), ratio)
-            up = r_p > 1  # NaN: no (as the official ``diff > 1`` test), factor 1
-            floored = torch.where(up, r_p, torch.ones_like(r_p))
-            if len(set(counts)) == 1:  # runs of one length: one row mean each
-                mean_r = floored.reshape(len(counts), counts[0]).mean(1)
-            else:
-                mean_r = torch.stack([run.mean() for run in torch.split(floored, counts)])
-            # g_p = (d_p / pd_p) * [gamma * ns_p / nd_p] * [ps_p]  or  (d_p / pd_p) * gamma * pd_p
-            first = self.gamma * torch.where(up, ratio, torch.ones_like(ratio))
-            second = torch.where(up, ps, pd)
-        torch._foreach_mul_(d, [f.to(x.dtype) for f, x in zip(first.unbind(), d, strict=True)])
-        torch._foreach_mul_(d, [f.to(x.dtype) for f, x in zip(second.unbind(), d, strict=True)])
-        for p, g, t in zip(enc, d, touched, strict=True):
+        n = n.view(3, -1)  # ||a_p||, ||b_p||, ||a_p + b_p||
+        gram = runs.sum(n.square())  # ||a||^2, ||b||^2, ||a + b||^2 per encoder
+        ab, num, den = self._polar(gram) @ gram
+        k_mm, k_m, conflict = _choose(gram[0], gram[1], ab, num, den)
+        weights = _per_tensor(runs.expand(torch.stack([k_mm, k_m])), a)
+        torch._foreach_mul_(a, [w[0] for w in weights])
+        torch._foreach_addcmul_(a, b, [w[1] for w in weights])  # a := d / 2
+        half = torch.stack(torch._foreach_norm(a, 2, dtype=torch.float64))
+        if self.rescale == "paper":  # one factor per encoder
+            two = rescale_factors(gram[2].sqrt(), runs.sum(half.square()).sqrt(), floor_one=False)
+            rescale, per = two * 0.5, runs.expand(two)
+        else:  # per tensor, never below 1
+            per = rescale_factors(n[2], half, floor_one=True)
+            rescale = runs.mean(per) * 0.5
+        torch._foreach_mul_(a, _per_tensor(self.gamma * per, a))  # gamma * factor * d
+        for p, g, t in zip(enc, a, touched, strict=True):
             if t:
                 p.grad = g if p.grad is None else p.grad.add_(g)
+        norm = gram[:2].sqrt()
+        cosine = ab / (norm[0] * norm[1]).clamp_min(torch.finfo(torch.float64).tiny)
+        stats = torch.stack([cosine, k_mm, k_m, rescale]).float()
         self.last = MMParetoRecord(
-            modalities=self.modalities, cosine=cosine.float(), conflict=~agree, k_mm=k_mm.float(),
-            k_m=k_m.float(), rescale=mean_r.float(), step=self.steps,
+            modalities=self.modalities, cosine=stats[0], conflict=conflict, k_mm=stats[1],
+            k_m=stats[2], rescale=stats[3], step=self.steps,
         )  # fmt: skip
         self.steps += 1
+
+    def _polar(self, like: Tensor) -> Tensor:
+        """:data:`_POLAR` on ``like``'s device (copied there once)."""
+        if like.device not in self._constants:
+            self._constants[like.device] = torch.tensor(_POLAR, dtype=like.dtype).to(like.device)
+        return self._constants[like.device]
+
+    def _runs(self, counts: list[int]) -> Runs:
+        """The encoders' runs of parameter tensors (kept while the trainable set is the same)."""
+        if self._segments is None or self._segments.counts != tuple(counts):
+            self._segments = Runs(counts)
+        return self._segments
 
     def state_dict(self) -> dict[str, Any]:
         """``{"gamma", "rescale", "steps", "modalities"}`` (MMPareto keeps no running statistic)."""
