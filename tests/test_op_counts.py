@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OVER = {  # issue 22 is open for these: the test fails (strict xfail) once they meet the budget
     "ModalityGradientModulator ogm_ge": "the per-draw noise: 41 ops against 40",
     "SustainedBoostingLoss, 1 head": "the residual loss and the record: 55 ops against 43",
-    "ModalityPredictionModulator (OPM)": "seeded draws and the record: 62 ops against 53",
 }
 
 

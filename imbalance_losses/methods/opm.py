@@ -115,8 +115,9 @@ def drop_probabilities(ratios: Tensor, q_base: float, lam: float) -> Tensor:
         >>> drop_probabilities(torch.tensor([2.0, 0.5]), q_base=0.5, lam=0.5).round(decimals=4)
         tensor([0.6904, 0.0000])
     """
-    q = (q_base * (1.0 + lam * torch.tanh(torch.relu(ratios - 1.0)))).clamp(0.0, 1.0)
-    dominant = (ratios > 1.0) & (ratios > ratios.min())
+    # relu dropped: it only changes modalities with rho <= 1, zeroed below
+    q = (q_base + (q_base * lam) * torch.tanh(ratios - 1.0)).clamp(0.0, 1.0)
+    dominant = ratios > ratios.min().clamp_min(1.0)  # rho > 1 and rho > min_k rho_k
     return q * dominant  # q >= 0 is finite: q * False is +0.0, as torch.where(.., 0) gives
 
 
@@ -142,8 +143,8 @@ def rescale_factor(q: Tensor, widths: Tensor) -> Tensor:
         tensor(1.3333)
     """
     w = widths.to(q.dtype)
-    theta = (w * q).sum() / w.sum()
-    return 1.0 / (1.0 - theta)
+    total = w.sum()
+    return total / (total - w @ q)  # = 1 / (1 - theta)
 
 
 def drop_factors(
@@ -178,10 +179,18 @@ def drop_factors(
         (tensor([[0.0000, 1.3333],
                 [1.3333, 1.3333]]), [[True, False], [False, False]], tensor(1.3333))
     """
-    dropped = (draws < q) & execute
-    factor = rescale_factor(q, widths)
-    scale = torch.where(execute, factor, factor.new_ones(()))
-    return (~dropped).float() * scale, dropped, scale
+    w = widths.to(q.dtype)
+    return _drop_factors(q, w, w.sum(), draws, execute)
+
+
+def _drop_factors(
+    q: Tensor, widths: Tensor, width_sum: Tensor, draws: Tensor, execute: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`drop_factors` given ``widths`` in ``q``'s dtype and their sum."""
+    q = q * execute  # not executed: q = 0, nothing dropped, theta = 0, scale exactly 1
+    dropped = draws < q
+    scale = width_sum / (width_sum - widths @ q)  # 1 / (1 - theta): rescale_factor
+    return (~dropped) * scale, dropped, scale
 
 
 def kept_mean(losses: Tensor, keep: Tensor) -> Tensor:
@@ -226,7 +235,7 @@ def kept_mean(losses: Tensor, keep: Tensor) -> Tensor:
             f"keep of shape {tuple(keep.shape)} is on {keep.device} but losses of shape "
             f"{tuple(losses.shape)} are on {losses.device}; put them on one device"
         )
-    kept = torch.where(keep, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
+    kept = losses.masked_fill(~keep, 0.0)  # selected out: no NaN of an excluded sample passes
     if losses.dtype in (torch.float32, torch.float64):  # the count, exact, summed in that dtype
         return kept.sum() / keep.sum(dtype=losses.dtype).clamp_min(1)
     return kept.sum() / keep.sum().clamp_min(1).to(losses.dtype)
@@ -565,21 +574,16 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
         rank = dist.get_rank(group=self.process_group) if is_distributed(self.process_group) else 0
         gen.manual_seed(stream_seed(self.seed, record.step, 1 + rank))  # this rank's samples
         draws = torch.rand(batch, len(self.modalities), generator=gen, device=device)
-        q = record.drop_probabilities
         widths, width_sum = self._widths_on(features, device)
-        # drop_factors, in fewer ops: the same values
-        dropped = (draws < q) & execute
-        kept = ~dropped
-        theta = (widths * q).sum() / width_sum
-        factor = (1.0 - theta).reciprocal()  # = 1.0 / (1.0 - theta)
-        scale = torch.where(execute, factor, factor.new_ones(()))
-        factors = kept * scale  # = kept.float() * scale (scale > 0)
-        keep = kept.any(1)
+        factors, dropped, scale = _drop_factors(
+            record.drop_probabilities, widths, width_sum, draws, execute
+        )
+        keep = factors.any(1)
         self.last = dataclasses.replace(
             record,
             executed=execute,
             rescale=scale,
-            dropped=dropped.sum(0, dtype=torch.float32) / max(batch, 1),
+            dropped=dropped.mean(0, dtype=torch.float32),
             removed=(~keep).sum(),
         )
         return factors, keep
