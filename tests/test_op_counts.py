@@ -15,10 +15,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OVER = {  # issue 22 is open for these: the test fails (strict xfail) once they meet the budget
-    "ModalityGradientModulator ogm_ge": "the per-draw noise: 41 ops against 40",
-    "SustainedBoostingLoss, 1 head": "the residual loss and the record: 55 ops against 43",
-}
+OVER: dict[str, str] = {}  # modules over budget while issue 22 is open (strict xfail)
 
 
 def _overhead() -> Any:

@@ -136,22 +136,31 @@ def one_vs_rest_ratio(scores: Tensor) -> Tensor:
     return torch.where((scores == 0) & (rest == 0), torch.ones_like(ratio), ratio)
 
 
-def reduce_loss(per_sample: Tensor, reduction: Reduction, mask: Tensor | None = None) -> Tensor:
+def reduce_loss(
+    per_sample: Tensor,
+    reduction: Reduction,
+    mask: Tensor | None = None,
+    *,
+    count: Tensor | int | None = None,
+) -> Tensor:
     """Reduce a per-sample loss ``l`` ``[B]`` as ``torch.nn`` losses do.
 
     ``"none"``: ``l``; ``"sum"``: ``sum_b l_b``; ``"mean"``: ``sum_b l_b / n`` with ``n`` the
     number of counted samples (``mask.sum()``, all ``B`` when ``mask`` is ``None``), and 0, not
     ``0 / 0``, when ``n = 0``. Samples left out by ``mask`` must already be 0 in ``l`` (as
-    ``F.cross_entropy(..., reduction="none", ignore_index=...)`` gives). No host sync.
+    ``F.cross_entropy(..., reduction="none", ignore_index=...)`` gives). ``count``: ``n``
+    when the caller has it already (:func:`count_of`). No host sync.
     """
     if reduction == "none":
         return per_sample
     total = per_sample.sum()
     if reduction == "sum":
         return total
-    if mask is None:
-        return total / max(per_sample.shape[0], 1)
-    return total / mask.sum().clamp_min(1).to(total.dtype)
+    if count is None:
+        count = per_sample.shape[0] if mask is None else mask.sum()
+    if isinstance(count, Tensor):
+        return total / count.clamp_min(1).to(total.dtype)
+    return total / max(count, 1)
 
 
 def ema_update(

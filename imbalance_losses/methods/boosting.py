@@ -56,6 +56,7 @@ from ..core.remedy import Remedy
 from ..core.stats import (
     Reduction,
     at_least_fp32,
+    count_of,
     counted,
     one_vs_rest_ratio,
     reduce_loss,
@@ -422,7 +423,7 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
         """Training steps counted since the last check (the schedule's position)."""
         return self._since_check
 
-    def _loss(self, logits: list[Tensor], target: Tensor, mask: Tensor | None) -> Tensor:
+    def _loss(self, logits: list[Tensor], target: Tensor, count: Tensor | int) -> Tensor:
         """``l_b = sum_m l_mb`` reduced, plus ``0`` attached to every inactive head.
 
         The zero reaches each inactive head through an empty slice, so it is in the graph with
@@ -436,7 +437,7 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
         per = losses[0]
         for more in losses[1:]:  # l_b = sum_m l_mb, one add per modality
             per = per + more
-        loss = reduce_loss(per, self.reduction, mask)
+        loss = reduce_loss(per, self.reduction, count=count)
         zero = self._inactive_zero()
         return loss if zero is None else loss + zero.to(loss.dtype)
 
@@ -465,11 +466,11 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
         if due and step:
             self._check(explicit=False, stacklevel=6)
         logits = self._head_tensors(features)
-        mask = counted(target, self.ignore_index)
-        loss = self._loss(logits, target, mask)
-        if step:
-            scores = confidence_scores(logits, target, ignore_index=self.ignore_index)
-            self._add(scores, batch if mask is None else mask.sum(), rows=batch)
+        mask = counted(target, ii := self.ignore_index)
+        loss = self._loss(logits, target, count := count_of(mask, batch))
+        if step:  # confidence_scores, with the loss's mask and count
+            scores = true_class_scores([_ensemble(z) for z in logits], target, ii, mask)
+            self._add(scores, count, rows=batch)
             self._since_check += 1
         if training:
             self._trained = True
@@ -549,15 +550,14 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
         m, device = len(self.modalities), self.head_counts.device
         self._since_check, self._checked = 0, True
         pooled = self._pool.pool(m, device, self.process_group, missing=_NO_SAMPLES)
-        mine = torch.tensor([float(self.seed), *map(float, self._counts)], dtype=torch.float64)
+        mine = [float(self.seed), *map(float, self._counts)]
         message = (
             f"SustainedBoostingLoss differs across ranks (head counts {self.num_heads} or seed "
             f"{self.seed} on this rank are not those of every rank); call add_head/check on "
             "every rank at the same step and use one seed"
         )
-        check_same_on_ranks(
-            mine.to(device), self.process_group, message=message, error=RuntimeError
-        )
+        mine_t = torch.tensor(mine, dtype=torch.float64, device=device)
+        check_same_on_ranks(mine_t, self.process_group, message=message, error=RuntimeError)
         host = torch.cat([pooled.sums.double(), pooled.samples.reshape(1).double()]).cpu()
         count = float(host[m])  # the one host read of a check (with the comparison's)
         if pooled.empty or count == 0:

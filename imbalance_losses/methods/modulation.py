@@ -184,7 +184,7 @@ def ge_noise_stds(
     if group is not None:  # FSDP2 shards: the sums over every shard (one all-reduce)
         both = all_reduce_sum(both, group)
     s1, s2 = both.unbind(1)
-    var = (s2 - s1.square() * inv_n) * inv_n1
+    var = torch.addcmul(s2, s1.square(), inv_n, value=-1.0) * inv_n1
     return var.clamp_min(0.0).sqrt().float()  # clamp_min keeps NaN (a non-finite gradient)
 
 
