@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.distributed import ProcessGroup, all_reduce_sum, is_distributed, world_size
+from ..core.distributed import ProcessGroup, all_reduce_sum, is_distributed, is_sharded, world_size
+from ..core.gradients import local_shards
 from ..core.records import StepRecord
 from ..core.remedy import Remedy
 from ..core.running import Pooled
@@ -406,8 +407,9 @@ class AlternatingUnimodalAdaptation(Remedy[MLARecord]):
             scaler.unscale_(optimizer)
         if record.projected:
             weight = self._weights.get(modality, self._weights.get(None))
-            if weight is not None and weight.grad is not None:
-                weight.grad.copy_(project_gradient(weight.grad, self.projector))
+            if weight is not None and weight.grad is not None:  # FSDP2: this rank's rows
+                (grad,), _ = local_shards([weight.grad])  # (P acts on each row alone)
+                grad.copy_(project_gradient(grad, self.projector))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -481,8 +483,10 @@ def _check_head(head: Any) -> Any:
 
 @torch.no_grad()
 def _average_gradients(optimizer: Any, group: ProcessGroup | None) -> None:
-    """DDP's average of every present gradient over the ranks: one all-reduce per dtype."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    """DDP's average of every present gradient over the ranks: one all-reduce per dtype. An
+    FSDP2-sharded gradient is skipped: its reduce-scatter already averaged it."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"]
+             if p.grad is not None and not is_sharded(p.grad)]  # fmt: skip
     n = world_size(group)
     for dtype in dict.fromkeys(g.dtype for g in grads):
         same = [g for g in grads if g.dtype == dtype]

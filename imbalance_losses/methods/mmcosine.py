@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.distributed import is_sharded
 from ..core.records import StepRecord
 from ..core.unimodal import MappingHead
 from ..core.validation import (
@@ -253,6 +254,7 @@ class MMCosineHead(nn.Module):
             )
 
     def _wrap_linear(self, head: nn.Linear, widths: Mapping[str, int] | None) -> None:
+        _not_sharded_yet(head, "the head")
         self.weight = head.weight
         self.bias = head.bias
         if head.bias is not None:
@@ -276,6 +278,7 @@ class MMCosineHead(nn.Module):
                     f"MMCosineHead needs an nn.Linear head per modality; heads[{name!r}] is "
                     f"{type(head).__name__}"
                 )
+            _not_sharded_yet(head, f"heads[{name!r}]")
             if name in dir(self):
                 raise ValueError(f"modality name {name!r} clashes with an MMCosineHead attribute")
             self.add_module(name, head)
@@ -294,6 +297,13 @@ class MMCosineHead(nn.Module):
 
         For an ``nn.Linear`` head without ``widths``, the widths come from ``features``.
         """
+        if is_sharded(next(self.parameters())):  # FSDP2 gathers it for forward() only
+            raise NotImplementedError(
+                "MMCosineHead: this fully_shard-ed head's weight is sharded outside its forward, "
+                "where unimodal_logits(), as_mapping_head() and weight_blocks() read it: call the "
+                "head itself for the fused logits, or (diagnostics, under torch.no_grad()) "
+                "gather it first with head.unshard() and call head.reshard() afterwards"
+            )
         if self.heads:
             linears = {m: self.get_submodule(m) for m in self.heads}
             return {m: h.weight for m, h in linears.items() if isinstance(h, nn.Linear)}
@@ -391,6 +401,18 @@ def _check_finite(
             f"non-finite values (NaN or inf) in {' and '.join(bad) or 'the logits'}: "
             "MMCosineHead's logits would not be finite"
         ) from err
+
+
+def _not_sharded_yet(head: nn.Linear, what: str) -> None:
+    """Refuse a head that ``fully_shard`` sharded before it was wrapped (its forward, which
+    gathers the weight, is not the one that runs)."""
+    if is_sharded(head.weight):
+        raise NotImplementedError(
+            f"MMCosineHead: {what} is already FSDP2-sharded (a DTensor weight), and "
+            "MMCosineHead computes the logits from the weight outside that head's forward: wrap "
+            "the head first, then shard the wrapper (head = MMCosineHead(head); "
+            "fully_shard(head))"
+        )
 
 
 def _summed(parts: Mapping[str, Tensor]) -> Tensor:

@@ -246,6 +246,7 @@ class ReconBoost(nn.Module):
 
     head: dict[str, nn.Module] | MappingHead  # the model's: not a submodule here
     _encoder_params: list[list[Tensor]]  # per modality, the model's parameters
+    _head_lists: dict[str, list[Tensor]]  # per modality, its head's parameters
 
     def __init__(
         self,
@@ -281,6 +282,12 @@ class ReconBoost(nn.Module):
         check_head_not_listed(params, modules, self.modalities, who="ReconBoost", action="hold")
         self.__dict__["_encoder_params"] = [[p for i, _, p in params if i == m] for m in
                                             range(len(self.modalities))]  # fmt: skip
+        # the heads' parameters now, as the encoders': an FSDP2 module's forward swaps in
+        # gathered copies until its backward, so the optimiser built after it must not read them
+        self.__dict__["_head_lists"] = {
+            m: list((head if isinstance(head, MappingHead) else head[m]).parameters())
+            for m in self.modalities
+        }
         self._stage, self._phase, self._epochs = 0, "boost", 0
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None
@@ -312,8 +319,7 @@ class ReconBoost(nn.Module):
         return modality == self.modality if self._phase == "boost" else modality in self.members
 
     def _head_params(self, name: str) -> list[Tensor]:
-        head = self.head
-        return list(head.parameters() if isinstance(head, MappingHead) else head[name].parameters())
+        return self._head_lists[name]
 
     def parameters_for(self) -> list[Tensor]:
         """The parameters the current phase trains (its optimiser's), each once: boosting
