@@ -833,6 +833,13 @@ def _rows() -> list[Row]:
         "ValueError",
         r"scalar",
     )
+    # the methods that act in their call have no step() / attach() (Remedy.no_step)
+    for entry, build in (
+        (s, lambda: SustainedBoostingLoss(C, WIDTHS, hidden=4, check_every=10)),
+        (p, lambda: PMRLoss(C, WIDTHS)),
+        (op, lambda: ModalityPredictionModulator(list(WIDTHS), head=head())),
+    ):
+        add(entry, "step() called", lambda b=build: b().step(), "RuntimeError", r"has no step\(\)")
     return rows
 
 
