@@ -506,16 +506,16 @@ def test_gblend_row_blends_with_weights_from_train_and_validation_losses_per_win
 
 
 def _capture_batches(monkeypatch: pytest.MonkeyPatch, benchmark: Any) -> list[torch.Tensor]:
-    """Record every mini-batch index the training loop draws (the last one is the current)."""
+    """Record the rows of every mini-batch the training loader collates (the last one is the
+    current: the loader collates each batch just before the loop reads it)."""
     drawn: list[torch.Tensor] = []
-    real = benchmark.batches
+    real = benchmark.SplitRows.collate
 
-    def batches(n: int, size: int, generator: torch.Generator) -> Any:
-        for index in real(n, size, generator):
-            drawn.append(index)
-            yield index
+    def collate(self: Any, rows: list[int]) -> Any:
+        drawn.append(torch.tensor(rows, dtype=torch.long))
+        return real(self, rows)
 
-    monkeypatch.setattr(benchmark, "batches", batches)
+    monkeypatch.setattr(benchmark.SplitRows, "collate", collate)
     return drawn
 
 
