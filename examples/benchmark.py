@@ -9,11 +9,14 @@ examples/requirements-data.txt``)::
                                               # cores: ~7 min for the rows up to G-Blending, 994 s
                                               # on 2 shared cores, + 285 s for MMPareto/AGM/OPM)
     python examples/benchmark.py --methods mmpareto agm opm   # only these rows (keys of METHODS)
+    python examples/benchmark.py --model per-modality --methods joint mla reconboost
+                                              # per-modality heads: the model MLA, ReconBoost need
 
 ``--methods KEY [KEY ...]`` runs only the named rows (the keys of :data:`METHODS`: ``joint``,
 ``ogm_ge``, ``arl``, ``arl_no_reweight``, ``boost``, ``pmr``, ``gblend``, ``mmpareto``, ``agm``,
-``opm``; plus ``unimodal`` for the uni-modal rows and their ensemble, which run only when
-``unimodal`` is named or ``--methods`` is left out). An ablation brings the row it ablates
+``opm``, ``umt``, ``relearning``, ``mmcosine``, ``valuation``, ``mla``, ``reconboost``; plus
+``unimodal`` for the uni-modal rows and their ensemble, which run only when ``unimodal`` is named
+or ``--methods`` is left out). An ablation brings the row it ablates
 (``arl_no_reweight`` runs ``arl`` too: it reuses ARL's chosen setting). Every run is seeded and
 CPU results repeat exactly, so rows measured separately with the same protocol can be put in one
 table.
@@ -25,6 +28,14 @@ Protocol (the same for every row):
   stratified 60/20/20 train/val/test split; the test split is never used to choose anything.
 * Model: one encoder per modality (1-D conv for MFCC sequences, small CNN for images, MLP for
   feature vectors), concatenation fusion, one ``nn.Linear`` head (``examples/_bench/models.py``).
+  ``--model per-modality``: the same encoders, one ``nn.Linear`` head per modality and the fused
+  logits their sum (late fusion), a head that scores each modality alone (MLA and ReconBoost
+  need one; on the default model they print "does not apply"); every row of such a run, plain
+  joint training included (its reference), is labelled ", per-modality heads".
+* Data order: the training loader is a ``DataLoader`` over the split's rows (a map-style
+  dataset, :class:`SplitRows`), batch 64, a new ``torch.randperm`` of the rows each epoch from
+  the run's seeded global generator (:class:`Shuffle`): the same batches for every method of a
+  seed. Sample-level valuation re-reads that dataset through its own sampler.
 * Every run: ``--epochs`` epochs, batch 64, the epoch with the best validation accuracy (ties:
   lower validation cross-entropy) is kept (a copy of the model at that epoch), and that copy
   alone is evaluated on test.
@@ -56,6 +67,10 @@ Protocol (the same for every row):
   give the Shapley responses); grid ``alpha``; cumulative-mean reference, ``cap`` 10 (defaults).
 * OPM: ``out = opm(feats, y)``; the head on ``out.features``; ``kept_mean`` of the per-sample CE.
   Grid ``q_base``; ``lam=0.5``, ``p_exe=0.7`` (defaults); warm-up 2 epochs (official: 6 of 100).
+* The fused test and validation logits of every row are the method's own prediction
+  (``SelectedRun.logits``: the model's head; sustained boosting's heads; MMCosine's cosine
+  logits; MLA's entropy-weighted unimodal fusion; ReconBoost's ensemble), the per-modality
+  "head" column the unimodal logits of the head the method reads (``SelectedRun.diagnosis_head``).
 
 Every row is trained by the library's ``imbalance_losses.compare_remedies`` (one call per task
 and optimiser, one per uni-modal model), the protocol above as a library function: each
@@ -82,6 +97,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -266,30 +282,60 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     return float((logits.argmax(dim=-1) == y).float().mean())
 
 
-def batches(n: int, size: int, generator: torch.Generator | None) -> Iterator[Tensor]:
-    perm = torch.randperm(n, generator=generator)
-    for start in range(0, n, size):
-        yield perm[start : start + size]
+class SplitRows(Dataset[int]):
+    """A split as a map-style dataset: item ``i`` is row ``i``; :meth:`collate` takes the rows.
 
-
-class Batches:
-    """The training split in shuffled mini-batches of :data:`BATCH_SIZE` (the last one smaller).
-
-    The permutation is drawn from torch's global generator, which ``compare_remedies`` seeds
-    with the run's seed just before training (nothing else draws from it during training: the
-    methods' randomness has generators of their own), so a seed gives every method the same
-    batches, epoch after epoch.
+    The training loader is a ``DataLoader`` over it (:func:`training_loader`), so a method that
+    owns the data order (sample-level valuation re-reads the dataset through its own sampler and
+    the loader's ``collate_fn``) gets a map-style dataset, and every batch is still a
+    :class:`~data.Split`.
     """
 
     def __init__(self, split: Split) -> None:
         self.split = split
 
     def __len__(self) -> int:
-        return -(-len(self.split) // BATCH_SIZE)
+        return len(self.split)
 
-    def __iter__(self) -> Iterator[Split]:
-        for index in batches(len(self.split), BATCH_SIZE, None):
-            yield self.split.take(index)
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def collate(self, rows: list[int]) -> Split:
+        return self.split.take(torch.tensor(rows, dtype=torch.long))
+
+
+class Shuffle(Sampler[int]):
+    """A new permutation of ``range(n)`` each epoch, drawn by ``torch.randperm`` from torch's
+    global generator, which ``compare_remedies`` seeds with the run's seed just before training
+    (nothing else draws from it during training: the methods' randomness has generators of
+    their own), so a seed gives every method the same batches, epoch after epoch."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n).tolist())
+
+
+def training_loader(split: Split) -> DataLoader[int]:
+    """The training split in shuffled mini-batches of :data:`BATCH_SIZE` (the last one smaller),
+    each a :class:`~data.Split` (the dataset's items are row indices, collated by the split).
+
+    The loader's own ``generator`` is private: a ``DataLoader`` draws its workers' base seed from
+    it at every epoch, which would otherwise be a draw from the global generator, before the
+    permutation (the batches are those of the benchmark before it read a ``DataLoader``).
+    """
+    rows = SplitRows(split)
+    return DataLoader(
+        rows,
+        batch_size=BATCH_SIZE,
+        sampler=Shuffle(len(rows)),
+        collate_fn=rows.collate,
+        generator=torch.Generator(),
+    )
 
 
 def linear_probe(
@@ -313,16 +359,19 @@ def float32_accuracy(value: float, n: int) -> float:
 class Runner:
     """One task: builds the model, runs ``compare_remedies``, scores the kept models on test."""
 
-    def __init__(self, task: Task, epochs: int) -> None:
+    def __init__(self, task: Task, epochs: int, head: str = "concat") -> None:
         self.task = task
         self.epochs = epochs
+        self.head = head  # the model variant: one of HEADS (--model)
         self.skipped: dict[str, str] = {}  # row key -> why the method does not apply
         self.steps_per_epoch = -(-len(task.train) // BATCH_SIZE)
 
     def build(self, modalities: list[str]) -> FusionModel:
         t = self.task
         return FusionModel(
-            {m: build_encoder(t.kinds[m], t.train.inputs[m]) for m in modalities}, t.num_classes
+            {m: build_encoder(t.kinds[m], t.train.inputs[m]) for m in modalities},
+            t.num_classes,
+            self.head,
         )
 
     def plugin(self, method: Method, config: Config | None = None) -> RemedyPlugin:
@@ -393,7 +442,7 @@ class Runner:
             ),
             head=lambda model: cast(FusionModel, model).head,
             encoders=lambda model: cast(FusionModel, model).encoders,
-            train=Batches(task.train),
+            train=training_loader(task.train),
             val=[task.val],  # the whole validation split at once
             train_eval=[task.train],  # PMR's prototypes, G-Blending's training losses
             methods=[p for p in plugins.values() if p.name != "plain"],
@@ -440,19 +489,18 @@ class Runner:
         task, record = self.task, run.record
         model = run.model
         assert isinstance(model, FusionModel)
-        boost = run.kept
         modalities = list(model.encoders)
-        val_logits = self.predict(model, boost, task.val)[0]
-        fused, per_mod, test_feats = self.predict(model, boost, task.test)
-        _, _, train_feats = self.predict(model, boost, task.train)
-        # the diagnosis: a probe per encoder; the shared head's unimodal logits where there is
-        # one (sustained boosting's per-modality head ensembles and a uni-modal model's own head
-        # are scored from `per_mod`)
-        shared_head = boost is None and len(modalities) > 1
+        val_logits = self.predict(run, task.val)[0]
+        fused, per_mod, test_feats = self.predict(run, task.test)
+        _, _, train_feats = self.predict(run, task.train)
+        # the diagnosis: a probe per encoder; the unimodal logits of the head the method reads
+        # (`run.diagnosis_head`: the model's own head; MMCosine's cosine head) where there is
+        # one (sustained boosting's per-modality head ensembles and a uni-modal model's own
+        # head are scored from `per_mod`)
         diagnosis = imbalance_report(
             (train_feats, task.train.y),
             (test_feats, task.test.y),
-            head=model.head if shared_head else None,
+            head=run.diagnosis_head if len(modalities) > 1 else None,
             num_classes=task.num_classes,
             l2=PROBE_L2,
         )
@@ -501,20 +549,24 @@ class Runner:
 
     @torch.no_grad()
     def predict(
-        self, model: FusionModel, boost: Any, split: Split
+        self, run: SelectedRun, split: Split
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """Fused logits, per-modality logits from the model's own head(s), and the features."""
+        """Fused logits as the method predicts them (``run.logits``: the model's head, sustained
+        boosting's heads, MLA's entropy-weighted fusion, ReconBoost's ensemble), per-modality
+        logits from the head the method reads, and the features."""
+        model = run.model
+        assert isinstance(model, FusionModel)
         model.eval()
+        if run.kept is not None:
+            run.kept.eval()
         feats = model.features(split.inputs, split.masks)
-        if boost is not None:
-            boost.eval()
-            fused = boost.predict(feats)
-            per_mod = boost_modality_logits(boost, feats)
+        fused = run.logits(feats)
+        if len(feats) == 1:  # uni-modal model: its own head
+            per_mod = {m: fused for m in feats}
+        elif run.diagnosis_head is None:  # sustained boosting: each modality's head ensemble
+            per_mod = boost_modality_logits(run.kept, feats)
         else:
-            fused = model.fuse(feats)
-            per_mod = unimodal_logits(model.head, feats) if len(feats) > 1 else {}
-            if len(feats) == 1:  # uni-modal model: its own head
-                per_mod = {m: fused for m in feats}
+            per_mod = unimodal_logits(run.diagnosis_head, feats)
         return fused, per_mod, feats
 
 
@@ -596,6 +648,19 @@ def plan(
     return per * len(tasks) * len(optimizers)
 
 
+MODELS = {
+    "concat": "one nn.Linear head over the concatenated features",
+    "per-modality": "one nn.Linear head per modality, fused logits = the sum of the unimodal "
+    "logits (late fusion); every row's label ends with ', per-modality heads'",
+}
+"""The model variants of ``--model`` (:data:`_bench.models.HEADS`)."""
+
+
+def labelled(label: str, model: str) -> str:
+    """A row's label: the method's, marked with the model variant unless it is the default."""
+    return label if model == "concat" else f"{label}, per-modality heads"
+
+
 def run_benchmark(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     tasks = [load_task(name, split_seed=args.split_seed) for name in args.tasks]
@@ -615,7 +680,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
     started = time.perf_counter()
 
     for task in tasks:
-        runner = Runner(task, args.epochs)
+        runner = Runner(task, args.epochs, args.model)
         names = list(task.kinds)
         curves[task.name] = {}
         traces[task.name] = {}
@@ -637,28 +702,27 @@ def run_benchmark(args: argparse.Namespace) -> str:
             # that diverged in its first epoch (NaN) is never chosen
             by_key, tried = runner.compare(opt, available, seeds, grid, progress=say)
             for method in methods:
+                label = labelled(method.label, args.model)
                 if not method.available:
-                    results.append(report.Row.missing(task, method.label, opt, method.needs))
+                    results.append(report.Row.missing(task, label, opt, method.needs))
                     continue
                 if method.key in runner.skipped:  # e.g. MLA on a concatenation head
                     reason = runner.skipped[method.key]
-                    results.append(report.Row.missing(task, method.label, opt, None, reason))
+                    results.append(report.Row.missing(task, label, opt, None, reason))
                     continue
                 runs = by_key[method.key]
                 chosen = runs[0]
                 if method.key in tried:
-                    grids[(task.name, opt, method.label)] = tried[method.key]
+                    grids[(task.name, opt, label)] = tried[method.key]
                 if method.key == "joint" and with_unimodal:
                     diagnosis = report.with_alone(chosen, {m: uni[m][0] for m in names})
                     if diagnosis is not None:
                         diagnoses.append((task.title, opt, diagnosis))
-                results.append(
-                    report.Row.of(task, method.label, opt, runs, describe(chosen.config))
-                )
-                per_seed.append((task.name, opt, method.label, [r.test_acc for r in runs]))
-                curves[task.name][f"{method.label} / {opt}"] = chosen.val_curve
+                results.append(report.Row.of(task, label, opt, runs, describe(chosen.config)))
+                per_seed.append((task.name, opt, label, [r.test_acc for r in runs]))
+                curves[task.name][f"{label} / {opt}"] = chosen.val_curve
                 if chosen.trace:
-                    traces[task.name][f"{method.label} / {opt}"] = chosen.trace
+                    traces[task.name][f"{label} / {opt}"] = chosen.trace
             if with_unimodal:
                 results.append(report.Row.ensemble(task, opt, uni[names[0]], uni[names[1]]))
     progress.close()
@@ -676,6 +740,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
         optimizers={k: OPTIMIZERS[k][0] for k in args.optimizers},
         total_seconds=total,
         tasks=tasks,
+        model=None if args.model == "concat" else MODELS[args.model],
     )
     caveat = (
         "**Quick mode** (1 seed, 4 epochs, no grid): a smoke run that shows every row working, "
@@ -739,6 +804,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="torch.set_num_threads (default: 1 with --quick, whose small models gain nothing "
         "from a second thread and lose much on a busy machine; 2 otherwise)",
+    )
+    p.add_argument(
+        "--model",
+        default="concat",
+        choices=list(MODELS),
+        help="the model's fusion head: 'concat' (default: one linear head over the concatenated "
+        "features, the benchmark's model) or 'per-modality' (one linear head per modality, "
+        "fused logits = their sum: a head that scores each modality alone, which MLA and "
+        "ReconBoost need; the rows' labels say so). Every row of a run uses the same variant",
     )
     p.add_argument("--out", default="results/benchmark.md", help="Markdown output file")
     p.add_argument("--plots-dir", default="results", help="where the PNG plots go")

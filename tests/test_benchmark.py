@@ -506,16 +506,16 @@ def test_gblend_row_blends_with_weights_from_train_and_validation_losses_per_win
 
 
 def _capture_batches(monkeypatch: pytest.MonkeyPatch, benchmark: Any) -> list[torch.Tensor]:
-    """Record every mini-batch index the training loop draws (the last one is the current)."""
+    """Record the rows of every mini-batch the training loader collates (the last one is the
+    current: the loader collates each batch just before the loop reads it)."""
     drawn: list[torch.Tensor] = []
-    real = benchmark.batches
+    real = benchmark.SplitRows.collate
 
-    def batches(n: int, size: int, generator: torch.Generator) -> Any:
-        for index in real(n, size, generator):
-            drawn.append(index)
-            yield index
+    def collate(self: Any, rows: list[int]) -> Any:
+        drawn.append(torch.tensor(rows, dtype=torch.long))
+        return real(self, rows)
 
-    monkeypatch.setattr(benchmark, "batches", batches)
+    monkeypatch.setattr(benchmark.SplitRows, "collate", collate)
     return drawn
 
 
@@ -819,3 +819,94 @@ def test_plots_name_the_y_axes_and_mark_where_ogm_ge_stops(
     }  # fmt: skip
     assert report._window_end([{"active": 1.0}, {"active": 1.0}]) is None  # never stopped
     assert report._window_end([{"coefficients/a": 0.5}]) is None  # no window at all
+
+
+# ------------------------------- issue 23: the training DataLoader, the per-modality model
+
+
+def test_training_loader_is_a_map_style_dataloader_with_the_seeded_permutation() -> None:
+    import benchmark
+    from torch.utils.data import DataLoader, IterableDataset
+
+    split = _tiny_task().train
+    loader = benchmark.training_loader(split)
+    assert isinstance(loader, DataLoader) and loader.batch_size == benchmark.BATCH_SIZE
+    assert not isinstance(loader.dataset, IterableDataset) and len(loader.dataset) == len(split)
+    assert len(loader) == math.ceil(len(split) / benchmark.BATCH_SIZE)
+    for epoch in range(2):  # a new permutation each epoch, from the seeded global generator
+        torch.manual_seed(epoch)
+        got = list(loader)
+        after = torch.get_rng_state()
+        torch.manual_seed(epoch)
+        perm = torch.randperm(len(split))  # the one draw an epoch takes from it
+        assert torch.equal(after, torch.get_rng_state())
+        want = [perm[i : i + benchmark.BATCH_SIZE] for i in range(0, len(split), 64)]
+        assert [len(b) for b in got] == [64, 64, 22]
+        for batch, index in zip(got, want, strict=True):
+            assert isinstance(batch, data.Split) and torch.equal(batch.y, split.y[index])
+            for m in split.inputs:
+                assert torch.equal(batch.inputs[m], split.inputs[m][index])
+
+
+def test_per_modality_model_sums_one_linear_head_per_modality() -> None:
+    from imbalance_losses import unimodal_logits
+
+    torch.manual_seed(0)
+    x = {"a": torch.randn(4, 6), "b": torch.randn(4, 5)}
+    encoders = {m: build_encoder("vector", v) for m, v in x.items()}
+    model = FusionModel(encoders, 3, head="per-modality")
+    assert isinstance(model.head, torch.nn.ModuleDict) and list(model.head) == ["a", "b"]
+    feats = model.features(x, {})
+    z = unimodal_logits(model.head, feats)
+    assert torch.allclose(z["a"], model.head["a"](feats["a"]))
+    assert torch.allclose(model.fuse(feats), z["a"] + z["b"], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown head"):
+        FusionModel(encoders, 3, head="attention")
+
+
+def test_valuation_mla_reconboost_rows_are_measured_and_scored_as_the_method_predicts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import benchmark
+
+    monkeypatch.setattr(benchmark, "load_task", lambda name, split_seed: _tiny_task())
+    kept: list[tuple[str, Any, report.RunResult]] = []
+    real = benchmark.Runner.result
+
+    def result(self: Any, method: str, optimizer: str, run: Any) -> Any:
+        kept.append((method, run, real(self, method, optimizer, run)))
+        return kept[-1][2]
+
+    monkeypatch.setattr(benchmark.Runner, "result", result)
+    common = ["--quick", "--tasks", "mfeat", "--optimizers", "sgd", "--no-plots"]
+    common += ["--no-progress", "--threads", "1", "--out", str(tmp_path / "b.md")]
+    methods = ["joint", "mmcosine", "valuation", "mla", "reconboost"]
+    assert benchmark.main([*common, "--methods", *methods]) == 0
+    text = capsys.readouterr().out
+    assert "- model:" not in text  # the default model: the header as before
+    for label in ("joint + sample-level valuation", "MMCosine head"):
+        assert re.search(rf"^\| {re.escape(label)} \| sgd \| \d+\.\d ± ", text, re.M), label
+    for label in ("MLA (alternating unimodal steps)", "ReconBoost"):
+        assert re.search(rf"^\| {re.escape(label)} \| sgd \| does not apply: ", text, re.M)
+    assert sorted(k for k, _, _ in kept) == ["joint", "mmcosine", "valuation"]
+
+    kept.clear()  # the per-modality model: MLA and ReconBoost apply, plain is their reference
+    assert benchmark.main([*common, "--model", "per-modality", "--methods", *methods]) == 0
+    text = capsys.readouterr().out
+    assert "- model: one nn.Linear head per modality" in text
+    assert sorted(k for k, _, _ in kept) == sorted(methods)
+    for m in methods:
+        label = next(x.label for x in benchmark.METHODS if x.key == m)
+        row = rf"^\| {re.escape(label)}, per-modality heads \| sgd \| \d+\.\d ± "
+        assert re.search(row, text, re.M), label
+    # every row's validation accuracy, recomputed from the method's own prediction (MLA's
+    # entropy fusion, ReconBoost's ensemble, MMCosine's cosine logits), is the one it was
+    # chosen on; the test accuracy comes from the same prediction
+    for key, run, res in kept:
+        assert math.isclose(res.best_val, run.record.val, abs_tol=1e-6), key
+        feats = run.model.features(_tiny_task().test.inputs, {})
+        with torch.no_grad():
+            pred = run.logits(feats).argmax(-1)
+        assert math.isclose(res.test_acc, float((pred == _tiny_task().test.y).float().mean()))
+    mla = next(r for k, _, r in kept if k == "mla")
+    assert set(mla.head) == {"a", "b"} and all(0 <= v <= 1 for v in mla.head.values())

@@ -2,6 +2,9 @@
 
 The same architecture is used by every row (uni-modal rows use one encoder and a linear head of
 their own; sustained boosting replaces the linear head by its own heads, which is the method).
+The second variant, ``head="per-modality"`` (``--model per-modality``), has one linear head per
+modality and sums their logits (late fusion): a head that scores each modality alone, which MLA
+and ReconBoost need.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FEATURE_WIDTH", "FusionModel", "build_encoder"]
+__all__ = ["FEATURE_WIDTH", "HEADS", "FusionModel", "build_encoder"]
 
 FEATURE_WIDTH = 64
 """Width of every modality's feature vector (the input of the fusion head)."""
+
+HEADS = ("concat", "per-modality")
+"""The fusion heads of :class:`FusionModel`: one ``nn.Linear`` over the concatenation, or one
+``nn.Linear`` per modality with the logits summed."""
 
 
 class SequenceEncoder(nn.Module):
@@ -89,15 +96,27 @@ def build_encoder(kind: str, example: Tensor) -> nn.Module:
 
 
 class FusionModel(nn.Module):
-    """``head(cat(enc_1(x_1), ..., enc_M(x_M)))`` with an ``nn.Linear`` head.
+    """``head(cat(enc_1(x_1), ..., enc_M(x_M)))`` with an ``nn.Linear`` head (``"concat"``), or
+    ``sum_m head_m(enc_m(x_m))`` with one ``nn.Linear`` per modality (``"per-modality"``).
 
-    With one modality this is the uni-modal baseline (encoder + linear classifier).
+    With one modality both are the uni-modal baseline (encoder + linear classifier).
     """
 
-    def __init__(self, encoders: Mapping[str, nn.Module], num_classes: int) -> None:
+    head: nn.Linear | nn.ModuleDict
+
+    def __init__(
+        self, encoders: Mapping[str, nn.Module], num_classes: int, head: str = "concat"
+    ) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict(dict(encoders))
-        self.head = nn.Linear(FEATURE_WIDTH * len(encoders), num_classes)
+        if head == "concat":
+            self.head = nn.Linear(FEATURE_WIDTH * len(encoders), num_classes)
+        elif head == "per-modality":
+            self.head = nn.ModuleDict(
+                {m: nn.Linear(FEATURE_WIDTH, num_classes) for m in self.encoders}
+            )
+        else:
+            raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
 
     def features(
         self, inputs: Mapping[str, Tensor], masks: Mapping[str, Tensor]
@@ -106,5 +125,7 @@ class FusionModel(nn.Module):
         return {m: enc(inputs[m], masks.get(m)) for m, enc in self.encoders.items()}
 
     def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
-        """Fused logits ``head(cat(features))``."""
+        """Fused logits: ``head(cat(features))``, or the sum of the per-modality heads' logits."""
+        if isinstance(self.head, nn.ModuleDict):
+            return torch.stack([self.head[m](x) for m, x in features.items()]).sum(0)
         return self.head(torch.cat(list(features.values()), dim=-1))  # type: ignore[no-any-return]

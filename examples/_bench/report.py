@@ -219,6 +219,7 @@ def header(
     optimizers: Mapping[str, str],
     total_seconds: float,
     tasks: Sequence[Task],
+    model: str | None = None,
 ) -> str:
     lines = [
         "## Benchmark results",
@@ -231,6 +232,8 @@ def header(
         "- optimisers: " + "; ".join(f"{k}: {v}" for k, v in optimizers.items()),
         f"- total wall time: {total_seconds:.0f} s",
     ]
+    if model is not None:  # a variant of the benchmark's model (--model)
+        lines.insert(5, f"- model: {model}")
     for t in tasks:
         lines.append(
             f"- {t.name}: {t.source}; train/val/test = {len(t.train)}/{len(t.val)}/{len(t.test)}"
