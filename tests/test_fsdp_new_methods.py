@@ -122,13 +122,19 @@ def _reconboost_train(rank: int, world: int, data: Any) -> dict[str, Any]:
     return {**_full([*enc.named_parameters(), *head.named_parameters()]), "beta": rb.beta, **out}
 
 
-def test_reconboost_sharded_equals_one_process() -> None:
+def _equal_to_one_process(train: Any, key: str, rounds: int) -> None:
+    """``train`` on 2 sharded ranks equals one process; ``key`` (a per-sample mean of each
+    round, over two equal halves) is the mean of the ranks' values."""
     data = _data()
-    sharded, one = run_distributed(_reconboost_train, data), _reconboost_train(0, 1, data)
-    for i in range(4):  # a per-sample mean over two equal halves
-        mean = (sharded[0][f"{i}/loss"] + sharded[1][f"{i}/loss"]) / 2
-        torch.testing.assert_close(mean, one.pop(f"{i}/loss"), atol=1e-5, rtol=1e-5)
+    sharded, one = run_distributed(train, data), train(0, 1, data)
+    for i in range(rounds):
+        mean = (sharded[0][f"{i}/{key}"] + sharded[1][f"{i}/{key}"]) / 2
+        torch.testing.assert_close(mean, one.pop(f"{i}/{key}"), atol=1e-5, rtol=1e-5)
     _close(sharded, one)
+
+
+def test_reconboost_sharded_equals_one_process() -> None:
+    _equal_to_one_process(_reconboost_train, "loss", 4)
 
 
 # -------------------------------------------------------------------------------- valuation
@@ -206,12 +212,7 @@ def _umt_train(rank: int, world: int, data: Any) -> dict[str, Any]:
 
 
 def test_umt_sharded_equals_one_process() -> None:
-    data = _data()
-    sharded, one = run_distributed(_umt_train, data), _umt_train(0, 1, data)
-    for i in range(2):  # a per-sample mean over two equal halves
-        mean = (sharded[0][f"{i}/distillation"] + sharded[1][f"{i}/distillation"]) / 2
-        torch.testing.assert_close(mean, one.pop(f"{i}/distillation"), atol=1e-5, rtol=1e-5)
-    _close(sharded, one)
+    _equal_to_one_process(_umt_train, "distillation", 2)
 
 
 # --------------------------------------------------------------------------------- MMCosine
