@@ -699,12 +699,56 @@ def test_runs_keep_a_nan_in_its_own_run_and_refuse_empty_runs() -> None:
         Runs([2, 0])
 
 
-def test_rescale_factors_are_twice_the_ratio_with_the_official_floor() -> None:
+def test_rescale_factors_are_the_ratio_with_the_official_floor() -> None:
     summed = torch.tensor([3.0, 1.0, 0.0, 2.0, math.nan], dtype=torch.float64)
-    half = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
-    # ||a + b|| / ||d|| = summed / (2 half): 1.5, 0.5, 0/0 and 2/0 (d = 0: factor of r = 1), NaN
-    assert rescale_factors(summed, half, floor_one=False).tolist() == [3.0, 1.0, 2.0, 2.0, 2.0]
-    assert rescale_factors(summed, half, floor_one=True).tolist() == [3.0, 2.0, 2.0, 2.0, 2.0]
+    combined = torch.tensor([2.0, 2.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    # ||a + b|| / ||d||: 1.5, 0.5, 0/0 and 2/0 (d = 0: factor 1), NaN (factor 1)
+    assert rescale_factors(summed, combined, floor_one=False).tolist() == [1.5, 0.5, 1, 1, 1]
+    assert rescale_factors(summed, combined, floor_one=True).tolist() == [1.5, 1, 1, 1, 1]
+
+
+def _direct(dtype: torch.dtype, a: Tensor, b: Tensor, **kw: Any) -> tuple[Tensor, MMParetoRecord]:
+    """MMPareto on one encoder parameter whose fused / unimodal gradients are exactly ``a`` /
+    ``b`` (and a second encoder with agreeing gradients), in ``dtype``."""
+    wa = nn.Parameter(torch.zeros(a.shape, dtype=dtype))
+    wv = nn.Parameter(torch.zeros(3, dtype=dtype))
+    ua, ub = a.to(dtype), b.to(dtype)
+    fused = (wa * ua).sum().float() + wv.sum().float()
+    uni = {"audio": (wa * ub).sum().float(), "visual": wv.sum().float()}
+    record = MMPareto({"audio": [wa], "visual": [wv]}, **kw).backward(fused, uni)
+    assert wa.grad is not None
+    return wa.grad, record
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients_keep_the_decision_and_cosine_of_their_values(
+    dtype: torch.dtype,
+) -> None:
+    # a weak unimodal gradient (||b|| = ||a|| / 100) nearly orthogonal to the fused one:
+    # <a, b> from ||a + b|| must not lose it to the half type's rounding of a + b
+    g = torch.Generator().manual_seed(0)
+    flips = 0
+    for trial in range(20):
+        a = torch.randn(1024, generator=g)
+        b = torch.randn(1024, generator=g)
+        b = 0.01 * (b - (b @ a) / (a @ a) * a + (0.03 if trial % 2 else -0.03) * a)
+        _, rec = _direct(dtype, a, b)
+        ah, bh = a.to(dtype).double(), b.to(dtype).double()  # the values MMPareto received
+        cos = float(ah @ bh / (ah.norm() * bh.norm()))
+        assert abs(float(rec.cosine[0]) - cos) < 1e-4
+        flips += bool(rec.conflict[0]) != (float(ah @ bh) <= 0)
+    assert flips == 0
+
+
+def test_small_fp16_gradients_under_agreement_are_exactly_gamma_times_the_sum() -> None:
+    # fp16 entries near 3e-7 (subnormal): d = a + b must be formed without halving them
+    g = torch.Generator().manual_seed(1)
+    a = (torch.rand(4096, generator=g) + 0.5) * 3e-7
+    b = (torch.rand(4096, generator=g) + 0.5) * 3e-7
+    grad, rec = _direct(torch.float16, a, b)
+    want = (a.half() + b.half()) * torch.tensor(1.5, dtype=torch.float16)
+    assert not bool(rec.conflict[0]) and float(rec.rescale[0]) == 1.0
+    assert torch.equal(grad, want)
 
 
 class Deep(Net):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 import imbalance_losses.methods.opm as opm_module
 from imbalance_losses import unimodal_logits
+from imbalance_losses.core.running import Pooled
 from imbalance_losses.methods.modulation import ModalityGradientModulator
 from imbalance_losses.methods.opm import (
     ModalityPredictionModulator,
@@ -710,3 +711,25 @@ def test_repeat_survives_a_deep_copy_as_a_fresh_module() -> None:
     twin = copy.deepcopy(opm)
     twin(x, y, unimodal_logits=z)  # a copy has no open step: a new call
     assert twin.step_count == 2 and opm.step_count == 1
+
+
+def test_an_empty_rank_records_no_dropped_fraction_not_nan() -> None:
+    # a DDP rank with no sample still completes the executed step's record (issue 22 review)
+    opm = ModalityPredictionModulator(["audio", "visual"], p_exe=1.0)
+    record = opm._formula(
+        Pooled(torch.tensor([4.0, 1.0]), torch.tensor(5.0, dtype=torch.float64), None, False),
+        ("audio", "visual"),
+        True,
+    )
+    feats = {"audio": torch.zeros(0, 3), "visual": torch.zeros(0, 2)}
+    factors, keep = opm._drop(record, feats, 0, torch.device("cpu"))
+    assert factors.shape == (0, 2) and keep.shape == (0,)
+    assert opm.last is not None and opm.last.dropped.tolist() == [0.0, 0.0]
+
+
+def test_drop_factors_are_fp32_whatever_the_dtype_of_q() -> None:
+    q = torch.tensor([0.5, 0.0], dtype=torch.float64)
+    draws = torch.tensor([[0.2, 0.9], [0.7, 0.1]])
+    factors, _, scale = drop_factors(q, torch.tensor([2, 2]), draws, torch.tensor(True))
+    assert factors.dtype == torch.float32 and scale.dtype == torch.float64
+    torch.testing.assert_close(factors, torch.tensor([[0.0, 4 / 3], [4 / 3, 4 / 3]]))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .running import wide_dtype
 from .stats import stacked_cross_entropy
 from .unimodal import Head, unimodal_logits
 from .validation import (
@@ -236,7 +237,7 @@ def branch_vector(values: Mapping[str, object], names: tuple[str, ...], *, what:
             )
         out.append(v.detach().reshape(()))
     device = next((v.device for v in out if v.device.type != "cpu"), out[0].device)
-    dtype = torch.float32 if device.type == "mps" else torch.float64
+    dtype = wide_dtype(device)
     vec = torch.stack([v.to(device=device, dtype=dtype) for v in out])
     _assert_on_device(torch.isfinite(vec).all(), f"{what} must be finite, got {dict(values)}")
     return vec

@@ -28,6 +28,7 @@ to average them over DDP ranks before it combines them. This module has those pi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -142,8 +143,9 @@ class Runs:
 
     Reductions of per-tensor values ``[..., P]`` to per-run values ``[..., G]`` and the inverse
     expansion, one op each whatever the run lengths (``torch.segment_reduce`` /
-    ``index_select``), no host sync. The run lengths and the tensor -> run index are copied to a
-    device once, at the first use there, and kept.
+    ``index_select``; on MPS, which lacks ``segment_reduce``, a zero fill and an ``index_add_``),
+    no host sync. The run lengths and the tensor -> run index are copied to a device once, at
+    the first use there, and kept (not pickled).
 
     Example:
         >>> import torch
@@ -162,7 +164,18 @@ class Runs:
         self._lengths: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
         self._index: dict[torch.device, Tensor] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling / deepcopy: the lengths only (the device copies are rebuilt on first use)."""
+        return {"counts": self.counts}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["counts"])  # type: ignore[misc]
+
     def _reduce(self, values: Tensor, how: str) -> Tensor:
+        if values.device.type == "mps":  # no segment_reduce there
+            out = values.new_zeros(*values.shape[:-1], len(self.counts))
+            out.index_add_(-1, self._index_on(values.device), values)
+            return out if how == "sum" else out / torch.tensor(self.counts, device=out.device)
         key = (values.device, tuple(values.shape[:-1]))
         if key not in self._lengths:
             lengths = torch.tensor(self.counts).expand(*key[1], -1).contiguous()
@@ -170,6 +183,13 @@ class Runs:
         return torch.segment_reduce(
             values, how, lengths=self._lengths[key], axis=values.dim() - 1, unsafe=True
         )
+
+    def _index_on(self, device: torch.device) -> Tensor:
+        if device not in self._index:
+            index = torch.repeat_interleave(torch.arange(len(self.counts)),
+                                            torch.tensor(self.counts))  # fmt: skip
+            self._index[device] = index.to(device)
+        return self._index[device]
 
     def sum(self, values: Tensor) -> Tensor:
         """``[..., G]``: the sum of each run of ``values`` ``[..., P]`` (NaN stays in its run)."""
@@ -181,11 +201,7 @@ class Runs:
 
     def expand(self, values: Tensor) -> Tensor:
         """``[..., P]``: each run's value of ``values`` ``[..., G]`` repeated over its tensors."""
-        if values.device not in self._index:
-            index = torch.repeat_interleave(torch.arange(len(self.counts)),
-                                            torch.tensor(self.counts))  # fmt: skip
-            self._index[values.device] = index.to(values.device)
-        return values.index_select(-1, self._index[values.device])
+        return values.index_select(-1, self._index_on(values.device))
 
 
 def segment_sum(values: Tensor, counts: Sequence[int]) -> Tensor:

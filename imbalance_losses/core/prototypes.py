@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import ProcessGroup, all_reduce_sum, is_distributed
-from .running import OTHER_RANK_FAILED, _count_dtype
+from .running import OTHER_RANK_FAILED, wide_dtype
 from .validation import check_features, check_modalities, check_target
 
 __all__ = ["ClassMeans", "PrototypeStore", "Prototypes", "blend_prototypes"]
@@ -63,7 +63,7 @@ class PrototypeStore:
         return self._counts is None
 
     def _zeros(self, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
-        dtype = _count_dtype(device)
+        dtype = wide_dtype(device)
         sums = {m: torch.zeros(self.num_classes, d, dtype=dtype, device=device)
                 for m, d in self.dims.items()}  # fmt: skip
         return sums, torch.zeros(self.num_classes, dtype=dtype, device=device)

@@ -29,7 +29,7 @@ from torch import Tensor
 from .distributed import ProcessGroup, all_reduce_sum, is_distributed
 from .validation import _assert_on_device
 
-__all__ = ["Pooled", "RunningSums", "sample_mean"]
+__all__ = ["Pooled", "RunningSums", "sample_mean", "wide_dtype"]
 
 OTHER_RANK_FAILED = (
     "input validation failed on another rank in this same call (see that rank's error); every "
@@ -49,8 +49,9 @@ def sample_mean(sums: Tensor, count: Tensor) -> Tensor:
     return (sums / count.clamp_min(1.0).to(sums.dtype)).float()
 
 
-def _count_dtype(device: torch.device) -> torch.dtype:
-    """fp64 for exact sample counts, fp32 where the device has no fp64 (MPS)."""
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """fp64, for exact sample counts and for statistics whose squares must not overflow; fp32
+    where the device has no fp64 (MPS)."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -104,7 +105,7 @@ class RunningSums:
         self._rows += int(rows)
         sums = sums.detach().float()
         self._device = sums.device
-        dtype = _count_dtype(sums.device)
+        dtype = wide_dtype(sums.device)
         if isinstance(count, Tensor):
             count_t = count.detach().to(device=sums.device, dtype=dtype)
         else:
@@ -147,7 +148,7 @@ class RunningSums:
         """
         if self._sums is None or self._count is None:
             device = self._device or device
-            sums = torch.zeros(size + 1, device=device, dtype=_count_dtype(device))  # + count
+            sums = torch.zeros(size + 1, device=device, dtype=wide_dtype(device))  # + count
         else:
             if self._sums.shape[0] != size:
                 raise ValueError(
@@ -286,7 +287,7 @@ class RunningSums:
         sums, count = state["sums"], state["count"]
         self._sums = None if sums is None else sums.detach().clone().float()
         self._count = (
-            None if count is None else count.detach().to(_count_dtype(count.device), copy=True)
+            None if count is None else count.detach().to(wide_dtype(count.device), copy=True)
         )
         # older states have no row count: every counted sample was a row
         self._rows = int(state.get("rows", 0 if count is None else round(float(count))))

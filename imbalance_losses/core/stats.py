@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .running import wide_dtype
+
 Reduction = Literal["mean", "sum", "none"]
 """A loss's ``reduction``, as in ``torch.nn`` losses."""
 REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum", "none")
@@ -104,7 +106,7 @@ def count_of(mask: Tensor | None, batch: int) -> int | Tensor:
     (fp64; fp32 on MPS), so adding it needs no cast."""
     if mask is None:
         return batch
-    return mask.sum(dtype=torch.float32 if mask.device.type == "mps" else torch.float64)
+    return mask.sum(dtype=wide_dtype(mask.device))
 
 
 def entropy_sum(logits: Tensor, weight: Tensor | None = None) -> Tensor:

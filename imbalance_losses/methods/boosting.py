@@ -550,15 +550,14 @@ class SustainedBoostingLoss(Remedy[BoostingRecord], GrowingHeads):
         m, device = len(self.modalities), self.head_counts.device
         self._since_check, self._checked = 0, True
         pooled = self._pool.pool(m, device, self.process_group, missing=_NO_SAMPLES)
-        mine = [float(self.seed), *map(float, self._counts)]
         message = (
-            f"SustainedBoostingLoss differs across ranks (head counts {self.num_heads} or seed "
-            f"{self.seed} on this rank are not those of every rank); call add_head/check on "
-            "every rank at the same step and use one seed"
+            f"SustainedBoostingLoss differs across ranks (head counts {self.num_heads}, seed "
+            f"{self.seed} on this rank); call add_head/check on every rank alike, one seed"
         )
-        mine_t = torch.tensor(mine, dtype=torch.float64, device=device)
-        check_same_on_ranks(mine_t, self.process_group, message=message, error=RuntimeError)
-        host = torch.cat([pooled.sums.double(), pooled.samples.reshape(1).double()]).cpu()
+        mine = [float(self.seed), *map(float, self._counts)]
+        same = torch.tensor(mine, dtype=pooled.samples.dtype, device=device)  # fp64 (MPS: fp32)
+        check_same_on_ranks(same, self.process_group, message=message, error=RuntimeError)
+        host = torch.cat([pooled.sums.to(same.dtype), pooled.samples.reshape(1)]).cpu().double()
         count = float(host[m])  # the one host read of a check (with the comparison's)
         if pooled.empty or count == 0:
             if explicit:

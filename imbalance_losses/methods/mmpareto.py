@@ -45,6 +45,7 @@ from ..core.gradients import (
 )
 from ..core.params import SharedPolicy, modality_parameters
 from ..core.records import StepRecord
+from ..core.running import wide_dtype
 from ..core.validation import check_same_modalities, check_state_keys, real_param
 
 __all__ = ["MMPareto", "MMParetoRecord", "pareto_weights", "rescale_factors"]
@@ -133,16 +134,35 @@ _POLAR = ((-0.5, -0.5, 0.5), (0.5, 1.5, -0.5), (2.0, 2.0, -1.0))
 ``||a + b||^2`` (polarisation), as the rows of one matrix."""
 
 
-def rescale_factors(summed: Tensor, half: Tensor, *, floor_one: bool) -> Tensor:
-    """``2 r`` from the norms ``||a + b||`` and ``||d / 2||``, with ``r = ||a + b|| / ||d||``.
+def rescale_factors(summed: Tensor, combined: Tensor, *, floor_one: bool) -> Tensor:
+    """``r = ||a + b|| / ||d||`` elementwise from the two norms.
 
-    ``floor_one`` (the official code's per-tensor rule) gives ``2 max(r, 1)``: never shrink.
-    Where ``d = 0`` (``0 / 0`` or ``x / 0``) and where ``r`` is NaN (a non-finite gradient: the
-    official ``r > 1`` test is false there) the factor is that of ``r = 1``; a non-finite ``d``
-    stays non-finite after scaling.
+    ``floor_one`` (the official code's per-tensor rule) gives ``max(r, 1)``: never shrink. Where
+    ``d = 0`` (``0 / 0`` or ``x / 0``) and where ``r`` is NaN (a non-finite gradient: the official
+    ``r > 1`` test is false there) the factor is 1; a non-finite ``d`` stays non-finite after
+    scaling.
+
+    Example:
+        >>> import torch
+        >>> from imbalance_losses.methods.mmpareto import rescale_factors
+        >>> rescale_factors(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([2.0, 2.0, 0.0]),
+        ...                 floor_one=True)
+        tensor([1.5000, 1.0000, 1.0000])
     """
-    two = torch.nan_to_num(summed / half, nan=2.0, posinf=2.0)
-    return two.clamp_min(2.0) if floor_one else two
+    r = torch.nan_to_num(summed / combined, nan=1.0, posinf=1.0)
+    return r.clamp_min(1.0) if floor_one else r
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _sums(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+    """``a_p + b_p``, in fp32 where ``a_p`` is fp16 / bf16: the sum of two half-precision
+    values is (nearly always) exact there, so ``<a, b>`` formed from its norm keeps fp32
+    precision instead of the half type's."""
+    if any(x.dtype in _HALF for x in a):
+        a = [x.float() if x.dtype in _HALF else x for x in a]
+    return list(torch._foreach_add(a, b))
 
 
 def _per_tensor(values: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
@@ -287,19 +307,22 @@ class MMPareto:
         self.steps = 0
         self.last: MMParetoRecord | None = None
         self._segments: Runs | None = None
-        self._constants: dict[torch.device, Tensor] = {}
+        self._constants: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         # loss tensor -> the step it was passed in (weak: the user's tensors, not ours to keep)
         self._passed: MutableMapping[Tensor, int] = WeakIdKeyDictionary()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickling / deepcopy: everything but the weak table of the losses already passed."""
+        """Pickling / deepcopy: everything but the weak table of the losses already passed and the
+        device caches."""
         state = self.__dict__.copy()
-        state.pop("_passed", None)
+        for cache in ("_passed", "_segments", "_constants"):  # rebuilt on use
+            state.pop(cache, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._passed = WeakIdKeyDictionary()
+        self._segments, self._constants = None, {}
 
     def _check(self, fused: object, unimodal: object) -> list[Tensor]:
         if not isinstance(unimodal, Mapping):
@@ -446,38 +469,39 @@ class MMPareto:
     ) -> None:  # fmt: skip
         """The rule on the encoders, written to ``.grad``; ``a`` and ``b`` are consumed.
 
-        Every statistic comes from per-tensor norms accumulated in fp64 (one
-        ``torch._foreach_norm`` of ``a``, ``b`` and ``a + b`` together, one of ``d / 2``): the
-        squares of fp32 / bf16 / fp16 entries neither overflow nor underflow there, so a
-        ``GradScaler`` factor of ``2^32`` or entries near ``1e30`` change no decision, and a
-        power-of-two scale scales the result exactly. ``<a, b> = (||a + b||^2 - ||a||^2 -
-        ||b||^2) / 2`` per encoder. The combination ``d / 2 = k_mm a + k_m b`` is formed in
-        place in ``a`` (exactly ``(a + b) / 2`` under agreement) and scaled once.
+        Every statistic comes from per-tensor norms accumulated in fp64 (fp32 on MPS): one
+        ``torch._foreach_norm`` of ``a``, ``b`` and ``a + b`` together (the sum in fp32 for
+        fp16 / bf16 gradients), one of ``d``. The squares of fp32 / bf16 / fp16 entries neither
+        overflow nor underflow in fp64, so a ``GradScaler`` factor of ``2^32`` or entries near
+        ``1e30`` change no decision, and a power-of-two scale scales the result exactly.
+        ``<a, b> = (||a + b||^2 - ||a||^2 - ||b||^2) / 2`` per encoder. The combination
+        ``d = 2 k_mm a + 2 k_m b`` is formed in place in ``a`` (exactly ``a + b`` under
+        agreement) and scaled once by ``gamma`` times its factor.
         """
-        runs = self._runs(counts)
-        total = torch._foreach_add(a, b)
-        n = torch.stack(torch._foreach_norm([*a, *b, *total], 2, dtype=torch.float64))
+        runs, wide = self._runs(counts), wide_dtype(a[0].device)
+        total = _sums(a, b)
+        n = torch.stack(torch._foreach_norm([*a, *b, *total], 2, dtype=wide))
         del total
         n = n.view(3, -1)  # ||a_p||, ||b_p||, ||a_p + b_p||
         gram = runs.sum(n.square())  # ||a||^2, ||b||^2, ||a + b||^2 per encoder
         ab, num, den = self._polar(gram) @ gram
         k_mm, k_m, conflict = _choose(gram[0], gram[1], ab, num, den)
-        weights = _per_tensor(runs.expand(torch.stack([k_mm, k_m])), a)
+        weights = _per_tensor(runs.expand(torch.stack([k_mm, k_m]) * 2.0), a)
         torch._foreach_mul_(a, [w[0] for w in weights])
-        torch._foreach_addcmul_(a, b, [w[1] for w in weights])  # a := d / 2
-        half = torch.stack(torch._foreach_norm(a, 2, dtype=torch.float64))
+        torch._foreach_addcmul_(a, b, [w[1] for w in weights])  # a := d (a + b under agreement)
+        nd = torch.stack(torch._foreach_norm(a, 2, dtype=wide))
         if self.rescale == "paper":  # one factor per encoder
-            two = rescale_factors(gram[2].sqrt(), runs.sum(half.square()).sqrt(), floor_one=False)
-            rescale, per = two * 0.5, runs.expand(two)
+            rescale = rescale_factors(gram[2].sqrt(), runs.sum(nd.square()).sqrt(), floor_one=False)
+            per = runs.expand(rescale)
         else:  # per tensor, never below 1
-            per = rescale_factors(n[2], half, floor_one=True)
-            rescale = runs.mean(per) * 0.5
+            per = rescale_factors(n[2], nd, floor_one=True)
+            rescale = runs.mean(per)
         torch._foreach_mul_(a, _per_tensor(self.gamma * per, a))  # gamma * factor * d
         for p, g, t in zip(enc, a, touched, strict=True):
             if t:
                 p.grad = g if p.grad is None else p.grad.add_(g)
         norm = gram[:2].sqrt()
-        cosine = ab / (norm[0] * norm[1]).clamp_min(torch.finfo(torch.float64).tiny)
+        cosine = ab / (norm[0] * norm[1]).clamp_min(torch.finfo(wide).tiny)
         stats = torch.stack([cosine, k_mm, k_m, rescale]).float()
         self.last = MMParetoRecord(
             modalities=self.modalities, cosine=stats[0], conflict=conflict, k_mm=stats[1],
@@ -486,10 +510,11 @@ class MMPareto:
         self.steps += 1
 
     def _polar(self, like: Tensor) -> Tensor:
-        """:data:`_POLAR` on ``like``'s device (copied there once)."""
-        if like.device not in self._constants:
-            self._constants[like.device] = torch.tensor(_POLAR, dtype=like.dtype).to(like.device)
-        return self._constants[like.device]
+        """:data:`_POLAR` on ``like``'s device, in its dtype (copied there once)."""
+        key = (like.device, like.dtype)
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(_POLAR, dtype=like.dtype).to(like.device)
+        return self._constants[key]
 
     def _runs(self, counts: list[int]) -> Runs:
         """The encoders' runs of parameter tensors (kept while the trainable set is the same)."""

@@ -190,7 +190,7 @@ def _drop_factors(
     q = q * execute  # not executed: q = 0, nothing dropped, theta = 0, scale exactly 1
     dropped = draws < q
     scale = width_sum / (width_sum - widths @ q)  # 1 / (1 - theta): rescale_factor
-    return (~dropped) * scale, dropped, scale
+    return (~dropped) * scale.float(), dropped, scale  # fp32 factors, as documented
 
 
 def kept_mean(losses: Tensor, keep: Tensor) -> Tensor:
@@ -198,7 +198,7 @@ def kept_mean(losses: Tensor, keep: Tensor) -> Tensor:
 
     ``sum_{b kept} l_b / max(#kept, 1)``: a batch whose samples were all removed gives 0 (zero
     gradients), never ``0 / 0``; no host sync. The excluded samples' losses are *selected out*
-    (``torch.where``), not multiplied by 0, so a NaN or inf loss of an excluded sample does not
+    (``masked_fill``), not multiplied by 0, so a NaN or inf loss of an excluded sample does not
     reach the mean (nor its gradient).
 
     Raises:
@@ -583,7 +583,7 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
             record,
             executed=execute,
             rescale=scale,
-            dropped=dropped.mean(0, dtype=torch.float32),
+            dropped=(dropped.mean if batch else dropped.sum)(0, dtype=torch.float32),  # B = 0: 0
             removed=(~keep).sum(),
         )
         return factors, keep
