@@ -690,6 +690,9 @@ def test_runs_sum_mean_and_expand_are_the_per_run_loops(
     )
     want = [g for g, c in zip(groups, counts, strict=True) for _ in range(c)]
     assert runs.expand(torch.tensor(groups)).tolist() == torch.tensor(want).tolist()
+    both = torch.stack([v, 2 * v])  # the MPS path (index_add_) gives the same sums and means
+    for how in ("sum", "mean"):
+        torch.testing.assert_close(runs._index_reduce(both, how), runs._reduce(both, how))
 
 
 def test_runs_keep_a_nan_in_its_own_run_and_refuse_empty_runs() -> None:

@@ -173,9 +173,7 @@ class Runs:
 
     def _reduce(self, values: Tensor, how: str) -> Tensor:
         if values.device.type == "mps":  # no segment_reduce there
-            out = values.new_zeros(*values.shape[:-1], len(self.counts))
-            out.index_add_(-1, self._index_on(values.device), values)
-            return out if how == "sum" else out / torch.tensor(self.counts, device=out.device)
+            return self._index_reduce(values, how)
         key = (values.device, tuple(values.shape[:-1]))
         if key not in self._lengths:
             lengths = torch.tensor(self.counts).expand(*key[1], -1).contiguous()
@@ -183,6 +181,12 @@ class Runs:
         return torch.segment_reduce(
             values, how, lengths=self._lengths[key], axis=values.dim() - 1, unsafe=True
         )
+
+    def _index_reduce(self, values: Tensor, how: str) -> Tensor:
+        """:meth:`sum` / :meth:`mean` as a zero fill and an ``index_add_`` (MPS)."""
+        out = values.new_zeros(*values.shape[:-1], len(self.counts))
+        out.index_add_(-1, self._index_on(values.device), values)
+        return out if how == "sum" else out / torch.tensor(self.counts, device=out.device)
 
     def _index_on(self, device: torch.device) -> Tensor:
         if device not in self._index:
