@@ -192,7 +192,8 @@ def per_sample_cross_entropy(
         # row the same values as one F.cross_entropy per branch
         k, (b, c) = len(zs), zs[0].shape
         stacked = torch.stack([z.to(dtype) for z in zs]).reshape(k * b, c)
-        tgt = target.to(dtype).repeat(k, 1) if target.is_floating_point() else target.repeat(k)
+        # k copies of the target, one after the other (torch.cat: the cheapest single op here)
+        tgt = torch.cat([target.to(dtype) if target.is_floating_point() else target] * k)
         return F.cross_entropy(
             stacked, tgt, reduction="none", ignore_index=ignore_index,
             label_smoothing=label_smoothing,
