@@ -41,7 +41,7 @@ from .distributed import (
     same_on_all_ranks,
     world_size,
 )
-from .running import OTHER_RANK_FAILED
+from .running import OTHER_RANK_FAILED, wide_dtype
 
 __all__ = [
     "Runs",
@@ -351,7 +351,7 @@ def local_shards(grads: Sequence[Tensor]) -> tuple[list[Tensor], ProcessGroup | 
 def inverse_sizes(numels: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
     """``(1 / n_p, 1 / (n_p - 1))`` ``[P]`` on ``device`` (0 where ``n_p <= 1``), in fp64
     (fp32 where the device has no fp64)."""
-    dtype = torch.float32 if device.type == "mps" else torch.float64
+    dtype = wide_dtype(device)
     inv_n = torch.tensor([1.0 / n if n > 0 else 0.0 for n in numels], dtype=dtype).to(device)
     inv_n1 = torch.tensor([1.0 / (n - 1) if n > 1 else 0.0 for n in numels], dtype=dtype)
     return inv_n, inv_n1.to(device)
