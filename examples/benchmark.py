@@ -118,7 +118,8 @@ from imbalance_losses.diagnosis.report import (
 Config = dict[str, float]
 
 # --------------------------------------------------------------------------------------------
-# Methods: name, the library class it needs, the validation grid and the --quick default.
+# Methods: name, the library class it needs; the validation grid and the --quick default are the
+# compare plugin's unless this benchmark's protocol says otherwise.
 # --------------------------------------------------------------------------------------------
 
 
@@ -136,113 +137,37 @@ class Method:
         return self.needs is None or hasattr(imbalance_losses, self.needs)
 
 
+def _row(key: str, needs: str, **protocol: Any) -> Method:
+    """The row of ``key``: its compare plugin's label, grid and defaults (the ``--quick``
+    setting), with this benchmark's own choices in ``protocol`` where they differ."""
+    plugin = REMEDIES[key]
+    return Method(
+        key,
+        **{"label": plugin.label, "grid": plugin.grid, "quick": dict(plugin.defaults), **protocol},
+        needs=needs,
+    )
+
+
 METHODS: tuple[Method, ...] = (
     Method("joint", "joint (plain)"),
-    Method(
-        "ogm_ge",
-        "joint + OGM-GE",
-        "ModalityGradientModulator",
-        grid=({"alpha": 0.1}, {"alpha": 0.4}, {"alpha": 0.8}),
-        quick={"alpha": 0.4},
-    ),
-    Method(
-        "arl",
-        "joint + ARL",
-        "ARLLoss",
-        grid=(
-            {"gamma": 1.0, "temperature": 4.0},
-            {"gamma": 1.0, "temperature": 8.0},
-            {"gamma": 4.0, "temperature": 4.0},
-            {"gamma": 4.0, "temperature": 8.0},
-        ),
-        quick={"gamma": 1.0, "temperature": 8.0},
-    ),
-    Method(
-        "arl_no_reweight",
-        "ablation: ARL loss, no re-weighting",
-        "ARLLoss",
-        same_as="arl",
-    ),
-    Method(
-        "boost",
-        "sustained boosting",
-        "SustainedBoostingLoss",
-        grid=({"lam": 0.2}, {"lam": 0.5}, {"lam": 1.0}),
-        quick={"lam": 0.5},
-    ),
-    Method(
-        "pmr",
-        "joint + PMR",
-        "PMRLoss",
-        grid=({"alpha": 0.5}, {"alpha": 1.0}, {"alpha": 2.0}, {"alpha": 4.0}),
-        quick={"alpha": 1.0},  # the official --alpha default
-    ),
-    Method(
-        "gblend",
-        "joint + G-Blending",
-        "GradientBlending",
-        grid=({"window": 2.0}, {"window": 5.0}, {"window": 10.0}),  # epochs per super-epoch
-        quick={"window": 2.0},  # a 4-epoch --quick run makes one weight update
-    ),
-    Method(
-        "mmpareto",
-        "joint + MMPareto",
-        "MMPareto",
-        grid=({"gamma": 1.0}, {"gamma": 1.5}, {"gamma": 2.0}),
-        quick={"gamma": 1.5},  # the official value
-    ),
-    Method(
-        "agm",
-        "joint + AGM",
-        "AdaptiveGradientModulator",
-        grid=({"alpha": 0.1}, {"alpha": 0.5}, {"alpha": 1.0}, {"alpha": 2.5}),
-        quick={"alpha": 1.0},  # the official default
-    ),
-    Method(
-        "opm",
-        "joint + OPM",
-        "ModalityPredictionModulator",
-        grid=({"q_base": 0.3}, {"q_base": 0.5}, {"q_base": 0.7}),
-        quick={"q_base": 0.5},  # the official --q_base
-    ),
-    Method(
-        "umt",
-        "joint + UMT (uni-modal teachers)",
-        "UnimodalTeacherLoss",
-        grid=({"scaling": 1.0}, {"scaling": 3.0}, {"scaling": 10.0}),
-        quick={"scaling": 10.0},  # BalanceBenchmark's default; teachers: encoders trained alone
-    ),
-    Method(
-        "relearning",
-        "joint + diagnosing & re-learning",
-        "ModalityRelearning",
-        grid=tuple({"lam": lam, "reinit_every": 20.0} for lam in (1.0, 3.0, 10.0)),
-        quick={"lam": 3.0, "reinit_every": 20.0},  # official; the interval is capped to the run
-    ),
-    Method(
-        "mmcosine",
-        "MMCosine head",
-        "MMCosineHead",
-        grid=({"scaling": 5.0}, {"scaling": 10.0}, {"scaling": 15.0}),
-        quick={"scaling": 10.0},  # the official --scaling
-    ),
-    Method(
-        "valuation",
-        "joint + sample-level valuation",
-        "SampleModalityValuation",
-        grid=({"warmup": 1.0}, {"warmup": 3.0}, {"warmup": 5.0}),
-        quick={"warmup": 1.0},  # official 5 of 60 epochs
-    ),
-    Method(
-        "mla",
-        "MLA (alternating unimodal steps)",
-        "AlternatingUnimodalAdaptation",
-        grid=({"owm": 1.0}, {"owm": 0.0}),  # the OWM projection on / off (the released code)
-        quick={"owm": 1.0},
-    ),
-    Method(
+    _row("ogm_ge", "ModalityGradientModulator"),
+    _row("arl", "ARLLoss"),
+    Method("arl_no_reweight", "ablation: ARL loss, no re-weighting", "ARLLoss", same_as="arl"),
+    _row("boost", "SustainedBoostingLoss"),
+    _row("pmr", "PMRLoss"),
+    # epochs per super-epoch; a 4-epoch --quick run makes one weight update at window 2
+    _row("gblend", "GradientBlending", grid=({"window": 2.0}, {"window": 5.0}, {"window": 10.0})),
+    _row("mmpareto", "MMPareto"),
+    _row("agm", "AdaptiveGradientModulator"),
+    _row("opm", "ModalityPredictionModulator"),
+    _row("umt", "UnimodalTeacherLoss"),  # teachers: the encoders trained alone
+    _row("relearning", "ModalityRelearning"),  # the interval is capped to the run
+    _row("mmcosine", "MMCosineHead"),
+    _row("valuation", "SampleModalityValuation", quick={"warmup": 1.0}),  # official 5 of 60
+    # the OWM projection on / off (off: the released code)
+    _row("mla", "AlternatingUnimodalAdaptation", label="MLA (alternating unimodal steps)"),
+    _row(
         "reconboost",
-        "ReconBoost",
         "ReconBoost",
         grid=tuple({"boost_epochs": e, "rectify_epochs": e} for e in (1.0, 2.0)),
         quick={"boost_epochs": 1.0, "rectify_epochs": 1.0},
