@@ -103,7 +103,7 @@ def pareto_weights(aa: Tensor, ab: Tensor, bb: Tensor) -> tuple[Tensor, Tensor, 
     elsewhere the min-norm weight ``clip((<b,b> - <a,b>) / (<a,a> + <b,b> - 2<a,b>), 0, 1)``
     (:func:`~imbalance_losses.core.gradients.min_norm_weight`; its denominator is
     ``>= <a,a> + <b,b> > 0`` there); ``k_m = 1 - k_mm``; ``conflict`` is where the min-norm
-    weights were used. Chosen with ``torch.where`` (no host sync); a non-finite Gram entry
+    weights were used. Chosen on the device (``masked_fill``, no host sync); a non-finite Gram entry
     (a non-finite gradient) gives NaN weights.
 
     Example:
@@ -184,9 +184,9 @@ def _plain_sums(
         into: list[Tensor] = []
         terms: list[Tensor] = []
         for i, g in enumerate(grads[first:]):
-            total = sums[i]
             if g is None:
                 continue
+            total = sums[i]
             if total is None:
                 sums[i] = _own(g, params[i], seen)
             else:
