@@ -143,8 +143,13 @@ def rescale_factor(q: Tensor, widths: Tensor) -> Tensor:
         tensor(1.3333)
     """
     w = widths.to(q.dtype)
-    total = w.sum()
-    return total / (total - w @ q)  # = 1 / (1 - theta)
+    return _rescale(q, w, w.sum())
+
+
+def _rescale(q: Tensor, widths: Tensor, width_sum: Tensor) -> Tensor:
+    """:func:`rescale_factor` given ``widths`` in ``q``'s dtype and their sum:
+    ``sum_m d_m / (sum_m d_m - sum_m d_m q_m) = 1 / (1 - theta)``."""
+    return width_sum / (width_sum - widths @ q)
 
 
 def drop_factors(
@@ -189,7 +194,7 @@ def _drop_factors(
     """:func:`drop_factors` given ``widths`` in ``q``'s dtype and their sum."""
     q = q * execute  # not executed: q = 0, nothing dropped, theta = 0, scale exactly 1
     dropped = draws < q
-    scale = width_sum / (width_sum - widths @ q)  # 1 / (1 - theta): rescale_factor
+    scale = _rescale(q, widths, width_sum)
     return (~dropped) * scale.float(), dropped, scale  # fp32 factors, as documented
 
 
