@@ -277,3 +277,24 @@ def test_a_bad_prototype_batch_on_one_rank_fails_every_rank_in_the_same_call() -
     assert str(r1["first"]).startswith("ValueError: features['a'] contains non-finite")
     assert str(r0["first"]).startswith(f"RuntimeError: {OTHER_RANK_FAILED}")
     assert r0["second"] == r1["second"] == (True, 1)
+
+
+def test_reduce_loss_mean_is_the_sum_over_the_counted_samples_given_or_derived() -> None:
+    from imbalance_losses.core.stats import reduce_loss
+
+    per = torch.tensor([1.0, 2.0, 0.0, 5.0])  # the third sample ignored (its loss already 0)
+    mask = torch.tensor([True, True, False, True])
+    assert float(reduce_loss(per, "mean")) == 8.0 / 4
+    assert float(reduce_loss(per, "mean", mask)) == pytest.approx(8 / 3, rel=1e-6)
+    assert float(
+        reduce_loss(per, "mean", mask, count=torch.tensor(3.0, dtype=torch.float64))
+    ) == pytest.approx(8 / 3, rel=1e-6)
+    assert float(reduce_loss(per, "mean", count=4)) == 2.0
+    assert float(reduce_loss(per[:0], "mean", count=0)) == 0.0  # no sample: 0, never 0 / 0
+    empty = torch.zeros(0, dtype=torch.bool)
+    assert (
+        float(reduce_loss(per[:0], "mean", empty, count=torch.zeros((), dtype=torch.float64)))
+        == 0.0
+    )
+    assert float(reduce_loss(per, "sum", mask, count=3)) == 8.0
+    assert torch.equal(reduce_loss(per, "none"), per)
