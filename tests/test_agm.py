@@ -99,6 +99,24 @@ def test_symmetry_and_dummy_axioms_and_linear_head() -> None:
         offset += f.shape[1]
 
 
+def test_masked_outputs_read_every_kind_of_head_in_eval_mode() -> None:
+    """Dropout inside a plain dict of per-modality heads (late fusion) is off while the masked
+    copies are evaluated, as for a module head, and every module's own mode is restored."""
+    torch.manual_seed(0)
+    feats = {"a": torch.randn(6, 3), "b": torch.randn(6, 2)}
+    heads = {m: nn.Sequential(nn.Linear(x.shape[1], 4), nn.Dropout(0.9)) for m, x in feats.items()}
+    heads["b"][1].eval()  # a submodule the user put in eval mode stays so
+    with torch.no_grad():
+        got = masked_outputs(heads, feats)
+        on = {m: heads[m][0](x) for m, x in feats.items()}  # dropout off: the linear layers
+        off = {m: heads[m][0](torch.zeros_like(x)) for m, x in feats.items()}
+    for s in range(4):  # subset s keeps modality j when bit j is set
+        want = sum((on if s >> j & 1 else off)[m] for j, m in enumerate(feats))
+        torch.testing.assert_close(got[s], want)
+    assert [mod.training for mod in heads["a"].modules()] == [True, True, True]
+    assert [mod.training for mod in heads["b"].modules()] == [True, True, False]
+
+
 def _expected_steps(
     batches: list[tuple[dict[str, Tensor], Tensor]], head: nn.Module, alpha: float, cap: float
 ) -> list[list[float]]:

@@ -11,8 +11,7 @@ in one all-reduce, so that every rank gets the mean over the global set of sampl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from .branches import FUSED, branch_logits, branch_names, per_sample_cross_entro
 from .distributed import ProcessGroup, same_on_all_ranks
 from .running import RunningSums
 from .stats import counted
-from .unimodal import Head
+from .unimodal import Head, eval_mode
 from .validation import check_same_modalities
 
 __all__ = ["BranchOutputs", "branch_losses", "check_same_on_ranks"]
@@ -30,21 +29,6 @@ __all__ = ["BranchOutputs", "branch_losses", "check_same_on_ranks"]
 BranchOutputs = tuple[Tensor, Tensor, Mapping[str, Tensor]]
 """What the forward function returns per batch: ``(fused_logits, target, features)`` (or the
 unimodal logits instead of the features when no head is given)."""
-
-
-@contextmanager
-def _eval_mode(model: nn.Module | None) -> Iterator[None]:
-    """``model.eval()`` inside the block; every submodule's own training flag restored after."""
-    if model is None:
-        yield
-        return
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def _device(model: nn.Module | None, device: torch.device | str | None) -> torch.device:
@@ -114,7 +98,7 @@ def branch_losses(
     size = len(names)
     zeros_on = _device(model, device)
     pool = RunningSums()
-    with _eval_mode(model), torch.no_grad(), pool.failing_together(size, zeros_on, process_group):
+    with eval_mode(model), torch.no_grad(), pool.failing_together(size, zeros_on, process_group):
         for batch in loader:
             outputs = forward(batch)
             if not isinstance(outputs, tuple) or len(outputs) != 3:

@@ -35,6 +35,7 @@ from .unimodal import (
     _check_concat,
     _check_dtype_device,
     column_masks,
+    eval_mode,
     masked_copies,
     reshard_fsdp,
 )
@@ -113,17 +114,6 @@ def shapley_values(values: Tensor) -> Tensor:
     return (weights @ values.reshape(n, -1)).reshape(m, *values.shape[1:])
 
 
-def _eval_mode(head: object) -> list[tuple[nn.Module, bool]]:
-    """Put a module head in eval mode (no dropout, no batch-norm update); return the old flags."""
-    if isinstance(head, MappingHead):
-        head = head.fn
-    if not isinstance(head, nn.Module):
-        return []
-    flags = [(mod, mod.training) for mod in head.modules()]
-    head.eval()
-    return flags
-
-
 def _mapping_subsets(head: MappingHead, features: Mapping[str, Tensor], masks: Tensor) -> Tensor:
     """``[2^M, B, C]`` through a :class:`MappingHead`.
 
@@ -177,48 +167,46 @@ def masked_outputs(
     names = list(features)
     m = len(names)
     masks = _subset_masks(m, next(iter(features.values())).device)
-    flags = _eval_mode(head)
-    try:
-        if isinstance(head, MappingHead):
-            _check_dtype_device(features, head, by="the MappingHead")
-            return _mapping_subsets(head, features, masks)
-        if isinstance(head, Mapping | nn.ModuleDict):
-            if set(head) != set(names):
-                raise ValueError(
-                    f"the per-modality heads are for modalities {list(head)} but the features "
-                    f"have {names}"
-                )
-            out: Tensor | None = None
-            for j, name in enumerate(names):
-                _check_dtype_device({name: features[name]}, head[name], by=f"heads[{name!r}]")
-                x = features[name]
-                both = head[name](torch.cat([x, torch.zeros_like(x)]))
-                on, off = both[: x.shape[0]], both[x.shape[0] :]
-                keep = masks[:, j].reshape(-1, *([1] * on.dim()))
-                term = torch.where(keep, on.unsqueeze(0), off.unsqueeze(0))
-                out = term if out is None else out + term
-            assert out is not None
-            return out
-        _check_concat(features)
-        _check_dtype_device(features, head, by=f"the head ({type(head).__name__})")
-        x = torch.cat(list(features.values()), dim=-1)
-        sizes = tuple(f.shape[-1] for f in features.values())
-
-        column = _constant(("columns", sizes, x.device), lambda: column_masks(masks, sizes))
-        stacked = masked_copies(x, column)
+    with eval_mode(head):
         try:
-            y = head(stacked.reshape(-1, *x.shape[1:]))
-        except RuntimeError as err:  # only shape errors are about the features' widths
-            if not any(word in str(err) for word in ("shape", "size")):
-                raise
-            widths_text = ", ".join(f"{n}: {tuple(f.shape)}" for n, f in features.items())
-            raise ValueError(
-                f"the fusion head failed on the masked concatenation of width {x.shape[-1]} "
-                f"({widths_text}); check that every modality is present, in the concatenation "
-                f"order, with its width. The head said: {err}"
-            ) from err
-        return y.reshape(2**m, x.shape[0], *y.shape[1:])
-    finally:
-        reshard_fsdp(head)
-        for mod, training in flags:
-            mod.training = training
+            if isinstance(head, MappingHead):
+                _check_dtype_device(features, head, by="the MappingHead")
+                return _mapping_subsets(head, features, masks)
+            if isinstance(head, Mapping | nn.ModuleDict):
+                if set(head) != set(names):
+                    raise ValueError(
+                        f"the per-modality heads are for modalities {list(head)} but the features "
+                        f"have {names}"
+                    )
+                out: Tensor | None = None
+                for j, name in enumerate(names):
+                    _check_dtype_device({name: features[name]}, head[name], by=f"heads[{name!r}]")
+                    x = features[name]
+                    both = head[name](torch.cat([x, torch.zeros_like(x)]))
+                    on, off = both[: x.shape[0]], both[x.shape[0] :]
+                    keep = masks[:, j].reshape(-1, *([1] * on.dim()))
+                    term = torch.where(keep, on.unsqueeze(0), off.unsqueeze(0))
+                    out = term if out is None else out + term
+                assert out is not None
+                return out
+            _check_concat(features)
+            _check_dtype_device(features, head, by=f"the head ({type(head).__name__})")
+            x = torch.cat(list(features.values()), dim=-1)
+            sizes = tuple(f.shape[-1] for f in features.values())
+
+            column = _constant(("columns", sizes, x.device), lambda: column_masks(masks, sizes))
+            stacked = masked_copies(x, column)
+            try:
+                y = head(stacked.reshape(-1, *x.shape[1:]))
+            except RuntimeError as err:  # only shape errors are about the features' widths
+                if not any(word in str(err) for word in ("shape", "size")):
+                    raise
+                widths_text = ", ".join(f"{n}: {tuple(f.shape)}" for n, f in features.items())
+                raise ValueError(
+                    f"the fusion head failed on the masked concatenation of width {x.shape[-1]} "
+                    f"({widths_text}); check that every modality is present, in the concatenation "
+                    f"order, with its width. The head said: {err}"
+                ) from err
+            return y.reshape(2**m, x.shape[0], *y.shape[1:])
+        finally:
+            reshard_fsdp(head)

@@ -35,6 +35,7 @@ the model already has:
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -172,6 +173,31 @@ def _linear(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor
         out[name] = F.linear(x, head.weight[:, offset : offset + width], bias)
         offset += width
     return out
+
+
+@contextmanager
+def eval_mode(head: object) -> Iterator[None]:
+    """Every module of ``head`` in eval mode inside the block, each back to its own mode after.
+
+    ``head``: an ``nn.Module`` (a whole model too), a :class:`MappingHead` (its function), a
+    mapping modality -> head (each module of it), or anything else (nothing to switch). Reading
+    a head or a model for a statistic must not change training: in train mode a BatchNorm would
+    update its running statistics with masked or one-modality inputs and a dropout would draw
+    from the RNG. Each module's own flag is restored, not ``train()`` called on the root, so a
+    submodule the user froze in eval mode stays so.
+    """
+    root = head.fn if isinstance(head, MappingHead) else head
+    roots = list(root.values()) if isinstance(root, Mapping) else [root]
+    modules = [m for r in roots if isinstance(r, nn.Module) for m in r.modules()]
+    modes = [m.training for m in modules]
+    for r in roots:
+        if isinstance(r, nn.Module):
+            r.eval()  # the module's own train(False), if it overrides train()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.training = mode
 
 
 def reshard_fsdp(head: object) -> None:

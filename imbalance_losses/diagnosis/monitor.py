@@ -38,8 +38,7 @@ neither norms nor steps), and ``grad_norm_m`` is the mean over every observed st
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -52,7 +51,7 @@ from ..core.records import StepRecord
 from ..core.running import RunningSums
 from ..core.scoring import capped_ratio
 from ..core.stats import as_fp32, counted, true_class_probability
-from ..core.unimodal import Head, MappingHead, unimodal_logits
+from ..core.unimodal import Head, eval_mode, unimodal_logits
 from ..core.validation import (
     check_same_modalities,
     check_scored_logits,
@@ -70,27 +69,6 @@ PREFIX = "imbalance"
 class _HasRecord(Protocol):
     @property
     def last(self) -> StepRecord | None: ...
-
-
-@contextmanager
-def _eval_mode(head: Head) -> Iterator[None]:
-    """The head's modules in eval mode inside the block, each back to its own mode after.
-
-    Reading the head must not change training: in train mode a BatchNorm would update its
-    running statistics with the one-modality inputs and a dropout would draw from the RNG.
-    """
-    if isinstance(head, MappingHead):
-        head = head.fn  # type: ignore[assignment]
-    roots = list(head.values()) if isinstance(head, Mapping) else [head]
-    modules = [m for r in roots if isinstance(r, nn.Module) for m in r.modules()]
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.training = mode
 
 
 class ImbalanceMonitor:
@@ -218,7 +196,7 @@ class ImbalanceMonitor:
             check_same_modalities(
                 self.modalities, inputs, expected_what="the monitor's", actual_what="features"
             )
-            with torch.no_grad(), _eval_mode(self.head):
+            with torch.no_grad(), eval_mode(self.head):
                 logits = unimodal_logits(self.head, inputs)
         else:
             logits = dict(inputs)

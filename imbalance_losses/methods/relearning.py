@@ -35,11 +35,10 @@ from ..core.distributed import (
     is_distributed,
     is_sharded,
 )
-from ..core.evaluation import _eval_mode
 from ..core.params import check_head_not_listed, modality_parameters
 from ..core.records import StepRecord
 from ..core.running import OTHER_RANK_FAILED
-from ..core.unimodal import Head
+from ..core.unimodal import Head, eval_mode
 from ..core.validation import (
     check_features,
     check_modalities,
@@ -455,7 +454,7 @@ class ModalityRelearning(nn.Module):
     ) -> tuple[list[Tensor], Tensor]:  # fmt: skip
         """Every rank's features and labels of one split: ``([N, D_m] per modality, [N])``."""
         device, group = self._params[0][1].device, self.process_group
-        with gathering_together(device, group), _eval_mode(model):
+        with gathering_together(device, group), eval_mode(model):
             rows = self._collect(split, data, forward, device)
         known = [list(self._widths.values())] if self._widths else []
         known_t = torch.tensor(known, dtype=torch.long, device=device)

@@ -36,11 +36,10 @@ from ..core.distributed import (
     is_distributed,
     world_size,
 )
-from ..core.evaluation import _eval_mode
 from ..core.masking import masked_outputs, shapley_weights, subset_masks
 from ..core.records import StepRecord
 from ..core.running import OTHER_RANK_FAILED
-from ..core.unimodal import Head, _first_parameter
+from ..core.unimodal import Head, _first_parameter, eval_mode
 from ..core.validation import (
     check_modalities,
     check_same_modalities,
@@ -493,7 +492,7 @@ class SampleModalityValuation:
         group, param = self.process_group, _first_parameter(self.head)
         device = param.device if param is not None else torch.device("cpu")
         with gathering_together(device, group):
-            with _eval_mode(model):
+            with eval_mode(model):
                 parts = []
                 for batch in loader:
                     parts.append(self._rows(*(forward(batch) if forward is not None else batch)))
