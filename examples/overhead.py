@@ -560,35 +560,31 @@ update of the heads it adds (its own parameters, in place of the model's fusion 
 its 86 is out of reach; its own work went from about 50 ops to 16."""
 
 
-def op_table(threads: int = 1, rounds: int = 30) -> str:
-    """``--count-ops``: ops per step of every row on :data:`TINY`, extra over plain, host time.
+def op_table() -> str:
+    """``--count-ops``: ops per step of every row on :data:`TINY`, and each module's own.
 
-    The host time is the median over ``rounds`` interleaved rounds of (row step - plain step)
-    on this tiny model, where the step is almost all host work (Python and dispatch).
+    A module's host time per step is measured by ``examples/host_time.py`` (each row paired
+    with a plain step, on the same model with batch 4, so that the step is host work).
     """
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     rows = build_rows(TINY)
     counts = {name: count_ops(step) for name, step in rows.items()}
-    times = time_rows(rows, warmup=3, rounds=rounds)
     ref = next(iter(rows))
     plain_ops = sum(counts[ref].values())
     lines = [
-        f"### Ops per training step: {TINY.name} (batch {BATCH}, {threads} thread)",
+        f"### Ops per training step: {TINY.name} (batch {BATCH})",
         "",
-        "| row | ops per step | module's own ops | before issue 22 | budget |"
-        " module's host time per step (us) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| row | ops per step | module's own ops | before issue 22 | budget |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, ops in counts.items():
         own = sum(ops.values()) - plain_ops
-        extra = [t - r for t, r in zip(times[name], times[ref], strict=True)]
         budget = OP_BUDGETS.get(name)
         flag = "" if budget is None else f"{budget}" + (" ok" if own <= budget else " OVER")
         before = OPS_BEFORE.get(name)
         was = "" if before is None else f"{before} ({own / before:.2f}x)"
         lines.append(
-            f"| {name} | {sum(ops.values())} | {own if name != ref else '-'} | {was} | {flag} | "
-            f"{statistics.median(extra) * 1e6:.0f} |"
+            f"| {name} | {sum(ops.values())} | {own if name != ref else '-'} | {was} | {flag} |"
         )
     return "\n".join(lines)
 
@@ -742,13 +738,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument(
-        "--count-ops", action="store_true", help="ops per step and host time per module, only"
-    )
+    parser.add_argument("--count-ops", action="store_true", help="ops per step of every row, only")
     parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.count_ops:
-        print(op_table(threads=1 if args.threads == 2 else args.threads, rounds=args.rounds or 30))
+        print(op_table())
         return
     if args._memory:
         _memory_child(args._memory[0], args._memory[1], int(args._memory[2]))

@@ -40,3 +40,18 @@ def test_overhead_quick_prints_every_row(capsys: pytest.CaptureFixture[str]) -> 
     floor = next(x for x in out.splitlines() if x.startswith("OGM-GE against its floor"))
     assert re.search(r"\(a\) torch\.randn alone \d+\.\d+ ms", floor), floor
     assert re.search(r"\(b\) modulator\.step \d+\.\d+ ms, ratio \(b\)/\(a\) \d+\.\d{3}", floor)
+
+
+def test_host_time_prints_the_paired_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        spec = importlib.util.spec_from_file_location("host_time", ROOT / "examples/host_time.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(["ogm_ge", "--rounds", "3"])
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    rows = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| Modality")]
+    assert [r.split(" | ")[0] for r in rows] == ["| ModalityGradientModulator ogm_ge"]
+    assert re.fullmatch(r"\| .+ \| -?\d+ \| -?\d+\.\d\d \|", rows[0]), rows[0]
