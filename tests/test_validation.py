@@ -188,7 +188,7 @@ def test_float_class_indices_are_told_to_be_integers() -> None:
 
 
 def test_sample_counts_avoid_fp64_where_the_device_has_none() -> None:
-    from imbalance_losses.core.running import wide_dtype
+    from imbalance_losses.core.dtypes import wide_dtype
 
     assert wide_dtype(torch.device("cpu")) == torch.float64
     assert wide_dtype(torch.device("mps")) == torch.float32

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .running import wide_dtype
+from .dtypes import wide_dtype
 from .stats import stacked_cross_entropy
 from .unimodal import Head, unimodal_logits
 from .validation import (

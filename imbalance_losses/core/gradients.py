@@ -41,7 +41,8 @@ from .distributed import (
     same_on_all_ranks,
     world_size,
 )
-from .running import OTHER_RANK_FAILED, wide_dtype
+from .dtypes import wide_dtype
+from .running import OTHER_RANK_FAILED
 
 __all__ = [
     "Runs",

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import ProcessGroup, all_reduce_sum, is_distributed
-from .running import OTHER_RANK_FAILED, wide_dtype
+from .dtypes import wide_dtype
+from .running import OTHER_RANK_FAILED
 from .validation import check_features, check_modalities, check_target
 
 __all__ = ["ClassMeans", "PrototypeStore", "Prototypes", "blend_prototypes"]

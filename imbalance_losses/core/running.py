@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .distributed import ProcessGroup, all_reduce_sum, is_distributed
+from .dtypes import wide_dtype
 from .validation import _assert_on_device
 
 __all__ = ["Pooled", "RunningSums", "sample_mean", "wide_dtype"]
@@ -47,12 +48,6 @@ def sample_mean(sums: Tensor, count: Tensor) -> Tensor:
     if count.dim() == 0 and count.is_floating_point() and sums.is_floating_point():
         return (sums / count.clamp_min(1.0)).float()
     return (sums / count.clamp_min(1.0).to(sums.dtype)).float()
-
-
-def wide_dtype(device: torch.device) -> torch.dtype:
-    """fp64, for exact sample counts and for statistics whose squares must not overflow; fp32
-    where the device has no fp64 (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 class Pooled(NamedTuple):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .running import wide_dtype
+from .dtypes import wide_dtype
 
 Reduction = Literal["mean", "sum", "none"]
 """A loss's ``reduction``, as in ``torch.nn`` losses."""

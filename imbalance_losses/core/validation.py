@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .dtypes import wide_dtype
+
 __all__ = [
     "autocast_enabled",
     "check_features",
@@ -133,15 +135,15 @@ class _ValueChecks:
         self._assert_on_accelerators()  # pragma: no cover - exercised only on accelerators
 
     def _checksums(self) -> list[Tensor]:
-        """One fp64 (fp32 on MPS) sum per device (and dtype) of every value to be finite: finite
-        only if they all are (a sum that overflows fails the fast check, then the detailed
-        checks pass)."""
+        """One sum per device (and dtype), in ``wide_dtype`` (fp64; fp32 on MPS), of every value
+        to be finite: finite only if they all are (a sum that overflows fails the fast check,
+        then the detailed checks pass)."""
         by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for t in self.finite:  # one group per device and dtype (cat does not mix dtypes)
             by_device.setdefault((t.device, t.dtype), []).append(t)
         sums = []
         for (device, _), group in by_device.items():
-            dtype = torch.float32 if device.type == "mps" else torch.float64
+            dtype = wide_dtype(device)
             flat = group[0] if len(group) == 1 else torch.cat([t.reshape(-1) for t in group])
             sums.append(flat.sum(dtype=dtype))
         return sums

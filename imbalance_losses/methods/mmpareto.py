@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.distributed import ProcessGroup, is_sharded
+from ..core.dtypes import wide_dtype
 from ..core.gradients import (
     Runs,
     agree_over_ranks,
@@ -45,7 +46,6 @@ from ..core.gradients import (
 )
 from ..core.params import SharedPolicy, modality_parameters
 from ..core.records import StepRecord
-from ..core.running import wide_dtype
 from ..core.validation import check_same_modalities, check_state_keys, real_param
 
 __all__ = ["MMPareto", "MMParetoRecord", "pareto_weights", "rescale_factors"]
