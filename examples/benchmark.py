@@ -51,8 +51,8 @@ Protocol (the same for every row):
 * Rows: each uni-modal model alone, plain joint training, joint + OGM-GE, joint + ARL (and its
   no-re-weighting ablation), sustained boosting, joint + PMR, joint + G-Blending, joint +
   MMPareto, joint + AGM, joint + OPM, and the uni-modal ensemble (mean of the two uni-modal
-  models' softmax); each under SGD with momentum and under Adam. A row whose class is not in
-  ``imbalance_losses`` prints "not available".
+  models' softmax); each under SGD with momentum and under Adam. A row whose method does not
+  apply to the model (MLA and ReconBoost on a concatenation head) prints why.
 * PMR: prototypes recomputed at the start of every epoch from the whole training split (eval
   mode, no grad), ``set_epoch`` each epoch; grid ``alpha``; ``mu``, ``entropy_epochs`` and
   ``momentum`` at their documented defaults.
@@ -106,7 +106,6 @@ from _bench.models import FusionModel, build_encoder
 from _bench.report import RunResult
 from data import MissingDataError, Split, Task, load_task
 
-import imbalance_losses
 from imbalance_losses import compare_remedies, unimodal_logits
 from imbalance_losses.compare import REMEDIES, RemedyPlugin, RunRecord, SelectedRun
 from imbalance_losses.diagnosis.report import (
@@ -118,8 +117,8 @@ from imbalance_losses.diagnosis.report import (
 Config = dict[str, float]
 
 # --------------------------------------------------------------------------------------------
-# Methods: name, the library class it needs; the validation grid and the --quick default are the
-# compare plugin's unless this benchmark's protocol says otherwise.
+# Methods: key and label; the validation grid and the --quick default are the compare plugin's
+# unless this benchmark's protocol says otherwise.
 # --------------------------------------------------------------------------------------------
 
 
@@ -127,48 +126,41 @@ Config = dict[str, float]
 class Method:
     key: str
     label: str
-    needs: str | None = None  # the imbalance_losses name this row needs
     grid: tuple[Config, ...] = ({},)
     quick: Config = field(default_factory=dict)
     same_as: str | None = None  # an ablation: reuse that method's chosen setting, no grid
 
-    @property
-    def available(self) -> bool:
-        return self.needs is None or hasattr(imbalance_losses, self.needs)
 
-
-def _row(key: str, needs: str, **protocol: Any) -> Method:
+def _row(key: str, **protocol: Any) -> Method:
     """The row of ``key``: its compare plugin's label, grid and defaults (the ``--quick``
     setting), with this benchmark's own choices in ``protocol`` where they differ."""
     plugin = REMEDIES[key]
     return Method(
         key,
         **{"label": plugin.label, "grid": plugin.grid, "quick": dict(plugin.defaults), **protocol},
-        needs=needs,
     )
 
 
 METHODS: tuple[Method, ...] = (
     Method("joint", "joint (plain)"),
-    _row("ogm_ge", "ModalityGradientModulator"),
-    _row("arl", "ARLLoss"),
-    Method("arl_no_reweight", "ablation: ARL loss, no re-weighting", "ARLLoss", same_as="arl"),
-    _row("boost", "SustainedBoostingLoss"),
-    _row("pmr", "PMRLoss"),
+    _row("ogm_ge"),
+    _row("arl"),
+    Method("arl_no_reweight", "ablation: ARL loss, no re-weighting", same_as="arl"),
+    _row("boost"),
+    _row("pmr"),
     # epochs per super-epoch; a 4-epoch --quick run makes one weight update at window 2
-    _row("gblend", "GradientBlending", grid=({"window": 2.0}, {"window": 5.0}, {"window": 10.0})),
-    _row("mmpareto", "MMPareto"),
-    _row("agm", "AdaptiveGradientModulator"),
-    _row("opm", "ModalityPredictionModulator"),
-    _row("umt", "UnimodalTeacherLoss"),  # teachers: the encoders trained alone
-    _row("relearning", "ModalityRelearning"),  # the interval is capped to the run
-    _row("mmcosine", "MMCosineHead"),
-    _row("valuation", "SampleModalityValuation", quick={"warmup": 1.0}),  # official 5 of 60
+    _row("gblend", grid=({"window": 2.0}, {"window": 5.0}, {"window": 10.0})),
+    _row("mmpareto"),
+    _row("agm"),
+    _row("opm"),
+    _row("umt"),  # teachers: the encoders trained alone
+    _row("relearning"),  # the interval is capped to the run
+    _row("mmcosine"),
+    _row("valuation", quick={"warmup": 1.0}),  # official 5 of 60
     # the OWM projection on / off (off: the released code)
-    _row("mla", "AlternatingUnimodalAdaptation", label="MLA (alternating unimodal steps)"),
+    _row("mla", label="MLA (alternating unimodal steps)"),
     _row(
         "reconboost",
-        "ReconBoost",
         grid=tuple({"boost_epochs": e, "rectify_epochs": e} for e in (1.0, 2.0)),
         quick={"boost_epochs": 1.0, "rectify_epochs": 1.0},
     ),
@@ -564,8 +556,6 @@ def plan(
     """Number of training runs (for the progress bar)."""
     per = 0
     for method in METHODS if methods is None else methods:
-        if not method.available:
-            continue
         n_grid = 1 if method.same_as or not grid else len(method.grid)
         per += n_grid + len(seeds) - 1
     if unimodal:
@@ -621,19 +611,15 @@ def run_benchmark(args: argparse.Namespace) -> str:
                 results.append(report.Row.of(task, f"{m} only", opt, uni[m], "-"))
                 per_seed.append((task.name, opt, f"{m} only", [r.test_acc for r in uni[m]]))
                 curves[task.name][f"{m} only / {opt}"] = uni[m][0].val_curve
-            available = [m for m in methods if m.available]
             # every row in one call (the ablation reuses ARL's chosen setting); validation only
             # chooses: best accuracy, ties by lower validation loss, then by grid order; a run
             # that diverged in its first epoch (NaN) is never chosen
-            by_key, tried = runner.compare(opt, available, seeds, grid, progress=say)
+            by_key, tried = runner.compare(opt, methods, seeds, grid, progress=say)
             for method in methods:
                 label = labelled(method.label, args.model)
-                if not method.available:
-                    results.append(report.Row.missing(task, label, opt, method.needs))
-                    continue
                 if method.key in runner.skipped:  # e.g. MLA on a concatenation head
                     reason = runner.skipped[method.key]
-                    results.append(report.Row.missing(task, label, opt, None, reason))
+                    results.append(report.Row.missing(task, label, opt, reason))
                     continue
                 runs = by_key[method.key]
                 chosen = runs[0]

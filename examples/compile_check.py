@@ -24,6 +24,7 @@ import torch._dynamo
 from torch import Tensor, nn
 
 from imbalance_losses import ARLLoss, ModalityPredictionModulator, kept_mean
+from imbalance_losses.methods.arl import _coefficients
 
 LossFn = Callable[[], Tensor]
 
@@ -99,6 +100,25 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     for name, ts in times.items():
         print(f"{name}: {statistics.median(ts) * 1e6:.0f} us per step (median of 300, interleaved)")
+    statistics_only()
+
+
+def statistics_only(calls: int = 3000) -> None:
+    """ARL's coefficient formula on ``[2, 2]`` statistics, eager and compiled, interleaved."""
+    stats = torch.rand(2, 2, generator=torch.Generator().manual_seed(0)) + 0.1
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    compiled = torch.compile(_coefficients, fullgraph=True)
+    compiled(stats, 8.0, 0.1)
+    print(f"ARL coefficients, torch.compile: first call {time.perf_counter() - start:.1f} s")
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(calls):
+        for name, fn in (("eager", _coefficients), ("compiled", compiled)):
+            start = time.perf_counter()
+            fn(stats, 8.0, 0.1)
+            times[name].append(time.perf_counter() - start)
+    for name, ts in times.items():
+        print(f"ARL coefficients, {name}: {statistics.median(ts) * 1e6:.1f} us per call")
 
 
 if __name__ == "__main__":

@@ -258,15 +258,15 @@ def test_ensemble_row_averages_the_softmax_of_the_two_unimodal_models() -> None:
     assert row.seconds == 3.0
 
 
-def test_rows_report_mean_and_sample_std_over_seeds_and_missing_methods() -> None:
+def test_rows_report_mean_and_sample_std_over_seeds_and_methods_that_do_not_apply() -> None:
     runs = [_run(test_acc=a, probe={"x": 0.5}, head={"x": 0.4}) for a in (0.90, 0.94, 0.98)]
     task = SimpleNamespace(name="t", title="T", kinds={"x": "vector", "z": "vector"})
     row = report.Row.of(task, "joint", "adam", runs, "-")  # type: ignore[arg-type]
     assert math.isclose(row.test[0], 94.0) and math.isclose(row.test[1], 4.0)
-    gone = report.Row.missing(task, "joint + X", "sgd", "XLoss")  # type: ignore[arg-type]
+    gone = report.Row.missing(task, "joint + X", "sgd", "X needs per-modality heads")  # type: ignore[arg-type]
     table = report.tables([task], [row, gone])  # type: ignore[list-item]
     assert "| joint | adam | 94.0 ± 4.0 |" in table
-    assert "| joint + X | sgd | not available" in table
+    assert "| joint + X | sgd | X needs per-modality heads" in table
 
 
 def test_plots_and_progress_degrade_without_matplotlib_and_tqdm(

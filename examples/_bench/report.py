@@ -110,16 +110,14 @@ class Row:
         )
 
     @staticmethod
-    def missing(
-        task: Task, method: str, optimizer: str, needs: str | None, reason: str | None = None
-    ) -> Row:
-        """A row with no run: the class is missing, or (``reason``) it does not apply."""
+    def missing(task: Task, method: str, optimizer: str, reason: str) -> Row:
+        """A row with no run: the method does not apply (``reason``, printed in its place)."""
         return Row(
             task=task.name,
             method=method,
             optimizer=optimizer,
             available=False,
-            reason=reason or f"not available (imbalance_losses.{needs} is not implemented yet)",
+            reason=reason,
         )
 
     @staticmethod
