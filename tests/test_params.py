@@ -164,3 +164,36 @@ def test_gradient_marks_see_every_write_to_a_marked_gradient() -> None:
     assert marks.fresh([a, b, c]) == [0, 1]
     marks.mark([(b, b.grad)])  # a keeps its old, now stale, mark
     assert marks.fresh([a, b]) == [0]
+
+
+def test_scale_gradients_multiplies_each_modality_by_its_factor_in_one_fused_op_each() -> None:
+    """``g <- g * k_m`` exactly, and one ``_foreach_mul_`` per modality with one 0-dim factor
+    (the overload CUDA fuses into one launch; a list of per-tensor factors is one per tensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from imbalance_losses.core.params import scale_gradients_
+
+    torch.manual_seed(0)
+    shapes = [(3, 2), (3,), (4, 4), (2,), (5, 1), (1,), (2, 3)]
+    index = [0, 0, 1, 2, 1, 2, 0]
+    grads = [torch.randn(s) for s in shapes]
+    half = torch.randn(6).half()  # another dtype in modality 1: its own group
+    grads.append(half)
+    index.append(1)
+    k = torch.tensor([0.5, 3.0, -2.0])
+    want = [g * k[m].to(g.dtype) for g, m in zip(grads, index, strict=True)]
+
+    calls: list[tuple[str, int, list[int]]] = []
+
+    class Calls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket.__name__ == "_foreach_mul_":
+                calls.append((func._overloadname, args[1].dim(), [t.numel() for t in args[0]]))
+            return func(*args, **(kwargs or {}))
+
+    with Calls():
+        scale_gradients_(grads, index, k)
+    for got, expected in zip(grads, want, strict=True):
+        assert torch.equal(got, expected)
+    assert [c[:2] for c in calls] == [("Tensor", 0)] * 4  # modality 0, 1 (fp32), 2, 1 (fp16)
+    assert sorted(n for c in calls for n in c[2]) == sorted(g.numel() for g in grads)

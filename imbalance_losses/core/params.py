@@ -4,10 +4,11 @@ Both methods act on "the parameters of modality m's encoder". The user names the
 modality -> ``nn.Module`` or iterable of parameters; :func:`modality_parameters` flattens that to
 one ``(modality index, name, parameter)`` triple per distinct parameter (parameters shared
 between modalities are refused, excluded or assigned to one modality, as the caller says), and
-:func:`scale_gradients_` multiplies their gradients by a per-modality factor in one fused op.
-:func:`select_parameters` keeps the ones a method acts on (weights only, all, or a predicate), and
-:class:`GradientMarks` tells whether an in-place action already changed a gradient that nothing
-has written since (so a second ``step()`` with no backward in between cannot act twice).
+:func:`scale_gradients_` multiplies their gradients by a per-modality factor (one fused op per
+modality). :func:`select_parameters` keeps the ones a method acts on (weights only, all, or a
+predicate), and :class:`GradientMarks` tells whether an in-place action already changed a
+gradient that nothing has written since (so a second ``step()`` with no backward in between
+cannot act twice).
 """
 
 from __future__ import annotations
@@ -238,17 +239,19 @@ def scale_gradients_(grads: list[Tensor], index: list[int], factors: Tensor) -> 
     """``g <- g * factors[m]`` in place for every gradient ``g`` of modality ``m``.
 
     ``factors`` is a ``[M]`` tensor on any device; each factor is used as a 0-dim tensor (no host
-    sync) cast to its gradient's device and dtype, and all gradients are scaled in one
-    ``torch._foreach_mul_``.
+    sync) cast to its gradients' device and dtype. One ``torch._foreach_mul_`` per modality (and
+    device and dtype), each with one 0-dim factor for its whole list: PyTorch's fused path on
+    CUDA (one launch per list), where a list of per-tensor factors would fall back to one kernel
+    per gradient tensor.
     """
     if not grads:
         return
     per_modality = factors.detach().unbind()
-    scale = [
-        per_modality[m].to(device=g.device, dtype=g.dtype)
-        for g, m in zip(grads, index, strict=True)
-    ]
-    torch._foreach_mul_(grads, scale)
+    groups: dict[tuple[int, torch.device, torch.dtype], list[Tensor]] = {}
+    for g, m in zip(grads, index, strict=True):
+        groups.setdefault((m, g.device, g.dtype), []).append(g)
+    for (m, device, dtype), group in groups.items():
+        torch._foreach_mul_(group, per_modality[m].to(device=device, dtype=dtype))
 
 
 ParameterSelection = Literal["weights", "all"] | Callable[[str, Tensor], bool]
