@@ -74,3 +74,22 @@ def test_boosting_step_has_no_sync() -> None:
         boost({m: enc[m](v) for m, v in x.items()}, y).backward()
 
     _second_step_must_not_sync(step)
+
+
+def test_scale_gradients_launches_one_kernel_per_modality() -> None:
+    """The claim behind ``scale_gradients_``'s grouping (docs/cost.md): with one 0-dim factor per
+    list, ``_foreach_mul_`` is one fused launch per modality, not one per gradient tensor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from imbalance_losses.core.params import scale_gradients_
+
+    grads = [torch.randn(s, device="cuda") for s in [(8, 4), (8,), (3, 3), (5,), (7, 2), (2,)]]
+    index = [0, 0, 0, 1, 1, 1]
+    k = torch.tensor([0.5, 2.0], device="cuda")
+    scale_gradients_(grads, index, k)  # warm-up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        scale_gradients_(grads, index, k)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 2, [e.name for e in kernels]
