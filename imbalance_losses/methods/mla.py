@@ -21,7 +21,6 @@ fixed weights. The formulas are the official code's (``docs/mla.md`` lists its d
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -37,6 +36,7 @@ from ..core.remedy import Remedy
 from ..core.running import Pooled
 from ..core.unimodal import MappingHead
 from ..core.validation import (
+    autocast_off,
     check_logits,
     check_modalities,
     check_same_modalities,
@@ -109,7 +109,7 @@ def owm_update(projector: Tensor, r: Tensor, alpha: float) -> Tensor:
             f"the projector must be [D, D] and r [D]; got {tuple(projector.shape)} and "
             f"{tuple(r.shape)}"
         )
-    with torch.no_grad(), _no_autocast(projector.device):
+    with torch.no_grad(), autocast_off(projector.device):
         p = projector.detach().float() if projector.dtype != torch.float64 else projector.detach()
         r = r.detach().to(p.dtype)
         k = p @ r
@@ -127,7 +127,7 @@ def project_gradient(grad: Tensor, projector: Tensor) -> Tensor:
         >>> project_gradient(torch.ones(1, 2), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
         tensor([[1., 0.]])
     """
-    with torch.no_grad(), _no_autocast(grad.device):
+    with torch.no_grad(), autocast_off(grad.device):
         return (grad.float() @ projector.float().T).to(grad.dtype)
 
 
@@ -177,12 +177,6 @@ def fuse_unimodal_logits(
     """
     w = fusion_weights(unimodal_logits, weights)
     return (w[..., None] * torch.stack([z.float() for z in unimodal_logits.values()], 1)).sum(1)
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -333,6 +327,10 @@ class AlternatingUnimodalAdaptation(Remedy[MLARecord]):
         check_same_modalities(
             self._modalities, features, expected_what="earlier steps", actual_what="features"
         )
+        tensors = [f for f in features.values() if isinstance(f, Tensor)]
+        if len(tensors) == len(features):  # one batch size, checked before any step
+            with self._validating(self._width, tensors[0].device, pools=True):
+                check_modalities(features)  # type: ignore[arg-type]
         losses = {}
         for m, f in features.items():
             loss = self.loss(m, f() if callable(f) else f, target)
