@@ -407,6 +407,32 @@ def test_bad_input_names_the_modality_and_shapes() -> None:
         mla.loss("a", torch.randn(3, D), y)
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (lambda f: f[:3], r"features\['v'\] has shape \(3, 4\)"),  # another batch size
+        (lambda f: f.detach().index_fill(1, torch.tensor([1]), math.nan), r"'v'.*non-finite"),
+        (lambda f: torch.cat([f, f], 1), r"features\['v'\] has shape \(4, 8\).*D = 4"),
+    ],
+)
+def test_a_bad_later_modality_is_refused_before_any_step(bad: Any, message: str) -> None:
+    """A batch whose second modality is bad: a ValueError naming it, raised before the first
+    modality's optimiser step, so the batch changes nothing and the next good batch trains (the
+    object is not left half-way through a batch, refusing every later batch)."""
+    model = _model(W2)
+    mla = AlternatingUnimodalAdaptation(model["head"], batches_per_epoch=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _batch(W2, 4)
+    feats = _feats(model, x)
+    with pytest.raises(ValueError, match=message):
+        mla.train_step({"a": feats["a"], "v": bad(feats["v"])}, y, opt)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert mla.steps == 0 and torch.equal(mla.projector, torch.eye(D))
+    mla.train_step(_feats(model, x), y, opt)  # the next batch starts with 'a' again
+    assert mla.steps == 2
+
+
 def test_the_docs_page_runs(tmp_path: Any) -> None:
     ns = run_page("mla.md", tmp_path)
     assert ns["mla"].steps == 8 and ns["pred"].shape == (8,)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
 
@@ -24,6 +24,7 @@ from .dtypes import wide_dtype
 
 __all__ = [
     "autocast_enabled",
+    "autocast_off",
     "check_features",
     "check_finite",
     "check_logits",
@@ -347,6 +348,13 @@ def modality_names(modalities: object) -> tuple[str, ...]:
 def autocast_enabled(device_type: str) -> bool:
     """Whether ``torch.autocast`` is on for ``device_type``."""
     return bool(torch.is_autocast_enabled(device_type))
+
+
+def autocast_off(device: torch.device) -> AbstractContextManager[None]:
+    """A context with ``torch.autocast`` off for ``device`` (a no-op when it is not on)."""
+    if autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
 
 
 def check_features(

@@ -21,7 +21,6 @@ fixed weights. The formulas are the official code's (``docs/mla.md`` lists its d
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -30,13 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.distributed import ProcessGroup, all_reduce_sum, is_distributed, is_sharded, world_size
-from ..core.gradients import local_shards
+from ..core.distributed import ProcessGroup, is_distributed, is_sharded
+from ..core.gradients import average_over_ranks_, local_shards
 from ..core.records import StepRecord
 from ..core.remedy import Remedy
 from ..core.running import Pooled
 from ..core.unimodal import MappingHead
 from ..core.validation import (
+    autocast_off,
+    check_features,
     check_logits,
     check_modalities,
     check_same_modalities,
@@ -109,7 +110,7 @@ def owm_update(projector: Tensor, r: Tensor, alpha: float) -> Tensor:
             f"the projector must be [D, D] and r [D]; got {tuple(projector.shape)} and "
             f"{tuple(r.shape)}"
         )
-    with torch.no_grad(), _no_autocast(projector.device):
+    with torch.no_grad(), autocast_off(projector.device):
         p = projector.detach().float() if projector.dtype != torch.float64 else projector.detach()
         r = r.detach().to(p.dtype)
         k = p @ r
@@ -127,7 +128,7 @@ def project_gradient(grad: Tensor, projector: Tensor) -> Tensor:
         >>> project_gradient(torch.ones(1, 2), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
         tensor([[1., 0.]])
     """
-    with torch.no_grad(), _no_autocast(grad.device):
+    with torch.no_grad(), autocast_off(grad.device):
         return (grad.float() @ projector.float().T).to(grad.dtype)
 
 
@@ -177,12 +178,6 @@ def fuse_unimodal_logits(
     """
     w = fusion_weights(unimodal_logits, weights)
     return (w[..., None] * torch.stack([z.float() for z in unimodal_logits.values()], 1)).sum(1)
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -333,6 +328,13 @@ class AlternatingUnimodalAdaptation(Remedy[MLARecord]):
         check_same_modalities(
             self._modalities, features, expected_what="earlier steps", actual_what="features"
         )
+        tensors = {n: x for n, x in features.items() if isinstance(x, Tensor)}
+        if len(tensors) == len(features):  # before any step: a bad batch changes nothing
+            with self._validating(self._width, next(iter(tensors.values())).device, pools=True):
+                for n, x in tensors.items():
+                    self._check_feature(n, x)
+                check_modalities(tensors)
+                check_features(tensors, finite=True)
         losses = {}
         for m, f in features.items():
             loss = self.loss(m, f() if callable(f) else f, target)
@@ -357,7 +359,8 @@ class AlternatingUnimodalAdaptation(Remedy[MLARecord]):
         self._add(sums, rows.shape[0], rows=feature.shape[0])
         return self.criterion(logits, target)
 
-    def _check(self, modality: str, feature: Tensor, target: Tensor) -> Tensor:
+    def _check_feature(self, modality: str, feature: Tensor) -> None:
+        """A floating ``[B, ..., D]`` feature, ``B > 0`` (``D``: the projector's width)."""
         if not isinstance(feature, Tensor) or not feature.is_floating_point() or feature.dim() < 2:
             raise TypeError(f"features[{modality!r}] must be a floating tensor [B, ..., D]")
         shape = tuple(feature.shape)
@@ -368,11 +371,14 @@ class AlternatingUnimodalAdaptation(Remedy[MLARecord]):
             )
         if shape[0] == 0:
             raise ValueError(f"features[{modality!r}] has an empty batch, shape {shape}")
+
+    def _check(self, modality: str, feature: Tensor, target: Tensor) -> Tensor:
+        self._check_feature(modality, feature)
         logits = self._logits(modality, feature)
-        check_logits(logits, name=f"the head's logits for {modality!r}", batch=shape[0])
+        check_logits(logits, name=f"the head's logits for {modality!r}", batch=feature.shape[0])
         if isinstance(target, Tensor) and not target.is_floating_point():
             check_target(
-                target, batch=shape[0], num_classes=logits.shape[1],
+                target, batch=feature.shape[0], num_classes=logits.shape[1],
                 ignore_index=getattr(self.criterion, "ignore_index", None),
             )  # fmt: skip
         return logits
@@ -402,7 +408,9 @@ class AlternatingUnimodalAdaptation(Remedy[MLARecord]):
         if self.sync_gradients or (
             self.sync_gradients is None and is_distributed(self.process_group)
         ):
-            _average_gradients(optimizer, self.process_group)
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"]
+                     if p.grad is not None and not is_sharded(p.grad)]  # fmt: skip
+            average_over_ranks_(grads, self.process_group)  # FSDP2's are averaged already
         if scaler is not None:
             scaler.unscale_(optimizer)
         if record.projected:
@@ -479,17 +487,3 @@ def _check_head(head: Any) -> Any:
             f"{type(head).__name__}"
         )
     return head
-
-
-@torch.no_grad()
-def _average_gradients(optimizer: Any, group: ProcessGroup | None) -> None:
-    """DDP's average of every present gradient over the ranks: one all-reduce per dtype. An
-    FSDP2-sharded gradient is skipped: its reduce-scatter already averaged it."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"]
-             if p.grad is not None and not is_sharded(p.grad)]  # fmt: skip
-    n = world_size(group)
-    for dtype in dict.fromkeys(g.dtype for g in grads):
-        same = [g for g in grads if g.dtype == dtype]
-        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in same]), group) / n
-        parts = torch.split(flat, [g.numel() for g in same])
-        torch._foreach_copy_(same, [c.view_as(g) for c, g in zip(parts, same, strict=True)])
