@@ -93,3 +93,20 @@ def test_scale_gradients_launches_one_kernel_per_modality() -> None:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(kernels) == 2, [e.name for e in kernels]
+
+
+def test_relearning_takes_a_cpu_target_beside_cuda_features() -> None:
+    """``forward`` may return the batch's target where the loader left it (the CPU)."""
+    from imbalance_losses import ModalityRelearning
+
+    x, y, enc, _ = _data()
+    relearn = ModalityRelearning(enc, num_classes=3)
+    batches = [(x, y.cpu())] * 2
+
+    def forward(batch: tuple[dict[str, torch.Tensor], torch.Tensor]) -> object:
+        feats, target = batch
+        return {m: enc[m](v) for m, v in feats.items()}, target
+
+    record = relearn.diagnose(batches, batches, forward=forward)
+    assert record.train_samples == record.val_samples == 10
+    assert record.alphas.device.type == "cuda" and torch.isfinite(record.alphas).all()

@@ -494,7 +494,8 @@ class ModalityRelearning(nn.Module):
                 raise TypeError(f"{split} target must be class indices [B], got {target.dtype}")
             check_target(target, batch=size, num_classes=self.num_classes, name=f"{split} target")
             cols = [x.detach().float() for x in feats.values()]
-            rows.append(torch.cat([*cols, target[:, None].float()], 1).to(device))
+            label = target[:, None].to(device=cols[0].device, dtype=torch.float32)
+            rows.append(torch.cat([*cols, label], 1).to(device))  # a CPU target: moved
         width = sum(self._widths.values()) if self._widths else 0
         return torch.cat(rows) if rows else torch.zeros(0, width + 1, device=device)
 
