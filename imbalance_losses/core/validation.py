@@ -597,7 +597,8 @@ def check_target(
     * class indices: integer ``[B]`` with every value in ``[0, num_classes)`` or equal to
       ``ignore_index`` (a sample the criterion skips, e.g. ``-100`` for
       ``nn.CrossEntropyLoss``; the methods leave it out of their statistics too);
-    * soft targets: floating ``[B, C]``, finite, non-negative, each row summing to 1.
+    * soft targets: floating ``[B, C]``, finite, non-negative, each row summing to 1 (within
+      ``max(1e-3, eps)`` of the target's dtype: a distribution rounded to bf16 is one).
 
     With ``device`` (that of the logits the target is scored against, named ``device_of`` in
     the message) the target must live there: checked first, on the tensors' metadata only (no
@@ -624,7 +625,10 @@ def check_target(
             )
         t = target.detach().float()
         ok = torch.isfinite(t).all() & (t >= 0).all()
-        ok = ok & torch.isclose(t.sum(1), torch.ones((), device=t.device), atol=1e-3).all()
+        # each entry rounded to nearest moves the row sum by at most eps / 2 (bf16: 1/3 each
+        # sums to 1.002): allow the target dtype's eps, and never less than 1e-3
+        tol = max(1e-3, torch.finfo(target.dtype).eps)
+        ok = ok & torch.isclose(t.sum(1), torch.ones((), device=t.device), atol=tol).all()
         _assert_on_device(
             ok,
             f"soft {name} of shape {_shape(target)} must be finite, non-negative and sum to "

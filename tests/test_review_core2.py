@@ -1,0 +1,48 @@
+"""Review of the shared core: defects found from the outside, each pinned by a test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imbalance_losses import ARLLoss
+from imbalance_losses.core.validation import check_target
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_soft_targets_are_valid_distributions(dtype: torch.dtype) -> None:
+    # the uniform distribution over 3 classes rounded to bf16 sums to 1.0020 (1/3 -> 0.33398),
+    # to fp16 to 0.99994: a valid probability row at that precision (each entry rounded to
+    # nearest, so the row sum is off by at most half an ulp of 1 = eps / 2)
+    uniform = torch.full((4, 3), 1 / 3, dtype=dtype)
+    check_target(uniform, batch=4, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(64, 10, generator=g) * 2, -1).to(dtype)
+    check_target(probs, batch=64, num_classes=10)
+    # still refused: a row that is not a distribution at that precision
+    with pytest.raises(ValueError, match="sum to 1"):
+        check_target(torch.full((2, 4), 0.24, dtype=dtype), batch=2, num_classes=4)
+    with pytest.raises(ValueError, match="sum to 1"):
+        check_target(torch.tensor([[1.0, 0.03]], dtype=dtype), batch=1, num_classes=2)
+
+
+def test_arl_pure_bf16_model_with_bf16_soft_targets() -> None:
+    # a model cast to bf16 end to end: features, head and soft targets in bf16; the loss is the
+    # formula l(z, t) + sum_m l(z_m, t) that plain cross-entropy accepts for these inputs
+    torch.manual_seed(0)
+    head = nn.Linear(10, 3).to(torch.bfloat16)
+    feats = {
+        "a": torch.randn(4, 4, dtype=torch.bfloat16),
+        "v": torch.randn(4, 6, dtype=torch.bfloat16),
+    }
+    logits = head(torch.cat(list(feats.values()), 1))
+    target = torch.full((4, 3), 1 / 3, dtype=torch.bfloat16)
+    loss = ARLLoss(head=head).eval()(logits, target, features=feats)
+    w = head.weight.float()
+    za = feats["a"].float() @ w[:, :4].T + head.bias.float() / 2
+    zv = feats["v"].float() @ w[:, 4:].T + head.bias.float() / 2
+    t = target.float()
+    expected = sum(F.cross_entropy(z, t) for z in (logits.float(), za, zv))
+    torch.testing.assert_close(loss.float(), expected, atol=3e-2, rtol=1e-2)
