@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imbalance_losses import ARLLoss
+from imbalance_losses import ARLLoss, unimodal_logits
+from imbalance_losses.core.masking import masked_outputs
 from imbalance_losses.core.validation import check_target
 
 
@@ -46,3 +47,34 @@ def test_arl_pure_bf16_model_with_bf16_soft_targets() -> None:
     t = target.float()
     expected = sum(F.cross_entropy(z, t) for z in (logits.float(), za, zv))
     torch.testing.assert_close(loss.float(), expected, atol=3e-2, rtol=1e-2)
+
+
+def test_per_modality_head_width_error_names_the_modality_and_shapes() -> None:
+    # api.md: shapes that do not add up raise a ValueError naming the modality and the expected
+    # and actual shapes; a mapping of per-modality heads (sum fusion) gave the raw matmul error
+    heads = {"audio": nn.Linear(4, 3), "visual": nn.Linear(6, 3)}
+    feats = {"audio": torch.randn(2, 5), "visual": torch.randn(2, 6)}
+    expected = r"heads\['audio'\].*in_features=4.*features\['audio'\].*shape \(2, 5\)"
+    with pytest.raises(ValueError, match=expected):
+        unimodal_logits(heads, feats)
+    with pytest.raises(ValueError, match=expected):
+        unimodal_logits(nn.ModuleDict(heads), feats)
+    with pytest.raises(ValueError, match=expected):
+        masked_outputs(heads, feats)
+    # a head that is not an nn.Linear: its own shape error, with the modality and the shape
+    mlps = {
+        m: nn.Sequential(nn.Linear(d, 8), nn.ReLU(), nn.Linear(8, 3))
+        for m, d in (("audio", 4), ("visual", 6))
+    }
+    with pytest.raises(
+        ValueError, match=r"heads\['audio'\] failed on features\['audio'\] of shape \(2, 5\)"
+    ):
+        unimodal_logits(mlps, feats)
+    with pytest.raises(
+        ValueError, match=r"heads\['audio'\] failed on features\['audio'\] of shape \(2, 5\)"
+    ):
+        masked_outputs(mlps, feats)  # run on [x; 0], named by x
+    # right widths: unchanged (z_m = heads[m](x_m))
+    good = {"audio": torch.randn(2, 4), "visual": torch.randn(2, 6)}
+    z = unimodal_logits(heads, good)
+    torch.testing.assert_close(z["visual"], heads["visual"](good["visual"]))

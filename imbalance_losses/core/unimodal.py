@@ -293,7 +293,38 @@ def _per_modality(
         )
     for name, x in features.items():
         _check_dtype_device({name: x}, heads[name], by=f"heads[{name!r}]")
-    return {name: heads[name](x) for name, x in features.items()}
+    return {name: modality_head(heads[name], name, x) for name, x in features.items()}
+
+
+def modality_head(
+    head: Callable[[Tensor], Tensor], name: str, x: Tensor, *, of: Tensor | None = None
+) -> Tensor:
+    """``head(x)``: modality ``name``'s own head (sum / late fusion) on its features.
+
+    A width that does not fit the head raises a ``ValueError`` naming the modality and both
+    shapes instead of the head's raw matmul error: checked up front for an ``nn.Linear``
+    (``in_features``), else read from the head's own shape error (anything else propagates
+    unchanged). ``of``: the modality's features when ``x`` is built from them (masking runs
+    the head on ``[x_m; 0]``), for the message.
+    """
+    shown = tuple((x if of is None else of).shape)
+    if isinstance(head, nn.Linear) and x.shape[-1] != head.in_features:
+        raise ValueError(
+            f"heads[{name!r}] is an nn.Linear with in_features={head.in_features} but "
+            f"features[{name!r}] have shape {shown} (width {x.shape[-1]}); each modality's "
+            "head takes that modality's features"
+        )
+    try:
+        return head(x)
+    except RuntimeError as err:
+        if isinstance(err, torch.cuda.OutOfMemoryError) or not any(
+            word in str(err) for word in ("shape", "size")
+        ):
+            raise
+        raise ValueError(
+            f"heads[{name!r}] failed on features[{name!r}] of shape {shown}; check that each "
+            f"modality's features have the width its head takes. The head said: {err}"
+        ) from err
 
 
 def _zero_padded(
@@ -370,9 +401,9 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
             mapping.
         ValueError: fewer than two modalities, batch sizes that differ, widths that do not add
             up to the linear head's ``in_features``, modalities missing from (or extra to) a
-            mapping of heads, features on another device than the head's parameters, or
-            outputs of inconsistent shapes. The message names the modality and the expected
-            and actual shapes.
+            mapping of heads, a modality's features of a width its own head does not take,
+            features on another device than the head's parameters, or outputs of inconsistent
+            shapes. The message names the modality and the expected and actual shapes.
 
     Example:
         >>> import torch
