@@ -9,7 +9,7 @@ from torch import nn
 
 from imbalance_losses import ARLLoss, unimodal_logits
 from imbalance_losses.core.masking import masked_outputs
-from imbalance_losses.core.validation import check_target
+from imbalance_losses.core.validation import check_target, int_param, real_param
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -78,3 +78,22 @@ def test_per_modality_head_width_error_names_the_modality_and_shapes() -> None:
     good = {"audio": torch.randn(2, 4), "visual": torch.randn(2, 6)}
     z = unimodal_logits(heads, good)
     torch.testing.assert_close(z["visual"], heads["visual"](good["visual"]))
+
+
+def test_numpy_scalars_are_numbers() -> None:
+    # a sweep over np.arange / np.linspace(dtype=np.float32) gives numpy scalars: a whole
+    # number is still a whole number (nothing truncated), a real still a real
+    np = pytest.importorskip("numpy")
+    assert int_param("warmup_steps", np.int64(3), ge=0) == 3
+    assert type(int_param("warmup_steps", np.int32(3), ge=0)) is int
+    assert real_param("gamma", np.float32(0.5), ge=0.0) == 0.5
+    assert type(real_param("gamma", np.float32(0.5))) is float
+    assert ARLLoss(head=nn.Linear(4, 2), warmup_steps=np.int64(2)).warmup_steps == 2
+    # still refused: truncation and booleans, numpy's too
+    for bad in (np.float64(2.0), np.bool_(True), True):
+        with pytest.raises(TypeError, match="warmup_steps must be an integer"):
+            int_param("warmup_steps", bad)
+    with pytest.raises(TypeError, match="must be a real number"):
+        real_param("gamma", np.bool_(True))
+    with pytest.raises(ValueError, match="gamma must be finite"):
+        real_param("gamma", np.float32("nan"))

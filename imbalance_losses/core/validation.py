@@ -12,6 +12,7 @@ synchronisation point, without stalling the step.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -242,12 +243,15 @@ def real_param(
 ) -> float:
     """A finite real hyper-parameter in the given bounds, as a ``float``.
 
+    A real number is a ``numbers.Real``: Python's ``int`` and ``float``, and numpy's integer
+    and floating scalars (``np.float32(0.5)`` from a sweep), not a tensor.
+
     Raises:
         TypeError: ``value`` is not a real number (``bool`` counts as not real).
         ValueError: ``value`` is NaN or infinite, or outside the bounds; the message names the
             parameter, its value and the bounds.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     x = float(value)
     if not math.isfinite(x):
@@ -310,15 +314,17 @@ def int_param(name: str, value: object, *, ge: int | None = None) -> int:
     """A whole-number hyper-parameter (``>= ge`` when given), as an ``int``.
 
     Raises:
-        TypeError: ``value`` is not an ``int`` (``2.5``, ``2.0`` and ``True`` are refused: a
-            count is never silently truncated).
+        TypeError: ``value`` is not a whole number, a ``numbers.Integral`` (Python's ``int``,
+            numpy's integer scalars such as ``np.int64(3)``): ``2.5``, ``2.0`` and ``True`` are
+            refused, so a count is never silently truncated.
         ValueError: ``value < ge``.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if ge is not None and value < ge:
-        raise ValueError(f"{name} must be an integer >= {ge}, got {value}")
-    return int(value)
+    count = int(value)
+    if ge is not None and count < ge:
+        raise ValueError(f"{name} must be an integer >= {ge}, got {count}")
+    return count
 
 
 def modality_names(modalities: object) -> tuple[str, ...]:
