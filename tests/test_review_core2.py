@@ -97,3 +97,27 @@ def test_numpy_scalars_are_numbers() -> None:
         real_param("gamma", np.bool_(True))
     with pytest.raises(ValueError, match="gamma must be finite"):
         real_param("gamma", np.float32("nan"))
+
+
+class _CosineLinear(nn.Linear):
+    """A cosine classifier written as an ``nn.Linear`` subclass (its own forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 10.0 * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+def test_linear_subclass_with_its_own_forward_is_evaluated_not_split() -> None:
+    # the weight split z_m = x_m W_m^T + b / M is what nn.Linear.forward computes; a subclass
+    # that computes something else is "any other callable head": z_m = head([0, .., x_m, .., 0])
+    # (it silently got x_m W_m^T, neither that nor parts adding up to head(cat(x)))
+    torch.manual_seed(0)
+    head = _CosineLinear(10, 3, bias=False)
+    feats = {"a": torch.randn(2, 4), "v": torch.randn(2, 6)}
+    z = unimodal_logits(head, feats)
+    zeros = {m: torch.zeros_like(x) for m, x in feats.items()}
+    torch.testing.assert_close(z["a"], head(torch.cat([feats["a"], zeros["v"]], 1)))
+    torch.testing.assert_close(z["v"], head(torch.cat([zeros["a"], feats["v"]], 1)))
+    # a plain nn.Linear keeps the exact split: the parts add up to the fused logits
+    plain = nn.Linear(10, 3)
+    parts = unimodal_logits(plain, feats)
+    torch.testing.assert_close(parts["a"] + parts["v"], plain(torch.cat(list(feats.values()), 1)))

@@ -13,7 +13,9 @@ the model already has:
   exactly (up to floating-point rounding of the summation order). This is the decomposition
   every module uses. It differs from the official OGM-GE / ARL code, which zero-pads the other
   modalities and so gives every ``z_m`` the full bias ``b``, by the per-class constant
-  ``b (1 - 1/M)``; with the shared split the unimodal logits add up to the fused logits.
+  ``b (1 - 1/M)``; with the shared split the unimodal logits add up to the fused logits. An
+  ``nn.Linear`` subclass with a ``forward`` of its own (a cosine classifier) computes something
+  else from its weight: it is any other callable (below).
 
 * **A mapping of per-modality heads** (sum / late fusion, ``{"audio": head_a, ...}``): ``z_m`` is
   ``heads[m](x_m)``. If the model fuses by ``sum_m heads[m](x_m)``, the identity above holds too.
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +154,16 @@ def _check_concat(features: Mapping[str, Tensor]) -> None:
                 f"has shape {tuple(first.shape)}; they can only be concatenated along the last "
                 "dimension"
             )
+
+
+def _splits_exactly(head: object) -> TypeGuard[nn.Linear]:
+    """An ``nn.Linear`` that computes ``nn.Linear.forward`` (``x W^T + b``): its weight splits.
+
+    A subclass with a forward of its own (a cosine classifier that normalises ``x`` and ``W``,
+    a fake-quantised layer) computes something else from its weight: it is evaluated as any
+    other callable head, on the zero-padded concatenation.
+    """
+    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
 
 
 def _linear(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -378,7 +390,8 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
         head: the fusion head: a :class:`MappingHead` (``z_m`` = the head on modality ``m``
             alone; features of any shape ``[B, ...]``); an ``nn.Linear`` over the concatenation
             of the features (exact split, ``z_m = x_m W_m^T + b/M``,
-            ``sum_m z_m == head(cat(x))``); a mapping modality -> head for per-modality (sum /
+            ``sum_m z_m == head(cat(x))``; a subclass with a ``forward`` of its own is any
+            other callable); a mapping modality -> head for per-modality (sum /
             late) fusion; or any other callable over the concatenation, evaluated with the
             other modalities zeroed (an approximation for
             non-linear heads).
@@ -423,7 +436,7 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
     if isinstance(head, MappingHead):
         _check_dtype_device(features, head, by="the MappingHead")
         out = {name: head.subset(features, (name,)) for name in features}
-    elif isinstance(head, nn.Linear):
+    elif _splits_exactly(head):
         _check_concat(features)
         _check_dtype_device(features, head, by="the nn.Linear head")
         out = _linear(head, features)
