@@ -37,6 +37,7 @@ from .unimodal import (
     column_masks,
     eval_mode,
     masked_copies,
+    modality_head,
     reshard_fsdp,
 )
 
@@ -182,7 +183,9 @@ def masked_outputs(
                 for j, name in enumerate(names):
                     _check_dtype_device({name: features[name]}, head[name], by=f"heads[{name!r}]")
                     x = features[name]
-                    both = head[name](torch.cat([x, torch.zeros_like(x)]))
+                    both = modality_head(
+                        head[name], name, torch.cat([x, torch.zeros_like(x)]), of=x
+                    )
                     on, off = both[: x.shape[0]], both[x.shape[0] :]
                     keep = masks[:, j].reshape(-1, *([1] * on.dim()))
                     term = torch.where(keep, on.unsqueeze(0), off.unsqueeze(0))

@@ -13,7 +13,9 @@ the model already has:
   exactly (up to floating-point rounding of the summation order). This is the decomposition
   every module uses. It differs from the official OGM-GE / ARL code, which zero-pads the other
   modalities and so gives every ``z_m`` the full bias ``b``, by the per-class constant
-  ``b (1 - 1/M)``; with the shared split the unimodal logits add up to the fused logits.
+  ``b (1 - 1/M)``; with the shared split the unimodal logits add up to the fused logits. An
+  ``nn.Linear`` subclass with a ``forward`` of its own (a cosine classifier) computes something
+  else from its weight: it is any other callable (below).
 
 * **A mapping of per-modality heads** (sum / late fusion, ``{"audio": head_a, ...}``): ``z_m`` is
   ``heads[m](x_m)``. If the model fuses by ``sum_m heads[m](x_m)``, the identity above holds too.
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +154,16 @@ def _check_concat(features: Mapping[str, Tensor]) -> None:
                 f"has shape {tuple(first.shape)}; they can only be concatenated along the last "
                 "dimension"
             )
+
+
+def _splits_exactly(head: object) -> TypeGuard[nn.Linear]:
+    """An ``nn.Linear`` that computes ``nn.Linear.forward`` (``x W^T + b``): its weight splits.
+
+    A subclass with a forward of its own (a cosine classifier that normalises ``x`` and ``W``,
+    a fake-quantised layer) computes something else from its weight: it is evaluated as any
+    other callable head, on the zero-padded concatenation.
+    """
+    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
 
 
 def _linear(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -293,7 +305,38 @@ def _per_modality(
         )
     for name, x in features.items():
         _check_dtype_device({name: x}, heads[name], by=f"heads[{name!r}]")
-    return {name: heads[name](x) for name, x in features.items()}
+    return {name: modality_head(heads[name], name, x) for name, x in features.items()}
+
+
+def modality_head(
+    head: Callable[[Tensor], Tensor], name: str, x: Tensor, *, of: Tensor | None = None
+) -> Tensor:
+    """``head(x)``: modality ``name``'s own head (sum / late fusion) on its features.
+
+    A width that does not fit the head raises a ``ValueError`` naming the modality and both
+    shapes instead of the head's raw matmul error: checked up front for an ``nn.Linear``
+    (``in_features``), else read from the head's own shape error (anything else propagates
+    unchanged). ``of``: the modality's features when ``x`` is built from them (masking runs
+    the head on ``[x_m; 0]``), for the message.
+    """
+    shown = tuple((x if of is None else of).shape)
+    if isinstance(head, nn.Linear) and x.shape[-1] != head.in_features:
+        raise ValueError(
+            f"heads[{name!r}] is an nn.Linear with in_features={head.in_features} but "
+            f"features[{name!r}] have shape {shown} (width {x.shape[-1]}); each modality's "
+            "head takes that modality's features"
+        )
+    try:
+        return head(x)
+    except RuntimeError as err:
+        if isinstance(err, torch.cuda.OutOfMemoryError) or not any(
+            word in str(err) for word in ("shape", "size")
+        ):
+            raise
+        raise ValueError(
+            f"heads[{name!r}] failed on features[{name!r}] of shape {shown}; check that each "
+            f"modality's features have the width its head takes. The head said: {err}"
+        ) from err
 
 
 def _zero_padded(
@@ -347,7 +390,8 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
         head: the fusion head: a :class:`MappingHead` (``z_m`` = the head on modality ``m``
             alone; features of any shape ``[B, ...]``); an ``nn.Linear`` over the concatenation
             of the features (exact split, ``z_m = x_m W_m^T + b/M``,
-            ``sum_m z_m == head(cat(x))``); a mapping modality -> head for per-modality (sum /
+            ``sum_m z_m == head(cat(x))``; a subclass with a ``forward`` of its own is any
+            other callable); a mapping modality -> head for per-modality (sum /
             late) fusion; or any other callable over the concatenation, evaluated with the
             other modalities zeroed (an approximation for
             non-linear heads).
@@ -370,9 +414,9 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
             mapping.
         ValueError: fewer than two modalities, batch sizes that differ, widths that do not add
             up to the linear head's ``in_features``, modalities missing from (or extra to) a
-            mapping of heads, features on another device than the head's parameters, or
-            outputs of inconsistent shapes. The message names the modality and the expected
-            and actual shapes.
+            mapping of heads, a modality's features of a width its own head does not take,
+            features on another device than the head's parameters, or outputs of inconsistent
+            shapes. The message names the modality and the expected and actual shapes.
 
     Example:
         >>> import torch
@@ -392,7 +436,7 @@ def unimodal_logits(head: Head, features: Mapping[str, Tensor]) -> dict[str, Ten
     if isinstance(head, MappingHead):
         _check_dtype_device(features, head, by="the MappingHead")
         out = {name: head.subset(features, (name,)) for name in features}
-    elif isinstance(head, nn.Linear):
+    elif _splits_exactly(head):
         _check_concat(features)
         _check_dtype_device(features, head, by="the nn.Linear head")
         out = _linear(head, features)

@@ -12,6 +12,7 @@ synchronisation point, without stalling the step.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
@@ -245,12 +246,15 @@ def real_param(
 ) -> float:
     """A finite real hyper-parameter in the given bounds, as a ``float``.
 
+    A real number is a ``numbers.Real``: Python's ``int`` and ``float``, and numpy's integer
+    and floating scalars (``np.float32(0.5)`` from a sweep), not a tensor.
+
     Raises:
         TypeError: ``value`` is not a real number (``bool`` counts as not real).
         ValueError: ``value`` is NaN or infinite, or outside the bounds; the message names the
             parameter, its value and the bounds.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     x = float(value)
     if not math.isfinite(x):
@@ -313,15 +317,17 @@ def int_param(name: str, value: object, *, ge: int | None = None) -> int:
     """A whole-number hyper-parameter (``>= ge`` when given), as an ``int``.
 
     Raises:
-        TypeError: ``value`` is not an ``int`` (``2.5``, ``2.0`` and ``True`` are refused: a
-            count is never silently truncated).
+        TypeError: ``value`` is not a whole number, a ``numbers.Integral`` (Python's ``int``,
+            numpy's integer scalars such as ``np.int64(3)``): ``2.5``, ``2.0`` and ``True`` are
+            refused, so a count is never silently truncated.
         ValueError: ``value < ge``.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if ge is not None and value < ge:
-        raise ValueError(f"{name} must be an integer >= {ge}, got {value}")
-    return int(value)
+    count = int(value)
+    if ge is not None and count < ge:
+        raise ValueError(f"{name} must be an integer >= {ge}, got {count}")
+    return count
 
 
 def modality_names(modalities: object) -> tuple[str, ...]:
@@ -607,7 +613,8 @@ def check_target(
     * class indices: integer ``[B]`` with every value in ``[0, num_classes)`` or equal to
       ``ignore_index`` (a sample the criterion skips, e.g. ``-100`` for
       ``nn.CrossEntropyLoss``; the methods leave it out of their statistics too);
-    * soft targets: floating ``[B, C]``, finite, non-negative, each row summing to 1.
+    * soft targets: floating ``[B, C]``, finite, non-negative, each row summing to 1 (within
+      ``max(1e-3, eps)`` of the target's dtype: a distribution rounded to bf16 is one).
 
     With ``device`` (that of the logits the target is scored against, named ``device_of`` in
     the message) the target must live there: checked first, on the tensors' metadata only (no
@@ -634,7 +641,10 @@ def check_target(
             )
         t = target.detach().float()
         ok = torch.isfinite(t).all() & (t >= 0).all()
-        ok = ok & torch.isclose(t.sum(1), torch.ones((), device=t.device), atol=1e-3).all()
+        # each entry rounded to nearest moves the row sum by at most eps / 2 (bf16: 1/3 each
+        # sums to 1.002): allow the target dtype's eps, and never less than 1e-3
+        tol = max(1e-3, torch.finfo(target.dtype).eps)
+        ok = ok & torch.isclose(t.sum(1), torch.ones((), device=t.device), atol=tol).all()
         _assert_on_device(
             ok,
             f"soft {name} of shape {_shape(target)} must be finite, non-negative and sum to "
