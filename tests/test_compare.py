@@ -239,6 +239,30 @@ def test_alone_gives_the_reference_of_the_deficit() -> None:
     assert "trained alone" in result.to_markdown()
 
 
+def test_ignored_targets_count_in_no_accuracy_and_no_diagnosis() -> None:
+    """Targets -100 (cross-entropy's ignore_index) are trained around, scored around, and left
+    out of the diagnosis' probes and head accuracies, with the default diagnosis and alone=True."""
+
+    def ignoring(data: list[Batch]) -> list[Batch]:
+        out = []
+        for a, b, y in data:
+            y = y.clone()
+            y[::4] = -100
+            out.append((a, b, y))
+        return out
+
+    train, val = ignoring(batches(96, 0)), ignoring(batches(64, 1, size=64))
+    result = run(train=train, val=val, methods=["arl"], alone=True)
+    counted = sum(int((y != -100).sum()) for _, _, y in val)
+    for row in result.rows:
+        assert row.status == "ok", row.reason
+        report = row.report
+        assert report is not None
+        assert report.num_evaluated == counted
+        assert report.num_fit == sum(int((y != -100).sum()) for _, _, y in train)
+    assert all(0 <= a["probe"] <= 1 for a in result.alone.values())
+
+
 def test_a_new_method_plugs_in_with_one_adapter_and_failures_are_rows() -> None:
     class Halved(Hooks):
         def loss(self, features: dict[str, Tensor], target: Tensor) -> Tensor:

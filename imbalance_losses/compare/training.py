@@ -30,6 +30,9 @@ from .result import RunRecord
 
 __all__ = ["Outcome", "SelectedRun", "Spec", "diagnose", "score", "train_run"]
 
+IGNORE_INDEX = -100
+"""Targets equal to it count in no loss, accuracy or diagnosis (``F.cross_entropy``'s default)."""
+
 
 @dataclass
 class Spec:
@@ -222,7 +225,7 @@ def evaluate(
         for batch in loader:
             feats, target = spec.features(model, batch)
             logits = hooks.predict(head, feats, kept).float()
-            counted = target != -100
+            counted = target != IGNORE_INDEX
             y = target[counted]
             z = logits[counted]
             totals += torch.stack(
@@ -352,10 +355,12 @@ def diagnose(
     spec: Spec, outcome: Outcome, modalities: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """:func:`imbalance_report` of the selected run: probes fitted on the training split's
-    features (pooled over tokens), every accuracy on the validation split."""
+    features (pooled over tokens), every accuracy on the validation split. Samples whose target
+    is ``IGNORE_INDEX`` (-100, what the loop's cross-entropy and :func:`evaluate` leave out) are
+    left out of both."""
     ctx = outcome.ctx
-    fit = [_pooled(f, y, modalities) for f, y in ctx.batches(spec.train_split)]
-    held = [(_subset(f, modalities), y) for f, y in ctx.batches(spec.val)]
+    fit = [_pooled(*_counted(f, y), modalities) for f, y in ctx.batches(spec.train_split)]
+    held = [_counted(_subset(f, modalities), y) for f, y in ctx.batches(spec.val)]
     head = outcome.hooks.diagnosis_head(ctx.head)
     report = imbalance_report(
         fit,
@@ -371,6 +376,12 @@ def diagnose(
         "num_fit": report.num_fit,
         "num_evaluated": report.num_evaluated,
     }
+
+
+def _counted(feats: Features, y: Tensor) -> tuple[Features, Tensor]:
+    """The samples of a batch whose target is not ``IGNORE_INDEX`` (batch first)."""
+    keep = y != IGNORE_INDEX
+    return {m: x[keep] for m, x in feats.items()}, y[keep]
 
 
 def _subset(feats: Features, modalities: Sequence[str] | None) -> Features:
