@@ -416,3 +416,37 @@ def test_variants_ablation_trace_and_on_run_express_a_callers_protocol() -> None
     feats, y = run0.features(val[0])
     acc = float((run0.logits(feats).argmax(-1) == y).double().mean())
     assert math.isclose(acc, run0.record.val)  # the model of the chosen epoch
+
+
+def test_on_run_scores_the_kept_model_as_the_protocol_does_and_leaves_it_unchanged() -> None:
+    """run.features / run.logits on the test split give the row's test accuracy for a model
+    with dropout and BatchNorm (eval mode), and change none of the kept model's state."""
+
+    class Noisy(Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoders = nn.ModuleDict(
+                {
+                    "a": nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5)),
+                    "b": nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5)),
+                }
+            )
+
+    test = batches(64, 2, size=32)
+    seen: list[tuple[float, float, bool]] = []
+
+    def on_run(selected: Any) -> None:
+        before = {k: v.clone() for k, v in selected.model.state_dict().items()}
+        correct = count = 0
+        for batch in test:
+            feats, y = selected.features(batch)
+            correct += int((selected.logits(feats).argmax(-1) == y).sum())
+            count += len(y)
+        after = selected.model.state_dict()
+        unchanged = all(torch.equal(v, after[k]) for k, v in before.items())
+        seen.append((correct / count, selected.record.test, unchanged))
+
+    run(build=Noisy, methods=["boost"], test=test, epochs=2, on_run=on_run)
+    assert len(seen) == 2
+    for acc, tested, unchanged in seen:
+        assert acc == tested and unchanged

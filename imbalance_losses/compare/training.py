@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.unimodal import Head, unimodal_logits
+from ..core.unimodal import Head, eval_mode, unimodal_logits
 from ..diagnosis.report import imbalance_report, pooled_tokens
 from .plugins import Config, Context, Features, Hooks, RemedyPlugin
 from .result import RunRecord
@@ -149,12 +149,17 @@ class SelectedRun:
     _predict: Callable[[Features], Tensor]
 
     def features(self, batch: Any) -> tuple[Features, Tensor]:
-        """``forward(model, batch)`` of this run's model (the batch moved to its device)."""
-        return self._features(batch)
+        """``forward(model, batch)`` of this run's model (the batch moved to its device), as
+        the protocol scores it: the model (and ``kept``) in eval mode, without gradient; each
+        module's own mode is restored after (no BatchNorm statistic or dropout draw changes)."""
+        with torch.no_grad(), eval_mode(self.model), eval_mode(self.kept):
+            return self._features(batch)
 
     def logits(self, features: Features) -> Tensor:
-        """The fused logits as the method predicts them (boosting: its heads' ensemble)."""
-        return self._predict(features)
+        """The fused logits as the method predicts them (boosting: its heads' ensemble), in
+        eval mode and without gradient, as the validation and test scores are computed."""
+        with torch.no_grad(), eval_mode(self.model), eval_mode(self.kept):
+            return self._predict(features)
 
     @classmethod
     def of(cls, outcome: Outcome) -> SelectedRun:
