@@ -450,3 +450,13 @@ def test_on_run_scores_the_kept_model_as_the_protocol_does_and_leaves_it_unchang
     assert len(seen) == 2
     for acc, tested, unchanged in seen:
         assert acc == tested and unchanged
+
+
+def test_the_callers_global_rng_continues_where_it_was() -> None:
+    """The runs seed torch's global generator; after the call the caller's draws go on as if
+    it had not run (a search that draws its settings from torch does not repeat them)."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run(methods=["ogm_ge"], alone=True, test=batches(64, 2, size=64))
+    assert torch.equal(torch.rand(3), expected)

@@ -15,6 +15,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,6 +255,13 @@ def _better(acc: float, loss: float, best: tuple[float, float] | None) -> bool:
     return (acc, -loss) > (best[0], -best[1])
 
 
+def forked_rng(spec: Spec) -> AbstractContextManager[None]:
+    """``torch.random.fork_rng`` over the CPU generator (and ``device=``'s CUDA one): the global
+    RNG state in the block is the caller's, restored after it."""
+    devices = [spec.device.index or 0] if spec.device and spec.device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def train_run(
     spec: Spec,
     remedy: RemedyPlugin,
@@ -262,8 +270,7 @@ def train_run(
     on_epoch: Callable[[int, float], None],
 ) -> Outcome:
     """Train one run and return it at the epoch chosen on validation (test not read)."""
-    devices = [spec.device.index or 0] if spec.device and spec.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng(spec):
         model = spec.build_seeded(seed)
         init = fingerprint(model)
         ctx = spec.context(model, seed)
