@@ -326,6 +326,11 @@ def test_bad_arguments_give_clear_errors() -> None:
         run(train={"a": 1})
     with pytest.raises(ValueError, match="no batch"):
         run(train=[])
+    # a generator or an iterator is read once: the second pass names the loader and the fix
+    with pytest.raises(ValueError, match=r"train gave no batch when read again.*DataLoader"):
+        run(train=(b for b in batches(96, 0)))
+    with pytest.raises(ValueError, match="generator or an iterator already read"):
+        run(val=iter(batches(64, 1)), epochs=2)
     with pytest.raises(TypeError, match="forward"):
         compare_remedies(
             Model,

@@ -31,6 +31,8 @@ from .result import RunRecord
 
 __all__ = ["Outcome", "SelectedRun", "Spec", "diagnose", "score", "train_run"]
 
+_NO_BATCH = object()
+
 IGNORE_INDEX = -100
 """Targets equal to it count in no loss, accuracy or diagnosis (``F.cross_entropy``'s default)."""
 
@@ -89,7 +91,15 @@ class Spec:
     def context(self, model: nn.Module, seed: int) -> Context:
         """The method's view of one run (the first batch read for shapes and classes, from
         ``train_eval`` when given: reading it draws nothing from the data order's RNG)."""
-        sample = self.features(model, next(iter(self.train_split)))
+        first = next(iter(self.train_split), _NO_BATCH)
+        if first is _NO_BATCH:  # _count() read a one-pass iterator to its end
+            which = "train" if self.train_eval is None else "train_eval"
+            raise ValueError(
+                f"{which} gave no batch when read again: every epoch and every run reads it "
+                "anew, so it must be a loader that can be read more than once (a DataLoader or "
+                "a list of batches), not a generator or an iterator"
+            )
+        sample = self.features(model, first)
         with torch.no_grad():
             from .plugins import fused_logits
 
@@ -244,7 +254,11 @@ def evaluate(
     model.train(training)
     correct, loss, count = _reduce(totals).tolist()
     if count == 0:
-        raise ValueError("the evaluated loader gave no sample (an empty validation or test set)")
+        raise ValueError(
+            "the evaluated loader gave no sample (an empty validation or test set, or a "
+            "generator or an iterator already read: every epoch and every run reads it anew, "
+            "so give a DataLoader or a list of batches)"
+        )
     return correct / count, loss / count
 
 
