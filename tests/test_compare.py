@@ -239,6 +239,30 @@ def test_alone_gives_the_reference_of_the_deficit() -> None:
     assert "trained alone" in result.to_markdown()
 
 
+def test_ignored_targets_count_in_no_accuracy_and_no_diagnosis() -> None:
+    """Targets -100 (cross-entropy's ignore_index) are trained around, scored around, and left
+    out of the diagnosis' probes and head accuracies, with the default diagnosis and alone=True."""
+
+    def ignoring(data: list[Batch]) -> list[Batch]:
+        out = []
+        for a, b, y in data:
+            y = y.clone()
+            y[::4] = -100
+            out.append((a, b, y))
+        return out
+
+    train, val = ignoring(batches(96, 0)), ignoring(batches(64, 1, size=64))
+    result = run(train=train, val=val, methods=["arl"], alone=True)
+    counted = sum(int((y != -100).sum()) for _, _, y in val)
+    for row in result.rows:
+        assert row.status == "ok", row.reason
+        report = row.report
+        assert report is not None
+        assert report.num_evaluated == counted
+        assert report.num_fit == sum(int((y != -100).sum()) for _, _, y in train)
+    assert all(0 <= a["probe"] <= 1 for a in result.alone.values())
+
+
 def test_a_new_method_plugs_in_with_one_adapter_and_failures_are_rows() -> None:
     class Halved(Hooks):
         def loss(self, features: dict[str, Tensor], target: Tensor) -> Tensor:
@@ -302,6 +326,11 @@ def test_bad_arguments_give_clear_errors() -> None:
         run(train={"a": 1})
     with pytest.raises(ValueError, match="no batch"):
         run(train=[])
+    # a generator or an iterator is read once: the second pass names the loader and the fix
+    with pytest.raises(ValueError, match=r"train gave no batch when read again.*DataLoader"):
+        run(train=(b for b in batches(96, 0)))
+    with pytest.raises(ValueError, match="generator or an iterator already read"):
+        run(val=iter(batches(64, 1)), epochs=2)
     with pytest.raises(TypeError, match="forward"):
         compare_remedies(
             Model,
@@ -392,3 +421,47 @@ def test_variants_ablation_trace_and_on_run_express_a_callers_protocol() -> None
     feats, y = run0.features(val[0])
     acc = float((run0.logits(feats).argmax(-1) == y).double().mean())
     assert math.isclose(acc, run0.record.val)  # the model of the chosen epoch
+
+
+def test_on_run_scores_the_kept_model_as_the_protocol_does_and_leaves_it_unchanged() -> None:
+    """run.features / run.logits on the test split give the row's test accuracy for a model
+    with dropout and BatchNorm (eval mode), and change none of the kept model's state."""
+
+    class Noisy(Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoders = nn.ModuleDict(
+                {
+                    "a": nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5)),
+                    "b": nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5)),
+                }
+            )
+
+    test = batches(64, 2, size=32)
+    seen: list[tuple[float, float, bool]] = []
+
+    def on_run(selected: Any) -> None:
+        before = {k: v.clone() for k, v in selected.model.state_dict().items()}
+        correct = count = 0
+        for batch in test:
+            feats, y = selected.features(batch)
+            correct += int((selected.logits(feats).argmax(-1) == y).sum())
+            count += len(y)
+        after = selected.model.state_dict()
+        unchanged = all(torch.equal(v, after[k]) for k, v in before.items())
+        seen.append((correct / count, selected.record.test, unchanged))
+
+    run(build=Noisy, methods=["boost"], test=test, epochs=2, on_run=on_run)
+    assert len(seen) == 2
+    for acc, tested, unchanged in seen:
+        assert acc == tested and unchanged
+
+
+def test_the_callers_global_rng_continues_where_it_was() -> None:
+    """The runs seed torch's global generator; after the call the caller's draws go on as if
+    it had not run (a search that draws its settings from torch does not repeat them)."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run(methods=["ogm_ge"], alone=True, test=batches(64, 2, size=64))
+    assert torch.equal(torch.rand(3), expected)

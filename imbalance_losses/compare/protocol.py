@@ -42,7 +42,16 @@ from torch import Tensor, nn
 from ..core.unimodal import Head
 from .plugins import REMEDIES, Config, RemedyPlugin
 from .result import ComparisonResult, Row, RunRecord
-from .training import Outcome, SelectedRun, Spec, alone_remedy, diagnose, score, train_run
+from .training import (
+    Outcome,
+    SelectedRun,
+    Spec,
+    alone_remedy,
+    diagnose,
+    forked_rng,
+    score,
+    train_run,
+)
 
 __all__ = ["compare_remedies"]
 
@@ -177,7 +186,8 @@ def compare_remedies(
     runner.diagnosis, runner.on_run = diagnosis, on_run
     runner.progress = _Progress(progress, _rank() == 0, _planned(remedies, grid, seeds))
     try:
-        runner.run(remedies, alone)
+        with forked_rng(spec):  # the runs seed the global RNG; the caller's state comes back
+            runner.run(remedies, alone)
     finally:
         runner.progress.close()
     runner.save()

@@ -15,6 +15,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +24,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.unimodal import Head, unimodal_logits
+from ..core.unimodal import Head, eval_mode, unimodal_logits
 from ..diagnosis.report import imbalance_report, pooled_tokens
 from .plugins import Config, Context, Features, Hooks, RemedyPlugin
 from .result import RunRecord
 
 __all__ = ["Outcome", "SelectedRun", "Spec", "diagnose", "score", "train_run"]
+
+_NO_BATCH = object()
+
+IGNORE_INDEX = -100
+"""Targets equal to it count in no loss, accuracy or diagnosis (``F.cross_entropy``'s default)."""
 
 
 @dataclass
@@ -85,7 +91,15 @@ class Spec:
     def context(self, model: nn.Module, seed: int) -> Context:
         """The method's view of one run (the first batch read for shapes and classes, from
         ``train_eval`` when given: reading it draws nothing from the data order's RNG)."""
-        sample = self.features(model, next(iter(self.train_split)))
+        first = next(iter(self.train_split), _NO_BATCH)
+        if first is _NO_BATCH:  # _count() read a one-pass iterator to its end
+            which = "train" if self.train_eval is None else "train_eval"
+            raise ValueError(
+                f"{which} gave no batch when read again: every epoch and every run reads it "
+                "anew, so it must be a loader that can be read more than once (a DataLoader or "
+                "a list of batches), not a generator or an iterator"
+            )
+        sample = self.features(model, first)
         with torch.no_grad():
             from .plugins import fused_logits
 
@@ -146,12 +160,17 @@ class SelectedRun:
     _predict: Callable[[Features], Tensor]
 
     def features(self, batch: Any) -> tuple[Features, Tensor]:
-        """``forward(model, batch)`` of this run's model (the batch moved to its device)."""
-        return self._features(batch)
+        """``forward(model, batch)`` of this run's model (the batch moved to its device), as
+        the protocol scores it: the model (and ``kept``) in eval mode, without gradient; each
+        module's own mode is restored after (no BatchNorm statistic or dropout draw changes)."""
+        with torch.no_grad(), eval_mode(self.model), eval_mode(self.kept):
+            return self._features(batch)
 
     def logits(self, features: Features) -> Tensor:
-        """The fused logits as the method predicts them (boosting: its heads' ensemble)."""
-        return self._predict(features)
+        """The fused logits as the method predicts them (boosting: its heads' ensemble), in
+        eval mode and without gradient, as the validation and test scores are computed."""
+        with torch.no_grad(), eval_mode(self.model), eval_mode(self.kept):
+            return self._predict(features)
 
     @classmethod
     def of(cls, outcome: Outcome) -> SelectedRun:
@@ -222,7 +241,7 @@ def evaluate(
         for batch in loader:
             feats, target = spec.features(model, batch)
             logits = hooks.predict(head, feats, kept).float()
-            counted = target != -100
+            counted = target != IGNORE_INDEX
             y = target[counted]
             z = logits[counted]
             totals += torch.stack(
@@ -235,7 +254,11 @@ def evaluate(
     model.train(training)
     correct, loss, count = _reduce(totals).tolist()
     if count == 0:
-        raise ValueError("the evaluated loader gave no sample (an empty validation or test set)")
+        raise ValueError(
+            "the evaluated loader gave no sample (an empty validation or test set, or a "
+            "generator or an iterator already read: every epoch and every run reads it anew, "
+            "so give a DataLoader or a list of batches)"
+        )
     return correct / count, loss / count
 
 
@@ -246,6 +269,13 @@ def _better(acc: float, loss: float, best: tuple[float, float] | None) -> bool:
     return (acc, -loss) > (best[0], -best[1])
 
 
+def forked_rng(spec: Spec) -> AbstractContextManager[None]:
+    """``torch.random.fork_rng`` over the CPU generator (and ``device=``'s CUDA one): the global
+    RNG state in the block is the caller's, restored after it."""
+    devices = [spec.device.index or 0] if spec.device and spec.device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def train_run(
     spec: Spec,
     remedy: RemedyPlugin,
@@ -254,8 +284,7 @@ def train_run(
     on_epoch: Callable[[int, float], None],
 ) -> Outcome:
     """Train one run and return it at the epoch chosen on validation (test not read)."""
-    devices = [spec.device.index or 0] if spec.device and spec.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng(spec):
         model = spec.build_seeded(seed)
         init = fingerprint(model)
         ctx = spec.context(model, seed)
@@ -352,10 +381,12 @@ def diagnose(
     spec: Spec, outcome: Outcome, modalities: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """:func:`imbalance_report` of the selected run: probes fitted on the training split's
-    features (pooled over tokens), every accuracy on the validation split."""
+    features (pooled over tokens), every accuracy on the validation split. Samples whose target
+    is ``IGNORE_INDEX`` (-100, what the loop's cross-entropy and :func:`evaluate` leave out) are
+    left out of both."""
     ctx = outcome.ctx
-    fit = [_pooled(f, y, modalities) for f, y in ctx.batches(spec.train_split)]
-    held = [(_subset(f, modalities), y) for f, y in ctx.batches(spec.val)]
+    fit = [_pooled(*_counted(f, y), modalities) for f, y in ctx.batches(spec.train_split)]
+    held = [_counted(_subset(f, modalities), y) for f, y in ctx.batches(spec.val)]
     head = outcome.hooks.diagnosis_head(ctx.head)
     report = imbalance_report(
         fit,
@@ -371,6 +402,12 @@ def diagnose(
         "num_fit": report.num_fit,
         "num_evaluated": report.num_evaluated,
     }
+
+
+def _counted(feats: Features, y: Tensor) -> tuple[Features, Tensor]:
+    """The samples of a batch whose target is not ``IGNORE_INDEX`` (batch first)."""
+    keep = y != IGNORE_INDEX
+    return {m: x[keep] for m, x in feats.items()}, y[keep]
 
 
 def _subset(feats: Features, modalities: Sequence[str] | None) -> Features:
