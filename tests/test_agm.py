@@ -448,3 +448,40 @@ def test_fp16_hook_mode_overflows_where_encoders_mode_is_exact() -> None:
     for g, ref, km in zip(enc, plain, k_enc.tolist(), strict=True):
         assert bool(g.isfinite().all())
         torch.testing.assert_close(g, km * ref, rtol=1e-3, atol=0.0)
+
+
+def test_a_repeat_of_an_earlier_open_call_keeps_that_calls_k() -> None:
+    """Hook mode, two calls open at once (two micro-batches forwarded before any backward), then
+    the first call's tensors again: a repeat of the *first* call, so its outputs carry the first
+    call's ``k_m``, not the latest call's. Expected ``k`` from the formula by hand (linear head:
+    ``phi_m = x_m W_m^T + b / 2``; first step ``rbar = 1``, so ``k_m = exp(alpha (1 - r_m))``)."""
+    torch.manual_seed(0)
+    head = nn.Linear(7, 3)
+    alpha = 2.0
+    agm = AdaptiveGradientModulator(head, alpha=alpha)
+    x1 = {n: f.requires_grad_() for n, f in _feats(2, 6, 1).items()}
+    x2 = {n: f.requires_grad_() for n, f in _feats(2, 6, 2).items()}
+    y1, y2 = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([2, 2, 1, 1, 0, 0])
+    with torch.no_grad():
+        w, b = head.weight.double(), head.bias.double()
+        phi = [x1["a"].double() @ w[:, :3].T + b / 2, x1["b"].double() @ w[:, 3:].T + b / 2]
+        s = [float(-(p.log_softmax(1).gather(1, y1[:, None])).mean()) for p in phi]
+    k1 = [
+        math.exp(alpha * (1 - math.exp(s[1] - s[0]))),
+        math.exp(alpha * (1 - math.exp(s[0] - s[1]))),
+    ]
+    agm(x1, y1)
+    agm(x2, y2)  # the second micro-batch: a new call, another k
+    assert agm.steps == 2
+    again = agm(x1, y1)  # x1's backward has not run: a repeat of the first call
+    assert agm.steps == 2
+    (again["a"].sum() + again["b"].sum()).backward()
+    torch.testing.assert_close(x1["a"].grad, torch.full_like(x1["a"], k1[0]))
+    torch.testing.assert_close(x1["b"].grad, torch.full_like(x1["b"], k1[1]))
+    # a mix of the two open calls' tensors is neither call: refused, as any mix
+    x3 = {n: f.requires_grad_() for n, f in _feats(2, 6, 3).items()}
+    x4 = {n: f.requires_grad_() for n, f in _feats(2, 6, 4).items()}
+    agm(x3, y1)
+    agm(x4, y2)
+    with pytest.raises(ValueError, match=r"different calls"):
+        agm({"a": x3["a"], "b": x4["b"]}, y1)

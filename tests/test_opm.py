@@ -733,3 +733,34 @@ def test_drop_factors_are_fp32_whatever_the_dtype_of_q() -> None:
     factors, _, scale = drop_factors(q, torch.tensor([2, 2]), draws, torch.tensor(True))
     assert factors.dtype == torch.float32 and scale.dtype == torch.float64
     torch.testing.assert_close(factors, torch.tensor([[0.0, 4 / 3], [4 / 3, 4 / 3]]))
+
+
+def test_a_repeat_of_an_earlier_open_call_keeps_that_calls_drop() -> None:
+    """Two calls open at once (two micro-batches forwarded before any backward), then the first
+    call's tensors again: the first call's drop (its masks, rescale and keep), not the latest
+    call's (which, for another batch size, could not even be applied)."""
+    z1, y1 = dominant_logits(64, (0.9, 0.2))
+    z2, y2 = dominant_logits(48, (0.9, 0.2))
+    opm = make(q_base=0.5, lam=0.5, p_exe=1.0, seed=3)
+    x1, x2 = _grad_leaves(64, seed=1), _grad_leaves(48, seed=2)
+    first = opm(x1, y1, unimodal_logits=z1)
+    opm(x2, y2, unimodal_logits=z2)
+    again = opm(x1, y1, unimodal_logits=z1)
+    assert opm.step_count == 2
+    for name in x1:
+        assert torch.equal(again.features[name], first.features[name])
+    assert torch.equal(again.keep, first.keep)
+    dropped = first.features["a"].abs().sum(1) == 0
+    assert 0 < int(dropped.sum()) < 64
+    again.features["a"].sum().backward()
+    q = expected_q([0.9, 0.2], 0.5, 0.5)[0]
+    theta = 3 * q / (3 + 2)
+    expected = torch.where(dropped, 0.0, 1.0 / (1 - theta))
+    torch.testing.assert_close(x1["a"].grad, expected[:, None].expand(64, 3))
+    # a mix of two open calls' tensors is neither call's drop: refused
+    x3, x4 = _grad_leaves(8, seed=3), _grad_leaves(8, seed=4)
+    z3, y3 = dominant_logits(8, (0.9, 0.2))
+    opm(x3, y3, unimodal_logits=z3)
+    opm(x4, y3, unimodal_logits=z3)
+    with pytest.raises(ValueError, match=r"different calls"):
+        opm({"a": x3["a"], "v": x4["v"]}, y3, unimodal_logits=z3)

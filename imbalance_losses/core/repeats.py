@@ -18,7 +18,7 @@ after its backward), in encoders mode at the module's ``step()`` (:meth:`OpenTen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from torch import Tensor
@@ -98,6 +98,8 @@ class OpenTensors:
         self._table: MutableMapping[Tensor, tuple[_Reached, RemovableHandle] | None] = (
             WeakIdKeyDictionary()
         )
+        # tensor -> a one-element box of the decision of the call that opened it (see keep)
+        self._kept: MutableMapping[Tensor, tuple[object]] = WeakIdKeyDictionary()
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (OpenTensors, ())
@@ -111,19 +113,51 @@ class OpenTensors:
         ``None``, replaces the gradient); it is removed with the mark when ``x`` is opened
         again or the step is reset. ARL's hook mode scales the gradient this way.
         """
-        old = self._table.get(x)
-        if old is not None:
-            old[1].remove()
+        self._close(x)
         reached = _Reached(then)
         handle: RemovableHandle = x.register_hook(reached)  # type: ignore[no-untyped-call]
         self._table[x] = (reached, handle)
 
     def add(self, x: Tensor) -> None:
         """Open ``x`` until :meth:`reset`."""
+        self._close(x)
+        self._table[x] = None
+
+    def _close(self, x: Tensor) -> None:
+        """Forget ``x``'s mark (removing its hook) and its kept decision, before reopening it."""
         old = self._table.get(x)
         if old is not None:
             old[1].remove()
-        self._table[x] = None
+        self._kept.pop(x, None)
+
+    def keep(self, tensors: Iterable[Tensor], decision: object) -> None:
+        """Keep ``decision`` with each open tensor of one call (for :meth:`kept`)."""
+        box = (decision,)  # one box per call: two calls' equal decisions stay distinct
+        for x in tensors:
+            if x in self._table:
+                self._kept[x] = box
+
+    def kept(self, source: Mapping[str, Tensor], *, who: str) -> object:
+        """The decision kept (:meth:`keep`) with the open tensors of a repeated call.
+
+        Several calls may be open at once (micro-batches forwarded before any backward); a
+        repeat gets the decision of the call that opened *its* tensors, not the latest one.
+
+        Raises:
+            ValueError: the open tensors were opened by different calls (a mix of two calls).
+        """
+        boxes = {
+            n: self._kept.get(x)
+            for n, x in source.items()
+            if isinstance(x, Tensor) and self.pending(x)
+        }
+        if len({id(b) for b in boxes.values()}) > 1:
+            raise ValueError(
+                f"features {list(boxes)} were passed to this {who} in different calls whose "
+                "steps are still open; pass one call's tensors again (a repeat) or all new ones"
+            )
+        box = next(iter(boxes.values()), None)
+        return None if box is None else box[0]
 
     def pending(self, x: Tensor) -> bool:
         """Whether ``x`` belongs to the open step."""
@@ -138,3 +172,4 @@ class OpenTensors:
             if entry is not None:
                 entry[1].remove()
         self._table.clear()
+        self._kept.clear()

@@ -253,7 +253,6 @@ class AdaptiveGradientModulator(Remedy[AGMRecord]):
         )
         self._running: Tensor | None = None  # [M] S, fp32
         self._seen: Tensor | None = None  # 0-dim: steps whose statistics entered S
-        self._open_k: Tensor | None = None  # hook mode: the open step's k (None: not active)
         self._warned_fp16 = False  # hook mode: the float16 overflow warning, once
 
     @property
@@ -280,8 +279,9 @@ class AdaptiveGradientModulator(Remedy[AGMRecord]):
             lambda batch: self._checked(features, target, batch),
             pools=not self.has_encoders,
         )
-        if checked is None:  # the same tensors again in the open step: no statistics, no step
-            return self._scaled(features)
+        if checked is None:  # an open call's tensors again: its k, no statistics, no step
+            kept = self._open.kept(features, who=self.who)
+            return self._scaled(features, cast("Tensor | None", kept))
         values, batch = checked
         ce = mono_modal_cross_entropy(
             mono_modal_responses(as_fp32(values)), target, self.ignore_index
@@ -291,10 +291,11 @@ class AdaptiveGradientModulator(Remedy[AGMRecord]):
         if self.has_encoders:
             return dict(features)
         record = self._decide(tuple(features), values.device)
-        self._open_k = None if record is None or not record.active else record.coefficients
-        if self._open_k is not None:
+        k = None if record is None or not record.active else record.coefficients
+        self._open.keep(features.values(), k)  # a repeat of this call gets this k
+        if k is not None:
             self._warn_fp16(features)
-        return self._scaled(features)
+        return self._scaled(features, k)
 
     def _checked(
         self, features: Mapping[str, Tensor], target: Tensor, batch: int
@@ -327,9 +328,8 @@ class AdaptiveGradientModulator(Remedy[AGMRecord]):
             stacklevel=4,
         )
 
-    def _scaled(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The features with their gradient scaled by the open step's ``k`` (if active)."""
-        k = self._open_k
+    def _scaled(self, features: Mapping[str, Tensor], k: Tensor | None) -> dict[str, Tensor]:
+        """The features with their gradient scaled by ``k`` (``None``: as they are)."""
         if k is None:
             return dict(features)
         return {

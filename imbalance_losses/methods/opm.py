@@ -42,7 +42,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -466,8 +466,6 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
         self._widths: tuple[tuple[tuple[int, ...], torch.device], tuple[Tensor, Tensor]] | None = (
             None
         )
-        # the open step's decision: per-sample factors [B, M] (None: identity) and keep [B]
-        self._open_out: tuple[Tensor | None, Tensor] | None = None
 
     @property
     def head(self) -> Head | None:
@@ -499,11 +497,11 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
             batch, device = check_modalities(features), _device_of(features)
             return OPMOutput(dict(features), torch.ones(batch, dtype=torch.bool, device=device))
         repeat, mixed = self._classify(features)
-        if repeat and self._open_out is not None:  # same tensors in the open step: same drop
+        kept = self._open.kept(features, who=self.who) if repeat else None
+        if kept is not None:  # an open call's tensors again: that call's drop
             check_modalities(features)
-            return OPMOutput(
-                _scaled(features, self._open_out[0]), self._open_out[1], self._open_out[0]
-            )
+            factors, keep = cast("tuple[Tensor | None, Tensor]", kept)
+            return OPMOutput(_scaled(features, factors), keep, factors)
         device = _device_of(features)
         with self._validating(len(self.modalities), device, pools=True):
             if mixed is not None:
@@ -518,8 +516,8 @@ class ModalityPredictionModulator(Remedy[OPMRecord]):
             factors, keep = self._drop(record, features, batch, device)
         else:
             factors, keep = None, torch.ones(batch, dtype=torch.bool, device=device)
-        self._open_out = (factors, keep)
         self._remember(features.values())
+        self._open.keep(features.values(), (factors, keep))  # a repeat of this call: this drop
         return OPMOutput(_scaled(features, factors), keep, factors)
 
     def _observe(
