@@ -263,6 +263,38 @@ def test_gradient_accumulation_equals_the_full_batch() -> None:
     torch.testing.assert_close((halves[0] + halves[1]) / 2, full)
 
 
+def test_weights_and_losses_keyed_by_name_in_another_order_than_the_features() -> None:
+    """``initial_weights`` / ``update`` losses are keyed by branch name: their mapping order is
+    not the features' order (``modalities`` is learnt from the first call). Each weight must
+    reach its own branch, and the window's start losses theirs."""
+    head, feats, logits, y = batch(2, 6, 3)  # features in the order audio, visual
+    blend = GradientBlending(head=head, initial_weights={"visual": 0.6, "fused": 0.3, "audio": 0.1})
+    zs = {**linear_split(head, feats), "fused": logits}
+    want = sum(w * ref_ce(zs[n], y) for n, w in (("audio", 0.1), ("visual", 0.6), ("fused", 0.3)))
+    assert isinstance(want, Tensor)
+    got = blend(logits, y, features=feats)
+    torch.testing.assert_close(got.double(), want.mean(), rtol=1e-5, atol=1e-6)
+    assert {k: round(float(v), 6) for k, v in blend.weights.items()} == {
+        "audio": 0.1, "visual": 0.6, "fused": 0.3,
+    }  # fmt: skip
+    # the window's start recorded from visual-first losses before any forward
+    late = GradientBlending(head=head)
+    t0, v0 = WINDOWS[0]
+    named = ["visual", "audio", "fused"]
+    order = [1, 0, 2]  # WINDOWS lists audio, visual, fused
+    late.update({n: t0[i] for n, i in zip(named, order, strict=True)},
+                {n: v0[i] for n, i in zip(named, order, strict=True)})  # fmt: skip
+    late(logits, y, features=feats)  # the first forward: audio, visual
+    rec = late.update(losses(WINDOWS[1][0]), losses(WINDOWS[1][1]))
+    assert rec is not None and rec.modalities == ("audio", "visual", "fused")
+    dg, do = ref_changes(WINDOWS[0][0], WINDOWS[0][1], WINDOWS[1][0], WINDOWS[1][1])
+    torch.testing.assert_close(rec.delta_g, dd(dg))
+    torch.testing.assert_close(rec.weights, torch.tensor(ref_weights(dg, do), dtype=torch.float32))
+    # once a forward fixed the order, another order is still refused
+    with pytest.raises(ValueError, match="different order"):
+        late(logits, y, features={"visual": feats["visual"], "audio": feats["audio"]})
+
+
 # ----------------------------------------------------------------------------------------------
 # windows, record, state
 

@@ -120,7 +120,7 @@ ARITHMETIC_CHANGED = {
 ``TOLERANCE`` on every platform (their state and everything discrete still exactly)."""
 
 
-ADDED_SINCE_0_1_0 = {"ARLLoss": ("widths",)}
+ADDED_SINCE_0_1_0 = {"ARLLoss": ("widths",), "GradientBlending": ("ordered",)}
 """Extra-state keys a class gained after 0.1.0 (loaded as absent from older states); every
 other key must come back exactly as saved."""
 

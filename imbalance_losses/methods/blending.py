@@ -263,6 +263,7 @@ class GradientBlending(nn.Module):
         self._weights: Tensor | None = None
         self._start: tuple[Tensor, Tensor] | None = None  # (L^T, L^V) at the window's start
         self._windows = 0
+        self._ordered = False  # the branch order is the features' (not a mapping of weights')
         self.last: BlendingRecord | None = None
         if modalities is not None:
             self._bind(branch_names(modalities, fused))
@@ -276,11 +277,27 @@ class GradientBlending(nn.Module):
             return {}
         return dict(zip(self.branches, self._weights.unbind(), strict=True))
 
-    def _bind(self, names: tuple[str, ...]) -> tuple[str, ...]:
-        """Fix the branches on first use (uniform weights); later, require the same ones."""
+    def _bind(self, names: tuple[str, ...], *, ordered: bool = True) -> tuple[str, ...]:
+        """Fix the branches on first use (uniform weights); later, require the same ones.
+
+        Branches bound from a name-keyed mapping (``ordered=False``: weights, losses) take the
+        order of the first forward's features; the weights and start losses follow their names.
+        """
         if self.branches is None:
             self.branches = branch_names(names[:-1], self.fused)
             self._weights = torch.full((len(names),), 1.0 / len(names))
+        elif (
+            names != self.branches
+            and ordered
+            and not self._ordered
+            and (sorted(names) == sorted(self.branches))
+        ):
+            index = [self.branches.index(n) for n in names]
+            assert self._weights is not None
+            self._weights = self._weights[index]
+            if self._start is not None:
+                self._start = (self._start[0][index], self._start[1][index])
+            self.branches = names
         elif names != self.branches:
             check_same_modalities(
                 self.branches,
@@ -288,11 +305,13 @@ class GradientBlending(nn.Module):
                 expected_what="GradientBlending's",
                 actual_what="the given",
             )
+        self._ordered = self._ordered or ordered
         return names
 
     def _names(self, values: Mapping[str, Any]) -> tuple[str, ...]:  # bind from a mapping
         if self.branches is None and isinstance(values, Mapping):
-            return self._bind((*(m for m in values if m != self.fused), self.fused))
+            names = (*(m for m in values if m != self.fused), self.fused)
+            return self._bind(names, ordered=False)
         return self.branches or ()
 
     def set_weights(self, weights: Mapping[str, float | Tensor]) -> None:
@@ -376,17 +395,19 @@ class GradientBlending(nn.Module):
         return self.last
 
     def get_extra_state(self) -> dict[str, Any]:
-        """Branches, weights, the window's start losses, window count and last record."""
+        """Branches (and whether a forward fixed their order), weights, the window's start
+        losses, window count and last record."""
         last = None if self.last is None else dataclasses.asdict(self.last)
         start = None if self._start is None else [t.clone() for t in self._start]
         weights = None if self._weights is None else self._weights.clone()
         return {"branches": self.branches, "weights": weights, "start": start, "last": last,
-                "windows": self._windows}  # fmt: skip
+                "windows": self._windows, "ordered": self._ordered}  # fmt: skip
 
     def set_extra_state(self, state: Any) -> None:
         """Restore what :meth:`get_extra_state` returned (via ``load_state_dict``)."""
         self.branches = None if state["branches"] is None else tuple(state["branches"])
         self._weights, self._windows = state["weights"], int(state["windows"])
+        self._ordered = bool(state.get("ordered", True))  # states before it: as bound
         self._start = None if state["start"] is None else (state["start"][0], state["start"][1])
         last = state["last"]
         if last is not None:
