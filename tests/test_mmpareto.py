@@ -333,6 +333,26 @@ def test_bad_input_raises_clear_errors() -> None:
     assert all(p.grad is None for p in net.parameters())  # nothing was written
 
 
+def test_a_sparse_gradient_is_refused_clearly_before_anything_is_written() -> None:
+    """``nn.Embedding(sparse=True)`` (a text encoder) gives sparse gradients, which the rule's
+    norms and in-place combination cannot take: a ``ValueError`` naming the loss, the modality and
+    the shape, not a ``NotImplementedError`` from deep inside torch; ``.grad`` left untouched."""
+    torch.manual_seed(0)
+    enc = {"text": nn.Embedding(10, 4, sparse=True), "audio": nn.Linear(3, 4)}
+    head = nn.Linear(8, 3)
+    x, y = {"text": torch.randint(0, 10, (5,)), "audio": torch.randn(5, 3)}, torch.arange(5) % 3
+    f = {m: enc[m](v) for m, v in x.items()}
+    fused = F.cross_entropy(head(torch.cat(list(f.values()), 1)), y)
+    w = head.weight
+    uni = {"text": F.cross_entropy(f["text"] @ w[:, :4].T, y),
+           "audio": F.cross_entropy(f["audio"] @ w[:, 4:].T, y)}  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"fused_loss gives a parameter of modules\['text'\] \(shape \(10, 4\)\)"
+    ):
+        MMPareto(enc).backward(fused, uni)
+    assert all(p.grad is None for e in (*enc.values(), head) for p in e.parameters())
+
+
 class SumEnc(nn.Module):
     """An encoder whose weight is ``w1 + w2``: autograd hands out one gradient tensor for both."""
 

@@ -359,9 +359,21 @@ class MMPareto:
         return out
 
     def _check_reach(self, raw: list[list[Tensor | None]], counts: list[int]) -> None:
-        """Each encoder reached by the fused loss and its own unimodal loss, by no other one."""
+        """Each encoder reached by the fused loss and its own unimodal loss, by no other one;
+        dense gradients only (the rule's norms and in-place combination need strided tensors)."""
         ends = [sum(counts[: m + 1]) for m in range(len(counts))]
         runs = [slice(end - c, end) for end, c in zip(ends, counts, strict=True)]
+        losses = ["fused_loss", *(f"unimodal_losses[{m!r}]" for m in self.modalities)]
+        for what, gs in zip(losses, raw, strict=True):
+            for i, g in enumerate(gs):
+                if g is not None and g.layout != torch.strided:
+                    m = next((k for k, end in enumerate(ends) if i < end), None)
+                    where = "a parameter outside the modules" if m is None else (
+                        f"a parameter of modules[{self.modalities[m]!r}]")  # fmt: skip
+                    raise ValueError(
+                        f"{what} gives {where} (shape {tuple(g.shape)}) a {g.layout} gradient; "
+                        "MMPareto needs dense gradients (e.g. nn.Embedding(..., sparse=False))"
+                    )
         for m, name in enumerate(self.modalities):
             for what, gs in (("fused_loss", raw[0]), (f"unimodal_losses[{name!r}]", raw[m + 1])):
                 if all(g is None for g in gs[runs[m]]):
