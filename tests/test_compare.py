@@ -229,6 +229,39 @@ def test_json_round_trip_and_resume_skips_finished_runs(tmp_path: Path) -> None:
         ComparisonResult.load(tmp_path / "bad.json")
 
 
+def test_resume_runs_a_row_again_when_its_variant_or_grid_changed(tmp_path: Path) -> None:
+    """A resumed row is reused only for the same method options and the same settings tried:
+    the same name with other ``options`` (or another grid) is another method."""
+    import dataclasses
+
+    from imbalance_losses.compare import REMEDIES
+
+    path = tmp_path / "cmp.json"
+    built = {"n": 0}
+
+    def build() -> Model:
+        built["n"] += 1
+        return Model()
+
+    plain_ogm = REMEDIES["ogm_ge"]
+    run(build=build, methods=[plain_ogm], resume=path)
+    built["n"] = 0
+    run(build=build, methods=[plain_ogm], resume=path)
+    assert built["n"] == 1  # the reference model only: every run reused
+    other = dataclasses.replace(plain_ogm, options={"alpha": 0.1})
+    built["n"] = 0
+    again = run(build=build, methods=[other], resume=path)
+    assert built["n"] == 1 + 1  # the variant is trained, not read from the file
+    assert again.row("ogm_ge").done
+    narrower = dataclasses.replace(other, grid=other.grid[:1])
+    built["n"] = 0
+    run(build=build, methods=[narrower], grid=True, resume=tmp_path / "grid.json")
+    wider = dataclasses.replace(other, grid=other.grid[:2])
+    built["n"] = 0
+    run(build=build, methods=[wider], grid=True, resume=tmp_path / "grid.json")
+    assert built["n"] == 1 + 2  # another grid: its settings are tried
+
+
 def test_alone_gives_the_reference_of_the_deficit() -> None:
     result = run(methods=["ogm_ge"], alone=True)
     assert set(result.alone) == {"a", "b"} and all(

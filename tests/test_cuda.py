@@ -110,3 +110,18 @@ def test_relearning_takes_a_cpu_target_beside_cuda_features() -> None:
     record = relearn.diagnose(batches, batches, forward=forward)
     assert record.train_samples == record.val_samples == 10
     assert record.alphas.device.type == "cuda" and torch.isfinite(record.alphas).all()
+
+
+def test_pmr_prototypes_take_a_cpu_target_beside_cuda_features() -> None:
+    """``update_prototypes`` batches may carry the target where the loader left it (the CPU)."""
+    from imbalance_losses import PMRLoss
+
+    x, y, enc, _ = _data()
+    pmr = PMRLoss(3, {"audio": 8, "visual": 8}).cuda()
+    with torch.no_grad():
+        feats = {m: enc[m](v) for m, v in x.items()}
+    pmr.update_prototypes([(feats, y.cpu())])
+    want = {m: torch.stack([f[y == c].mean(0) for c in range(3)]) for m, f in feats.items()}
+    for m, got in pmr.prototypes.items():
+        present = torch.stack([(y == c).any() for c in range(3)])
+        torch.testing.assert_close(got[present], want[m][present])

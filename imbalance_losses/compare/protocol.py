@@ -28,6 +28,7 @@ skipped. Rank 0 prints and saves.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sys
 import time
@@ -392,6 +393,7 @@ class _Runner:
             name = remedy.name
             reason = remedy.applies(reference)
             row = Row(name, remedy.label, note=remedy.note(reference) or "")
+            row.options = _options_of(remedy)
             self.result.rows.append(row)
             if reason is not None:
                 row.status, row.reason = "skipped", f"does not apply: {reason}"
@@ -561,6 +563,9 @@ class _Runner:
                 remedy = self.remedies.get(name, REMEDIES.get(name))
                 if remedy is None or remedy.same_as is not None:
                     return None  # an ablation follows the row it ablates: run again
+                tried = [g["config"] for g in row.grid]  # another grid or variant: run again
+                if row.options != _options_of(remedy) or tried != remedy.configs(self.grid):
+                    return None
                 same = row.config if self.grid else remedy.defaults
                 return row if row.config == same else None
         return None
@@ -577,3 +582,8 @@ class _Runner:
     def save(self) -> None:
         if self.path is not None and _rank() == 0:
             self.result.save(self.path)
+
+
+def _options_of(remedy: RemedyPlugin) -> str:
+    """The method's ``options`` as JSON, keys sorted (a value JSON cannot hold: its ``repr``)."""
+    return json.dumps(dict(remedy.options), sort_keys=True, default=repr)

@@ -67,7 +67,9 @@ def _spread(values: list[float]) -> float:
 class Row:
     """One method: ``status`` is ``"ok"``, ``"partial"`` (some seeds skipped for the budget),
     ``"skipped"`` (not applicable, or no run fitted the budget) or ``"failed"``; ``reason``
-    says why. ``diagnosis`` is :func:`imbalance_report` of the first seed's selected run."""
+    says why. ``diagnosis`` is :func:`imbalance_report` of the first seed's selected run.
+    ``options``: the method's ``options`` (JSON) its runs were made with; a resumed row is reused
+    only for the same options and the same settings tried."""
 
     name: str
     label: str
@@ -78,6 +80,7 @@ class Row:
     grid: list[dict[str, Any]] = field(default_factory=list)
     runs: list[RunRecord] = field(default_factory=list)
     diagnosis: dict[str, Any] | None = None
+    options: str = "{}"
 
     @property
     def val(self) -> list[float]:

@@ -106,9 +106,13 @@ class PrototypeStore:
 
         ``mask`` (bool ``[B]``) leaves samples out (an ``ignore_index`` target, say); targets
         of left-out samples may be any value. Validation is the caller's (the shapes and class
-        range are assumed checked). Detached: never part of an autograd graph.
+        range are assumed checked). Detached: never part of an autograd graph. The sums live
+        on the features' device; a target elsewhere (a CPU target from the loader beside features
+        on an accelerator) is moved there.
         """
-        device = target.device
+        device = next(iter(features.values())).device
+        target = target.to(device)
+        mask = None if mask is None else mask.to(device)
         if self._sums is None or self._counts is None:
             self._sums, self._counts = self._zeros(device)
         dtype = self._counts.dtype
