@@ -736,6 +736,28 @@ def test_low_precision_logits_give_finite_fp32_statistics(dtype: torch.dtype) ->
         assert torch.isfinite(grad_of(x[k])).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_default_criterion_under_cpu_autocast_is_cross_entropy_on_each_term(
+    dtype: torch.dtype,
+) -> None:
+    # Under torch.autocast, nn.CrossEntropyLoss computes in fp32 whatever the logits' dtype; the
+    # default criterion must give the same L = CE(z, y) + gamma * sum_m CE(z_m, y) (docs/arl.md:
+    # "exactly nn.CrossEntropyLoss() on each term"), not its unimodal terms in fp16 / bf16.
+    gen = torch.Generator().manual_seed(3)
+    head = nn.Linear(64, 100)
+    a = (3 * torch.randn(256, 32, generator=gen)).requires_grad_()
+    v = (3 * torch.randn(256, 32, generator=gen)).requires_grad_()
+    y = torch.randint(0, 100, (256,), generator=gen)
+    with torch.autocast("cpu", dtype=dtype):
+        z = head(torch.cat([a, v], 1))
+        zs = unimodal_logits(head, {"a": a, "v": v})
+        ce = nn.CrossEntropyLoss()
+        want = ce(z, y) + 2.0 * (ce(zs["a"], y) + ce(zs["v"], y))
+        got = ARLLoss(head=head, gamma=2.0)(z, y, {"a": a, "v": v})
+    assert z.dtype == dtype and want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # DDP: two gloo processes equal one process on the global batch
 

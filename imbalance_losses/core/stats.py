@@ -208,9 +208,13 @@ def stacked_cross_entropy(
 
     One ``log_softmax`` and one ``nll_loss`` on the stack (what ``F.cross_entropy`` computes
     for each, the same values), and the detached ``log_softmax`` ``[M, B, C]`` when it is in
-    fp32 / fp64 (for statistics that reuse it), else ``None``.
+    fp32 / fp64 (for statistics that reuse it), else ``None``. fp16 / bf16 logits are promoted
+    to fp32 first, as ``F.cross_entropy`` is under ``torch.autocast`` (on the CPU too, where
+    autocast leaves a bare ``log_softmax`` in fp16 / bf16).
     """
     stacked = torch.stack(list(logits))
+    if stacked.dtype in (torch.float16, torch.bfloat16):
+        stacked = stacked.float()
     log_p = torch.log_softmax(stacked, dim=-1)
     m, batch, classes = log_p.shape
     nll = F.nll_loss(
@@ -219,8 +223,7 @@ def stacked_cross_entropy(
         reduction="none",
         ignore_index=ignore_index,
     ).view(m, batch)
-    fp32 = torch.float32 if stacked.dtype in (torch.float16, torch.bfloat16) else stacked.dtype
-    return nll, log_p.detach() if log_p.dtype == fp32 else None
+    return nll, log_p.detach() if log_p.dtype in (torch.float32, torch.float64) else None
 
 
 def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
