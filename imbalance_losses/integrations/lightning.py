@@ -38,6 +38,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.optim import Optimizer
 
+from ..core.attachment import OptimizerAttachable
 from ..core.records import StepRecord
 from ..diagnosis.monitor import ImbalanceMonitor
 
@@ -97,6 +98,9 @@ class ModulatorCallback(Callback):
     OGM-GE the same noise). An ``nn.Module`` modulator (ARL, AGM) must be an attribute of the
     ``LightningModule``: its state is then in the model's ``state_dict``; fitting raises a
     ``ValueError`` otherwise (its state would be lost silently).
+
+    A batch skipped by returning ``None`` from ``training_step`` runs no backward: the
+    modulators skip that optimiser step too (nothing to act on; not counted).
 
     Use it with one optimiser (automatic optimisation, or one ``opt.step()`` per batch in
     manual optimisation): Lightning calls the hook at every optimiser's step. Under DDP every
@@ -167,8 +171,15 @@ class ModulatorCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
-        """``step()`` each modulator: the gradients are complete and unscaled here."""
+        """``step()`` each modulator: the gradients are complete and unscaled here.
+
+        A modulator none of whose parameters holds a gradient is skipped (not stepped, not
+        counted): ``training_step`` returned ``None``, Lightning's way to skip a batch, so no
+        backward ran and the optimiser step changes nothing; what it observed carries over.
+        """
         for mod in self.modulators:
+            if isinstance(mod, OptimizerAttachable) and mod._without_gradients():
+                continue
             mod.step()
 
     def state_dict(self) -> dict[str, Any]:
