@@ -314,7 +314,7 @@ class MonitorCallback(Callback):
     * **State**: the monitor's sums (a plain object, not an ``nn.Module``) go into the
       checkpoint's callback state (:meth:`state_dict`) and come back on
       ``trainer.fit(..., ckpt_path=...)``: a checkpoint taken in the middle of an epoch resumes
-      the epoch's sums.
+      the epoch's sums (under DDP, every rank's: one all-reduce when the checkpoint is taken).
 
     No ``sync_dist``: ``compute()`` already pools over the ranks (one all-reduce), and every
     rank runs ``on_train_epoch_end``, as that all-reduce requires; every rank logs the same
@@ -360,8 +360,13 @@ class MonitorCallback(Callback):
         self.monitor.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        """The monitor's :meth:`~imbalance_losses.ImbalanceMonitor.state_dict`."""
-        return self.monitor.state_dict()
+        """The monitor's state with every rank's sums (``state_dict(all_ranks=True)``).
+
+        Lightning takes the callbacks' state on every rank and writes rank 0's checkpoint,
+        which every rank loads on resume: with only rank 0's own sums in it, a resumed DDP run
+        would count them once per rank and lose the other ranks'.
+        """
+        return self.monitor.state_dict(all_ranks=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (Lightning calls it on resume)."""
