@@ -392,6 +392,40 @@ def test_attach_in_configure_optimizers_equals_the_callback(method: str) -> None
     assert model.stepper.attached_optimizer is t.optimizers[0]
 
 
+class SkippingNet(Net):
+    """``training_step`` returns ``None`` on batch 2 of each epoch: Lightning's documented way
+    to skip a batch (no backward runs, the optimiser step has no gradient to apply)."""
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor | None:  # type: ignore[override]
+        if batch_idx == SKIPPED:
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+SKIPPED = 2
+
+
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`:UserWarning")
+@pytest.mark.parametrize("attach", [False, True])
+@pytest.mark.parametrize("method", ["ogm", "arl_encoders", "agm"])
+def test_a_batch_skipped_by_returning_none_is_no_modulator_step(method: str, attach: bool) -> None:
+    """A skipped batch gives the modulator nothing to act on: the fit goes on (it raised
+    "nothing observed" from the callback or the attached step), the step is not counted, and
+    the run equals one on the data without that batch."""
+    epochs = 2
+    model = SkippingNet(method, attach=attach)
+    t = fit(model, epochs)
+    assert t.global_step == epochs * BATCHES  # Lightning still counts the skipped step
+    assert steps_taken(model.stepper) == epochs * (BATCHES - 1)
+    kept = [i for i in range(N) if i // BATCH != SKIPPED]
+    reference = Net(method, attach=attach)
+    trainer(epochs).fit(
+        reference, DataLoader(torch.utils.data.Subset(dataset(), kept), batch_size=BATCH)
+    )
+    assert steps_taken(reference.stepper) == steps_taken(model.stepper)
+    assert_same_weights(model, reference)
+
+
 def test_nn_module_modulator_must_belong_to_the_model() -> None:
     model = Net("plain")
     outside = ARLLoss(head=model.head, encoders={"audio": model.audio, "visual": model.visual})

@@ -166,3 +166,34 @@ def test_resume_mid_epoch_restores_the_epoch_sums(tmp_path: Path) -> None:
 def test_refuses_a_non_monitor() -> None:
     with pytest.raises(TypeError, match="takes an ImbalanceMonitor, got dict"):
         MonitorCallback({})
+
+
+def _ddp_checkpoint_body(
+    rank: int, size: int, z: dict[str, Tensor], y: Tensor
+) -> dict[str, dict[str, float]]:
+    """What Lightning does with a DDP checkpoint: the callbacks' state is taken on every rank,
+    rank 0's is written, and on resume every rank loads that one file."""
+    import torch.distributed as dist
+
+    mine = slice(5 * rank, 5 * rank + 5)
+    callback = MonitorCallback(ImbalanceMonitor(["audio", "visual"]))
+    callback.monitor.update({m: x[mine] for m, x in z.items()}, y[mine])
+    written = [callback.state_dict()]
+    dist.broadcast_object_list(written, src=0)
+    resumed = MonitorCallback(ImbalanceMonitor(["audio", "visual"]))
+    resumed.load_state_dict(written[0])
+    return {"uninterrupted": callback.monitor.compute(), "resumed": resumed.monitor.compute()}
+
+
+def test_ddp_resume_pools_every_ranks_sums_once() -> None:
+    """Under DDP the epoch's sums before a checkpoint are every rank's, each counted once, after
+    the resume (before: rank 0's counted once per rank, the other ranks' lost)."""
+    from tests.ddp import run_distributed
+
+    g = torch.Generator().manual_seed(0)
+    z = {"audio": torch.randn(10, 3, generator=g) * 2, "visual": torch.randn(10, 3, generator=g)}
+    y = torch.randint(0, 3, (10,), generator=g)
+    r0, r1 = run_distributed(_ddp_checkpoint_body, z, y)
+    assert r0 == r1
+    for key, value in r0["uninterrupted"].items():
+        assert r0["resumed"][key] == pytest.approx(value, rel=1e-6), key

@@ -456,3 +456,54 @@ def test_ddp_no_countable_sample_raises_on_every_rank() -> None:
     p_b = math.exp(1) / (1 + math.exp(1))  # softmax([0, 1])[1]
     assert got["imbalance/a/confidence"] == pytest.approx(p_a, rel=1e-6)
     assert got["imbalance/a/ratio"] == pytest.approx(p_a / p_b, rel=1e-6)
+
+
+# ------------------------------------- a checkpoint under DDP: one rank writes, every rank reads
+
+
+def _checkpoint_body(
+    rank: int, size: int, z: dict[str, torch.Tensor], y: torch.Tensor, cut: int
+) -> dict[str, dict[str, float]]:
+    """Each rank updates its own half of the batches, a checkpoint is taken (the state of every
+    rank, as the callbacks take it; rank 0's is the one written), every rank resumes from
+    rank 0's and both runs go on with the same later batches."""
+    import torch.distributed as dist
+
+    enc = Encoders()
+    parts = [slice(0, cut), slice(cut, 10)]  # before and after the checkpoint
+    mine = [slice(p.start + 10 * rank, p.stop + 10 * rank) for p in parts]
+    monitor = ImbalanceMonitor(["a", "b"], encoders={"a": enc.a, "b": enc.b})
+    monitor.update({m: x[mine[0]] for m, x in z.items()}, y[mine[0]])
+    _set_grads(enc, 1.0, 0.5)  # the same all-reduced gradients on every rank
+    monitor.observe_gradients()
+    written = [monitor.state_dict(all_ranks=True)]  # every rank joins; rank 0's is written
+    dist.broadcast_object_list(written, src=0)  # every rank reads rank 0's file
+    resumed = ImbalanceMonitor(["a", "b"], encoders={"a": enc.a, "b": enc.b})
+    resumed.load_state_dict(written[0])
+    for mon in (monitor, resumed):
+        mon.update({m: x[mine[1]] for m, x in z.items()}, y[mine[1]])
+        _set_grads(enc, 2.0, 1.0)
+        mon.observe_gradients()
+    return {"uninterrupted": monitor.compute(), "resumed": resumed.compute()}
+
+
+def test_ddp_checkpoint_written_by_one_rank_resumes_every_ranks_sums() -> None:
+    """Lightning and the Hugging Face Trainer write rank 0's checkpoint and every rank loads it.
+    The monitor's state for a checkpoint (``state_dict(all_ranks=True)``, taken on every rank)
+    holds every rank's sums, and loading it on every rank counts them once: the resumed window
+    equals the uninterrupted one (before, rank 0's samples were counted once per rank and the
+    other ranks' were lost). Loaded in one process, it is the whole window."""
+    g = torch.Generator().manual_seed(0)
+    z = {"a": torch.randn(20, 4, generator=g) * 2, "b": torch.randn(20, 4, generator=g)}
+    y = torch.randint(0, 4, (20,), generator=g)
+    y[3] = -100  # an ignored target on rank 0, before the checkpoint
+    r0, r1 = run_distributed(_checkpoint_body, z, y, 6)
+    assert r0 == r1
+    assert r0["resumed"].keys() == r0["uninterrupted"].keys()
+    for key, value in r0["uninterrupted"].items():
+        assert r0["resumed"][key] == pytest.approx(value, rel=1e-6), key
+    assert r0["resumed"]["imbalance/samples"] == 19.0
+    assert r0["resumed"]["imbalance/grad_steps"] == 2.0
+    single = ImbalanceMonitor(["a", "b"])
+    single.update(z, y)
+    assert single.state_dict(all_ranks=True)["pool"]["rows"] == 20  # no group: the local state

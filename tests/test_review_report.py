@@ -62,3 +62,38 @@ def test_a_wrongly_shaped_argument_is_a_type_error_that_says_what_to_give() -> N
     a = imbalance_report([feats, y], good)
     b = imbalance_report(good, good)
     assert a.probe == b.probe
+
+
+def test_report_reads_a_training_mode_head_in_eval_mode_and_leaves_it_alone() -> None:
+    """A head with BatchNorm and dropout, still in training mode (the report called from a
+    training loop or ``on_train_epoch_end``): its running statistics, the RNG and every
+    module's mode are left as they were, and the head accuracies are those of the eval-mode
+    head on each modality alone (the others zeroed), the same on every call."""
+    feats, y = _data()
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)
+    )
+    with torch.no_grad():  # running statistics that differ from the held-out batch's
+        head[1].running_mean.uniform_(-1.0, 1.0)
+        head[1].running_var.uniform_(0.5, 2.0)
+    head.train()
+    head[3].eval()  # a submodule the user put in eval mode stays so
+    buffers = {k: v.clone() for k, v in head.state_dict().items()}
+    modes = [m.training for m in head.modules()]
+    fit = ({m: x[:180] for m, x in feats.items()}, y[:180])
+    held = ({m: x[180:] for m, x in feats.items()}, y[180:])
+    rng = torch.get_rng_state()
+    first = imbalance_report(fit, held, head=head).head
+    assert torch.equal(torch.get_rng_state(), rng)  # no dropout mask drawn
+    for k, v in head.state_dict().items():  # no running statistic updated
+        assert torch.equal(v, buffers[k]), k
+    assert [m.training for m in head.modules()] == modes
+    assert imbalance_report(fit, held, head=head).head == first
+    reference = torch.nn.Sequential(*head).eval()
+    x_image, x_audio = held[0]["image"], held[0]["audio"]
+    with torch.no_grad():
+        z_image = reference(torch.cat([x_image, torch.zeros_like(x_audio)], 1))
+        z_audio = reference(torch.cat([torch.zeros_like(x_image), x_audio], 1))
+    assert first["image"] == float((z_image.argmax(1) == held[1]).float().mean())
+    assert first["audio"] == float((z_audio.argmax(1) == held[1]).float().mean())

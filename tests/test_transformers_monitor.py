@@ -170,3 +170,40 @@ def test_refuses_a_place_behind_reporters_and_non_monitors(tmp_path: Path) -> No
     handler = trainer.callback_handler.callbacks
     assert handler[0] is callback and sum(cb is callback for cb in handler) == 1
     callback.on_train_begin(args, transformers.TrainerState(), None)  # first now: accepted
+
+
+def _ddp_checkpoint_body(
+    rank: int, size: int, z: dict[str, Tensor], y: Tensor, folder: str
+) -> dict[str, dict[str, float]]:
+    """What the ``Trainer`` does with a DDP checkpoint: ``on_save`` runs on every rank, the main
+    process writes the file, and on resume every rank reads that file."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from transformers import TrainerState
+
+    mine = slice(5 * rank, 5 * rank + 5)
+    callback = MonitorCallback(ImbalanceMonitor(list(MODALITIES)))
+    callback.monitor.update({m: x[mine] for m, x in z.items()}, y[mine])
+    args = SimpleNamespace(should_save=rank == 0, output_dir=folder)
+    state = TrainerState(global_step=2)
+    callback.on_save(args, state, None)
+    dist.barrier()
+    resumed = MonitorCallback(ImbalanceMonitor(list(MODALITIES)))
+    resumed.load_checkpoint(Path(folder) / "checkpoint-2")
+    return {"uninterrupted": callback.monitor.compute(), "resumed": resumed.monitor.compute()}
+
+
+def test_ddp_resume_pools_every_ranks_sums_once(tmp_path: Path) -> None:
+    """Under DDP the sums since the last record are every rank's, each counted once, after the
+    resume (before: the file held the main process's sums, which every rank then loaded)."""
+    from tests.ddp import run_distributed
+
+    (tmp_path / "checkpoint-2").mkdir()
+    g = torch.Generator().manual_seed(0)
+    z = {m: torch.randn(10, 3, generator=g) * (2 - i) for i, m in enumerate(MODALITIES)}
+    y = torch.randint(0, 3, (10,), generator=g)
+    r0, r1 = run_distributed(_ddp_checkpoint_body, z, y, str(tmp_path))
+    assert r0 == r1
+    for key, value in r0["uninterrupted"].items():
+        assert r0["resumed"][key] == pytest.approx(value, rel=1e-6), key

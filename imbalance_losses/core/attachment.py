@@ -18,7 +18,10 @@ action into the optimiser itself with ``torch.optim.Optimizer.register_step_pre_
 * gradient clipping, done by every trainer before ``optimizer.step()``, comes before the action;
 * ``optimizer.step(closure)`` (Lightning's default, LBFGS): the pre-hook fires before the
   closure has computed any gradient, so the closure is wrapped and the action runs right after
-  it returns (after each evaluation, for an optimiser that evaluates it several times).
+  it returns (after each evaluation, for an optimiser that evaluates it several times);
+* a step in which no parameter the module changes holds a gradient (Lightning's
+  ``training_step`` returned ``None`` to skip the batch: no backward ran) has nothing to act
+  on: the action is skipped, as on a step the scaler skips.
 
 Wrappers holding the real optimiser in ``.optimizer`` (``AcceleratedOptimizer``,
 ``LightningOptimizer``) are unwrapped, since their own ``step()`` may call the real one
@@ -153,8 +156,10 @@ class OptimizerAttachable:
         (micro-)batch as before (``observe(...)`` for the gradient modulator, the forward call
         for AGM); only the ``step()`` call moves into the optimiser. With
         ``optimizer.step(closure)`` the action runs right after the closure returns. A step the
-        scaler skips leaves what was observed in the pool: the next real step decides from
-        both steps' batches, and the step counter counts real updates only.
+        scaler skips, or one in which no parameter this module changes holds a gradient
+        (Lightning's ``training_step`` returned ``None``: the batch is skipped), leaves what
+        was observed in the pool: the next real step decides from both steps' batches, and
+        the step counter counts real updates only.
 
         Args:
             optimizer: a ``torch.optim.Optimizer`` or a wrapper holding one in ``.optimizer``
@@ -209,7 +214,10 @@ class OptimizerAttachable:
                 "several optimizers, call its step() yourself before theirs)"
             )
         self._check_parameters(real)
-        act = self._before_optimizer_step
+
+        def act() -> None:
+            if not self._without_gradients():
+                self._before_optimizer_step()
 
         def before_step(
             opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -249,6 +257,17 @@ class OptimizerAttachable:
         attachment: OptimizerAttachment | None = self.__dict__.get("_attachment")
         if attachment is not None:
             attachment.remove()
+
+    def _without_gradients(self) -> bool:
+        """Whether the step has nothing to act on: no parameter this module changes has a gradient.
+
+        True only for a module that changes gradients (:meth:`_attached_parameters` not empty)
+        when none of its trainable parameters holds one, as when Lightning's ``training_step``
+        returned ``None`` (the batch is skipped, no backward ran). Reads tensor metadata only
+        (no host sync).
+        """
+        trainable = [p for _, p in self._attached_parameters() if p.requires_grad]
+        return bool(trainable) and all(p.grad is None for p in trainable)
 
     def _check_parameters(self, optimizer: torch.optim.Optimizer) -> None:
         updated = {id(p) for group in optimizer.param_groups for p in group["params"]}

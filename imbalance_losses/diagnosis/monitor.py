@@ -42,9 +42,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..core.distributed import ProcessGroup
+from ..core.distributed import ProcessGroup, all_reduce_sum, is_distributed
+from ..core.dtypes import wide_dtype
 from ..core.gradients import norms, segment_sum
 from ..core.params import modality_parameters
 from ..core.records import StepRecord
@@ -366,17 +368,59 @@ class ImbalanceMonitor:
         self._pool.reset()
         self._grad_sums = self._grad_steps = None
 
-    def state_dict(self) -> dict[str, Any]:
-        """Copies of the local (not yet pooled) sums: a checkpoint resumes mid-epoch exactly."""
-        return {
+    def state_dict(self, *, all_ranks: bool = False) -> dict[str, Any]:
+        """Copies of the not yet computed sums: a checkpoint resumes mid-epoch exactly.
+
+        Args:
+            all_ranks: under DDP, the state of **every** rank's :meth:`update` sums, for a
+                checkpoint that one rank writes and every rank reads (Lightning, the Hugging
+                Face ``Trainer``): one all-reduce, so call it on every rank of the monitor's
+                process group. :meth:`load_state_dict` of it keeps those sums on the group's
+                first rank only, so that :meth:`compute` counts them once. (The gradient sums
+                are every rank's own: the ranks observe the same all-reduced gradients.)
+                Without a process group it is the local state. ``False`` (default): this
+                rank's sums only, with no collective (a checkpoint per rank, or one process).
+        """
+        pool = self._pool.state_dict()
+        pooled = all_ranks and is_distributed(self.process_group)
+        if pooled:
+            pool = self._all_ranks_pool(pool)
+        state: dict[str, Any] = {
             "modalities": list(self.modalities),
-            "pool": self._pool.state_dict(),
+            "pool": pool,
             "grad_sums": None if self._grad_sums is None else self._grad_sums.clone(),
             "grad_steps": None if self._grad_steps is None else self._grad_steps.clone(),
+        }
+        if pooled:  # marked only then: a local state keeps the saved format of 0.1.0
+            state["all_ranks"] = True
+        return state
+
+    def _all_ranks_pool(self, pool: dict[str, Any]) -> dict[str, Any]:
+        """The :class:`RunningSums` state of every rank's sums together (one all-reduce)."""
+        m = len(self.modalities)
+        sums, count = pool["sums"], pool["count"]
+        device = sums.device if sums is not None else self._device or torch.device("cpu")
+        dtype = wide_dtype(device)
+        payload = torch.zeros(2 * m + 3, dtype=dtype, device=device)
+        if sums is not None and count is not None:
+            payload[: 2 * m] = sums.to(dtype)
+            payload[2 * m] = count.to(dtype)
+            payload[2 * m + 2] = 1.0  # this rank added a batch
+        payload[2 * m + 1] = float(pool["rows"])
+        total = all_reduce_sum(payload, self.process_group)
+        if float(total[2 * m + 2]) == 0:  # no rank added anything: nothing to resume
+            return {"sums": None, "count": None, "rows": 0}
+        return {
+            "sums": total[: 2 * m].float(),
+            "count": total[2 * m].clone(),
+            "rows": round(float(total[2 * m + 1])),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned.
+
+        A state of every rank's sums (``state_dict(all_ranks=True)``) loaded under DDP keeps
+        them on the group's first rank (the others start empty); in one process, all of them.
 
         Raises:
             KeyError: a key is missing.
@@ -390,7 +434,11 @@ class ImbalanceMonitor:
                 f"the state is for modalities {list(state['modalities'])}, this monitor has "
                 f"{list(self.modalities)}"
             )
-        self._pool.load_state_dict(dict(state["pool"]))
+        pool = dict(state["pool"])
+        if state.get("all_ranks", False) and is_distributed(self.process_group):
+            if dist.get_rank(self.process_group) != 0:  # every rank's sums, counted once
+                pool = {"sums": None, "count": None, "rows": 0}
+        self._pool.load_state_dict(pool)
         sums, steps = state["grad_sums"], state["grad_steps"]
         self._grad_sums = None if sums is None else as_fp32(sums).clone()
         self._grad_steps = None if steps is None else as_fp32(steps).clone()

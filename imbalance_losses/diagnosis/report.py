@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core.unimodal import Head, unimodal_logits
+from ..core.unimodal import Head, eval_mode, unimodal_logits
 from ..core.validation import check_finite, int_param, real_param
 
 __all__ = [
@@ -388,7 +388,9 @@ def imbalance_report(
             accuracy is measured.
         head: the shared fusion head; when given, the unimodal logits of ``evaluate``'s features
             through it (:func:`~imbalance_losses.unimodal_logits`) are scored too (two or more
-            modalities).
+            modalities). It is read under ``no_grad`` with its modules in eval mode (each
+            module's own mode restored after): no BatchNorm statistic or dropout draw changes
+            the model, also when it is still in training mode.
         alone: ``(fit, evaluate)`` features of encoders trained **alone** (uni-modal models),
             for some or all modalities (the same samples' targets): their probes are the
             reference of the deficit.
@@ -448,7 +450,10 @@ def imbalance_report(
                 )
     head_logits: dict[str, Tensor] = {}
     if head is not None:
-        with torch.no_grad():  # batch by batch: the head sees the features as given (tokens)
+        # batch by batch: the head sees the features as given (tokens); in eval mode, so that
+        # a head still in training mode neither updates its BatchNorm statistics nor draws
+        # dropout masks (each module's own mode comes back after)
+        with torch.no_grad(), eval_mode(head):
             per_batch = [
                 unimodal_logits(head, {m: x.detach() for m, x in f.items()}) for f, _ in eval_parts
             ]

@@ -38,6 +38,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.optim import Optimizer
 
+from ..core.attachment import OptimizerAttachable
 from ..core.records import StepRecord
 from ..diagnosis.monitor import ImbalanceMonitor
 
@@ -97,6 +98,9 @@ class ModulatorCallback(Callback):
     OGM-GE the same noise). An ``nn.Module`` modulator (ARL, AGM) must be an attribute of the
     ``LightningModule``: its state is then in the model's ``state_dict``; fitting raises a
     ``ValueError`` otherwise (its state would be lost silently).
+
+    A batch skipped by returning ``None`` from ``training_step`` runs no backward: the
+    modulators skip that optimiser step too (nothing to act on; not counted).
 
     Use it with one optimiser (automatic optimisation, or one ``opt.step()`` per batch in
     manual optimisation): Lightning calls the hook at every optimiser's step. Under DDP every
@@ -167,8 +171,15 @@ class ModulatorCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
-        """``step()`` each modulator: the gradients are complete and unscaled here."""
+        """``step()`` each modulator: the gradients are complete and unscaled here.
+
+        A modulator none of whose parameters holds a gradient is skipped (not stepped, not
+        counted): ``training_step`` returned ``None``, Lightning's way to skip a batch, so no
+        backward ran and the optimiser step changes nothing; what it observed carries over.
+        """
         for mod in self.modulators:
+            if isinstance(mod, OptimizerAttachable) and mod._without_gradients():
+                continue
             mod.step()
 
     def state_dict(self) -> dict[str, Any]:
@@ -303,7 +314,7 @@ class MonitorCallback(Callback):
     * **State**: the monitor's sums (a plain object, not an ``nn.Module``) go into the
       checkpoint's callback state (:meth:`state_dict`) and come back on
       ``trainer.fit(..., ckpt_path=...)``: a checkpoint taken in the middle of an epoch resumes
-      the epoch's sums.
+      the epoch's sums (under DDP, every rank's: one all-reduce when the checkpoint is taken).
 
     No ``sync_dist``: ``compute()`` already pools over the ranks (one all-reduce), and every
     rank runs ``on_train_epoch_end``, as that all-reduce requires; every rank logs the same
@@ -349,8 +360,13 @@ class MonitorCallback(Callback):
         self.monitor.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        """The monitor's :meth:`~imbalance_losses.ImbalanceMonitor.state_dict`."""
-        return self.monitor.state_dict()
+        """The monitor's state with every rank's sums (``state_dict(all_ranks=True)``).
+
+        Lightning takes the callbacks' state on every rank and writes rank 0's checkpoint,
+        which every rank loads on resume: with only rank 0's own sums in it, a resumed DDP run
+        would count them once per rank and lose the other ranks'.
+        """
+        return self.monitor.state_dict(all_ranks=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (Lightning calls it on resume)."""

@@ -30,7 +30,7 @@ Nothing here is imported by ``import imbalance_losses``; this module imports ``t
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -61,15 +61,23 @@ def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
 
 
 def _save_states(
-    args: TrainingArguments, state: TrainerState, file: str, modules: tuple[Stateful, ...]
+    args: TrainingArguments,
+    state: TrainerState,
+    file: str,
+    modules: tuple[Stateful, ...],
+    states: Sequence[Mapping[str, Any]] | None = None,
 ) -> None:
-    """Write every module's state into ``file`` of the checkpoint folder just saved."""
+    """Write every module's state (``states``, default their ``state_dict()``) into ``file``."""
     if not args.should_save:
         return
+    if states is None:
+        states = [m.state_dict() for m in modules]
     torch.save(
         {
             "global_step": state.global_step,
-            "modules": [{"type": type(m).__name__, "state": m.state_dict()} for m in modules],
+            "modules": [
+                {"type": type(m).__name__, "state": s} for m, s in zip(modules, states, strict=True)
+            ],
         },
         os.path.join(_checkpoint_folder(args, state), file),
     )
@@ -295,7 +303,8 @@ class MonitorCallback(TrainerCallback):
     * ``on_save`` / ``on_train_begin``: the monitor's sums go into each checkpoint folder
       (``imbalance_monitor.pt``) and come back when ``trainer.train(resume_from_checkpoint=...)``
       resumes, so the first record after a resume covers the same batches as without the
-      interruption. For a checkpoint outside ``output_dir`` call :meth:`load_checkpoint` first.
+      interruption (under DDP, every rank's: one all-reduce at each save). For a checkpoint
+      outside ``output_dir`` call :meth:`load_checkpoint` first.
 
     **Order.** The ``Trainer`` runs its callbacks in list order: its own flow callback, the
     reporters of ``report_to``, then those passed as ``callbacks=[...]``. A callback there would
@@ -397,8 +406,13 @@ class MonitorCallback(TrainerCallback):
         control: TrainerControl,
         **kwargs: Any,
     ) -> None:
-        """Write the monitor's sums into the checkpoint folder just saved."""
-        _save_states(args, state, MONITOR_STATE_FILE, (self.monitor,))
+        """Write the monitor's sums into the checkpoint folder just saved.
+
+        Every rank's sums (``state_dict(all_ranks=True)``, one all-reduce: every rank runs
+        ``on_save``): the main process writes the file that every rank reads on resume.
+        """
+        states = [self.monitor.state_dict(all_ranks=True)]  # on every rank, before should_save
+        _save_states(args, state, MONITOR_STATE_FILE, (self.monitor,), states)
 
     def load_checkpoint(
         self,
