@@ -468,6 +468,43 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch() -> None:
             torch.testing.assert_close(a, b)
 
 
+def _empty_rank_body(rank: int, world: int, state: dict[str, Tensor]) -> list[Tensor]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net, rb = make()
+    net.load_state_dict(state)
+    ddp = DDP(net, find_unused_parameters=True)
+    for epoch in range(4):  # boost, rectify, boost with consolidation, rectify
+        x, y = data(4, seed=epoch)
+        rows = slice(0, 4 if rank == 0 else 0)  # rank 1's shard is empty
+        logits = ddp({m: v[rows] for m, v in x.items()}, rb)
+        loss = rb.loss(logits, y[rows])
+        rb.optimizer.zero_grad()
+        loss.backward()
+        rb.optimizer.step()
+        rb.epoch_end()
+    return [loss.detach(), *snapshot(net, rb)]
+
+
+def test_a_rank_with_an_empty_batch_adds_a_zero_loss_not_nan() -> None:
+    """Every phase's loss on ``B = 0`` is 0 with zero gradients (not a mean's ``0 / 0``), so the
+    DDP average is rank 0's gradient / 2: one process stepping on ``loss / 2``."""
+    torch.manual_seed(0)
+    net, rb = make()
+    results = run_distributed(_empty_rank_body, copy.deepcopy(net.state_dict()))
+    for epoch in range(4):
+        x, y = data(4, seed=epoch)
+        loss = rb(net.features(x), y) / 2
+        rb.optimizer.zero_grad()
+        loss.backward()
+        rb.optimizer.step()
+        rb.epoch_end()
+    assert float(results[1][0]) == 0.0
+    for got in results:
+        for a, b in zip(got[1:], snapshot(net, rb), strict=True):
+            torch.testing.assert_close(a, b)
+
+
 def test_a_deep_copy_with_the_model_predicts_alike_and_trains_the_copy() -> None:
     torch.manual_seed(0)
     net, rb = make()

@@ -501,3 +501,47 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch() -> None:
     for grads in results:
         for g, p in zip(grads, model.parameters(), strict=True):
             torch.testing.assert_close(g, p.grad)
+
+
+def _uneven_body(
+    rank: int, world: int, state: dict[str, Tensor], teachers: dict[str, nn.Module], rows: int
+) -> list[Tensor]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _Model()
+    model.load_state_dict(state)
+    ddp = DDP(model)
+    umt = UnimodalTeacherLoss(teachers)
+    x, y = _data(16)
+    if rank == 1:  # an empty shard (rows = 0) or one whose targets are all ignored
+        x, y = {m: v[:rows] for m, v in x.items()}, torch.full((rows,), -100)
+    logits, f = ddp(x)
+    loss = umt(logits, y, features=f, inputs=x)
+    loss.backward()
+    return [loss.detach(), *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("rows", [0, 4])
+def test_a_rank_with_no_counted_sample_adds_zero_not_nan(rows: int) -> None:
+    """A DDP rank with an empty batch (or every target ignored) has a zero criterion term, not
+    ``CrossEntropyLoss``'s ``0 / 0``: its gradient is the distillation's alone, and DDP's average
+    is ``(g_0 + g_1) / 2`` with both finite, not NaN on every rank."""
+    torch.manual_seed(0)
+    model, teachers = _Model(), _teachers()
+    results = run_distributed(_uneven_body, model.state_dict(), teachers, rows)
+    x, y = _data(16)
+    logits, f = model(x)
+    UnimodalTeacherLoss(teachers)(logits, y, features=f, inputs=x).backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    part = {m: v[:rows] for m, v in x.items()}
+    _, f = model(part)
+    mse = sum(10.0 * F.mse_loss(f[m], _teacher_by_hand(teachers[m], part[m])) for m in f)
+    if rows:
+        mse.backward()
+    ignored = [torch.zeros_like(g) if p.grad is None else p.grad
+               for g, p in zip(full, model.parameters(), strict=True)]  # fmt: skip
+    assert torch.isfinite(results[1][0]) and (rows or float(results[1][0]) == 0.0)
+    for r in results:
+        for got, g0, g1 in zip(r[1:], full, ignored, strict=True):
+            torch.testing.assert_close(got, (g0 + g1) / 2)

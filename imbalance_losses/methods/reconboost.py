@@ -402,25 +402,28 @@ class ReconBoost(nn.Module):
     def boosting_loss(self, logits: Mapping[str, Tensor], target: Tensor) -> Tensor:
         """Mean boosting loss of the stage's learner, plus ``alpha`` times the consolidation term
         from stage 1 (``F_{-m}`` and the other learners carry no gradient)."""
-        self._check(logits, target)
+        batch = self._check(logits, target)  # B = 0 (an empty DDP shard): 0, never 0 / 0
         name = self.modality
         own, others = logits[name], [z.detach() for k, z in logits.items() if k != name]
         with torch.no_grad():
             rest = ensemble_logits(logits, self.beta, [k for k in self.members if k != name])
-        loss = reconboost_loss(own, rest, target, w1=self.w1, w2=self.w2).mean()
+        per = reconboost_loss(own, rest, target, w1=self.w1, w2=self.w2)
+        loss = per.mean() if batch else per.sum()
         ga = None
         if self.consolidation != "off" and self._stage >= 1:
             ga = consolidation_loss(own if self.consolidation == "gradient" else own.detach(),
-                                    others)  # fmt: skip
-        agreement = true_class_probability(rest, target).mean()
+                                    others) if batch else per.sum()  # fmt: skip
+        q_y = true_class_probability(rest, target)
+        agreement = q_y.mean() if batch else q_y.sum()
         self._record(loss, agreement, ga)
         return loss if ga is None else loss + self.alpha * ga
 
     def rectification_loss(self, logits: Mapping[str, Tensor], target: Tensor) -> Tensor:
         """``CE(F, y)``, ``F = beta sum_{k in members} g_k``, end to end (gradient to ``beta``)."""
-        self._check(logits, target)
+        batch = self._check(logits, target)
         fused = ensemble_logits(logits, self.beta, self.members)
-        loss = F.cross_entropy(fused, _fp32(target) if target.is_floating_point() else target)
+        y = _fp32(target) if target.is_floating_point() else target
+        loss = F.cross_entropy(fused, y) if batch else fused.sum() * 0.0
         self._record(loss, None, None)
         return loss
 
@@ -430,12 +433,13 @@ class ReconBoost(nn.Module):
         check_unimodal_logits(logits, what="the learners' logits")
         return ensemble_logits(logits, self.beta, self.members)
 
-    def _check(self, logits: Mapping[str, Tensor], target: Tensor) -> None:
+    def _check(self, logits: Mapping[str, Tensor], target: Tensor) -> int:
         batch, classes = check_unimodal_logits(logits, what="logits")
         check_same_modalities(self.modalities, logits, expected_what="encoders",
                               actual_what="logits")  # fmt: skip
         first = next(iter(logits.values()))
         check_target(target, batch=batch, num_classes=classes, device=first.device)
+        return batch
 
     def _record(self, loss: Tensor, agreement: Tensor | None, ga: Tensor | None) -> None:
         trained = self._stage % len(self.modalities)

@@ -295,8 +295,8 @@ class UnimodalTeacherLoss(OptimizerAttachable, nn.Module):
         Raises:
             ValueError: mismatched modalities, batch sizes or shapes (named), non-finite values.
         """
-        self._check(logits, target, features)
-        loss = self.criterion(logits, target)
+        batch = self._check(logits, target, features)
+        loss = self._criterion_loss(logits, target, batch)
         if not self.training:
             return loss
         if not self.active:
@@ -311,7 +311,21 @@ class UnimodalTeacherLoss(OptimizerAttachable, nn.Module):
         self.last = UMTRecord(tuple(features), mse.detach(), True, self._steps)
         return loss + weighted.sum().to(loss.dtype)
 
-    def _check(self, logits: Tensor, target: Tensor, features: Mapping[str, Tensor]) -> None:
+    def _criterion_loss(self, logits: Tensor, target: Tensor, batch: int) -> Tensor:
+        """``criterion(logits, target)``; a scalar of no counted sample (``B = 0``, or every
+        target ``ignore_index``) is 0 with zero gradients, not the criterion's ``0 / 0``: a DDP
+        rank with an empty shard must not send NaN gradients to the others."""
+        loss = self.criterion(logits, target)
+        if loss.dim() != 0:
+            return loss
+        if not batch:
+            return logits.sum() * 0.0
+        ignore = getattr(self.criterion, "ignore_index", None)
+        if ignore is None or not isinstance(target, Tensor) or target.is_floating_point():
+            return loss
+        return torch.where((target != ignore).any(), loss, 0.0)  # no host sync
+
+    def _check(self, logits: Tensor, target: Tensor, features: Mapping[str, Tensor]) -> int:
         batch = check_modalities(features)
         if self.teachers is not None:
             check_same_modalities(
@@ -329,6 +343,7 @@ class UnimodalTeacherLoss(OptimizerAttachable, nn.Module):
         if isinstance(target, Tensor) and not target.is_floating_point():
             ignore = getattr(self.criterion, "ignore_index", None)
             check_target(target, batch=batch, num_classes=logits.shape[1], ignore_index=ignore)
+        return batch
 
     def _teacher_side(
         self,
