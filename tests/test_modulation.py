@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -559,6 +560,24 @@ def test_state_round_trip_resumes_bit_for_bit(split: int) -> None:
     for p, q in zip(model.parameters(), m2.parameters(), strict=True):
         assert torch.equal(p, q)
     torch.testing.assert_close(mod.last.coefficients, mod2.last.coefficients, rtol=0, atol=0)
+
+
+def test_pickled_with_its_model_resumes_the_run() -> None:
+    """A modulator pickled with its model (``torch.save`` of a whole checkpoint) after a
+    modulated step: pickling must not fail on the marks of the gradients it modulated, and the
+    copy continues exactly as the original (same coefficients, same GE noise)."""
+    data = make_data(6, 6)
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    mod = ModalityGradientModulator(encoders(model), 0.8, seed=7)
+    _train(model, opt, mod, data, range(3))
+    m2, o2, mod2 = pickle.loads(pickle.dumps((model, opt, mod)))
+    _train(model, opt, mod, data, range(3, 6))
+    _train(m2, o2, mod2, data, range(3, 6))
+    for p, q in zip(model.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(mod.last.coefficients, mod2.last.coefficients)
 
 
 def test_state_keeps_scores_observed_but_not_stepped() -> None:

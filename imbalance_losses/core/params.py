@@ -324,6 +324,14 @@ class GradientMarks:
     def __init__(self) -> None:
         self._marks: dict[int, tuple[weakref.ref[Tensor], int]] = {}
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickling / deepcopy: no marks (weak references do not pickle, and the copy's
+        parameters and gradients are other tensors: none of them was acted on)."""
+        return {}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__()  # type: ignore[misc]
+
     def unchanged(self, p: Tensor) -> bool:
         """Whether ``p.grad`` is the very tensor last marked, not written since."""
         seen, grad = self._marks.get(id(p)), p.grad
