@@ -521,6 +521,25 @@ def test_bad_input_is_refused_with_clear_errors() -> None:
     assert MaskedDataset(TensorDataset(torch.zeros(2)), 3)[1][2].tolist() == [True] * 3
 
 
+def test_non_finite_features_or_logits_are_refused_not_valued() -> None:
+    """A NaN / inf feature or a head that outputs inf: a clear error naming what is not finite,
+    not a plan built from argmax over NaN (which torch reads as the top class)."""
+    head, feats, y = _linear_case()
+    val = SampleModalityValuation(head, ["a", "v"], 6)
+    bad = feats["v"].clone()
+    bad[2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"features\['v'\] contains non-finite"):
+        val.value([({"a": feats["a"], "v": bad}, y, torch.arange(6))])
+    bad[2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"features\['v'\] contains non-finite"):
+        val.value([({"a": feats["a"], "v": bad}, y, torch.arange(6))])
+    huge = SampleModalityValuation(lambda x: x.sum(1, keepdim=True).expand(-1, 2) * 1e39,
+                                   ["a", "v"], 6)  # fmt: skip
+    with pytest.raises(ValueError, match="non-finite"):
+        huge.value([(feats, y, torch.arange(6))])
+    assert val.last is None and huge.last is None
+
+
 def test_the_guide_runs_as_written(tmp_path: Any) -> None:
     namespace = run_page("valuation.md", tmp_path)
     assert namespace["valuation"].last is not None

@@ -41,6 +41,8 @@ from ..core.records import StepRecord
 from ..core.running import OTHER_RANK_FAILED
 from ..core.unimodal import Head, _first_parameter, eval_mode
 from ..core.validation import (
+    check_features,
+    check_finite,
     check_modalities,
     check_same_modalities,
     check_target,
@@ -504,11 +506,13 @@ class SampleModalityValuation:
         batch = check_modalities(features, what="valuation features")
         check_same_modalities(self.modalities, features, expected_what="modalities",
                               actual_what="valuation features")  # fmt: skip
+        check_features(features, finite=True, what="valuation features")
         out = masked_outputs(self.head, features)
         if out.dim() != 3 or out.shape[1] != batch:
             raise ValueError(
                 f"the head's masked outputs must be [2^M, B, C], got {tuple(out.shape)}"
             )
+        check_finite(out, name="the head's masked outputs")  # argmax would read NaN as the top
         if target.is_floating_point():
             raise TypeError(f"valuation target must be class indices [B], got {target.dtype}")
         check_target(target, batch=batch, num_classes=out.shape[-1], name="valuation target")
