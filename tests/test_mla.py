@@ -408,6 +408,25 @@ def test_bad_input_names_the_modality_and_shapes() -> None:
 
 
 @pytest.mark.parametrize(
+    ("fusion", "error", "message"),
+    [
+        ({"a": -0.5, "v": 1.5}, ValueError, r"fusion\['a'\] must be >= 0"),
+        ({"a": 0.5, "v": math.nan}, ValueError, r"fusion\['v'\]"),
+        ({"a": "0.5", "v": 0.5}, TypeError, r"fusion\['a'\]"),
+        ("mean", ValueError, r"fusion must be 'entropy' or a mapping"),
+    ],
+)
+def test_bad_fusion_is_refused_at_construction(fusion: Any, error: type, message: str) -> None:
+    """Hyper-parameters are checked when the object is built, not at the first predict()
+    after training."""
+    head = _model(W2)["head"]
+    with pytest.raises(error, match=message):
+        AlternatingUnimodalAdaptation(head, batches_per_epoch=2, fusion=fusion)
+    fixed = AlternatingUnimodalAdaptation(head, batches_per_epoch=2, fusion={"a": 0.55, "v": 0.45})
+    assert fixed.fusion == {"a": 0.55, "v": 0.45}
+
+
+@pytest.mark.parametrize(
     ("bad", "message"),
     [
         (lambda f: f[:3], r"features\['v'\] has shape \(3, 4\)"),  # another batch size

@@ -36,6 +36,7 @@ __all__ = [
     "check_state_keys",
     "check_target",
     "check_unimodal_logits",
+    "choice_or_weights",
     "choice_param",
     "criterion_reduction",
     "deferred_value_checks",
@@ -743,6 +744,24 @@ def choice_param(name: str, value: object, choices: tuple[str, ...]) -> None:
     """``ValueError`` naming the parameter and its choices when ``value`` is not one of them."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def choice_or_weights(name: str, value: object, choice: str) -> str | dict[str, float]:
+    """``choice`` itself, or a copy of a mapping ``{key: w}`` of finite reals ``w >= 0``
+    (e.g. ``fusion="entropy"`` or ``fusion={"audio": 0.55, "visual": 0.45}``).
+
+    Raises:
+        TypeError: a weight that is not a real number.
+        ValueError: neither ``choice`` nor a mapping, or a weight NaN, infinite or negative
+            (the message names ``name[key]``).
+    """
+    if isinstance(value, str) and value == choice:
+        return choice
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"{name} must be {choice!r} or a mapping {{modality: weight >= 0}}, got {value!r}"
+        )
+    return {k: real_param(f"{name}[{k!r}]", w, ge=0.0) for k, w in value.items()}
 
 
 def optional_int_param(name: str, value: object) -> int | None:

@@ -43,6 +43,7 @@ from ..core.validation import (
     check_same_modalities,
     check_target,
     check_unimodal_logits,
+    choice_or_weights,
     int_param,
     real_param,
 )
@@ -233,7 +234,7 @@ class AlternatingUnimodalAdaptation(Remedy[MLARecord]):
         batches_per_epoch: ``N_b`` of the ``alpha`` schedule (needed with ``"owm"``).
         projected_weight: the ``[C, D]`` weight (or ``{m: weight}``) the projection acts on;
             default: the linear head's weight (or each per-modality ``nn.Linear``'s).
-        fusion: test-time fusion: ``"entropy"`` (per-sample) or fixed ``{m: w_m}``.
+        fusion: test-time fusion: ``"entropy"`` (per-sample) or fixed ``{m: w_m}`` (``w_m >= 0``).
         modalities: the modality order, for :meth:`loss` / :meth:`modality_step` used directly.
         process_group: the ranks ``r`` is pooled over and gradients are averaged over.
         sync_gradients: average each step's gradients over the ranks (default: under DDP).
@@ -265,7 +266,7 @@ class AlternatingUnimodalAdaptation(Remedy[MLARecord]):
         if projection not in ("owm", "off"):
             raise ValueError(f'projection must be "owm" or "off", got {projection!r}')
         self.projection = projection
-        self.fusion = fusion if fusion == "entropy" else dict(fusion)
+        self.fusion = choice_or_weights("fusion", fusion, "entropy")  # checked now
         names = None if modalities is None else tuple(modalities)
         if isinstance(head, Mapping | nn.ModuleDict) and names not in (None, tuple(head)):
             raise ValueError(f"modalities {list(names or ())} differ from the heads' {list(head)}")
@@ -446,7 +447,7 @@ class AlternatingUnimodalAdaptation(Remedy[MLARecord]):
 
     def fuse(self, unimodal_logits: Mapping[str, Tensor]) -> Tensor:
         """:func:`fuse_unimodal_logits` with this object's ``fusion``."""
-        fixed = None if self.fusion == "entropy" else self.fusion
+        fixed = self.fusion if isinstance(self.fusion, dict) else None
         return fuse_unimodal_logits(unimodal_logits, fixed)
 
     def predict(self, features: Mapping[str, Tensor]) -> Tensor:
