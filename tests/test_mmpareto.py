@@ -297,6 +297,16 @@ def test_state_round_trip() -> None:
         MMPareto({"a": net.enc["audio"], "b": net.enc["visual"]}).load_state_dict(mm.state_dict())
 
 
+def test_repr_names_the_settings() -> None:
+    """Like ``ModalityGradientModulator``'s: the settings, not ``<... object at 0x...>``."""
+    net = Net(2, 0)
+    mm = MMPareto(dict(net.enc.items()), gamma=2.5, rescale="paper")
+    assert repr(mm) == (
+        f"MMPareto(modalities=['audio', 'visual'], gamma=2.5, rescale='paper', "
+        f"parameters={len(list(net.enc.parameters()))}, steps=0)"
+    )
+
+
 def test_bad_input_raises_clear_errors() -> None:
     net = Net(2, 0)
     x, y = data(2, 8, 0)

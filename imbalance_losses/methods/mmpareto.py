@@ -324,6 +324,12 @@ class MMPareto:
         self._passed = WeakIdKeyDictionary()
         self._segments, self._constants = None, {}
 
+    def __repr__(self) -> str:
+        return (
+            f"MMPareto(modalities={list(self.modalities)}, gamma={self.gamma}, rescale="
+            f"{self.rescale!r}, parameters={len(self._params)}, steps={self.steps})"
+        )
+
     def _check(self, fused: object, unimodal: object) -> list[Tensor]:
         if not isinstance(unimodal, Mapping):
             raise TypeError(
