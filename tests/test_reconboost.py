@@ -539,6 +539,28 @@ def test_a_head_that_cannot_score_a_modality_alone_is_refused() -> None:
         ReconBoost(enc, {"a": enc["a"], "b": nn.Linear(4, 2)})
 
 
+@pytest.mark.parametrize("consolidation", ["official", "gradient"])
+def test_an_empty_batch_gives_a_zero_loss_with_zero_gradients(consolidation: str) -> None:
+    """``B = 0`` (an uneven last shard, a filtered batch): every phase's loss is a zero that
+    back-propagates zero gradients, not the NaN of a mean over no sample."""
+    torch.manual_seed(0)
+    net, rb = make(consolidation=consolidation)
+    x, y = data(6)
+    empty_x, empty_y = {m: v[:0] for m, v in x.items()}, y[:0]
+    seen = []
+    for _ in range(4):  # boost (stage 0), rectify, boost (stage 1: consolidation), rectify
+        loss = rb(net.features(empty_x), empty_y)
+        rb.optimizer.zero_grad()
+        loss.backward()
+        seen.append((rb.stage, rb.phase))
+        assert loss.shape == () and loss.item() == 0.0, (rb.stage, rb.phase, loss)
+        for p in [*net.parameters(), rb.beta]:
+            assert p.grad is None or torch.equal(p.grad, torch.zeros_like(p)), (rb.phase, p)
+        step(net, rb, x, y)
+        rb.epoch_end()
+    assert seen == [(0, "boost"), (0, "rectify"), (1, "boost"), (1, "rectify")]
+
+
 def test_bad_input() -> None:
     net, rb = make()
     x, y = data(4)

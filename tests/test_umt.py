@@ -407,6 +407,24 @@ def test_bad_input_names_the_modality_and_shapes() -> None:
 # -- AMP, accumulation, resume, DDP --------------------------------------------------------
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_batch_gives_a_zero_loss_with_zero_gradients(training: bool) -> None:
+    """``B = 0`` (an uneven last shard, a filtered batch): a zero that back-propagates zero
+    gradients, not the NaN of the criterion's mean over no sample; ``reduction="none"``: ``[0]``."""
+    torch.manual_seed(0)
+    model, x = _Model(), {m: v[:0] for m, v in _data(4)[0].items()}
+    umt = UnimodalTeacherLoss(_teachers()).train(training)
+    logits, feats = model(x)
+    loss = umt(logits, torch.zeros(0, dtype=torch.long), features=feats, inputs=x)
+    loss.backward()
+    assert loss.shape == () and loss.item() == 0.0
+    for p in model.parameters():
+        assert p.grad is None or torch.equal(p.grad, torch.zeros_like(p))
+    per = UnimodalTeacherLoss(_teachers(), nn.CrossEntropyLoss(reduction="none"))
+    logits, feats = model(x)
+    assert per(logits, torch.zeros(0, dtype=torch.long), features=feats, inputs=x).shape == (0,)
+
+
 def test_bf16_autocast_is_finite_with_fp32_statistics() -> None:
     torch.manual_seed(0)
     model, teachers = _Model(), _teachers()
