@@ -97,3 +97,17 @@ def test_report_reads_a_training_mode_head_in_eval_mode_and_leaves_it_alone() ->
         z_audio = reference(torch.cat([torch.zeros_like(x_image), x_audio], 1))
     assert first["image"] == float((z_image.argmax(1) == held[1]).float().mean())
     assert first["audio"] == float((z_audio.argmax(1) == held[1]).float().mean())
+
+
+def test_a_head_giving_per_token_logits_is_refused_naming_the_shape() -> None:
+    """Token features ``[B, T, D]`` through a plain per-position ``nn.Linear`` give ``[B, T, C]``
+    logits: scored against ``[B]`` labels they broadcast (silently, when ``T == B``)."""
+    import pytest
+
+    torch.manual_seed(0)
+    n, t = 6, 6  # T == B: the shapes broadcast without an error
+    tokens = {"image": torch.randn(n, t, 4), "audio": torch.randn(n, t, 4)}
+    y = torch.randint(3, (n,))
+    head = torch.nn.Linear(8, 3)  # over the concatenated token features: [B, T, 3]
+    with pytest.raises(ValueError, match=r"shape \(6, 6, 3\) for modality 'image'.*\[B, C\]"):
+        imbalance_report((tokens, y), (tokens, y), head=head)

@@ -457,6 +457,13 @@ def imbalance_report(
             per_batch = [
                 unimodal_logits(head, {m: x.detach() for m, x in f.items()}) for f, _ in eval_parts
             ]
+        for m, z in per_batch[0].items():
+            if z.dim() != 2:  # per-token logits [B, T, C] would be scored against [B] labels
+                raise ValueError(
+                    f"the head returned logits of shape {tuple(z.shape)} for modality {m!r}; "
+                    "the report scores one [B, C] row of class scores per sample: give a head "
+                    "that pools the tokens (e.g. a MappingHead over the token features)"
+                )
         head_logits = {m: torch.cat([z[m] for z in per_batch]) for m in per_batch[0]}
     if num_classes is None:
         if head_logits:
