@@ -62,3 +62,21 @@ def test_average_over_ranks_copies_back_in_one_op_whatever_the_parameter_count(
         return [op for op in count.ops if op not in ("aten.view", "aten.slice", "aten.split")]
 
     assert len(ops(30)) == len(ops(3)), ops(30)
+
+
+def test_a_linear_subclass_with_its_own_forward_is_noted_as_approximate() -> None:
+    # 7aaef1a evaluates such a head on the zero-padded concatenation (not the exact split), but
+    # the compare row's note still treated every nn.Linear as exact and gave no caveat
+    from types import SimpleNamespace
+
+    from imbalance_losses.compare.plugins import REMEDIES
+
+    class Cosine(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = torch.nn.functional.normalize(self.weight, dim=1)
+            return torch.nn.functional.normalize(x, dim=-1) @ w.T
+
+    arl = REMEDIES["arl"]
+    note = arl.note(SimpleNamespace(head=Cosine(6, 3)))  # type: ignore[arg-type]
+    assert note is not None and "approximate" in note
+    assert arl.note(SimpleNamespace(head=nn.Linear(6, 3))) is None  # type: ignore[arg-type]
