@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.unimodal import Head, MappingHead, unimodal_logits
+from ..core.unimodal import Head, MappingHead, _splits_exactly, unimodal_logits
 from ..methods.agm import AdaptiveGradientModulator
 from ..methods.arl import ARLLoss
 from ..methods.blending import GradientBlending
@@ -282,8 +282,8 @@ class RemedyPlugin:
     def note(self, ctx: Context) -> str | None:
         """A caveat shown with the row (``None``: none)."""
         head = ctx.head
-        if self.uses_head and not isinstance(
-            head, nn.Linear | MappingHead | Mapping | nn.ModuleDict
+        if self.uses_head and not (
+            _splits_exactly(head) or isinstance(head, MappingHead | Mapping | nn.ModuleDict)
         ):
             return "unimodal logits by zero-padding the other modalities (approximate)"
         return None

@@ -247,7 +247,8 @@ def average_over_ranks_(grads: list[Tensor], group: ProcessGroup | None = None) 
     """Replace each gradient by its mean over the ranks of ``group``, in place.
 
     Gradients of one dtype are flattened into one buffer and all-reduced together (one
-    collective per dtype; the buffer is a copy of their total size). Without a process group it
+    collective per dtype; the buffer is a copy of their total size), then copied back in one
+    ``torch._foreach_copy_``. Without a process group it
     does nothing.
     """
     if not grads or not is_distributed(group):
@@ -260,11 +261,8 @@ def average_over_ranks_(grads: list[Tensor], group: ProcessGroup | None = None) 
         flat = torch.cat([g.reshape(-1) for g in same])
         total = all_reduce_sum(flat, group)
         total.div_(size)
-        offset = 0
-        for g in same:
-            n = g.numel()
-            g.copy_(total[offset : offset + n].view_as(g))
-            offset += n
+        parts = torch.split(total, [g.numel() for g in same])
+        torch._foreach_copy_(same, [p.view_as(g) for p, g in zip(parts, same, strict=True)])
 
 
 def agree_over_ranks(

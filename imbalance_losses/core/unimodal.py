@@ -43,6 +43,7 @@ from typing import Literal, TypeGuard
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .distributed import is_sharded
 from .validation import check_features, check_modalities
@@ -320,7 +321,9 @@ def modality_head(
     the head on ``[x_m; 0]``), for the message.
     """
     shown = tuple((x if of is None else of).shape)
-    if isinstance(head, nn.Linear) and x.shape[-1] != head.in_features:
+    if (  # a LazyLinear reads its in_features (0 until then) from its first input
+        isinstance(head, nn.Linear) and not is_lazy(head.weight) and x.shape[-1] != head.in_features
+    ):
         raise ValueError(
             f"heads[{name!r}] is an nn.Linear with in_features={head.in_features} but "
             f"features[{name!r}] have shape {shown} (width {x.shape[-1]}); each modality's "
