@@ -74,3 +74,26 @@ def test_running_sums_pool_over_ranks_equals_global_mean() -> None:
     r0, r1 = run_distributed(_running_body, values)
     assert torch.equal(r0, r1)
     torch.testing.assert_close(r0, values.reshape(-1, 3).mean(0))
+
+
+def _all_ranks_state_body(rank: int, size: int, values: torch.Tensor) -> dict[str, object]:
+    from imbalance_losses.core.running import RunningSums
+
+    acc = RunningSums()
+    if rank == 0:  # rank 1 added nothing: it joins with zeros
+        for chunk in values.split(2):
+            acc.add(chunk.sum(0), chunk.shape[0])
+    state = acc.all_ranks_state(3, torch.device("cpu"))
+    return {"state": state, "kept": acc.state_dict()}
+
+
+def test_all_ranks_state_holds_every_ranks_sums_and_resets_nothing() -> None:
+    """``sums = sum over ranks and micro-batches``, ``count``/``rows`` the samples added on any
+    rank; every rank gets the same state, and each rank's own pending sums stay."""
+    values = torch.rand(5, 3)
+    r0, r1 = run_distributed(_all_ranks_state_body, values)
+    for r in (r0, r1):
+        state = r["state"]
+        torch.testing.assert_close(state["sums"], values.sum(0))
+        assert float(state["count"]) == 5.0 and state["rows"] == 5
+    assert r0["kept"]["count"] is not None and r1["kept"]["sums"] is None

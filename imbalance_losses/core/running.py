@@ -277,6 +277,24 @@ class RunningSums:
             "rows": self._rows,
         }
 
+    def all_ranks_state(
+        self, size: int, device: torch.device, group: ProcessGroup | None = None
+    ) -> dict[str, Any]:
+        """:meth:`state_dict` of every rank's sums together, nothing reset: one all-reduce of
+        the :meth:`pool` payload (call it on every rank of ``group``). For a checkpoint that one
+        rank writes and every rank reads; without a process group, the local state.
+        """
+        if not is_distributed(group):
+            return self.state_dict()
+        total = all_reduce_sum(self._payload(size, device, failed=False, extra=None), group)
+        if float(total[size + 2]) == 0:  # no rank added anything: nothing to resume
+            return {"sums": None, "count": None, "rows": 0}
+        return {
+            "sums": total[:size].float(),
+            "count": total[size].clone(),
+            "rows": round(float(total[size + 1])),
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore (copies of) what :meth:`state_dict` returned."""
         sums, count = state["sums"], state["count"]

@@ -45,8 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..core.distributed import ProcessGroup, all_reduce_sum, is_distributed
-from ..core.dtypes import wide_dtype
+from ..core.distributed import ProcessGroup, is_distributed
 from ..core.gradients import norms, segment_sum
 from ..core.params import modality_parameters
 from ..core.records import StepRecord
@@ -381,10 +380,13 @@ class ImbalanceMonitor:
                 Without a process group it is the local state. ``False`` (default): this
                 rank's sums only, with no collective (a checkpoint per rank, or one process).
         """
-        pool = self._pool.state_dict()
         pooled = all_ranks and is_distributed(self.process_group)
-        if pooled:
-            pool = self._all_ranks_pool(pool)
+        device = self._device or torch.device("cpu")
+        pool = (
+            self._pool.all_ranks_state(2 * len(self.modalities), device, self.process_group)
+            if pooled
+            else self._pool.state_dict()
+        )
         state: dict[str, Any] = {
             "modalities": list(self.modalities),
             "pool": pool,
@@ -394,27 +396,6 @@ class ImbalanceMonitor:
         if pooled:  # marked only then: a local state keeps the saved format of 0.1.0
             state["all_ranks"] = True
         return state
-
-    def _all_ranks_pool(self, pool: dict[str, Any]) -> dict[str, Any]:
-        """The :class:`RunningSums` state of every rank's sums together (one all-reduce)."""
-        m = len(self.modalities)
-        sums, count = pool["sums"], pool["count"]
-        device = sums.device if sums is not None else self._device or torch.device("cpu")
-        dtype = wide_dtype(device)
-        payload = torch.zeros(2 * m + 3, dtype=dtype, device=device)
-        if sums is not None and count is not None:
-            payload[: 2 * m] = sums.to(dtype)
-            payload[2 * m] = count.to(dtype)
-            payload[2 * m + 2] = 1.0  # this rank added a batch
-        payload[2 * m + 1] = float(pool["rows"])
-        total = all_reduce_sum(payload, self.process_group)
-        if float(total[2 * m + 2]) == 0:  # no rank added anything: nothing to resume
-            return {"sums": None, "count": None, "rows": 0}
-        return {
-            "sums": total[: 2 * m].float(),
-            "count": total[2 * m].clone(),
-            "rows": round(float(total[2 * m + 1])),
-        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned.
